@@ -1,0 +1,239 @@
+"""Recipes: pydantic schemas for every stage's settings, YAML loading and dotted overrides.
+
+A recipe is validated completely before any stage runs: an unknown key or a bad value raises
+`RecipeError` naming the key, the value given and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+STAGES = ("curate", "tokenizer", "shards", "pretrain", "eval", "export", "report")
+BUILTIN_DIR = Path(__file__).parent / "recipes"
+DEFAULT_RECIPE = "stdlib-code"
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run: the message names the key, the value and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    # "stdlib" = the .py files of the running interpreter's standard library; otherwise a file or directory of
+    # .txt / .py / .md / .jsonl / .parquet files.
+    source: str = "stdlib"
+    text_field: str = "text"  # key holding the text in .jsonl / .parquet records
+    extensions: list[str] = Field(default_factory=lambda: [".py"])  # used when the source is a directory
+    include_tests: bool = True  # stdlib only: whether Lib/test/ and friends are part of the corpus
+    val_fraction: float = Field(0.05, gt=0.0, lt=1.0)  # share of files held out, chosen by a hash of the path
+    min_chars: int = Field(64, ge=0)
+    max_chars: int = Field(200_000, gt=0)
+    max_line_chars: int = Field(1000, gt=0)  # longer lines mark minified or generated files
+    min_alnum_fraction: float = Field(0.25, ge=0.0, le=1.0)
+    normalize: Literal["NFC", "NFKC", "none"] = "NFC"
+    dedup: bool = True
+    max_docs: int | None = Field(None, gt=0)  # cap for quick experiments
+
+
+class TokenizerConfig(Section):
+    vocab_size: int = Field(8192, ge=260, le=1_000_000)
+    min_frequency: int = Field(2, ge=1)
+    max_train_chars: int = Field(20_000_000, gt=0)  # cap on text fed to BPE training
+
+
+class ShardsConfig(Section):
+    shard_tokens: int = Field(50_000_000, gt=0)  # tokens per shard file
+    workers: int = Field(0, ge=0)  # 0 = all cores
+
+
+class ModelConfig(Section):
+    # One dial: depth sets the number of blocks, and (unless overridden) width = 64 * depth and heads = width / 64.
+    depth: int = Field(4, ge=1, le=128)
+    d_model: int | None = Field(None, gt=0)
+    n_heads: int | None = Field(None, gt=0)
+    n_kv_heads: int | None = Field(None, gt=0)  # < n_heads gives grouped-query attention
+    mlp_hidden: int | None = Field(None, gt=0)
+    max_seq_len: int = Field(256, gt=0)
+    tie_embeddings: bool = False
+    rope_theta: float = Field(10_000.0, gt=0)
+    norm_eps: float = Field(1e-5, gt=0)
+    init_std: float = Field(0.02, gt=0)
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> "ModelConfig":
+        width = self.d_model or 64 * self.depth
+        heads = self.n_heads or max(1, width // 64)
+        if width % heads:
+            raise ValueError(f"d_model={width} must be divisible by n_heads={heads}")
+        if (width // heads) % 2:
+            raise ValueError(f"head dim {width // heads} must be even for rotary embeddings")
+        if self.n_kv_heads is not None and heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={heads} must be divisible by n_kv_heads={self.n_kv_heads}")
+        return self
+
+
+class TrainConfig(Section):
+    seq_len: int = Field(256, gt=0)
+    batch_size: int = Field(16, gt=0)  # sequences per micro-batch
+    grad_accum: int = Field(1, gt=0)
+    max_steps: int = Field(1000, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
+    warmup_steps: int = Field(50, ge=0)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = Field(0.1, ge=0.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.95, ge=0.0, lt=1.0)
+    grad_clip: float = Field(1.0, ge=0.0)  # 0 disables clipping
+    eval_every: int = Field(200, gt=0)
+    eval_batches: int = Field(8, gt=0)
+    ckpt_every: int = Field(200, gt=0)
+    keep_last: int = Field(2, gt=0)
+    seed: int = 1337
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = Field(0, ge=0)  # CPU threads for torch; 0 = all cores
+    max_bad_steps: int = Field(5, gt=0)  # consecutive NaN/inf/exploding steps before stopping
+    spike_factor: float = Field(10.0, gt=1.0)  # a loss above spike_factor x its running mean counts as exploding
+
+
+class EvalConfig(Section):
+    max_tokens: int | None = Field(None, gt=0)  # cap on held-out tokens scored; None = all
+    batch_size: int = Field(16, gt=0)
+    xz_reference: bool = True
+    samples: int = Field(3, ge=0)  # generations written into the report
+    sample_tokens: int = Field(160, gt=0)
+    temperature: float = Field(0.8, ge=0.0)
+    top_k: int | None = Field(50, gt=0)
+    prompts: list[str] = Field(default_factory=lambda: ["def ", "class ", "import "])
+
+
+class ExportConfig(Section):
+    format: Literal["hf"] = "hf"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class Recipe(Section):
+    name: str = "stdlib-code"
+    run_dir: str = "runs"
+    stages: list[Literal["curate", "tokenizer", "shards", "pretrain", "eval", "export", "report"]] = Field(
+        default_factory=lambda: list(STAGES)
+    )
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    shards: ShardsConfig = Field(default_factory=ShardsConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    @model_validator(mode="after")
+    def _check_stages(self) -> "Recipe":
+        order = [s for s in STAGES if s in self.stages]
+        if order != list(self.stages):
+            raise ValueError(f"stages must be in lifecycle order {list(STAGES)}, got {list(self.stages)}")
+        if self.train.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
+            )
+        return self
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir) / self.name
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid recipe {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parent = e["loc"][:-1]
+            allowed = _allowed_keys(parent)
+            lines.append(f"  unknown key '{key}'; allowed keys here: {', '.join(allowed)}")
+        else:
+            value = e.get("input")
+            shown = repr(value) if not isinstance(value, dict) else "{...}"
+            lines.append(f"  {key} = {shown}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return sorted(model.model_fields)
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value the way YAML would (numbers, booleans, null, lists)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides to a nested dict; errors name the offending override."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override '{item}' must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                path = ".".join(parts[: i + 1])
+                raise RecipeError(f"override '{item}': '{path}' is a value, not a section")
+            node = child
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def resolve_recipe_path(name_or_path: str | None) -> Path:
+    """A path to a YAML file, or the name of a built-in recipe."""
+    if name_or_path is None:
+        name_or_path = DEFAULT_RECIPE
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise RecipeError(f"recipe file {path} does not exist")
+        return path
+    builtin = BUILTIN_DIR / f"{name_or_path}.yaml"
+    if builtin.exists():
+        return builtin
+    names = sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
+    raise RecipeError(f"no recipe file or built-in recipe named '{name_or_path}'; built-in recipes: {names}")
+
+
+def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Load, override and validate a recipe. Raises RecipeError before any work starts."""
+    path = resolve_recipe_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
+    data = apply_overrides(data, list(overrides or []))
+    return validate_recipe(data, source=str(path))
+
+
+def validate_recipe(data: dict, source: str = "<dict>") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(_format_error(e, source)) from None
