@@ -1,0 +1,241 @@
+"""Generation: a preallocated KV cache, temperature / top-k / top-p sampling and streaming text.
+
+Prompts are token ids used as given by `generate`; `stream_text` encodes text and prepends BOS, because every
+training document starts with BOS. A prompt plus its new tokens must fit in the model's context: a longer request
+raises ValueError instead of silently dropping the start of the prompt.
+
+Prompts are grouped by length and each group is decoded as one batch, so no padding, attention mask or
+per-row positions are needed; a batch of different-length prompts gives the same greedy output as one prompt at a
+time. Sampling draws from one generator seeded by `seed`, so a given batch of prompts is reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+
+from lmforge.model.transformer import Transformer
+
+if TYPE_CHECKING:
+    from lmforge.tokenizer import Tokenizer
+
+
+class KVCache:
+    """Per-layer key/value tensors [B, n_kv_heads, max_len, head_dim]; `pos` counts the positions filled."""
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.max_len = max_len
+        self.pos = 0
+
+    @classmethod
+    def for_model(cls, model: Transformer, batch_size: int, max_len: int | None = None) -> KVCache:
+        """A cache in the model's parameter dtype and device, by default as long as its context."""
+        a = model.args
+        p = next(model.parameters())
+        length = max_len if max_len is not None else a.max_seq_len
+        return cls(a.n_layers, batch_size, a.n_kv_heads, length, a.head_dim, device=p.device, dtype=p.dtype)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's k/v [B, H, T, D] at `pos` and return all keys/values so far for that layer."""
+        end = self.pos + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} positions cannot hold {end}")
+        self.k[layer][:, :, self.pos : end] = k
+        self.v[layer][:, :, self.pos : end] = v
+        # Under autocast k/v arrive in a lower precision than the cache; attention needs q, k, v in one dtype.
+        return self.k[layer][:, :, :end].to(k.dtype), self.v[layer][:, :, :end].to(v.dtype)
+
+    def advance(self, n: int) -> None:
+        """Called by the model once every layer has written its n new positions."""
+        self.pos += n
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+
+
+def sample_next(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick one token per row from logits [B, V]; greedy when temperature == 0. Returns [B]."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p; the first token always stays.
+        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _decode_group(
+    model: Transformer,
+    prompts: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+    use_cache: bool,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token [B] for equal-length prompts [B, T], max_new_tokens times (the caller may stop early)."""
+    B, T = prompts.shape
+    cache = KVCache.for_model(model, B, T + max_new_tokens) if use_cache else None
+    seq = prompts
+    logits = model(prompts, cache=cache)[:, -1]
+    for step in range(max_new_tokens):
+        token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        yield token
+        if step == max_new_tokens - 1:
+            return
+        if use_cache:
+            logits = model(token[:, None], cache=cache)[:, -1]
+        else:
+            seq = torch.cat([seq, token[:, None]], dim=1)
+            logits = model(seq)[:, -1]
+
+
+def _validate_prompts(model: Transformer, prompts: list[list[int]], max_new_tokens: int) -> None:
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    limit = model.args.max_seq_len
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty; start it with the BOS token")
+        if len(p) + max_new_tokens > limit:
+            raise ValueError(
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that exceeds the model's "
+                f"max_seq_len={limit}. Shorten the prompt or ask for fewer tokens."
+            )
+
+
+def _make_generator(model: Transformer, seed: int | None) -> torch.Generator | None:
+    if seed is None:
+        return None
+    gen = torch.Generator(device=next(model.parameters()).device)
+    gen.manual_seed(seed)
+    return gen
+
+
+@torch.inference_mode()
+def generate(
+    model: Transformer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+) -> list[list[int]]:
+    """Continue each prompt; returns only the new tokens per prompt, stopping a row before its eos_id."""
+    _check_sampling(temperature, top_k, top_p)
+    _validate_prompts(model, prompts, max_new_tokens)
+    out: list[list[int]] = [[] for _ in prompts]
+    if max_new_tokens == 0:
+        return out
+    device = next(model.parameters()).device
+    generator = _make_generator(model, seed)
+    by_length: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_length.setdefault(len(p), []).append(i)
+    for rows in by_length.values():
+        batch = torch.tensor([prompts[i] for i in rows], dtype=torch.long, device=device)
+        done = [False] * len(rows)
+        steps = _decode_group(
+            model, batch, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            generator=generator, use_cache=use_cache,
+        )
+        for token in steps:
+            for j, t in enumerate(token.tolist()):
+                if done[j]:
+                    continue
+                if t == eos_id:
+                    done[j] = True
+                else:
+                    out[rows[j]].append(t)
+            if all(done):
+                break
+    return out
+
+
+@torch.inference_mode()
+def stream_text(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    add_bos: bool = True,
+) -> Iterator[str]:
+    """Yield the continuation of `prompt` piece by piece; it stops at the tokenizer's EOS.
+
+    Each piece is emitted once the decoded text no longer ends in an incomplete UTF-8 sequence, so a character
+    split over several byte-level tokens arrives whole. The pieces join to the decode of all new tokens.
+    """
+    _check_sampling(temperature, top_k, top_p)
+    ids = ([tokenizer.bos_id] if add_bos else []) + tokenizer.encode(prompt)
+    _validate_prompts(model, [ids], max_new_tokens)
+    if max_new_tokens == 0:
+        return
+    device = next(model.parameters()).device
+    steps = _decode_group(
+        model, torch.tensor([ids], dtype=torch.long, device=device), max_new_tokens,
+        temperature=temperature, top_k=top_k, top_p=top_p, generator=_make_generator(model, seed), use_cache=True,
+    )
+    new: list[int] = []
+    emitted = ""
+    for token in steps:
+        t = int(token[0])
+        if t == tokenizer.eos_id:
+            break
+        new.append(t)
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue
+        if len(text) > len(emitted):
+            yield text[len(emitted) :]
+            emitted = text
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    if len(text) > len(emitted):
+        yield text[len(emitted) :]

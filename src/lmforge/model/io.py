@@ -1,0 +1,115 @@
+"""The model checkpoint every later stage reads: a directory of plain files, never a pickle.
+
+    model.safetensors   weights (a tied lm_head is stored once)
+    model.json          {"args": ModelArgs.to_dict(), "format": 1}
+    tokenizer.json      the tokenizer the model was trained with
+
+Directories are written into a staging sibling and renamed into place, so a reader never sees half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_model as st_load_model
+from safetensors.torch import save_model as st_save_model
+
+from lmforge.model.transformer import ModelArgs, Transformer
+
+if TYPE_CHECKING:
+    from lmforge.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+WEIGHTS = "model.safetensors"
+META = "model.json"
+TOKENIZER = "tokenizer.json"
+
+
+@contextmanager
+def staged_dir(dest: Path) -> Iterator[Path]:
+    """Yield an empty staging directory next to `dest`; on success it replaces `dest`, on failure it is removed."""
+    dest = Path(dest)
+    tmp = dest.parent / f"{dest.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # A directory cannot be renamed over a non-empty one, so the old version steps aside for the swap.
+    old = dest.parent / f"{dest.name}.old-{os.getpid()}"
+    if dest.exists():
+        dest.rename(old)
+    try:
+        tmp.rename(dest)
+    except BaseException:
+        if old.exists():
+            old.rename(dest)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def write_model_files(model: Transformer, args: ModelArgs, dir: Path, tokenizer_path: Path | None) -> None:
+    """Write the checkpoint files into an existing directory (normally a staging one)."""
+    dir = Path(dir)
+    st_save_model(model, str(dir / WEIGHTS), metadata={"format": "pt"})
+    (dir / META).write_text(json.dumps({"args": args.to_dict(), "format": FORMAT}, indent=2), encoding="utf-8")
+    if tokenizer_path is not None:
+        shutil.copyfile(tokenizer_path, dir / TOKENIZER)
+
+
+def save_model(dir: Path, model: Transformer, args: ModelArgs, tokenizer_path: Path | None = None) -> Path:
+    """Write a checkpoint directory atomically, replacing an older one at the same path."""
+    dir = Path(dir)
+    with staged_dir(dir) as tmp:
+        write_model_files(model, args, tmp, tokenizer_path)
+    log.info("saved model checkpoint to %s", dir)
+    return dir
+
+
+def _require(dir: Path, name: str) -> Path:
+    path = dir / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{dir} is not an lmforge model checkpoint: missing {name}")
+    return path
+
+
+def read_model_args(dir: Path) -> ModelArgs:
+    """The ModelArgs recorded in a checkpoint's model.json."""
+    dir = Path(dir)
+    meta = json.loads(_require(dir, META).read_text(encoding="utf-8"))
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{dir / META} has format {meta.get('format')!r}; this lmforge reads format {FORMAT}")
+    return ModelArgs.from_dict(meta["args"])
+
+
+def load_model(dir: Path, device: str | torch.device = "cpu") -> tuple[Transformer, ModelArgs]:
+    """Rebuild the model from a checkpoint directory, weights loaded strictly (no unpickling)."""
+    dir = Path(dir)
+    args = read_model_args(dir)
+    weights = _require(dir, WEIGHTS)
+    with torch.device(device):
+        model = Transformer(args)
+    st_load_model(model, str(weights), strict=True, device=str(device))
+    return model, args
+
+
+def load_checkpoint_tokenizer(dir: Path) -> Tokenizer:
+    """The tokenizer stored with a checkpoint."""
+    from lmforge.tokenizer import Tokenizer
+
+    return Tokenizer.from_file(_require(Path(dir), TOKENIZER))
