@@ -1,0 +1,219 @@
+"""The `lmforge` command: one verb per lifecycle stage, each a thin call into one function."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from lmforge.recipe import RecipeError, apply_overrides, load_recipe, validate_recipe
+
+app = typer.Typer(
+    help="lmforge: curate data, train a tokenizer, pre-train, evaluate, generate, export and report - "
+    "the whole language-model lifecycle on a laptop CPU.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+log = logging.getLogger("lmforge")
+
+OVERRIDES_HELP = "Settings as section.key=value (e.g. train.max_steps=200 model.depth=3)."
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(show_path=False, rich_tracebacks=False, markup=False)],
+        force=True,
+    )
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    _setup_logging(verbose)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _sections(overrides: list[str], allowed: set[str]):
+    """Validate `section.key=value` overrides against the recipe schema, for verbs that run a single stage."""
+    for item in overrides:
+        section = item.split(".", 1)[0]
+        if section not in allowed:
+            _fail(f"override '{item}': this command takes settings under {sorted(allowed)}", 2)
+    try:
+        return validate_recipe(apply_overrides({}, overrides), source="command line")
+    except RecipeError as e:
+        _fail(str(e), 2)
+
+
+@app.command()
+def run(
+    recipe: Optional[str] = typer.Argument(None, help="Recipe YAML file or built-in name (default: stdlib-code)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
+) -> None:
+    """Run a whole recipe: every stage in order, skipping the ones already up to date."""
+    from lmforge.pipeline import run_recipe
+
+    overrides = list(overrides or [])
+    if recipe and "=" in recipe:  # `lmforge run train.max_steps=10`: an override, not a recipe name
+        overrides.insert(0, recipe)
+        recipe = None
+    try:
+        cfg = load_recipe(recipe, overrides)
+    except RecipeError as e:
+        _fail(str(e), 2)
+    outcomes = run_recipe(cfg)
+    for o in outcomes:
+        log.info("%-9s %-8s %6.1fs", o.stage, o.action, o.seconds)
+    log.info("run directory: %s (report: %s)", cfg.run_path, cfg.run_path / "report.md")
+
+
+@app.command()
+def curate(
+    source: str = typer.Argument(..., help="'stdlib', or a file or directory of .txt/.py/.md/.jsonl/.parquet."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (train.jsonl, val.jsonl, stats.json)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="data.key=value settings."),
+) -> None:
+    """Read, normalise, filter, deduplicate and split a corpus."""
+    from lmforge.data.curate import run_curate
+
+    cfg = _sections(list(overrides or []) + [f"data.source={source}"], {"data"})
+    metrics = run_curate(cfg.data, out)
+    log.info("kept %s of %s documents -> %s", metrics["docs_kept"], metrics["docs_in"], out)
+
+
+@app.command()
+def tokenizer(
+    curated: Path = typer.Argument(..., help="A curate output directory (train.jsonl, val.jsonl)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory for tokenizer.json."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="tokenizer.key=value settings."),
+) -> None:
+    """Train a byte-level BPE tokenizer on curated text."""
+    from lmforge.tokenizer import run_tokenizer
+
+    cfg = _sections(list(overrides or []), {"tokenizer"})
+    metrics = run_tokenizer(curated, cfg.tokenizer, out)
+    log.info("vocabulary %s, %.3f bytes/token -> %s", metrics["vocab_size"], metrics["bytes_per_token"], out)
+
+
+@app.command()
+def shards(
+    curated: Path = typer.Argument(..., help="A curate output directory."),
+    tokenizer_path: Path = typer.Option(..., "--tokenizer", "-t", help="tokenizer.json"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory for token shards."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="shards.key=value settings."),
+) -> None:
+    """Tokenize curated text into memory-mapped token shards."""
+    from lmforge.data.shards import run_shards
+
+    cfg = _sections(list(overrides or []), {"shards"})
+    metrics = run_shards(curated, tokenizer_path, cfg.shards, out)
+    log.info("%s train / %s validation tokens -> %s", metrics["train_tokens"], metrics["val_tokens"], out)
+
+
+@app.command()
+def pretrain(
+    shards_dir: Path = typer.Argument(..., help="A shards directory (index.json, *.bin)."),
+    tokenizer_path: Path = typer.Option(..., "--tokenizer", "-t", help="tokenizer.json"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory; re-running it resumes."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="model.key=value and train.key=value settings."),
+) -> None:
+    """Pre-train a causal language model from scratch (resumes from the last checkpoint in --out)."""
+    from lmforge.pretrain import pretrain as run_pretrain
+
+    cfg = _sections(list(overrides or []), {"model", "train"})
+    metrics = run_pretrain(shards_dir, tokenizer_path, cfg.model, cfg.train, out)
+    log.info("final validation loss %.4f; model in %s", metrics.get("final_val_loss") or float("nan"), out / "final")
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: Path = typer.Argument(..., help="A model directory (model.safetensors, model.json, tokenizer.json)."),
+    text: Path = typer.Option(..., "--text", help="Held-out text: a file or directory the readers accept."),
+    out: Path = typer.Option(Path("eval-out"), "--out", "-o", help="Where results.json and samples.md go."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="eval.key=value settings."),
+) -> None:
+    """Held-out loss and bits per byte (with the xz -9e reference) and sample generations."""
+    from lmforge.eval.run import evaluate_checkpoint
+
+    cfg = _sections(list(overrides or []), {"eval"})
+    metrics = evaluate_checkpoint(checkpoint, text, cfg.eval, out)
+    typer.echo(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+
+
+@app.command()
+def generate(
+    checkpoint: Path = typer.Argument(..., help="A model directory."),
+    prompt: str = typer.Option("", "--prompt", "-p", help="Text to continue."),
+    max_tokens: int = typer.Option(200, "--max-tokens", "-n", min=1),
+    temperature: float = typer.Option(0.8, min=0.0, help="0 = greedy."),
+    top_k: Optional[int] = typer.Option(50, min=1),
+    top_p: Optional[float] = typer.Option(None, min=0.0, max=1.0),
+    seed: Optional[int] = typer.Option(None),
+) -> None:
+    """Continue a prompt, streaming the text to the terminal (stops at end-of-sequence)."""
+    from lmforge.infer.engine import stream_text
+    from lmforge.model.io import load_checkpoint_tokenizer, load_model
+
+    model, _ = load_model(checkpoint)
+    tok = load_checkpoint_tokenizer(checkpoint)
+    sys.stdout.write(prompt)
+    for piece in stream_text(model, tok, prompt, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             seed=seed):  # fmt: skip
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+@app.command()
+def export(
+    checkpoint: Path = typer.Argument(..., help="A model directory."),
+    out: Path = typer.Argument(..., help="Output directory."),
+    fmt: str = typer.Option("hf", "--format", help="Only 'hf' (Hugging Face transformers) for now."),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+) -> None:
+    """Export a checkpoint to a Hugging Face transformers directory (LlamaForCausalLM + tokenizer)."""
+    from lmforge.hf import export_hf
+
+    if fmt != "hf":
+        _fail(f"--format {fmt!r} is not supported; allowed: hf", 2)
+    path = export_hf(checkpoint, out, dtype=dtype)
+    log.info("exported to %s; load with AutoModelForCausalLM.from_pretrained(%r)", path, str(path))
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/stdlib-code.")) -> None:
+    """Rebuild run_dir/report.md from the manifests the stages left."""
+    from lmforge.pipeline import UPSTREAM
+    from lmforge.report.report import build_report
+
+    if not run_dir.is_dir():
+        _fail(f"{run_dir} is not a run directory")
+    stages = [s for s in UPSTREAM["report"] if (run_dir / s).exists()]
+    build_report(run_dir, stages, run_dir / "report")
+
+
+def entrypoint() -> None:
+    """Console entry with clean one-line errors for the mistakes a user can fix."""
+    from lmforge.train.loop import TrainingDiverged
+
+    try:
+        app()
+    except (FileNotFoundError, ValueError, TrainingDiverged, RuntimeError) as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    entrypoint()

@@ -1,0 +1,156 @@
+"""Held-out loss and bits per byte, and the xz reference a language model must beat.
+
+Bits per byte is comparable across tokenizers and with compressors: the model's total negative log-likelihood of
+the text, in bits, divided by the text's UTF-8 size. Each document is scored as it is seen in training, as
+[BOS] + tokens; the BOS positions are never targets, so every scored token stands for bytes of the text.
+Documents are packed into a stream cut into windows of `seq_len` tokens, each scored once (no overlap), so every
+token is predicted from the context that precedes it inside its window.
+"""
+
+from __future__ import annotations
+
+import lzma
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from lmforge.objectives import token_nll
+
+IGNORE = -100
+
+
+@dataclass
+class TextScore:
+    nll_nats: float  # summed over scored tokens
+    tokens: int  # scored tokens (BOS excluded)
+    bytes: int  # UTF-8 bytes of the scored text
+    docs: int
+
+    @property
+    def loss(self) -> float:
+        """Mean negative log-likelihood per token, in nats."""
+        return self.nll_nats / max(self.tokens, 1)
+
+    @property
+    def bpb(self) -> float:
+        return self.nll_nats / math.log(2) / max(self.bytes, 1)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "loss": self.loss, "bpb": self.bpb}
+
+
+def _token_stream(
+    texts: Iterable[str], tokenizer, max_tokens: int | None, sink: Callable[[str], None] | None
+) -> Iterator[tuple[list[int], int]]:
+    """Yield ([BOS] + ids, utf8 bytes) per document, stopping before `max_tokens` scored tokens are exceeded.
+
+    `sink` receives exactly the text that is scored (a trimmed last document included), e.g. an XzMeter.
+    """
+    budget = max_tokens
+    for text in texts:
+        ids = tokenizer.encode(text)
+        if not ids:
+            continue
+        if budget is not None:
+            if budget <= 0:
+                return
+            if len(ids) > budget:
+                # Trim the last document at a token boundary; count only the bytes those tokens decode to.
+                ids = ids[:budget]
+                text = tokenizer.decode(ids, skip_special_tokens=False)
+            budget -= len(ids)
+        if sink is not None:
+            sink(text)
+        yield [tokenizer.bos_id] + ids, len(text.encode("utf-8"))
+
+
+def _windows(stream: Iterator[tuple[list[int], int]], seq_len: int, bos_id: int, stats: TextScore):
+    """Cut the packed stream into (inputs, targets) windows of seq_len; targets that are BOS are ignored."""
+    buf: list[int] = []
+    for ids, nbytes in stream:
+        buf.extend(ids)
+        stats.bytes += nbytes
+        stats.docs += 1
+        while len(buf) >= seq_len + 1:
+            yield _window(buf[: seq_len + 1], bos_id)
+            buf = buf[seq_len:]
+    if len(buf) >= 2:
+        yield _window(buf, bos_id)
+
+
+def _window(chunk: list[int], bos_id: int) -> tuple[list[int], list[int]]:
+    x = chunk[:-1]
+    y = [IGNORE if t == bos_id else t for t in chunk[1:]]
+    return x, y
+
+
+@torch.no_grad()
+def score_texts(
+    model: torch.nn.Module,
+    tokenizer,
+    texts: Iterable[str],
+    *,
+    seq_len: int,
+    batch_size: int = 16,
+    max_tokens: int | None = None,
+    device: torch.device | str = "cpu",
+    sink: Callable[[str], None] | None = None,
+) -> TextScore:
+    """Negative log-likelihood of `texts` under `model`: summed nats, scored tokens and bytes."""
+    model.eval()
+    stats = TextScore(0.0, 0, 0, 0)
+    batch: list[tuple[list[int], list[int]]] = []
+
+    def flush() -> None:
+        width = max(len(x) for x, _ in batch)
+        xs = torch.full((len(batch), width), tokenizer.pad_id, dtype=torch.long)
+        ys = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+        for i, (x, y) in enumerate(batch):
+            xs[i, : len(x)] = torch.tensor(x)
+            ys[i, : len(y)] = torch.tensor(y)
+        nll = token_nll(model, xs.to(device), ys.to(device))
+        stats.nll_nats += float(nll.double().sum())
+        stats.tokens += int((ys != IGNORE).sum())
+        batch.clear()
+
+    for window in _windows(_token_stream(texts, tokenizer, max_tokens, sink), seq_len, tokenizer.bos_id, stats):
+        batch.append(window)
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    return stats
+
+
+class XzMeter:
+    """Streams text through the compressor `xz -9e` uses (LZMA2, preset 9 + extreme), in-process.
+
+    Texts are concatenated as they are, so xz sees exactly the bytes the model is scored on.
+    """
+
+    def __init__(self) -> None:
+        self._comp = lzma.LZMACompressor(format=lzma.FORMAT_XZ, preset=9 | lzma.PRESET_EXTREME)
+        self.raw_bytes = 0
+        self._compressed = 0
+        self._final: int | None = None
+
+    def __call__(self, text: str) -> None:
+        data = text.encode("utf-8")
+        self.raw_bytes += len(data)
+        self._compressed += len(self._comp.compress(data))
+
+    @property
+    def bpb(self) -> float:
+        if self._final is None:
+            self._final = self._compressed + len(self._comp.flush())
+        return 8.0 * self._final / self.raw_bytes if self.raw_bytes else float("nan")
+
+
+def xz_bits_per_byte(texts: Iterable[str]) -> float:
+    """Bits per byte that `xz -9e` achieves on the concatenated texts."""
+    meter = XzMeter()
+    for text in texts:
+        meter(text)
+    return meter.bpb

@@ -1,0 +1,140 @@
+"""`lmforge run`: the stages of a recipe, in order, each skipped, re-run or resumed according to its manifest.
+
+Stages talk only through artifacts in the run directory:
+curate/{train,val}.jsonl -> tokenizer/tokenizer.json -> shards/*.bin -> pretrain/final/ -> eval/results.json,
+export/hf/ -> report.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from lmforge.data.io import atomic_write_text
+from lmforge.recipe import Recipe
+from lmforge.runs import StageOutcome, files_fingerprint, fingerprint, read_manifest, run_stage
+
+log = logging.getLogger(__name__)
+
+# What each stage reads, by upstream stage name.
+UPSTREAM = {
+    "curate": [],
+    "tokenizer": ["curate"],
+    "shards": ["curate", "tokenizer"],
+    "pretrain": ["shards", "tokenizer"],
+    "eval": ["pretrain", "curate"],
+    "export": ["pretrain"],
+    "report": ["curate", "tokenizer", "shards", "pretrain", "eval", "export"],
+}
+# Settings that change how fast or how often, never what a stage produces: they do not invalidate it.
+NON_SEMANTIC = {"shards": {"workers"}, "train": {"threads", "ckpt_every", "keep_last"}}
+
+
+def _settings(recipe: Recipe, section: str) -> dict:
+    data = getattr(recipe, section).model_dump(mode="json")
+    return {k: v for k, v in data.items() if k not in NON_SEMANTIC.get(section, set())}
+
+
+def stage_config(recipe: Recipe, stage: str) -> dict:
+    """The settings a stage's fingerprint covers."""
+    if stage == "curate":
+        return _settings(recipe, "data")
+    if stage == "pretrain":
+        return {"model": _settings(recipe, "model"), "train": _settings(recipe, "train")}
+    if stage == "eval":
+        return _settings(recipe, "eval")
+    if stage in ("tokenizer", "shards", "export"):
+        return _settings(recipe, stage)
+    return {"stages": list(recipe.stages)}
+
+
+def source_fingerprint(recipe: Recipe) -> str:
+    """Fingerprint of the raw corpus: names, sizes and mtimes of its files."""
+    from lmforge.data.readers import stdlib_source_files
+
+    if recipe.data.source == "stdlib":
+        import sysconfig
+
+        root = Path(sysconfig.get_paths()["stdlib"])
+        return files_fingerprint(stdlib_source_files(recipe.data.include_tests), root)
+    src = Path(recipe.data.source)
+    if not src.exists():
+        raise FileNotFoundError(f"data.source {src} does not exist; give a file or directory of text, or 'stdlib'")
+    files = [src] if src.is_file() else [p for p in src.rglob("*") if p.is_file()]
+    return files_fingerprint(files, None if src.is_file() else src)
+
+
+def _stage_fn(recipe: Recipe, stage: str, root: Path) -> Callable[[Path], dict]:
+    """Bind a stage's plain function to the run directory's artifacts."""
+    tok_path = root / "tokenizer" / "tokenizer.json"
+    if stage == "curate":
+        from lmforge.data.curate import run_curate
+
+        return lambda out: run_curate(recipe.data, out)
+    if stage == "tokenizer":
+        from lmforge.tokenizer import run_tokenizer
+
+        return lambda out: run_tokenizer(root / "curate", recipe.tokenizer, out)
+    if stage == "shards":
+        from lmforge.data.shards import run_shards
+
+        return lambda out: run_shards(root / "curate", tok_path, recipe.shards, out)
+    if stage == "pretrain":
+        from lmforge.pretrain import pretrain
+
+        return lambda out: pretrain(root / "shards", tok_path, recipe.model, recipe.train, out)
+    if stage == "eval":
+        from lmforge.eval.run import evaluate_checkpoint
+
+        return lambda out: evaluate_checkpoint(
+            root / "pretrain" / "final", root / "curate" / "val.jsonl", recipe.eval, out, device=recipe.train.device
+        )
+    if stage == "export":
+        from lmforge.hf import export_hf
+
+        def export(out: Path) -> dict:
+            path = export_hf(root / "pretrain" / "final", out / "hf", dtype=recipe.export.dtype)
+            return {"path": str(path), "bytes": sum(p.stat().st_size for p in path.iterdir())}
+
+        return export
+    if stage == "report":
+        from lmforge.report.report import build_report
+
+        return lambda out: build_report(root, [s for s in UPSTREAM["report"] if (root / s).exists()], out)
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def run_recipe(recipe: Recipe) -> list[StageOutcome]:
+    """Run the recipe's stages in order in `run_dir/name/`; returns what happened to each."""
+    root = recipe.run_path
+    root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    fps: dict[str, str] = {}
+    outcomes = []
+    for stage in recipe.stages:
+        inputs = {}
+        if stage == "curate":
+            inputs["source"] = source_fingerprint(recipe)
+        for up in UPSTREAM[stage]:
+            if up in fps:
+                inputs[up] = fps[up]
+                continue
+            manifest = read_manifest(root / up)
+            if manifest is None or manifest.get("status") != "done":
+                if stage == "report":
+                    continue  # the report covers whatever stages exist
+                raise RuntimeError(
+                    f"stage '{stage}' reads the output of '{up}', which has not finished in {root}; "
+                    f"add '{up}' to the recipe's stages or run it first"
+                )
+            inputs[up] = manifest["fingerprint"]
+        outcome = run_stage(stage, root / stage, stage_config(recipe, stage), inputs, _stage_fn(recipe, stage, root))
+        fps[stage] = outcome.fingerprint
+        outcomes.append(outcome)
+    return outcomes
+
+
+__all__ = ["run_recipe", "stage_config", "source_fingerprint", "fingerprint"]

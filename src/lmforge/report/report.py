@@ -1,0 +1,132 @@
+"""The run report: one Markdown page, built only from the manifests and logs the stages left on disk."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from lmforge.data.io import atomic_write_text
+from lmforge.runs import read_manifest
+
+log = logging.getLogger(__name__)
+
+
+def _load_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def plot_training_curve(metrics_path: Path, out_png: Path) -> bool:
+    """Training loss per step and validation loss where measured; returns False when there is nothing to plot."""
+    records = _load_jsonl(metrics_path)
+    steps = [r["step"] for r in records if "loss" in r]
+    if not steps:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    ax.plot(steps, [r["loss"] for r in records if "loss" in r], lw=1, alpha=0.8, label="train loss")
+    val = [(r["step"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
+    if val:
+        ax.plot(*zip(*val), "o-", lw=2, label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_png.with_name(out_png.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(out_png)
+    return True
+
+
+def _fmt(value, spec: str = ".4g") -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return format(value, spec)
+    return str(value)
+
+
+def _stage_table(run_path: Path, stages: list[str]) -> list[str]:
+    lines = ["| stage | status | seconds | fingerprint |", "|---|---|---:|---|"]
+    for stage in stages:
+        m = read_manifest(run_path / stage) or {}
+        secs = m.get("timings", {}).get("seconds")
+        lines.append(f"| {stage} | {m.get('status', 'not run')} | {_fmt(secs, '.1f')} | `{m.get('fingerprint', '')}` |")
+    return lines
+
+
+def build_report(run_path: Path, stages: list[str], out_dir: Path) -> dict:
+    """Write `run_path/report.md` (with the training curve in `out_dir`) and return headline metrics."""
+    m = {s: (read_manifest(run_path / s) or {}).get("metrics", {}) for s in stages}
+    cur, tok, sh, pre, ev = (m.get(k, {}) for k in ("curate", "tokenizer", "shards", "pretrain", "eval"))
+    curve = plot_training_curve(run_path / "pretrain" / "metrics.jsonl", out_dir / "loss.png")
+    total_s = sum((read_manifest(run_path / s) or {}).get("timings", {}).get("seconds", 0.0) for s in stages)
+
+    lines = [f"# Run report: {run_path.name}", ""]
+    if ev:
+        verdict = "beats" if ev.get("val_bpb", 9) < ev.get("xz_bpb", 0) else "does not beat"
+        lines += [
+            f"**Held-out bits per byte: {_fmt(ev.get('val_bpb'))}** vs `xz -9e` {_fmt(ev.get('xz_bpb'))} "
+            f"(ratio {_fmt(ev.get('bpb_vs_xz'), '.3f')}): the model {verdict} xz on the same text.",
+            "",
+        ]
+    lines += ["## Stages", "", *_stage_table(run_path, stages), "", f"Total stage time: {total_s:.1f} s.", ""]
+    if cur:
+        removed = {k: v for k, v in cur.items() if k.startswith("removed_")}
+        lines += [
+            "## Data",
+            "",
+            f"- documents read: {cur.get('docs_in')}, kept: {cur.get('docs_kept')} "
+            f"(train {cur.get('docs_train')}, validation {cur.get('docs_val')}); bad records skipped: "
+            f"{cur.get('docs_skipped_bad', 0)}",
+            f"- bytes: train {cur.get('bytes_train')}, validation {cur.get('bytes_val')}",
+            f"- removed by reason: {removed or 'none'}",
+            "",
+        ]
+    if tok:
+        lines += ["## Tokenizer", "", f"- vocabulary: {tok.get('vocab_size')} tokens; "
+                  f"{_fmt(tok.get('bytes_per_token'), '.3f')} bytes per token on held-out text", ""]  # fmt: skip
+    if sh:
+        lines += ["## Token shards", "", f"- train tokens: {sh.get('train_tokens')}, validation tokens: "
+                  f"{sh.get('val_tokens')}; tokenized at {_fmt(sh.get('tokens_per_s'), '.3g')} tokens/s", ""]  # fmt: skip
+    if pre:
+        lines += [
+            "## Pre-training",
+            "",
+            f"- parameters: {pre.get('params')} ({pre.get('non_embedding_params')} non-embedding)",
+            f"- steps: {pre.get('steps')}, tokens: {pre.get('tokens')} ({_fmt(pre.get('epochs'), '.2f')} epochs)",
+            f"- throughput: {_fmt(pre.get('tokens_per_s'), '.4g')} tokens/s, MFU {_fmt(pre.get('mfu'), '.1%')} of a "
+            f"measured peak of {_fmt((pre.get('peak_flops') or 0) / 1e9, '.1f')} GFLOP/s",
+            f"- final train loss {_fmt(pre.get('final_loss'))}, validation loss {_fmt(pre.get('final_val_loss'))}",
+            f"- wall time {_fmt(pre.get('train_seconds'), '.1f')} s; skipped (bad) steps: {pre.get('skipped_steps', 0)}",
+            "",
+        ]
+        if curve:
+            lines += ["![training curve](report/loss.png)", ""]
+    if ev:
+        lines += [
+            "## Evaluation",
+            "",
+            f"- held-out loss {_fmt(ev.get('val_loss'))} nats/token over {ev.get('val_tokens')} tokens "
+            f"({ev.get('val_bytes')} bytes)",
+            f"- bits per byte {_fmt(ev.get('val_bpb'))}; xz -9e {_fmt(ev.get('xz_bpb'))}",
+            "",
+        ]
+        samples_md = run_path / "eval" / "samples.md"
+        if samples_md.exists():
+            body = samples_md.read_text(encoding="utf-8").split("\n", 1)[1]
+            lines += ["## Samples", body.replace("## Sample", "### Sample")]
+    if (run_path / "export" / "hf").exists():
+        lines += ["## Export", "", "Hugging Face directory: `export/hf` (loads with `AutoModelForCausalLM`).", ""]
+    atomic_write_text(run_path / "report.md", "\n".join(lines) + "\n")
+    log.info("report written to %s", run_path / "report.md")
+    return {"report": str(run_path / "report.md"), "val_bpb": ev.get("val_bpb"), "xz_bpb": ev.get("xz_bpb")}

@@ -1,0 +1,114 @@
+"""The whole recipe end to end on a small slice of real data: stages run, skip, re-run downstream, and report."""
+
+import json
+import sysconfig
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lmforge.cli import app
+from lmforge.pipeline import run_recipe
+from lmforge.recipe import load_recipe
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+TINY = [
+    f"data.source={STDLIB / 'json'}",
+    "data.val_fraction=0.3",
+    "tokenizer.vocab_size=512",
+    "model.depth=1",
+    "model.d_model=64",
+    "model.max_seq_len=64",
+    "train.seq_len=64",
+    "train.batch_size=4",
+    "train.max_steps=6",
+    "train.warmup_steps=2",
+    "train.eval_every=3",
+    "train.eval_batches=2",
+    "train.ckpt_every=3",
+    "eval.samples=1",
+    "eval.sample_tokens=8",
+]
+
+
+def _recipe(tmp_path, *extra):
+    return load_recipe(None, TINY + [f"run_dir={tmp_path}", "name=tiny", *extra])
+
+
+def _actions(outcomes):
+    return {o.stage: o.action for o in outcomes}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("runs")
+    outcomes = run_recipe(_recipe(tmp))
+    return tmp, outcomes
+
+
+def test_every_stage_runs_and_leaves_a_manifest(finished_run):
+    tmp, outcomes = finished_run
+    assert _actions(outcomes) == {s: "ran" for s in ("curate", "tokenizer", "shards", "pretrain", "eval", "export",
+                                                     "report")}  # fmt: skip
+    root = tmp / "tiny"
+    for stage in _actions(outcomes):
+        m = json.loads((root / stage / "manifest.json").read_text())
+        assert m["status"] == "done" and m["fingerprint"] and m["timings"]["seconds"] >= 0
+    ev = json.loads((root / "eval" / "manifest.json").read_text())["metrics"]
+    assert {"val_loss", "val_bpb", "xz_bpb"} <= set(ev) and ev["val_bpb"] > 0 and ev["xz_bpb"] > 0
+    pre = json.loads((root / "pretrain" / "manifest.json").read_text())["metrics"]
+    assert {"tokens_per_s", "mfu", "peak_flops"} <= set(pre) and pre["steps"] == 6
+    assert (root / "pretrain" / "final" / "model.safetensors").exists()
+    assert (root / "export" / "hf" / "config.json").exists()
+    report = (root / "report.md").read_text()
+    assert "bits per byte" in report and "xz -9e" in report and "## Samples" in report
+    assert (root / "report" / "loss.png").stat().st_size > 1000
+
+
+def test_rerun_skips_everything(finished_run):
+    tmp, _ = finished_run
+    assert set(_actions(run_recipe(_recipe(tmp))).values()) == {"skipped"}
+
+
+def test_changed_setting_reruns_that_stage_and_downstream_only(finished_run):
+    tmp, _ = finished_run
+    actions = _actions(run_recipe(_recipe(tmp, "train.max_steps=8")))
+    assert actions == {"curate": "skipped", "tokenizer": "skipped", "shards": "skipped", "pretrain": "re-ran",
+                       "eval": "re-ran", "export": "re-ran", "report": "re-ran"}  # fmt: skip
+    # a setting that changes only speed or bookkeeping does not invalidate anything
+    assert set(_actions(run_recipe(_recipe(tmp, "train.max_steps=8", "train.keep_last=5"))).values()) == {"skipped"}
+    actions = _actions(run_recipe(_recipe(tmp, "train.max_steps=8", "eval.sample_tokens=4")))
+    assert actions["pretrain"] == "skipped" and actions["eval"] == "re-ran" and actions["export"] == "skipped"
+
+
+def test_a_stage_whose_inputs_are_missing_says_which(tmp_path):
+    with pytest.raises(RuntimeError, match=r"stage 'pretrain' reads the output of 'shards', which has not finished"):
+        run_recipe(_recipe(tmp_path, "stages=[pretrain]"))
+
+
+def test_cli_help_and_validation_errors():
+    runner = CliRunner()
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for verb in ("run", "curate", "tokenizer", "pretrain", "eval", "generate", "export", "report"):
+        assert verb in result.output
+    result = runner.invoke(app, ["run", "train.max_step=3"])
+    assert result.exit_code == 2 and "unknown key 'train.max_step'" in result.output
+    result = runner.invoke(app, ["pretrain", "x", "-t", "y", "-o", "z", "data.source=q"])
+    assert result.exit_code == 2 and "takes settings under ['model', 'train']" in result.output
+
+
+def test_cli_generate_and_eval_on_the_trained_checkpoint(finished_run):
+    tmp, _ = finished_run
+    ckpt = tmp / "tiny" / "pretrain" / "final"
+    runner = CliRunner()
+    result = runner.invoke(app, ["generate", str(ckpt), "--prompt", "def ", "-n", "5", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("def ")
+    out = tmp / "cli-eval"
+    result = runner.invoke(app, ["eval", str(ckpt), "--text", str(tmp / "tiny" / "curate" / "val.jsonl"), "-o",
+                                 str(out), "eval.samples=0"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    cli = json.loads((out / "results.json").read_text())["metrics"]
+    stage = json.loads((tmp / "tiny" / "eval" / "manifest.json").read_text())["metrics"]
+    assert cli["val_bpb"] == pytest.approx(stage["val_bpb"], rel=1e-9)
