@@ -1,0 +1,243 @@
+"""Readers: turn files on disk into a stream of `Document`s, counting what they cannot read.
+
+Supported sources:
+- a text file (`.py`, `.txt`, `.md`, any other extension): one document per file, read as strict UTF-8;
+- a `.jsonl` file: one document per non-blank line, the text taken from the `text_field` key;
+- a `.parquet` file: one document per row (needs `pyarrow`, imported only when a parquet file is read);
+- a directory: every file under it whose extension is listed, walked recursively in sorted order, so two runs
+  over the same tree yield the same documents in the same order. Hidden directories (`.git`, `.venv`),
+  `__pycache__`, `site-packages` and `dist-packages` are not entered.
+
+A bad record (undecodable bytes, a NUL byte, malformed JSON, an empty text) is skipped and counted in an
+`ErrorLog` under its reason, with a `file:line: reason` message. A record without the configured text field is a
+setting error, not a bad record, and raises `ValueError` at the first such record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sysconfig
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_SKIP_DIRS = frozenset({"__pycache__", "site-packages", "dist-packages"})
+_TEST_DIRS = frozenset({"test", "tests"})
+_PARQUET_BATCH_ROWS = 1024
+
+
+@dataclass
+class Document:
+    """One unit of text. `id` is stable across runs: a path relative to the source, or `path:line` for records."""
+
+    id: str
+    text: str
+    source: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class ErrorLog:
+    """Counts skipped records by reason and keeps the first `max_messages` `file:line: reason` messages."""
+
+    def __init__(self, max_messages: int = 20) -> None:
+        self.max_messages = max_messages
+        self._counts: Counter[str] = Counter()
+        self.messages: list[str] = []
+
+    def add(self, reason: str, file: str | Path, line: int | None = None) -> None:
+        self._counts[reason] += 1
+        where = f"{file}:{line}" if line is not None else str(file)
+        message = f"{where}: {reason}"
+        log.debug("skipped %s", message)
+        if len(self.messages) < self.max_messages:
+            self.messages.append(message)
+
+    def count(self, reason: str) -> int:
+        return self._counts[reason]
+
+    @property
+    def total(self) -> int:
+        return sum(self._counts.values())
+
+    @property
+    def reasons(self) -> dict[str, int]:
+        return dict(sorted(self._counts.items()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "by_reason": self.reasons, "messages": list(self.messages)}
+
+
+def _walk(root: Path, keep: Iterable[str]) -> list[Path]:
+    """Files under `root` with one of the extensions `keep`, sorted by path, so every run sees the same order.
+
+    Hidden, cache and site-packages directories are not entered.
+    """
+    suffixes = {s.lower() for s in keep}
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Pruning in place stops os.walk from descending into those directories.
+        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".")]
+        found.extend(Path(dirpath) / name for name in filenames if Path(name).suffix.lower() in suffixes)
+    return sorted(found)
+
+
+def _line_of(data: bytes, offset: int) -> int:
+    return data.count(b"\n", 0, offset) + 1
+
+
+def _read_text_file(path: Path, doc_id: str, errors: ErrorLog) -> Document | None:
+    data = path.read_bytes()
+    nul = data.find(b"\0")
+    if nul >= 0:
+        errors.add("binary", path, _line_of(data, nul))
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        errors.add("not utf-8", path, _line_of(data, e.start))
+        return None
+    if not text.strip():
+        errors.add("empty", path)
+        return None
+    return Document(id=doc_id, text=text, source=str(path))
+
+
+def _missing_field_error(path: Path, line: int, text_field: str, keys: Iterable[str]) -> ValueError:
+    return ValueError(
+        f"{path}:{line}: record has no field '{text_field}' (data.text_field); fields present: {sorted(keys)}. "
+        f"Set data.text_field to the key that holds the text."
+    )
+
+
+def _checked_text(value: Any, path: Path, line: int, errors: ErrorLog) -> str | None:
+    if not isinstance(value, str):
+        errors.add("text not a string", path, line)
+        return None
+    if not value.strip():
+        errors.add("empty", path, line)
+        return None
+    try:
+        # JSON escapes can smuggle in lone surrogates, which no UTF-8 writer or tokenizer downstream accepts.
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        errors.add("invalid unicode", path, line)
+        return None
+    return value
+
+
+def _read_jsonl(path: Path, rel: str, text_field: str, errors: ErrorLog) -> Iterator[Document]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                errors.add("not utf-8", path, lineno)
+                continue
+            except json.JSONDecodeError:
+                errors.add("malformed json", path, lineno)
+                continue
+            if not isinstance(record, dict):
+                errors.add("not a json object", path, lineno)
+                continue
+            if text_field not in record:
+                raise _missing_field_error(path, lineno, text_field, record.keys())
+            text = _checked_text(record[text_field], path, lineno, errors)
+            if text is None:
+                continue
+            meta = {k: v for k, v in record.items() if k != text_field}
+            yield Document(id=f"{rel}:{lineno}", text=text, source=str(path), meta=meta)
+
+
+def _read_parquet(path: Path, rel: str, text_field: str, errors: ErrorLog) -> Iterator[Document]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ImportError(
+            f"reading {path} needs pyarrow, which is not installed: pip install pyarrow"
+        ) from e
+    parquet = pq.ParquetFile(path)
+    names = parquet.schema_arrow.names
+    if text_field not in names:
+        raise ValueError(
+            f"{path}: parquet file has no column '{text_field}' (data.text_field); columns present: {sorted(names)}. "
+            f"Set data.text_field to the column that holds the text."
+        )
+    row = 0
+    for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[text_field]):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            text = _checked_text(value, path, row, errors)
+            if text is not None:
+                yield Document(id=f"{rel}:{row}", text=text, source=str(path))
+
+
+def _read_file(path: Path, rel: str, text_field: str, errors: ErrorLog) -> Iterator[Document]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        yield from _read_jsonl(path, rel, text_field, errors)
+    elif suffix == ".parquet":
+        yield from _read_parquet(path, rel, text_field, errors)
+    else:
+        doc = _read_text_file(path, rel, errors)
+        if doc is not None:
+            yield doc
+
+
+def read_documents(
+    source: str | Path,
+    *,
+    text_field: str = "text",
+    extensions: Iterable[str] = (".py",),
+    errors: ErrorLog | None = None,
+) -> Iterator[Document]:
+    """Stream the documents of a file or a directory tree (see the module docstring for formats and ids).
+
+    `extensions` selects files when `source` is a directory; a single file is read whatever its extension.
+    Skipped records are counted in `errors` when given.
+    """
+    root = Path(source)
+    errors = errors if errors is not None else ErrorLog()
+    if root.is_file():
+        yield from _read_file(root, root.name, text_field, errors)
+        return
+    if not root.is_dir():
+        raise FileNotFoundError(f"data source {root} does not exist (data.source)")
+    for path in _walk(root, extensions):
+        yield from _read_file(path, path.relative_to(root).as_posix(), text_field, errors)
+
+
+def stdlib_root() -> Path:
+    """The directory holding the running interpreter's pure-Python standard library."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_source_files(include_tests: bool = True) -> list[Path]:
+    """The standard library's .py files, sorted, without site-packages / dist-packages.
+
+    With `include_tests=False`, files under any directory named `test` or `tests` are left out.
+    """
+    root = stdlib_root()
+    files = []
+    for path in _walk(root, (".py",)):
+        if not include_tests and _TEST_DIRS.intersection(path.relative_to(root).parts[:-1]):
+            continue
+        files.append(path)
+    return files
+
+
+def read_stdlib(include_tests: bool = True, errors: ErrorLog | None = None) -> Iterator[Document]:
+    """The standard library as documents, with ids relative to its root (e.g. `json/decoder.py`)."""
+    root = stdlib_root()
+    errors = errors if errors is not None else ErrorLog()
+    for path in stdlib_source_files(include_tests):
+        doc = _read_text_file(path, path.relative_to(root).as_posix(), errors)
+        if doc is not None:
+            yield doc

@@ -1,0 +1,170 @@
+import json
+import sys
+
+import pytest
+
+from lmforge.data.readers import (
+    Document,
+    ErrorLog,
+    read_documents,
+    read_stdlib,
+    stdlib_root,
+    stdlib_source_files,
+)
+
+
+def _write_jsonl(path, lines):
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_jsonl_malformed_line_is_skipped_and_counted_with_file_and_line(tmp_path):
+    path = _write_jsonl(
+        tmp_path / "data.jsonl",
+        [json.dumps({"text": "first", "lang": "en"}), '{"text": "broken', "", json.dumps({"text": "third"})],
+    )
+    errors = ErrorLog()
+    docs = list(read_documents(path, errors=errors))
+    assert [(d.id, d.text) for d in docs] == [("data.jsonl:1", "first"), ("data.jsonl:4", "third")]
+    assert docs[0].meta == {"lang": "en"}
+    assert docs[0].source == str(path)
+    assert errors.count("malformed json") == 1
+    assert errors.total == 1  # the blank line 3 is not a record
+    assert errors.messages == [f"{path}:2: malformed json"]
+
+
+def test_jsonl_missing_text_field_names_field_line_and_existing_keys(tmp_path):
+    path = _write_jsonl(
+        tmp_path / "data.jsonl",
+        [json.dumps({"content": "a", "id": 1}), json.dumps({"body": "b", "id": 2})],
+    )
+    docs = read_documents(path, text_field="content")
+    assert next(docs).text == "a"
+    with pytest.raises(ValueError) as info:
+        next(docs)
+    message = str(info.value)
+    assert f"{path}:2:" in message
+    assert "'content'" in message
+    assert "['body', 'id']" in message
+    assert "data.text_field" in message
+
+
+def test_jsonl_bad_values_are_counted_by_reason(tmp_path):
+    path = _write_jsonl(
+        tmp_path / "data.jsonl",
+        [
+            json.dumps([1, 2]),
+            json.dumps({"text": 5}),
+            json.dumps({"text": "   "}),
+            '{"text": "lone \\ud800 surrogate"}',
+            json.dumps({"text": "ok ✓"}),
+        ],
+    )
+    errors = ErrorLog()
+    docs = list(read_documents(path, errors=errors))
+    assert [d.text for d in docs] == ["ok ✓"]
+    assert errors.reasons == {"empty": 1, "invalid unicode": 1, "not a json object": 1, "text not a string": 1}
+
+
+def test_binary_non_utf8_and_empty_files_are_skipped(tmp_path):
+    (tmp_path / "a_good.py").write_text("x = 'é'\n", encoding="utf-8")
+    (tmp_path / "b_binary.py").write_bytes(b"x = 1\ny = 2\0\n")
+    (tmp_path / "c_latin1.py").write_bytes("# ok\ns = 'caf\xe9'\n".encode("latin-1"))
+    (tmp_path / "d_empty.py").write_bytes(b"")
+    (tmp_path / "e_blank.py").write_text("  \n\t\n")
+    errors = ErrorLog()
+    docs = list(read_documents(tmp_path, errors=errors))
+    assert [d.id for d in docs] == ["a_good.py"]
+    assert docs[0].text == "x = 'é'\n"
+    assert errors.reasons == {"binary": 1, "empty": 2, "not utf-8": 1}
+    assert errors.messages == [
+        f"{tmp_path / 'b_binary.py'}:2: binary",
+        f"{tmp_path / 'c_latin1.py'}:2: not utf-8",
+        f"{tmp_path / 'd_empty.py'}: empty",
+        f"{tmp_path / 'e_blank.py'}: empty",
+    ]
+
+
+def test_directory_walk_is_recursive_sorted_and_filtered(tmp_path):
+    for rel in ["z.py", "b/y.py", "a/x.py", "a/notes.md", "a/data.bin", ".hidden/h.py", "__pycache__/c.py"]:
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"# {rel}\n")
+    ids = [d.id for d in read_documents(tmp_path, extensions=[".py", ".MD"])]
+    assert ids == ["a/notes.md", "a/x.py", "b/y.py", "z.py"]
+    assert [d.id for d in read_documents(tmp_path)] == ["a/x.py", "b/y.py", "z.py"]
+
+
+def test_directory_mixes_text_and_jsonl(tmp_path):
+    (tmp_path / "doc.txt").write_text("plain text\n")
+    _write_jsonl(tmp_path / "recs.jsonl", [json.dumps({"body": "rec one"})])
+    docs = list(read_documents(tmp_path, text_field="body", extensions=(".txt", ".jsonl")))
+    assert [(d.id, d.text) for d in docs] == [("doc.txt", "plain text\n"), ("recs.jsonl:1", "rec one")]
+
+
+def test_missing_source_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list(read_documents(tmp_path / "nope"))
+
+
+def test_parquet_without_pyarrow_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    path = tmp_path / "data.parquet"
+    path.write_bytes(b"PAR1")
+    with pytest.raises(ImportError, match="pip install pyarrow"):
+        list(read_documents(path))
+
+
+def test_error_log_keeps_first_messages_and_counts_all():
+    errors = ErrorLog(max_messages=2)
+    for line in range(1, 6):
+        errors.add("malformed json", "f.jsonl", line)
+    errors.add("empty", "g.txt")
+    assert errors.total == 6
+    assert errors.count("malformed json") == 5
+    assert errors.count("never seen") == 0
+    assert errors.to_dict() == {
+        "total": 6,
+        "by_reason": {"empty": 1, "malformed json": 5},
+        "messages": ["f.jsonl:1: malformed json", "f.jsonl:2: malformed json"],
+    }
+
+
+def test_document_meta_defaults_are_independent():
+    a, b = Document("a", "x", "s"), Document("b", "y", "s")
+    a.meta["k"] = 1
+    assert b.meta == {}
+
+
+def test_stdlib_source_files_finds_json_decoder_and_no_site_packages():
+    root = stdlib_root()
+    files = stdlib_source_files()
+    rels = [p.relative_to(root).as_posix() for p in files]
+    assert "json/decoder.py" in rels
+    assert "os.py" in rels
+    assert files == sorted(files)
+    assert all(p.suffix == ".py" for p in files)
+    assert not any({"site-packages", "dist-packages", "__pycache__"} & set(p.parts) for p in files)
+
+
+def test_stdlib_without_tests_drops_test_directories():
+    root = stdlib_root()
+    everything = stdlib_source_files(include_tests=True)
+    no_tests = stdlib_source_files(include_tests=False)
+    assert set(no_tests) <= set(everything)
+    for p in no_tests:
+        assert not {"test", "tests"} & set(p.relative_to(root).parts[:-1])
+    dropped = set(everything) - set(no_tests)
+    assert all({"test", "tests"} & set(p.relative_to(root).parts[:-1]) for p in dropped)
+
+
+def test_read_stdlib_ids_are_relative_and_texts_exact():
+    root = stdlib_root()
+    errors = ErrorLog()
+    docs = {d.id: d for d in read_stdlib(include_tests=False, errors=errors)}
+    decoder = docs["json/decoder.py"]
+    assert decoder.text == (root / "json" / "decoder.py").read_text(encoding="utf-8")
+    assert decoder.source == str(root / "json" / "decoder.py")
+    n_files = len(stdlib_source_files(include_tests=False))
+    assert len(docs) + errors.total == n_files
