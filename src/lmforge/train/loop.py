@@ -1,0 +1,310 @@
+"""The one training loop: a model, an endless stream of batches and a loss function, for every training stage.
+
+Pre-training, SFT, reward models and distillation differ only in the loss function and the batches they pass
+in. Device placement, autocast and `torch.compile` are applied here, from outside the model. A run directory is
+self-resuming: calling `train` again on the same `out_dir` continues from the newest checkpoint and, on CPU,
+ends with weights bit-identical to an uninterrupted run.
+
+    out_dir/metrics.jsonl   one JSON record per optimizer step (truncated back to the checkpoint on resume)
+    out_dir/checkpoints/    training checkpoints (see train.checkpoint)
+    out_dir/final/          the final model files
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn, TextIO
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from safetensors.torch import save_model
+from torch import Tensor, nn
+
+from lmforge.data.io import atomic_write_text
+from lmforge.model.io import staged_dir
+from lmforge.recipe import TrainConfig
+from lmforge.train.checkpoint import (
+    ModelWriter,
+    TrainerState,
+    list_checkpoints,
+    load_latest_training_checkpoint,
+    save_training_checkpoint,
+)
+from lmforge.train.flops import measure_peak_flops, mfu
+from lmforge.train.optim import build_optimizer, lr_at
+from lmforge.train.precision import autocast_context, compute_dtype, resolve_device, set_threads
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+FINAL_DIR = "final"
+GUARD_WARMUP = 10  # good steps before the spike check starts; the first losses fall too fast to compare against
+GUARD_EMA = 0.9  # weight of the past in the running mean loss
+STEADY_AFTER = 3  # steps per process excluded from throughput (allocator warm-up, compilation)
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps had a non-finite or exploding loss; no update was applied for any of them."""
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _count_tokens(batch: Any) -> int:
+    """Tokens in a batch: the size of its first tensor (the input ids, by convention)."""
+    if isinstance(batch, Tensor):
+        return batch.numel()
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ()
+    for item in items:
+        n = _count_tokens(item)
+        if n:
+            return n
+    return 0
+
+
+def _open_metrics(path: Path, through_step: int) -> TextIO:
+    """Keep the records of steps 1..through_step (the resumed checkpoint) and open the file for appending."""
+    kept: list[str] = []
+    if through_step > 0 and path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # the last line of a run killed mid-write
+                continue
+            if record.get("step", 0) <= through_step:
+                kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
+    # Line-buffered: every record reaches the OS as it is written, so a kill loses none before a checkpoint.
+    return open(path, "a", encoding="utf-8", buffering=1)
+
+
+def _bad_step_reason(loss: float, grad_norm: float, state: TrainerState, spike_factor: float) -> str | None:
+    if not math.isfinite(loss):
+        return f"non-finite loss {loss}"
+    if not math.isfinite(grad_norm):
+        return f"non-finite gradient norm {grad_norm}"
+    if state.good_steps >= GUARD_WARMUP and state.loss_mean is not None and loss > spike_factor * state.loss_mean:
+        return f"loss {loss:.4g} > {spike_factor:g} x running mean {state.loss_mean:.4g}"
+    return None
+
+
+def _forward_backward(
+    model: nn.Module,
+    loss_fn: LossFn,
+    loader: Any,
+    device: torch.device,
+    autocast: Any,
+    cfg: TrainConfig,
+    tokens_per_batch: int | None,
+) -> tuple[Tensor, Tensor, int]:
+    """Accumulate gradients over `cfg.grad_accum` micro-batches, then clip; returns (mean loss, norm, tokens)."""
+    loss_sum = torch.zeros((), device=device)
+    tokens = tokens_per_batch or 0
+    for _ in range(cfg.grad_accum):
+        batch = _to_device(next(loader), device)
+        if tokens_per_batch is None:
+            tokens += _count_tokens(batch)
+        with autocast:
+            loss = loss_fn(model, batch)
+        (loss / cfg.grad_accum).backward()
+        loss_sum += loss.detach().float()
+    clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf still measures the norm, and scales by 1.0
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    return loss_sum / cfg.grad_accum, grad_norm, tokens
+
+
+def _record_good(state: TrainerState, loss: float) -> None:
+    state.loss_mean = loss if state.loss_mean is None else GUARD_EMA * state.loss_mean + (1 - GUARD_EMA) * loss
+    state.good_steps += 1
+    state.last_loss = loss
+    state.bad_in_row = 0
+    state.bad_losses.clear()
+
+
+def _record_bad(state: TrainerState, loss: float) -> None:
+    state.bad_in_row += 1
+    state.skipped_steps += 1
+    state.bad_losses.append(loss)
+
+
+@contextmanager
+def _progress(total: int, start: int) -> Iterator[Callable[[int, str], None]]:
+    """A rich progress bar on an interactive terminal; nothing otherwise (the logger carries the updates)."""
+    console = Console(stderr=True)
+    columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
+        task = progress.add_task("train", total=total, completed=start, info="")
+        yield lambda step, info: progress.update(task, completed=step, info=info)
+
+
+def _evaluate(model: nn.Module, val_fn: Callable[[nn.Module], float], autocast: Any) -> float:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), autocast:
+            return float(val_fn(model))
+    finally:
+        model.train(was_training)
+
+
+def _write_final(model: nn.Module, out_dir: Path, write_model_files: ModelWriter | None) -> Path:
+    dest = out_dir / FINAL_DIR
+    with staged_dir(dest) as tmp:
+        if write_model_files is not None:
+            write_model_files(model, tmp)
+        else:
+            save_model(model, str(tmp / "model.safetensors"))
+    return dest
+
+
+def train(
+    model: nn.Module,
+    loss_fn: LossFn,
+    loader: Any,
+    cfg: TrainConfig,
+    out_dir: Path,
+    *,
+    flops_per_token: float | None = None,
+    tokens_per_batch: int | None = None,
+    val_fn: Callable[[nn.Module], float] | None = None,
+    write_model_files: ModelWriter | None = None,
+) -> dict:
+    """Train `model` for `cfg.max_steps` optimizer steps of `cfg.grad_accum` micro-batches from `loader`.
+
+    `loss_fn(model, batch)` returns the mean loss of one micro-batch. `loader` is any endless iterator with
+    `state_dict()` / `load_state_dict()`. `tokens_per_batch` is the tokens one optimizer step consumes (all
+    micro-batches together); when omitted it is counted from the first tensor of each batch. `flops_per_token`
+    (training FLOPs, forward and backward) turns throughput into MFU. `val_fn(model)` returns a held-out loss.
+    `write_model_files(model, dir)` writes the model files of checkpoints and of `out_dir/final/`; without it
+    only model.safetensors is written. Returns the run's metrics.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    set_threads(cfg.threads)
+    _seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    model.to(device)
+    model.train()
+    optimizer = build_optimizer(model, cfg)
+    resumed = load_latest_training_checkpoint(out_dir, model, optimizer, loader)
+    state = resumed or TrainerState()
+    resumed_from = resumed.step if resumed else None
+    autocast = autocast_context(device, cfg.precision)
+    forward_model = torch.compile(model) if cfg.compile else model
+    peak = measure_peak_flops(device, compute_dtype(device, cfg.precision)) if flops_per_token else None
+    log_every = max(1, cfg.max_steps // 20)
+    start_step, process_start = state.step, time.perf_counter()
+    seconds_before = state.train_seconds
+
+    metrics_file = _open_metrics(out_dir / METRICS_FILE, state.step)
+    with metrics_file, _progress(cfg.max_steps, state.step) as show:
+        for step in range(state.step, cfg.max_steps):
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss, grad_norm, step_tokens = _forward_backward(
+                forward_model, loss_fn, loader, device, autocast, cfg, tokens_per_batch)  # fmt: skip
+            # The step's only host sync: the guard needs the loss before deciding whether to update.
+            loss_val, norm_val = torch.stack([loss, grad_norm.float()]).tolist()
+            reason = _bad_step_reason(loss_val, norm_val, state, cfg.spike_factor)
+            if reason is None:
+                optimizer.step()
+                _record_good(state, loss_val)
+            else:
+                _record_bad(state, loss_val)
+                logger.warning("step %d skipped: %s", step + 1, reason)
+            optimizer.zero_grad(set_to_none=True)
+            state.step = step + 1
+            state.tokens += step_tokens
+
+            dt = time.perf_counter() - t0
+            tokens_per_s = step_tokens / dt
+            if step - start_step >= min(STEADY_AFTER, cfg.max_steps - start_step - 1):
+                state.steady_tokens += step_tokens
+                state.steady_seconds += dt
+            record: dict[str, Any] = {
+                "step": state.step,
+                "loss": loss_val if math.isfinite(loss_val) else None,
+                "lr": lr,
+                "grad_norm": norm_val if math.isfinite(norm_val) else None,
+                "tokens": state.tokens,
+                "tokens_per_s": tokens_per_s,
+                "mfu": mfu(tokens_per_s, flops_per_token, peak) if peak else None,
+            }
+            if reason is not None:
+                record["skipped"] = reason
+            if state.bad_in_row >= cfg.max_bad_steps:
+                metrics_file.write(json.dumps(record) + "\n")
+                _raise_diverged(out_dir, state, cfg)
+            if val_fn is not None and (state.step % cfg.eval_every == 0 or state.step == cfg.max_steps):
+                state.val_loss = _evaluate(model, val_fn, autocast)
+                record["val_loss"] = state.val_loss
+                logger.info("step %d: val_loss %.4f", state.step, state.val_loss)
+            metrics_file.write(json.dumps(record) + "\n")
+
+            info = f"loss {loss_val:.4f}  {tokens_per_s:,.0f} tok/s"
+            if record["mfu"] is not None:
+                info += f"  MFU {record['mfu']:.1%}"
+            show(state.step, info)
+            if state.step % log_every == 0 or state.step == cfg.max_steps:
+                logger.info("step %d/%d: %s  lr %.3g", state.step, cfg.max_steps, info, lr)
+            state.train_seconds = seconds_before + time.perf_counter() - process_start
+            if state.step % cfg.ckpt_every == 0 or state.step == cfg.max_steps:
+                save_training_checkpoint(out_dir, state, model, optimizer, loader, keep_last=cfg.keep_last,
+                                         write_model_files=write_model_files)  # fmt: skip
+
+    state.train_seconds = seconds_before + time.perf_counter() - process_start
+    final_dir = _write_final(model, out_dir, write_model_files)
+    logger.info("final model written to %s", final_dir)
+    tokens_per_s = state.steady_tokens / state.steady_seconds if state.steady_seconds > 0 else None
+    return {
+        "steps": state.step,
+        "tokens": state.tokens,
+        "final_loss": state.last_loss,
+        "final_val_loss": state.val_loss,
+        "tokens_per_s": tokens_per_s,
+        "mfu": mfu(tokens_per_s, flops_per_token, peak) if peak and tokens_per_s else None,
+        "peak_flops": peak,
+        "train_seconds": state.train_seconds,
+        "skipped_steps": state.skipped_steps,
+        "resumed_from": resumed_from,
+    }
+
+
+def _raise_diverged(out_dir: Path, state: TrainerState, cfg: TrainConfig) -> NoReturn:
+    checkpoints = list_checkpoints(out_dir)
+    last_good = str(checkpoints[-1][1]) if checkpoints else "none written yet"
+    shown = ", ".join(f"{v:.4g}" for v in state.bad_losses)
+    mean = f"{state.loss_mean:.4g}" if state.loss_mean is not None else "n/a"
+    raise TrainingDiverged(
+        f"training diverged at step {state.step}: {state.bad_in_row} bad steps in a row "
+        f"(max_bad_steps={cfg.max_bad_steps}) with losses [{shown}]; running mean of good losses {mean}, "
+        f"spike_factor={cfg.spike_factor:g}. No update was applied for these steps; "
+        f"last good checkpoint: {last_good}"
+    )
