@@ -41,6 +41,7 @@ from lmforge.train.checkpoint import (
 )
 from lmforge.train.flops import measure_peak_flops, mfu
 from lmforge.train.optim import build_optimizer, lr_at
+from lmforge.train.host import keep_freed_memory
 from lmforge.train.precision import autocast_context, compute_dtype, resolve_device, set_threads
 
 logger = logging.getLogger(__name__)
@@ -206,6 +207,7 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     set_threads(cfg.threads)
+    keep_freed_memory()
     _seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     model.to(device)
