@@ -54,8 +54,8 @@ def test_bad_value_names_key_value_and_allowed_values():
 def test_cross_field_checks():
     with pytest.raises(RecipeError, match=r"train.seq_len=512 exceeds model.max_seq_len=256"):
         load_recipe(None, ["train.seq_len=512"])
-    with pytest.raises(RecipeError, match=r"n_heads=4 must be divisible by n_kv_heads=3"):
-        load_recipe(None, ["model.n_kv_heads=3"])
+    with pytest.raises(RecipeError, match=r"n_heads=3 must be divisible by n_kv_heads=2"):
+        load_recipe(None, ["model.n_kv_heads=2"])
     with pytest.raises(RecipeError, match=r"stages must be in lifecycle order"):
         load_recipe(None, ["stages=[pretrain, curate]"])
     with pytest.raises(RecipeError, match=r"stages.0 = 'train'"):
