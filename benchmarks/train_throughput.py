@@ -33,7 +33,7 @@ from lmforge.train.flops import measure_peak_flops
 from lmforge.train.loop import METRICS_FILE, STEADY_AFTER, train
 from lmforge.train.precision import resolve_device, set_threads
 
-VOCAB = 8192
+VOCAB = load_recipe().tokenizer.vocab_size
 
 # (depth, d_model or None for the 64 x depth dial, seq_len, batch_size)
 SWEEP = [
