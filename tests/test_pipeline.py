@@ -112,3 +112,22 @@ def test_cli_generate_and_eval_on_the_trained_checkpoint(finished_run):
     cli = json.loads((out / "results.json").read_text())["metrics"]
     stage = json.loads((tmp / "tiny" / "eval" / "manifest.json").read_text())["metrics"]
     assert cli["val_bpb"] == pytest.approx(stage["val_bpb"], rel=1e-9)
+
+
+def test_exported_trained_model_matches_in_transformers(finished_run):
+    transformers = pytest.importorskip("transformers", reason="transformers is needed to load the export")
+    import torch
+
+    from lmforge.model.io import load_checkpoint_tokenizer, load_model
+
+    root = finished_run[0] / "tiny"
+    model, _ = load_model(root / "pretrain" / "final")
+    tok = load_checkpoint_tokenizer(root / "pretrain" / "final")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(root / "export" / "hf", dtype=torch.float32).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(root / "export" / "hf")
+    text = (STDLIB / "json" / "scanner.py").read_text()[:400]
+    ids = [tok.bos_id] + tok.encode(text)
+    assert hf_tok(text)["input_ids"] == ids  # the exported tokenizer adds BOS like training did
+    x = torch.tensor([ids[:64]])
+    with torch.no_grad():
+        assert (model(x) - hf(x).logits).abs().max().item() < 1e-4

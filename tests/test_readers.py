@@ -1,5 +1,7 @@
 import json
 import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 
@@ -168,3 +170,21 @@ def test_read_stdlib_ids_are_relative_and_texts_exact():
     assert decoder.source == str(root / "json" / "decoder.py")
     n_files = len(stdlib_source_files(include_tests=False))
     assert len(docs) + errors.total == n_files
+
+
+def test_parquet_rows_become_documents_with_bad_rows_counted(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow reads parquet (installed by the dev extra)")
+    import pyarrow.parquet as pq
+
+    real = (Path(sysconfig.get_paths()["stdlib"]) / "json" / "tool.py").read_text(encoding="utf-8")
+    table = pa.table({"content": [real, None, "", "x = 1\n"], "lang": ["py", "py", "py", "py"]})
+    path = tmp_path / "code.parquet"
+    pq.write_table(table, path, row_group_size=2)  # several row groups: ids must keep counting across them
+    errors = ErrorLog()
+    docs = list(read_documents(tmp_path, text_field="content", extensions=(".parquet",), errors=errors))
+    assert [(d.id, d.text) for d in docs] == [("code.parquet:1", real), ("code.parquet:4", "x = 1\n")]
+    assert errors.total == 2 and len(errors.messages) == 2
+    assert all(str(path) in m for m in errors.messages)
+
+    with pytest.raises(ValueError, match=r"no column 'text' \(data.text_field\); columns present: \['content', 'lang'\]"):
+        list(read_documents(path))
