@@ -7,20 +7,19 @@ import pytest
 
 # A training step in miniature: logits of 4096 positions x 8192 classes (128 MB), their gradient, an update.
 SCRIPT = """
-import resource, sys, torch
+import resource, statistics, sys, torch
 from lmforge.train.host import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "tuned" else False
 head = torch.nn.Linear(64, 8192, bias=False)
 x, y = torch.randn(4096, 64), torch.randint(0, 8192, (4096,))
-def step():
+faults = []
+for _ in range(20):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.nn.functional.cross_entropy(head(x), y).backward()
     head.weight.grad = None
-for _ in range(3):
-    step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
-    step()
-print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+# the median step of the second half: steady state, robust to the odd step where the heap grows once more
+print(applied, int(statistics.median(faults[10:])))
 """
 
 
@@ -36,8 +35,8 @@ def test_freed_memory_is_reused_without_page_faults():
     assert applied == "True"
     _, plain = _faults("plain")
     logits_pages = 4096 * 8192 * 4 // 4096
-    assert plain >= 5 * logits_pages, "without tuning every step faults its logits' pages in afresh"
-    assert tuned < plain / 3, "with tuning most freed memory is reused"
+    assert plain >= logits_pages, "without tuning every step faults its logits' pages in afresh"
+    assert tuned < logits_pages // 100, "with tuning, a steady training loop reuses its freed memory"
 
 
 def test_can_be_disabled_by_environment(monkeypatch):
