@@ -176,5 +176,8 @@ def run_tokenizer(curate_dir: Path, cfg: TokenizerConfig, out_dir: Path) -> dict
         "train_seconds": round(train_seconds, 3),
         "seconds": round(time.perf_counter() - start, 3),
     }
-    log.info("tokenizer: %s", metrics)
+    log.info(
+        "tokenizer: %d tokens trained on %d characters in %.1fs; %.3f bytes per token on held-out text",
+        metrics["vocab_size"], metrics["train_chars"], metrics["train_seconds"], metrics["bytes_per_token"],
+    )  # fmt: skip
     return metrics

@@ -195,7 +195,11 @@ def run_shards(curate_dir: Path, tokenizer_path: Path, cfg: ShardsConfig, out_di
         "tokens_per_s": round(total / seconds),
         "seconds": round(seconds, 3),
     }
-    log.info("shards: %s", metrics)
+    log.info(
+        "shards: %d train / %d validation tokens from %d / %d documents, %.0f tokens/s",
+        metrics["train_tokens"], metrics["val_tokens"], metrics["train_docs"], metrics["val_docs"],
+        metrics["tokens_per_s"],
+    )  # fmt: skip
     return metrics
 
 
