@@ -90,6 +90,7 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
         time.sleep(0.01)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
+    victim.stdout.close()
     finish(reference)
     assert victim.returncode == -signal.SIGKILL
     assert not (tmp_path / "killed" / "final").exists()
