@@ -149,3 +149,14 @@ def test_own_jsonl_corpus_runs_end_to_end(tmp_path):
     assert cur["docs_val"] > 0 and cur["docs_train"] + cur["docs_val"] == cur["docs_kept"]
     ev = json.loads((tmp_path / "c4" / "eval" / "manifest.json").read_text())["metrics"]
     assert ev["val_bytes"] == cur["bytes_val"], "every held-out byte is scored"
+
+
+def test_console_entry_turns_user_errors_into_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "lmforge.cli", "eval", str(tmp_path / "nowhere"), "--text", str(tmp_path)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"error: {tmp_path / 'nowhere'} is not an lmforge model checkpoint: missing "
+                                     f"model.json (run with --verbose for the traceback)")  # fmt: skip

@@ -211,7 +211,9 @@ def entrypoint() -> None:
     try:
         app()
     except (FileNotFoundError, ValueError, TrainingDiverged, RuntimeError) as e:
-        typer.echo(f"error: {e}", err=True)
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            raise  # --verbose: the full traceback
+        typer.echo(f"error: {e} (run with --verbose for the traceback)", err=True)
         sys.exit(1)
 
 
