@@ -1,6 +1,8 @@
 import hashlib
 import json
 import os
+import re
+from pathlib import Path
 
 import pytest
 
@@ -103,11 +105,17 @@ def test_exact_dedup_keeps_first_and_ignores_whitespace_layout():
     assert f.apply(_doc("def f():\n    return 1\n", "d")) == "duplicate"
 
 
-def test_build_filters_follows_config():
+def test_build_filters_follows_config(tmp_path):
     names = [f.name for f in build_filters(DataConfig())]
     assert names == ["normalize", "length", "generated", "exact_dedup"]
     names = [f.name for f in build_filters(DataConfig(normalize="none", dedup=False))]
     assert names == ["length", "generated"]
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text('{"query": "which of these statements about the water cycle is correct in every season"}\n')
+    every = DataConfig(quality=["c4", "gopher_quality"], pii=True, near_dedup=True, decontaminate=[str(evals)])
+    names = [f.name for f in build_filters(every)]
+    assert names == ["normalize", "length", "generated", "c4", "gopher_quality", "pii", "exact_dedup",
+                     "near_duplicate", "decontaminate"]  # fmt: skip
     filters = build_filters(DataConfig(min_chars=2))
     assert apply_filters(_doc("\ufeffab\r\n"), filters).text == "ab\n"
     assert apply_filters(_doc("a"), filters) == "too short"
@@ -231,3 +239,29 @@ def test_curate_with_no_survivors_fails_loudly_after_writing_stats(tmp_path):
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert stats["docs_kept"] == 0
     assert stats["removed"]["too long"]["docs"] == stats["docs_in"]
+
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.mark.skipif(not (SHARED / "web" / "cc_text").exists(), reason=f"real web text not found under {SHARED}")
+def test_web_pipeline_on_real_jsonl_accounts_for_every_document(tmp_path):
+    """Quality rules, PII, exact and near dedup and decontamination on real Common Crawl / C4 text."""
+    cfg = DataConfig(
+        source=str(SHARED / "web" / "cc_text"), extensions=[".jsonl"], max_line_chars=100_000,
+        min_alnum_fraction=0.0, quality=["gopher_quality", "gopher_repetition", "c4", "fineweb"], pii=True,
+        near_dedup=True, decontaminate=[str(SHARED / "eval" / "mc" / "copa.jsonl")],
+    )  # fmt: skip
+    m = run_curate(cfg, tmp_path)
+    assert m["docs_in"] == 320  # 300 C4 + 2 x 10 Dolma CC documents
+    removed = {k: v for k, v in m.items() if k.startswith("removed_")}
+    assert m["docs_in"] == m["docs_kept"] + sum(removed.values()) + m["docs_skipped_bad"]
+    assert any(k.startswith("removed_gopher") for k in removed), removed
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    for reason, entry in stats["removed"].items():
+        assert entry["docs"] > 0 and entry["examples"], reason  # every reason shows what it removed
+    texts = [json.loads(line)["text"] for split in ("train", "val") for line in
+             (tmp_path / f"{split}.jsonl").read_text().splitlines()]  # fmt: skip
+    assert len(texts) == m["docs_kept"]
+    email = re.compile(r"[\w.+-]+@[\w-]+\.[a-z]{2,}", re.IGNORECASE)
+    assert not [t for t in texts if email.search(t)], "no e-mail address survives redaction"

@@ -39,6 +39,17 @@ class DataConfig(Section):
     min_alnum_fraction: float = Field(0.25, ge=0.0, le=1.0)
     normalize: Literal["NFC", "NFKC", "none"] = "NFC"
     dedup: bool = True
+    # Heuristic web-text rules, applied in the order given (see lmforge.data.quality).
+    quality: list[Literal["gopher_quality", "gopher_repetition", "c4", "fineweb"]] = Field(default_factory=list)
+    pii: bool = False  # replace e-mails, phones, IPs, cards, IBANs, SSNs and secrets with typed placeholders
+    near_dedup: bool = False  # MinHash LSH near-duplicate removal (see lmforge.data.minhash)
+    near_dedup_threshold: float = Field(0.8, gt=0.0, le=1.0)  # estimated Jaccard of word n-grams
+    minhash_bands: int = Field(14, gt=0)
+    minhash_rows: int = Field(8, gt=0)
+    shingle_words: int = Field(5, gt=0)
+    decontaminate: list[str] = Field(default_factory=list)  # evaluation files whose n-grams must not leak in
+    decontam_ngram: int = Field(13, gt=0)
+    decontam_mode: Literal["drop", "flag"] = "drop"
     max_docs: int | None = Field(None, gt=0)  # cap for quick experiments
 
 

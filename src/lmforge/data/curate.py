@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -144,7 +145,8 @@ def _metrics(stats: CurationStats, splits: _SplitWriter, errors: ErrorLog, secon
         "docs_skipped_bad": errors.total,
     }
     for reason, entry in sorted(stats.removed.items()):
-        metrics["removed_" + reason.replace(" ", "_")] = entry["docs"]
+        # "gopher: duplicate 5-grams" -> removed_gopher_duplicate_5_grams: a plain identifier for dashboards
+        metrics["removed_" + "_".join(re.findall(r"[a-z0-9]+", reason.lower()))] = entry["docs"]
     metrics["seconds"] = round(seconds, 3)
     return metrics
 

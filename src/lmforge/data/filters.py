@@ -139,6 +139,23 @@ def build_filters(cfg: DataConfig) -> list[Filter]:
         filters.append(Normalize(cfg.normalize))
     filters.append(LengthFilter(cfg.min_chars, cfg.max_chars))
     filters.append(GeneratedFilter(cfg.max_line_chars, cfg.min_alnum_fraction))
+    if cfg.quality:
+        from lmforge.data.quality import build_quality_filters
+
+        filters += build_quality_filters(list(cfg.quality))
+    if cfg.pii:  # before deduplication, so copies that differ only in redacted details collapse
+        from lmforge.data.pii import PIIRedactor
+
+        filters.append(PIIRedactor())
     if cfg.dedup:
         filters.append(ExactDedup())
+    if cfg.near_dedup:
+        from lmforge.data.minhash import MinHashDedup
+
+        filters.append(MinHashDedup(cfg.near_dedup_threshold, cfg.minhash_bands, cfg.minhash_rows,
+                                    cfg.shingle_words))  # fmt: skip
+    if cfg.decontaminate:
+        from lmforge.data.decontam import Decontaminator
+
+        filters.append(Decontaminator(cfg.decontaminate, n=cfg.decontam_ngram, mode=cfg.decontam_mode))
     return filters
