@@ -188,3 +188,95 @@ def test_parquet_rows_become_documents_with_bad_rows_counted(tmp_path):
 
     with pytest.raises(ValueError, match=r"no column 'text' \(data.text_field\); columns present: \['content', 'lang'\]"):
         list(read_documents(path))
+
+
+# -- compressed files and paragraph splitting ----------------------------------------------------------------------
+
+
+def _jsonl_bytes(n):
+    return b"".join(json.dumps({"text": f"document {i}", "n": i}).encode() + b"\n" for i in range(n))
+
+
+def _compress(kind, data):
+    if kind == "gz":
+        import gzip
+
+        return gzip.compress(data)
+    import zstandard
+
+    return zstandard.ZstdCompressor().compress(data)
+
+
+@pytest.mark.parametrize("kind", ["gz", "zst"])
+def test_compressed_jsonl_and_text_round_trip(tmp_path, kind):
+    (tmp_path / f"a.jsonl.{kind}").write_bytes(_compress(kind, _jsonl_bytes(3)))
+    real = (stdlib_root() / "json" / "tool.py").read_bytes()
+    (tmp_path / f"tool.py.{kind}").write_bytes(_compress(kind, real))
+    errors = ErrorLog()
+    docs = list(read_documents(tmp_path, extensions=(".jsonl", ".py"), errors=errors))
+    assert [(d.id, d.text) for d in docs] == [
+        (f"a.jsonl.{kind}:1", "document 0"),
+        (f"a.jsonl.{kind}:2", "document 1"),
+        (f"a.jsonl.{kind}:3", "document 2"),
+        (f"tool.py.{kind}", real.decode("utf-8")),
+    ]
+    assert docs[1].meta == {"n": 1}
+    assert errors.total == 0
+
+
+def test_concatenated_zstd_frames_are_all_read(tmp_path):
+    path = tmp_path / "multi.jsonl.zst"
+    data = _jsonl_bytes(4)
+    path.write_bytes(_compress("zst", data[:40]) + _compress("zst", data[40:]))
+    assert [d.text for d in read_documents(path)] == [f"document {i}" for i in range(4)]
+
+
+@pytest.mark.parametrize("kind", ["gz", "zst"])
+def test_truncated_compressed_file_keeps_earlier_documents_and_counts_once(tmp_path, kind):
+    # Incompressible padding spreads the records over many compressed blocks, so a cut keeps some whole ones.
+    import random
+
+    rng = random.Random(0)
+    lines = [json.dumps({"text": f"doc {i} " + rng.randbytes(3000).hex()}) for i in range(200)]
+    full = _compress(kind, ("\n".join(lines) + "\n").encode())
+    path = tmp_path / f"cut.jsonl.{kind}"
+    path.write_bytes(full[: len(full) // 2])
+    (tmp_path / "z.jsonl").write_text('{"text": "after"}\n', encoding="utf-8")
+    errors = ErrorLog()
+    docs = list(read_documents(tmp_path, extensions=(".jsonl",), errors=errors))
+    kept = [d for d in docs if d.source == str(path)]
+    assert 0 < len(kept) < 200
+    assert [d.text for d in kept] == [json.loads(line)["text"] for line in lines[: len(kept)]]
+    assert docs[-1].text == "after"  # reading goes on with the next file
+    assert errors.reasons == {"corrupt compressed file": 1}
+    assert errors.messages == [f"{path}: corrupt compressed file"]
+
+
+@pytest.mark.parametrize("kind", ["gz", "zst"])
+def test_garbage_compressed_file_is_one_error(tmp_path, kind):
+    path = tmp_path / f"bad.txt.{kind}"
+    path.write_bytes(b"this is not compressed at all" * 10)
+    errors = ErrorLog()
+    assert list(read_documents(path, errors=errors)) == []
+    assert errors.reasons == {"corrupt compressed file": 1}
+
+
+def test_text_split_paragraph_one_document_per_block(tmp_path):
+    path = tmp_path / "prose.txt"
+    path.write_bytes(b"First para\nline two\n\n  \n\nSecond\r\n\r\nbad \xff byte\n\nlast without newline")
+    errors = ErrorLog()
+    docs = list(read_documents(path, text_split="paragraph", errors=errors))
+    assert [(d.id, d.text) for d in docs] == [
+        ("prose.txt:1", "First para\nline two"),
+        ("prose.txt:6", "Second"),
+        ("prose.txt:10", "last without newline"),
+    ]
+    assert errors.messages == [f"{path}:8: not utf-8"]
+    gz = tmp_path / "prose.txt.gz"
+    gz.write_bytes(_compress("gz", path.read_bytes()))
+    assert [d.text for d in read_documents(gz, text_split="paragraph")] == [d.text for d in docs]
+
+
+def test_text_split_must_be_known(tmp_path):
+    with pytest.raises(ValueError, match="text_split"):
+        list(read_documents(tmp_path, text_split="line"))

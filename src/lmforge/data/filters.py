@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import hashlib
 import re
 import unicodedata
+from collections.abc import Callable
 
 from lmforge.data.readers import Document
 from lmforge.recipe import DataConfig
@@ -25,6 +27,21 @@ _GENERATED_HEADER = re.compile(
     r"(?:auto-?generated|automatically generated|generated (?:by|from|with|automatically)|do not edit)",
     re.IGNORECASE | re.MULTILINE,
 )
+# C0 and C1 controls and DEL, except tab, LF and CR (CR is handled by `Normalize` itself). C1 codes are usually
+# cp1252 mojibake, which ftfy turns back into the intended characters before this runs.
+_CONTROL_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_LICENSE_WORDS = re.compile(
+    r"\b(?:copyright|licen[cs](?:e[sd]?|ing)|spdx-license-identifier|permission is hereby granted|all rights reserved)"
+    r"\b|\u00a9",
+    re.IGNORECASE,
+)
+_ENCODING_LINE = re.compile(r"^[ \t\f]*#.*?coding[:=][ \t]*[-\w.]+")  # PEP 263
+_RECORD_LINE = re.compile(r":\d+$")  # the `:line` a jsonl or parquet record's id ends with
+_HASH_COMMENT_SUFFIXES = frozenset({".py", ".pyi", ".pyx", ".sh", ".bash", ".zsh", ".rb", ".pl", ".pm", ".r", ".jl",
+                                    ".yaml", ".yml", ".toml", ".cmake"})  # fmt: skip
+_C_COMMENT_SUFFIXES = frozenset({".c", ".h", ".cc", ".cpp", ".cxx", ".hpp", ".hh", ".java", ".js", ".mjs", ".cjs",
+                                 ".ts", ".tsx", ".jsx", ".go", ".rs", ".cs", ".swift", ".kt", ".kts", ".scala",
+                                 ".dart", ".css", ".scss"})  # fmt: skip
 _NON_ALNUM = re.compile(r"[\W_]+")
 _WHITESPACE = re.compile(r"\s+")
 
@@ -40,24 +57,156 @@ class Filter(abc.ABC):
 
 
 class Normalize(Filter):
-    """Unicode normalization (NFC or NFKC), CRLF line endings to LF and a leading byte-order mark removed.
+    """Make text clean Unicode without touching what code needs verbatim.
 
-    Deliberately conservative: whitespace inside lines, lone CRs and trailing spaces are left alone, because in
-    code and prose they can carry meaning.
+    In order: a leading byte-order mark removed; CRLF to LF; lone CRs to LF only in a document that has no LF at all
+    (a classic Mac file), because a lone CR beside LFs is usually deliberate (a progress-bar line, a literal in a
+    test fixture); mojibake repaired with ftfy (`cafÃ©` -> `café`); control characters other than tab, LF and CR
+    removed (form feeds too: a printer's page break, plain whitespace to every compiler; of an ANSI escape only the
+    ESC goes, so the visible text stays); then NFC or NFKC.
+
+    ftfy runs with every fix that rewrites legitimate characters switched off: quotes and dashes stay curly or
+    straight as written (code and prose quote them on purpose), ligatures and full-width forms stay (NFKC is the
+    opt-in for those), HTML entities stay escaped (`&amp;` in a code string is code), and control characters, line
+    breaks and normalization are left to this filter. Only the encoding repairs remain, so a test fixture that
+    holds mojibake on purpose (a few in CPython's own tests) is repaired too; `fix_mojibake=False` keeps it.
+
+    Trailing whitespace is kept: it is part of the value of a multi-line string literal, a Markdown hard line
+    break and a diff's context lines, and telling those apart needs a parser per language.
     """
 
     name = "normalize"
 
-    def __init__(self, form: str = "NFC") -> None:
+    def __init__(self, form: str = "NFC", fix_mojibake: bool = True) -> None:
         if form not in _NORMAL_FORMS:
             raise ValueError(f"data.normalize = {form!r}: allowed values are {list(_NORMAL_FORMS)} or 'none'")
         self.form = form
+        self.fix_mojibake = fix_mojibake
 
     def apply(self, doc: Document) -> Document:
         text = doc.text.removeprefix("\ufeff").replace("\r\n", "\n")
+        if "\r" in text and "\n" not in text:
+            text = text.replace("\r", "\n")
+        # Pure ASCII cannot hold mojibake, and most code is pure ASCII: this check keeps the common case at C speed.
+        if self.fix_mojibake and not text.isascii():
+            text = _repair_mojibake(text)
+        if _CONTROL_CHARS.search(text):
+            text = _CONTROL_CHARS.sub("", text)
         if not unicodedata.is_normalized(self.form, text):
             text = unicodedata.normalize(self.form, text)
         return doc if text == doc.text else dataclasses.replace(doc, text=text)
+
+
+@functools.cache
+def _ftfy() -> tuple[Callable[[str], bool], Callable[[str], str]]:
+    """ftfy's mojibake detector and a fixer limited to encoding repairs (see `Normalize`), imported on first use."""
+    import ftfy
+    from ftfy.badness import is_bad
+
+    config = ftfy.TextFixerConfig(
+        unescape_html=False,
+        remove_terminal_escapes=False,
+        fix_latin_ligatures=False,
+        fix_character_width=False,
+        uncurl_quotes=False,
+        fix_line_breaks=False,
+        remove_control_chars=False,
+        normalization=None,
+    )
+    return is_bad, functools.partial(ftfy.fix_text, config=config)
+
+
+def _repair_mojibake(text: str) -> str:
+    is_bad, fix = _ftfy()
+    # is_bad is one regex pass; the fixer walks the text line by line in Python, so run it only on suspect text.
+    return fix(text) if is_bad(text) else text
+
+
+class LicenseHeaderStripper(Filter):
+    """Remove a licence notice at the top of a code file, keeping a shebang and a Python encoding line.
+
+    The notice is the run of comment blocks (consecutive `#` lines; `//` lines or one `/* ... */` comment in
+    C-family languages), separated only by blank lines, each of which names a licence or copyright. The first block
+    that does not, or anything that is not a comment (a module docstring, code), ends the run, so a docstring that
+    mentions copyright is never touched. The language comes from the file extension of `meta["path"]` when present,
+    else of the document id; documents in other languages pass unchanged. A document is never dropped: a stripped
+    one gets `meta["license_header_chars"]`, the number of characters removed.
+    """
+
+    name = "license_header"
+
+    def apply(self, doc: Document) -> Document:
+        style = _comment_style(doc)
+        if style is None:
+            return doc
+        start, end = _license_header_span(doc.text, style)
+        if end == start:
+            return doc
+        text = doc.text[:start] + doc.text[end:]
+        return dataclasses.replace(doc, text=text, meta={**doc.meta, "license_header_chars": end - start})
+
+
+def _comment_style(doc: Document) -> str | None:
+    path = doc.meta.get("path")
+    name = path if isinstance(path, str) else _RECORD_LINE.sub("", doc.id)
+    suffix = name[name.rfind(".") :].lower() if "." in name else ""
+    if suffix in _HASH_COMMENT_SUFFIXES:
+        return "hash"
+    if suffix in _C_COMMENT_SUFFIXES:
+        return "c"
+    return None
+
+
+def _line_end(text: str, pos: int) -> int:
+    newline = text.find("\n", pos)
+    return len(text) if newline < 0 else newline + 1
+
+
+def _skip_blank_lines(text: str, pos: int) -> int:
+    while pos < len(text):
+        end = _line_end(text, pos)
+        if text[pos:end].strip():
+            break
+        pos = end
+    return pos
+
+
+def _comment_block_end(text: str, pos: int, style: str) -> int:
+    """End of the comment block starting at `pos`, or `pos` itself when no whole-line comment starts there."""
+    line = text[pos:_line_end(text, pos)].lstrip(" \t")
+    marker = "#" if style == "hash" else "//" if line.startswith("//") else None
+    if marker is not None:
+        end = pos
+        while end < len(text) and text[end:_line_end(text, end)].lstrip(" \t").startswith(marker):
+            end = _line_end(text, end)
+        return end
+    if not line.startswith("/*"):
+        return pos
+    close = text.find("*/", text.index("/*", pos) + 2)
+    if close < 0:
+        return pos  # unterminated: not a header we can remove safely
+    end = _line_end(text, close + 2)
+    # Code after the closing `*/` on the same line belongs to the program, so the block is not a whole-line header.
+    return end if not text[close + 2 : end].strip() else pos
+
+
+def _license_header_span(text: str, style: str) -> tuple[int, int]:
+    """The [start, end) character range of the licence header, empty (start == end) when there is none."""
+    start = 0
+    for _ in range(2):  # PEP 263 allows the encoding declaration on the first or second line
+        end = _line_end(text, start)
+        line = text[start:end]
+        if (start == 0 and line.startswith("#!")) or (style == "hash" and _ENCODING_LINE.match(line)):
+            start = end
+        else:
+            break
+    cut = start
+    while True:
+        block_start = _skip_blank_lines(text, cut)
+        block_end = _comment_block_end(text, block_start, style)
+        if block_end == block_start or not _LICENSE_WORDS.search(text, block_start, block_end):
+            return start, cut
+        cut = _skip_blank_lines(text, block_end)
 
 
 class LengthFilter(Filter):
@@ -136,13 +285,24 @@ def build_filters(cfg: DataConfig) -> list[Filter]:
     """The curation steps a recipe's `data` section asks for, in the order they run."""
     filters: list[Filter] = []
     if cfg.normalize != "none":
-        filters.append(Normalize(cfg.normalize))
+        filters.append(Normalize(cfg.normalize, fix_mojibake=cfg.fix_mojibake))
     filters.append(LengthFilter(cfg.min_chars, cfg.max_chars))
     filters.append(GeneratedFilter(cfg.max_line_chars, cfg.min_alnum_fraction))
+    if cfg.strip_license_headers:
+        filters.append(LicenseHeaderStripper())
+    if cfg.languages:
+        from lmforge.data.langid import LanguageFilter
+
+        filters.append(LanguageFilter(cfg.languages, min_confidence=cfg.language_min_confidence))
     if cfg.quality:
         from lmforge.data.quality import build_quality_filters
 
         filters += build_quality_filters(list(cfg.quality))
+    if cfg.toxicity:
+        from lmforge.data.toxicity import ToxicityFilter
+
+        lists = cfg.toxicity_word_lists or None  # None: better-profanity's shipped list
+        filters.append(ToxicityFilter(lists, max_ratio=cfg.toxicity_max_ratio))
     if cfg.pii:  # before deduplication, so copies that differ only in redacted details collapse
         from lmforge.data.pii import PIIRedactor
 

@@ -1,12 +1,18 @@
 """Readers: turn files on disk into a stream of `Document`s, counting what they cannot read.
 
 Supported sources:
-- a text file (`.py`, `.txt`, `.md`, any other extension): one document per file, read as strict UTF-8;
+- a text file (`.py`, `.txt`, `.md`, any other extension): one document per file, read as strict UTF-8, or with
+  `text_split="paragraph"` one document per block of non-blank lines (for prose corpora kept as one big file);
 - a `.jsonl` file: one document per non-blank line, the text taken from the `text_field` key;
 - a `.parquet` file: one document per row (needs `pyarrow`, imported only when a parquet file is read);
 - a directory: every file under it whose extension is listed, walked recursively in sorted order, so two runs
   over the same tree yield the same documents in the same order. Hidden directories (`.git`, `.venv`),
-  `__pycache__`, `site-packages` and `dist-packages` are not entered.
+  `__pycache__`, `site-packages` and `dist-packages` are not entered. A listed extension also selects its gzip
+  (`.gz`) and zstandard (`.zst`) compressed files (`.jsonl` selects `.jsonl.gz`).
+
+Compressed files (`x.jsonl.gz`, `x.txt.zst`, ...) are read as the format under the compression suffix, streamed
+through the decompressor. A truncated or corrupt compressed file keeps the documents read before the damage and
+counts one "corrupt compressed file" error naming the file; reading goes on with the next file.
 
 A bad record (undecodable bytes, a NUL byte, malformed JSON, an empty text) is skipped and counted in an
 `ErrorLog` under its reason, with a `file:line: reason` message. A record without the configured text field is a
@@ -15,21 +21,28 @@ setting error, not a bad record, and raises `ValueError` at the first such recor
 
 from __future__ import annotations
 
+import gzip
+import itertools
 import json
 import logging
 import os
 import sysconfig
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 log = logging.getLogger(__name__)
 
 _SKIP_DIRS = frozenset({"__pycache__", "site-packages", "dist-packages"})
 _TEST_DIRS = frozenset({"test", "tests"})
 _PARQUET_BATCH_ROWS = 1024
+_COMPRESSED_SUFFIXES = frozenset({".gz", ".zst"})
+_CHUNK_BYTES = 1 << 16  # small enough that a corrupt file loses little of what precedes the damage
+TextSplit = Literal["file", "paragraph"]
+_TEXT_SPLITS = ("file", "paragraph")
 
 
 @dataclass
@@ -83,29 +96,135 @@ def _walk(root: Path, keep: Iterable[str]) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         # Pruning in place stops os.walk from descending into those directories.
         dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".")]
-        found.extend(Path(dirpath) / name for name in filenames if Path(name).suffix.lower() in suffixes)
+        for name in filenames:
+            path = Path(name)
+            if _format_suffix(path) in suffixes or "".join(path.suffixes[-2:]).lower() in suffixes:
+                found.append(Path(dirpath) / name)
     return sorted(found)
+
+
+def _format_suffix(path: Path) -> str:
+    """The suffix that names the file's format: `.jsonl` for both `a.jsonl` and `a.jsonl.gz`."""
+    suffix = path.suffix.lower()
+    return Path(path.stem).suffix.lower() if suffix in _COMPRESSED_SUFFIXES else suffix
+
+
+class _CorruptCompressed(Exception):
+    """A compressed file ended early or holds bytes its decompressor rejects."""
+
+
+def _gzip_chunks(path: Path) -> Iterator[bytes]:
+    try:
+        with gzip.open(path, "rb") as f:
+            # read1 hands over what one underlying read decoded; read(n) would hold it back until n bytes or the end.
+            while chunk := f.read1(_CHUNK_BYTES):
+                yield chunk
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; truncation is an EOFError
+        raise _CorruptCompressed(str(e)) from e
+
+
+def _zstd_chunks(path: Path) -> Iterator[bytes]:
+    import zstandard
+
+    # A decompressobj rather than zstandard's stream_reader: the reader returns a truncated frame's data as if the
+    # file had ended cleanly, and a truncated file must be reported, not passed off as complete.
+    dctx = zstandard.ZstdDecompressor()
+    try:
+        with open(path, "rb") as f:
+            dobj, pending = dctx.decompressobj(), False
+            while data := f.read(_CHUNK_BYTES):
+                while data:
+                    out = dobj.decompress(data)
+                    if out:
+                        yield out
+                    pending = not dobj.eof
+                    # A file may hold several concatenated frames (zstd -c a b > c); each needs a fresh decompressor.
+                    data = dobj.unused_data if dobj.eof else b""
+                    if dobj.eof:
+                        dobj = dctx.decompressobj()
+    except zstandard.ZstdError as e:
+        raise _CorruptCompressed(str(e)) from e
+    if pending:
+        raise _CorruptCompressed("zstd frame ends before its end marker")
+
+
+def _plain_chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK_BYTES):
+            yield chunk
+
+
+def _chunks(path: Path) -> Iterator[bytes]:
+    """The file's bytes, decompressed when its name ends in `.gz` or `.zst`, in chunks of bounded size."""
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        return _gzip_chunks(path)
+    if suffix == ".zst":
+        return _zstd_chunks(path)
+    return _plain_chunks(path)
+
+
+def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Split a stream of byte chunks into lines that keep their line feed, the last one possibly without it."""
+    # The unfinished line is kept as a list of pieces: concatenating chunk by chunk would be quadratic in the length
+    # of one long line (a multi-megabyte jsonl record).
+    pending: list[bytes] = []
+    for chunk in chunks:
+        lines = chunk.split(b"\n")
+        if len(lines) == 1:
+            pending.append(chunk)
+            continue
+        pending.append(lines[0])
+        yield b"".join(pending) + b"\n"
+        for line in lines[1:-1]:
+            yield line + b"\n"
+        pending = [lines[-1]]
+    tail = b"".join(pending)
+    if tail:
+        yield tail
 
 
 def _line_of(data: bytes, offset: int) -> int:
     return data.count(b"\n", 0, offset) + 1
 
 
-def _read_text_file(path: Path, doc_id: str, errors: ErrorLog) -> Document | None:
-    data = path.read_bytes()
+def _text_document(data: bytes, path: Path, doc_id: str, errors: ErrorLog, first_line: int = 1) -> Document | None:
+    """`data` as a document, or None with the reason counted; `first_line` is where `data` starts in the file."""
     nul = data.find(b"\0")
     if nul >= 0:
-        errors.add("binary", path, _line_of(data, nul))
+        errors.add("binary", path, first_line - 1 + _line_of(data, nul))
         return None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        errors.add("not utf-8", path, _line_of(data, e.start))
+        errors.add("not utf-8", path, first_line - 1 + _line_of(data, e.start))
         return None
     if not text.strip():
         errors.add("empty", path)
         return None
     return Document(id=doc_id, text=text, source=str(path))
+
+
+def _read_text_file(path: Path, doc_id: str, errors: ErrorLog) -> Document | None:
+    return _text_document(b"".join(_chunks(path)), path, doc_id, errors)
+
+
+def _read_paragraphs(path: Path, rel: str, errors: ErrorLog) -> Iterator[Document]:
+    """One document per block of non-blank lines, id `rel:first_line`, without the block's final line break."""
+    block: list[bytes] = []
+    start = 0
+    # The trailing empty line flushes the last block through the same path as every other block.
+    for lineno, line in enumerate(itertools.chain(_lines(_chunks(path)), [b""]), start=1):
+        if line.strip():
+            if not block:
+                start = lineno
+            block.append(line)
+        elif block:
+            data = b"".join(block).removesuffix(b"\n").removesuffix(b"\r")
+            doc = _text_document(data, path, f"{rel}:{start}", errors, start)
+            if doc is not None:
+                yield doc
+            block = []
 
 
 def _missing_field_error(path: Path, line: int, text_field: str, keys: Iterable[str]) -> ValueError:
@@ -132,28 +251,27 @@ def _checked_text(value: Any, path: Path, line: int, errors: ErrorLog) -> str | 
 
 
 def _read_jsonl(path: Path, rel: str, text_field: str, errors: ErrorLog) -> Iterator[Document]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            try:
-                record = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                errors.add("not utf-8", path, lineno)
-                continue
-            except json.JSONDecodeError:
-                errors.add("malformed json", path, lineno)
-                continue
-            if not isinstance(record, dict):
-                errors.add("not a json object", path, lineno)
-                continue
-            if text_field not in record:
-                raise _missing_field_error(path, lineno, text_field, record.keys())
-            text = _checked_text(record[text_field], path, lineno, errors)
-            if text is None:
-                continue
-            meta = {k: v for k, v in record.items() if k != text_field}
-            yield Document(id=f"{rel}:{lineno}", text=text, source=str(path), meta=meta)
+    for lineno, raw in enumerate(_lines(_chunks(path)), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            errors.add("not utf-8", path, lineno)
+            continue
+        except json.JSONDecodeError:
+            errors.add("malformed json", path, lineno)
+            continue
+        if not isinstance(record, dict):
+            errors.add("not a json object", path, lineno)
+            continue
+        if text_field not in record:
+            raise _missing_field_error(path, lineno, text_field, record.keys())
+        text = _checked_text(record[text_field], path, lineno, errors)
+        if text is None:
+            continue
+        meta = {k: v for k, v in record.items() if k != text_field}
+        yield Document(id=f"{rel}:{lineno}", text=text, source=str(path), meta=meta)
 
 
 def _read_parquet(path: Path, rel: str, text_field: str, errors: ErrorLog) -> Iterator[Document]:
@@ -179,16 +297,28 @@ def _read_parquet(path: Path, rel: str, text_field: str, errors: ErrorLog) -> It
                 yield Document(id=f"{rel}:{row}", text=text, source=str(path))
 
 
-def _read_file(path: Path, rel: str, text_field: str, errors: ErrorLog) -> Iterator[Document]:
-    suffix = path.suffix.lower()
+def _read_format(path: Path, rel: str, text_field: str, text_split: TextSplit, errors: ErrorLog) -> Iterator[Document]:
+    suffix = _format_suffix(path)
     if suffix == ".jsonl":
         yield from _read_jsonl(path, rel, text_field, errors)
     elif suffix == ".parquet":
         yield from _read_parquet(path, rel, text_field, errors)
+    elif text_split == "paragraph":
+        yield from _read_paragraphs(path, rel, errors)
     else:
         doc = _read_text_file(path, rel, errors)
         if doc is not None:
             yield doc
+
+
+def _read_file(path: Path, rel: str, text_field: str, text_split: TextSplit, errors: ErrorLog) -> Iterator[Document]:
+    try:
+        yield from _read_format(path, rel, text_field, text_split, errors)
+    except _CorruptCompressed as e:
+        # The documents already yielded were whole records read before the damage, so they stand; the rest of the
+        # file is unreadable, which is one error for the file, not one per lost record.
+        log.warning("%s: corrupt compressed file (%s); kept the documents read before it", path, e)
+        errors.add("corrupt compressed file", path)
 
 
 def read_documents(
@@ -197,21 +327,25 @@ def read_documents(
     text_field: str = "text",
     extensions: Iterable[str] = (".py",),
     errors: ErrorLog | None = None,
+    text_split: TextSplit = "file",
 ) -> Iterator[Document]:
     """Stream the documents of a file or a directory tree (see the module docstring for formats and ids).
 
     `extensions` selects files when `source` is a directory; a single file is read whatever its extension.
-    Skipped records are counted in `errors` when given.
+    `text_split` makes each text file one document ("file") or one document per blank-line-separated block
+    ("paragraph"); jsonl and parquet records are unaffected. Skipped records are counted in `errors` when given.
     """
+    if text_split not in _TEXT_SPLITS:
+        raise ValueError(f"text_split = {text_split!r}: allowed values are {list(_TEXT_SPLITS)}")
     root = Path(source)
     errors = errors if errors is not None else ErrorLog()
     if root.is_file():
-        yield from _read_file(root, root.name, text_field, errors)
+        yield from _read_file(root, root.name, text_field, text_split, errors)
         return
     if not root.is_dir():
         raise FileNotFoundError(f"data source {root} does not exist (data.source)")
     for path in _walk(root, extensions):
-        yield from _read_file(path, path.relative_to(root).as_posix(), text_field, errors)
+        yield from _read_file(path, path.relative_to(root).as_posix(), text_field, text_split, errors)
 
 
 def stdlib_root() -> Path:
