@@ -112,10 +112,11 @@ def test_build_filters_follows_config(tmp_path):
     assert names == ["length", "generated"]
     evals = tmp_path / "eval.jsonl"
     evals.write_text('{"query": "which of these statements about the water cycle is correct in every season"}\n')
-    every = DataConfig(quality=["c4", "gopher_quality"], pii=True, near_dedup=True, decontaminate=[str(evals)])
+    every = DataConfig(quality=["c4", "gopher_quality"], pii=True, near_dedup=True, decontaminate=[str(evals)],
+                       strip_license_headers=True, languages=["en"], toxicity=True)  # fmt: skip
     names = [f.name for f in build_filters(every)]
-    assert names == ["normalize", "length", "generated", "c4", "gopher_quality", "pii", "exact_dedup",
-                     "near_duplicate", "decontaminate"]  # fmt: skip
+    assert names == ["normalize", "length", "generated", "license_header", "language", "c4", "gopher_quality",
+                     "toxicity", "pii", "exact_dedup", "near_duplicate", "decontaminate"]  # fmt: skip
     filters = build_filters(DataConfig(min_chars=2))
     assert apply_filters(_doc("\ufeffab\r\n"), filters).text == "ab\n"
     assert apply_filters(_doc("a"), filters) == "too short"
@@ -250,6 +251,7 @@ def test_web_pipeline_on_real_jsonl_accounts_for_every_document(tmp_path):
     cfg = DataConfig(
         source=str(SHARED / "web" / "cc_text"), extensions=[".jsonl"], max_line_chars=100_000,
         min_alnum_fraction=0.0, quality=["gopher_quality", "gopher_repetition", "c4", "fineweb"], pii=True,
+        languages=["en"], toxicity=True,
         near_dedup=True, decontaminate=[str(SHARED / "eval" / "mc" / "copa.jsonl")],
     )  # fmt: skip
     m = run_curate(cfg, tmp_path)

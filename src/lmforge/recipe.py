@@ -30,6 +30,7 @@ class DataConfig(Section):
     # .txt / .py / .md / .jsonl / .parquet files.
     source: str = "stdlib"
     text_field: str = "text"  # key holding the text in .jsonl / .parquet records
+    text_split: Literal["file", "paragraph"] = "file"  # plain text: one document per file or per blank-line block
     extensions: list[str] = Field(default_factory=lambda: [".py"])  # used when the source is a directory
     include_tests: bool = True  # stdlib only: whether Lib/test/ and friends are part of the corpus
     val_fraction: float = Field(0.05, gt=0.0, lt=1.0)  # share of files held out, chosen by a hash of the path
@@ -38,6 +39,13 @@ class DataConfig(Section):
     max_line_chars: int = Field(1000, gt=0)  # longer lines mark minified or generated files
     min_alnum_fraction: float = Field(0.25, ge=0.0, le=1.0)
     normalize: Literal["NFC", "NFKC", "none"] = "NFC"
+    fix_mojibake: bool = True  # ftfy repair of mis-decoded text; code recipes turn it off to keep literals verbatim
+    strip_license_headers: bool = False  # drop a leading licence comment block from code files
+    languages: list[str] = Field(default_factory=list)  # keep only these languages (ISO 639-1); empty = no filter
+    language_min_confidence: float = Field(0.65, ge=0.0, le=1.0)
+    toxicity: bool = False  # word-boundary, leetspeak-aware lexicon filter (lmforge.data.toxicity)
+    toxicity_word_lists: list[str] = Field(default_factory=list)  # lists replacing better-profanity's (e.g. LDNOOBW)
+    toxicity_max_ratio: float = Field(0.01, ge=0.0, le=1.0)  # share of words that may match
     dedup: bool = True
     # Heuristic web-text rules, applied in the order given (see lmforge.data.quality).
     quality: list[Literal["gopher_quality", "gopher_repetition", "c4", "fineweb"]] = Field(default_factory=list)

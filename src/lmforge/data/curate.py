@@ -131,7 +131,8 @@ class _SplitWriter:
 def _open_source(cfg: DataConfig, errors: ErrorLog) -> Iterator[Document]:
     if cfg.source == "stdlib":
         return read_stdlib(include_tests=cfg.include_tests, errors=errors)
-    return read_documents(cfg.source, text_field=cfg.text_field, extensions=cfg.extensions, errors=errors)
+    return read_documents(cfg.source, text_field=cfg.text_field, extensions=cfg.extensions, errors=errors,
+                          text_split=cfg.text_split)  # fmt: skip
 
 
 def _metrics(stats: CurationStats, splits: _SplitWriter, errors: ErrorLog, seconds: float) -> dict[str, Any]:
