@@ -163,6 +163,16 @@ def _restore_rng(tensors: dict[str, torch.Tensor], host: dict[str, Any]) -> None
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
+def write_model(model: nn.Module, directory: Path, writer: ModelWriter | None) -> None:
+    """The model files of a checkpoint or final model: the caller's writer, else bare safetensors weights."""
+    if writer is not None:
+        writer(model, directory)
+    else:
+        save_model(model, str(directory / MODEL_FILE))
+    if not (directory / MODEL_FILE).is_file():
+        raise RuntimeError(f"the model-files writer did not write {MODEL_FILE} into {directory}")
+
+
 def save_training_checkpoint(
     out_dir: Path,
     state: TrainerState,
@@ -186,12 +196,7 @@ def save_training_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir()
 
-    if write_model_files is not None:
-        write_model_files(model, tmp)
-    else:
-        save_model(model, str(tmp / MODEL_FILE))
-    if not (tmp / MODEL_FILE).is_file():
-        raise RuntimeError(f"the model-files writer did not write {MODEL_FILE} into {tmp}")
+    write_model(model, tmp, write_model_files)
     opt_tensors, opt_meta = _optimizer_parts(optimizer)
     save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
     save_file(_rng_tensors(), str(tmp / RNG_FILE))

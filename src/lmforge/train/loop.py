@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors.torch import save_model
 from torch import Tensor, nn
 
 from lmforge.data.io import atomic_write_text
@@ -38,6 +37,7 @@ from lmforge.train.checkpoint import (
     list_checkpoints,
     load_latest_training_checkpoint,
     save_training_checkpoint,
+    write_model,
 )
 from lmforge.train.flops import measure_peak_flops, mfu
 from lmforge.train.optim import build_optimizer, lr_at
@@ -176,10 +176,7 @@ def _evaluate(model: nn.Module, val_fn: Callable[[nn.Module], float], autocast: 
 def _write_final(model: nn.Module, out_dir: Path, write_model_files: ModelWriter | None) -> Path:
     dest = out_dir / FINAL_DIR
     with staged_dir(dest) as tmp:
-        if write_model_files is not None:
-            write_model_files(model, tmp)
-        else:
-            save_model(model, str(tmp / "model.safetensors"))
+        write_model(model, tmp, write_model_files)
     return dest
 
 
