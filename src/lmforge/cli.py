@@ -195,13 +195,12 @@ def export(
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/stdlib-code.")) -> None:
     """Rebuild run_dir/report.md from the manifests the stages left."""
-    from lmforge.pipeline import UPSTREAM
+    from lmforge.pipeline import existing_stages
     from lmforge.report.report import build_report
 
     if not run_dir.is_dir():
         _fail(f"{run_dir} is not a run directory")
-    stages = [s for s in UPSTREAM["report"] if (run_dir / s).exists()]
-    build_report(run_dir, stages, run_dir / "report")
+    build_report(run_dir, existing_stages(run_dir), run_dir / "report")
 
 
 def entrypoint() -> None:

@@ -53,18 +53,20 @@ def stage_config(recipe: Recipe, stage: str) -> dict:
 
 def source_fingerprint(recipe: Recipe) -> str:
     """Fingerprint of the raw corpus: names, sizes and mtimes of its files."""
-    from lmforge.data.readers import stdlib_source_files
+    from lmforge.data.readers import stdlib_root, stdlib_source_files
 
     if recipe.data.source == "stdlib":
-        import sysconfig
-
-        root = Path(sysconfig.get_paths()["stdlib"])
-        return files_fingerprint(stdlib_source_files(recipe.data.include_tests), root)
+        return files_fingerprint(stdlib_source_files(recipe.data.include_tests), stdlib_root())
     src = Path(recipe.data.source)
     if not src.exists():
         raise FileNotFoundError(f"data.source {src} does not exist; give a file or directory of text, or 'stdlib'")
     files = [src] if src.is_file() else [p for p in src.rglob("*") if p.is_file()]
     return files_fingerprint(files, None if src.is_file() else src)
+
+
+def existing_stages(root: Path) -> list[str]:
+    """The stages a run directory holds, in lifecycle order: what a report covers."""
+    return [s for s in UPSTREAM["report"] if (root / s).exists()]
 
 
 def _stage_fn(recipe: Recipe, stage: str, root: Path) -> Callable[[Path], dict]:
@@ -103,7 +105,7 @@ def _stage_fn(recipe: Recipe, stage: str, root: Path) -> Callable[[Path], dict]:
     if stage == "report":
         from lmforge.report.report import build_report
 
-        return lambda out: build_report(root, [s for s in UPSTREAM["report"] if (root / s).exists()], out)
+        return lambda out: build_report(root, existing_stages(root), out)
     raise ValueError(f"unknown stage {stage!r}")
 
 
@@ -137,4 +139,4 @@ def run_recipe(recipe: Recipe) -> list[StageOutcome]:
     return outcomes
 
 
-__all__ = ["run_recipe", "stage_config", "source_fingerprint", "fingerprint"]
+__all__ = ["run_recipe", "stage_config", "source_fingerprint", "existing_stages", "fingerprint"]
