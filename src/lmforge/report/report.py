@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from lmforge.data.io import atomic_write_text
+from lmforge.data.io import atomic_open, atomic_write_text
 from lmforge.runs import read_manifest
 
 log = logging.getLogger(__name__)
@@ -40,10 +40,9 @@ def plot_training_curve(metrics_path: Path, out_png: Path) -> bool:
     ax.legend()
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_png.with_name(out_png.stem + ".tmp.png")
-    fig.savefig(tmp)
+    with atomic_open(out_png, "wb") as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
-    tmp.replace(out_png)
     return True
 
 
