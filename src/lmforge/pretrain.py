@@ -28,7 +28,7 @@ def validation_windows(split, seq_len: int, n_windows: int, bos_id: int) -> list
     available = (split.n_tokens - 1) // seq_len
     if available < 1:
         raise ValueError(f"validation split has {split.n_tokens} tokens, fewer than seq_len+1={seq_len + 1}")
-    starts = np.linspace(0, (available - 1) * seq_len, num=min(n_windows, available)).astype(np.int64) // 1
+    starts = np.linspace(0, (available - 1) * seq_len, num=min(n_windows, available)).astype(np.int64)
     windows = []
     for s in starts:
         chunk = torch.from_numpy(split.slice(int(s), int(s) + seq_len + 1))
