@@ -19,7 +19,8 @@ def _temp_path(path: Path) -> Path:
     return path.with_name(f"{path.name}.tmp-{os.getpid()}")
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Flush a directory's entries, so a rename into it survives a crash."""
     # The rename itself is only durable once the directory entry is flushed; not every OS allows opening a directory.
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -57,7 +58,7 @@ def atomic_open(path: str | Path, mode: Literal["w", "wb"] = "w") -> Iterator[IO
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from lmforge.data.io import atomic_write_text
+from lmforge.data.io import atomic_write_text, fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ def _remove_partial(root: Path) -> None:
 
 
 def _fsync(path: Path) -> None:
+    """Flush one file's data to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -97,10 +98,10 @@ def _fsync(path: Path) -> None:
 
 
 def _fsync_tree(directory: Path) -> None:
-    """Flush a directory's entries and the directory itself: the rename that follows must not outrun the data."""
+    """Flush a directory's files and the directory itself: the rename that follows must not outrun the data."""
     for path in directory.iterdir():
         _fsync(path)
-    _fsync(directory)
+    fsync_dir(directory)
 
 
 def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -209,7 +210,7 @@ def save_training_checkpoint(
     (tmp / STATE_FILE).write_text(json.dumps(trainer), encoding="utf-8")
     _fsync_tree(tmp)
     tmp.rename(final)
-    _fsync(root)
+    fsync_dir(root)
     atomic_write_text(root / LATEST, final.name + "\n")
 
     for _, old in list_checkpoints(out_dir)[:-keep_last]:
