@@ -2,8 +2,8 @@
 
 glibc's malloc serves large blocks (over 32 MB at most, often far less) with fresh mmap'd pages and returns them
 to the kernel on free. A training step allocates and frees its logits, activations and gradients every time, so
-each step would fault in hundreds of thousands of zeroed pages again: on 2 cores this measured 133k page faults
-and 0.3 s of kernel time per step, 28% of the default model's throughput (docs/benchmarks.md). Keeping freed
+each step faults its working memory in afresh: the first 480-step default run spent 184 s in the kernel and took
+78 M page faults, and the default model trains 25-30% faster without it (docs/benchmarks.md). Keeping freed
 memory in the process removes that cost; the price is that resident memory stays at its peak until the process
 ends, which a training process reaches anyway.
 """
