@@ -3,9 +3,9 @@
 glibc's malloc serves large blocks (over 32 MB at most, often far less) with fresh mmap'd pages and returns them
 to the kernel on free. A training step allocates and frees its logits, activations and gradients every time, so
 each step faults its working memory in afresh: the first 480-step default run spent 184 s in the kernel and took
-78 M page faults, and the default model trains 25-30% faster without it (docs/benchmarks.md). Keeping freed
-memory in the process removes that cost; the price is that resident memory stays at its peak until the process
-ends, which a training process reaches anyway.
+78 M page faults. Keeping freed memory in the process removes that cost (the default model trains 28% faster,
+median of three runs each, docs/benchmarks.md); the price is that resident memory stays at its peak until the
+process ends, which a training process reaches anyway.
 """
 
 from __future__ import annotations
