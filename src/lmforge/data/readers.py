@@ -5,6 +5,9 @@ Supported sources:
   `text_split="paragraph"` one document per block of non-blank lines (for prose corpora kept as one big file);
 - a `.jsonl` file: one document per non-blank line, the text taken from the `text_field` key;
 - a `.parquet` file: one document per row (needs `pyarrow`, imported only when a parquet file is read);
+- a WARC file (`.warc`, `.wet`): one document per HTML response (main content only) or WET text record; an HTML
+  file (`.html`, `.htm`): one document of its main content; a directory saved by Hugging Face `datasets`
+  (`save_to_disk`): one document per row. `.wat` files hold metadata only and yield nothing. See `web.py`.
 - a directory: every file under it whose extension is listed, walked recursively in sorted order, so two runs
   over the same tree yield the same documents in the same order. Hidden directories (`.git`, `.venv`),
   `__pycache__`, `site-packages` and `dist-packages` are not entered. A listed extension also selects its gzip
@@ -12,7 +15,9 @@ Supported sources:
 
 Compressed files (`x.jsonl.gz`, `x.txt.zst`, ...) are read as the format under the compression suffix, streamed
 through the decompressor. A truncated or corrupt compressed file keeps the documents read before the damage and
-counts one "corrupt compressed file" error naming the file; reading goes on with the next file.
+counts one "corrupt compressed file" error naming the file; reading goes on with the next file. A file that cannot
+be opened or read at all (a dangling symlink, no read permission) counts one "unreadable file" error the same way,
+and a parquet file pyarrow cannot read one "corrupt parquet file" error.
 
 A bad record (undecodable bytes, a NUL byte, malformed JSON, an empty text) is skipped and counted in an
 `ErrorLog` under its reason, with a `file:line: reason` message. A record without the configured text field is a
@@ -30,7 +35,7 @@ import sysconfig
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -66,7 +71,7 @@ class ErrorLog:
     def add(self, reason: str, file: str | Path, line: int | None = None) -> None:
         self._counts[reason] += 1
         where = f"{file}:{line}" if line is not None else str(file)
-        message = f"{where}: {reason}"
+        message = _printable(f"{where}: {reason}")  # a non-UTF-8 file name must not make stats.json unwritable
         log.debug("skipped %s", message)
         if len(self.messages) < self.max_messages:
             self.messages.append(message)
@@ -113,14 +118,21 @@ class _CorruptCompressed(Exception):
     """A compressed file ended early or holds bytes its decompressor rejects."""
 
 
+class _CorruptFile(Exception):
+    """A file its format's library cannot read past some point; args: (reason counted, library's message)."""
+
+
 def _gzip_chunks(path: Path) -> Iterator[bytes]:
-    try:
-        with gzip.open(path, "rb") as f:
-            # read1 hands over what one underlying read decoded; read(n) would hold it back until n bytes or the end.
-            while chunk := f.read1(_CHUNK_BYTES):
-                yield chunk
-    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; truncation is an EOFError
-        raise _CorruptCompressed(str(e)) from e
+    # Opened outside the try: a file that cannot be opened (a dangling symlink) is unreadable, not corrupt.
+    with open(path, "rb") as raw:
+        try:
+            with gzip.GzipFile(fileobj=raw, mode="rb") as f:
+                # read1 hands over what one underlying read decoded; read(n) would hold it back until n bytes or
+                # the end.
+                while chunk := f.read1(_CHUNK_BYTES):
+                    yield chunk
+        except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError; truncation is an EOFError
+            raise _CorruptCompressed(str(e)) from e
 
 
 def _zstd_chunks(path: Path) -> Iterator[bytes]:
@@ -255,11 +267,16 @@ def _read_jsonl(path: Path, rel: str, text_field: str, errors: ErrorLog) -> Iter
         if not raw.strip():
             continue
         try:
-            record = json.loads(raw.decode("utf-8"))
+            # utf-8-sig on the first line: a file saved with a byte-order mark (Windows tools) would otherwise lose
+            # its first record as malformed JSON.
+            record = json.loads(raw.decode("utf-8-sig" if lineno == 1 else "utf-8"))
         except UnicodeDecodeError:
             errors.add("not utf-8", path, lineno)
             continue
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
+            # Not only JSONDecodeError: an integer literal over Python's 4300-digit limit raises a plain ValueError
+            # (which would pass for the missing-field setting error), and deep nesting ([[[[... 100k levels) a
+            # RecursionError. Both are records this parser cannot read, so they count like malformed JSON.
             errors.add("malformed json", path, lineno)
             continue
         if not isinstance(record, dict):
@@ -281,20 +298,37 @@ def _read_parquet(path: Path, rel: str, text_field: str, errors: ErrorLog) -> It
         raise ImportError(
             f"reading {path} needs pyarrow, which is not installed: pip install pyarrow"
         ) from e
-    parquet = pq.ParquetFile(path)
-    names = parquet.schema_arrow.names
-    if text_field not in names:
-        raise ValueError(
-            f"{path}: parquet file has no column '{text_field}' (data.text_field); columns present: {sorted(names)}. "
-            f"Set data.text_field to the column that holds the text."
-        )
-    row = 0
-    for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[text_field]):
-        for value in batch.column(0).to_pylist():
-            row += 1
-            text = _checked_text(value, path, row, errors)
-            if text is not None:
-                yield Document(id=f"{rel}:{row}", text=text, source=str(path))
+    from pyarrow import ArrowException
+
+    # pyarrow reports a truncated or corrupt file as ArrowInvalid (a ValueError that would pass for the setting
+    # error below and end the run), as OSError (a corrupt page) or as UnicodeDecodeError (a mangled string). From a
+    # file that did open, each ends the file with one "corrupt parquet file" error, as for a corrupt compressed file.
+    corrupt = (ArrowException, OSError, UnicodeDecodeError)
+    with open(path, "rb") as f:  # opened here, so that a file that cannot be opened stays an "unreadable file"
+        try:
+            parquet = pq.ParquetFile(f)
+            names = parquet.schema_arrow.names
+        except corrupt as e:
+            raise _CorruptFile("corrupt parquet file", str(e)) from e
+        if text_field not in names:
+            raise ValueError(
+                f"{path}: parquet file has no column '{text_field}' (data.text_field); columns present: "
+                f"{sorted(names)}. Set data.text_field to the column that holds the text."
+            )
+        row = 0
+        batches = parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[text_field])
+        while True:
+            try:
+                values = next(batches).column(0).to_pylist()
+            except StopIteration:
+                return
+            except corrupt as e:
+                raise _CorruptFile("corrupt parquet file", str(e)) from e
+            for value in values:
+                row += 1
+                text = _checked_text(value, path, row, errors)
+                if text is not None:
+                    yield Document(id=f"{rel}:{row}", text=text, source=str(path))
 
 
 def _read_format(path: Path, rel: str, text_field: str, text_split: TextSplit, errors: ErrorLog) -> Iterator[Document]:
@@ -303,6 +337,16 @@ def _read_format(path: Path, rel: str, text_field: str, text_split: TextSplit, e
         yield from _read_jsonl(path, rel, text_field, errors)
     elif suffix == ".parquet":
         yield from _read_parquet(path, rel, text_field, errors)
+    elif suffix in (".warc", ".wet"):
+        from lmforge.data.web import read_warc  # imports fastwarc and resiliparse, needed only for web sources
+
+        yield from read_warc(path, rel, errors)
+    elif suffix in (".html", ".htm"):
+        from lmforge.data.web import read_html
+
+        yield from read_html(path, rel, errors)
+    elif suffix == ".wat":
+        log.info("%s: skipped, a WAT file holds metadata, not text", path)
     elif text_split == "paragraph":
         yield from _read_paragraphs(path, rel, errors)
     else:
@@ -311,14 +355,33 @@ def _read_format(path: Path, rel: str, text_field: str, text_split: TextSplit, e
             yield doc
 
 
+def _printable(text: str) -> str:
+    """`text` with lone surrogates escaped (`\\udcff`), so that it always encodes as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _read_file(path: Path, rel: str, text_field: str, text_split: TextSplit, errors: ErrorLog) -> Iterator[Document]:
+    docs = _read_format(path, rel, text_field, text_split, errors)
+    if _printable(str(path)) != str(path):
+        # A file name that is not valid UTF-8 reaches Python with its bad bytes as lone surrogates (surrogateescape);
+        # in an id or source they crash everything that encodes them downstream (split hashing, JSON output).
+        docs = (replace(d, id=_printable(d.id), source=_printable(d.source)) for d in docs)
     try:
-        yield from _read_format(path, rel, text_field, text_split, errors)
+        yield from docs
     except _CorruptCompressed as e:
         # The documents already yielded were whole records read before the damage, so they stand; the rest of the
         # file is unreadable, which is one error for the file, not one per lost record.
         log.warning("%s: corrupt compressed file (%s); kept the documents read before it", path, e)
         errors.add("corrupt compressed file", path)
+    except _CorruptFile as e:
+        reason, detail = e.args
+        log.warning("%s: %s (%s); kept the documents read before it", path, reason, detail)
+        errors.add(reason, path)
+    except OSError as e:
+        # A dangling symlink, a file removed since the directory walk or one without read permission: one bad file
+        # must not end a run over a whole tree. Documents already yielded stand, as for a corrupt compressed file.
+        log.warning("%s: unreadable file (%s); kept the documents read before it", path, e)
+        errors.add("unreadable file", path)
 
 
 def read_documents(
@@ -328,17 +391,26 @@ def read_documents(
     extensions: Iterable[str] = (".py",),
     errors: ErrorLog | None = None,
     text_split: TextSplit = "file",
+    hf_split: str | None = None,
 ) -> Iterator[Document]:
     """Stream the documents of a file or a directory tree (see the module docstring for formats and ids).
 
     `extensions` selects files when `source` is a directory; a single file is read whatever its extension.
     `text_split` makes each text file one document ("file") or one document per blank-line-separated block
     ("paragraph"); jsonl and parquet records are unaffected. Skipped records are counted in `errors` when given.
+    `hf_split` reads only that split of a saved `DatasetDict`; by default every split is read.
     """
     if text_split not in _TEXT_SPLITS:
         raise ValueError(f"text_split = {text_split!r}: allowed values are {list(_TEXT_SPLITS)}")
     root = Path(source)
     errors = errors if errors is not None else ErrorLog()
+    from lmforge.data import web
+
+    if root.is_dir() and web.is_hf_dataset(root):
+        yield from web.read_hf_dataset(root, text_field, errors, split=hf_split)
+        return
+    if hf_split is not None:
+        raise ValueError(f"data.hf_split is set, but {root} is not a dataset saved by DatasetDict.save_to_disk")
     if root.is_file():
         yield from _read_file(root, root.name, text_field, text_split, errors)
         return
@@ -346,6 +418,20 @@ def read_documents(
         raise FileNotFoundError(f"data source {root} does not exist (data.source)")
     for path in _walk(root, extensions):
         yield from _read_file(path, path.relative_to(root).as_posix(), text_field, text_split, errors)
+
+
+def source_files(root: str | Path, extensions: Iterable[str]) -> list[Path]:
+    """The files `read_documents` reads under directory `root`, in the order it reads them."""
+    return _walk(Path(root), extensions)
+
+
+def read_file(
+    path: str | Path, rel: str, *, text_field: str = "text", text_split: TextSplit = "file",
+    errors: ErrorLog | None = None,
+) -> Iterator[Document]:
+    """The documents of one file, with ids under `rel`: what `read_documents` yields for it inside a directory."""
+    errors = errors if errors is not None else ErrorLog()
+    yield from _read_file(Path(path), rel, text_field, text_split, errors)
 
 
 def stdlib_root() -> Path:
