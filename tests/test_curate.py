@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.data.curate import CurationStats, apply_filters, iter_jsonl_texts, run_curate, split_of
+from lmforge.data.curate import CurationStats, apply_filters, run_curate, split_of
+from lmforge.data.curated import iter_split_records, iter_split_texts
 from lmforge.data.filters import ExactDedup, GeneratedFilter, LengthFilter, Normalize, build_filters
 from lmforge.data.io import atomic_open, atomic_write_json, atomic_write_text
 from lmforge.data.readers import Document, stdlib_root
@@ -107,7 +108,7 @@ def test_exact_dedup_keeps_first_and_ignores_whitespace_layout():
 
 def test_build_filters_follows_config(tmp_path):
     names = [f.name for f in build_filters(DataConfig())]
-    assert names == ["normalize", "length", "generated", "exact_dedup"]
+    assert names == ["length", "normalize", "length", "generated", "exact_dedup"]
     names = [f.name for f in build_filters(DataConfig(normalize="none", dedup=False))]
     assert names == ["length", "generated"]
     evals = tmp_path / "eval.jsonl"
@@ -115,7 +116,7 @@ def test_build_filters_follows_config(tmp_path):
     every = DataConfig(quality=["c4", "gopher_quality"], pii=True, near_dedup=True, decontaminate=[str(evals)],
                        strip_license_headers=True, languages=["en"], toxicity=True)  # fmt: skip
     names = [f.name for f in build_filters(every)]
-    assert names == ["normalize", "length", "generated", "license_header", "language", "c4", "gopher_quality",
+    assert names == ["length", "normalize", "length", "generated", "license_header", "language", "c4", "gopher_quality",
                      "toxicity", "pii", "exact_dedup", "near_duplicate", "decontaminate"]  # fmt: skip
     filters = build_filters(DataConfig(min_chars=2))
     assert apply_filters(_doc("\ufeffab\r\n"), filters).text == "ab\n"
@@ -132,8 +133,14 @@ def test_curation_stats_to_dict():
         "docs_kept": 1,
         "bytes_in": 12,
         "bytes_kept": 2,
-        "removed": {"too short": {"docs": 5, "bytes": 10, "examples": ["r0", "r1", "r2"]}},
+        "removed": {"too short": {"docs": 5, "bytes": 10, "examples": [
+            {"id": "r0", "snippet": "xy"}, {"id": "r1", "snippet": "xy"}, {"id": "r2", "snippet": "xy"}]}},
     }
+    other = CurationStats()
+    other.record(_doc("abc", "b"), "too short")
+    stats.merge(other.to_dict())
+    assert stats.docs_in == 7 and stats.bytes_in == 15 and stats.removed["too short"]["docs"] == 6
+    assert [e["id"] for e in stats.removed["too short"]["examples"]] == ["r0", "r1", "r2"]
 
 
 # -- splits --------------------------------------------------------------------------------------------------------
@@ -154,15 +161,15 @@ def test_split_of_is_a_stable_hash_of_the_id():
 # -- run_curate ----------------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path):
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+def _read_split(out, split):
+    return list(iter_split_records(out, split))
 
 
 def test_curate_stdlib_json_package(tmp_path):
     cfg = DataConfig(source=str(JSON_DIR), val_fraction=0.3, min_chars=0)
     metrics = run_curate(cfg, tmp_path)
     files = sorted(p.name for p in JSON_DIR.glob("*.py"))
-    train, val = _read_jsonl(tmp_path / "train.jsonl"), _read_jsonl(tmp_path / "val.jsonl")
+    train, val = _read_split(tmp_path, "train"), _read_split(tmp_path, "val")
     records = train + val
     assert sorted(r["id"] for r in records) == files
     for r in records:
@@ -174,8 +181,9 @@ def test_curate_stdlib_json_package(tmp_path):
     assert metrics["bytes_train"] == sum(len(r["text"].encode()) for r in train)
     assert metrics["bytes_val"] == sum(len(r["text"].encode()) for r in val)
     assert metrics["docs_skipped_bad"] == 0
-    assert list(iter_jsonl_texts(tmp_path / "train.jsonl")) == [r["text"] for r in train]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.json", "train.jsonl", "val.jsonl"]
+    assert list(iter_split_texts(tmp_path, "train")) == [r["text"] for r in train]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["histograms.png", "stats.json", "train", "val"]
+    assert [p.name for p in (tmp_path / "train").iterdir()] == ["part-00000.jsonl.zst"]
 
 
 def test_curate_counts_every_document(tmp_path):
@@ -204,10 +212,10 @@ def test_curate_counts_every_document(tmp_path):
     stats = json.loads((out / "stats.json").read_text())
     assert stats["docs_in"] == 6
     assert stats["bytes_in"] == stats["bytes_kept"] + sum(e["bytes"] for e in stats["removed"].values())
-    assert stats["removed"]["duplicate"]["examples"] == ["c_copy.py"]
+    assert stats["removed"]["duplicate"]["examples"] == [{"id": "c_copy.py", "snippet": decoder[:300]}]
     assert stats["skipped_bad"]["by_reason"] == {"empty": 1, "not utf-8": 1}
     assert stats["splits"]["train"]["docs"] == metrics["docs_train"]
-    kept_ids = sorted(r["id"] for name in ("train", "val") for r in _read_jsonl(out / f"{name}.jsonl"))
+    kept_ids = sorted(r["id"] for name in ("train", "val") for r in _read_split(out, name))
     assert kept_ids == ["a_decoder.py", "b_encoder.py", "h_scanner.py"]
 
 
@@ -218,8 +226,8 @@ def test_curate_never_leaves_a_split_empty(tmp_path, fraction, empty):
     full = "train" if empty == "val" else "val"
     assert metrics[f"docs_{empty}"] == 1
     assert metrics[f"docs_{full}"] == metrics["docs_kept"] - 1
-    moved = _read_jsonl(tmp_path / f"{empty}.jsonl")
-    others = _read_jsonl(tmp_path / f"{full}.jsonl")
+    moved = _read_split(tmp_path, empty)
+    others = _read_split(tmp_path, full)
     # The rule moves the last document (in reading order) of the full split.
     order = sorted(p.name for p in JSON_DIR.glob("*.py"))
     assert moved[0]["id"] == order[-1]
@@ -262,8 +270,7 @@ def test_web_pipeline_on_real_jsonl_accounts_for_every_document(tmp_path):
     stats = json.loads((tmp_path / "stats.json").read_text())
     for reason, entry in stats["removed"].items():
         assert entry["docs"] > 0 and entry["examples"], reason  # every reason shows what it removed
-    texts = [json.loads(line)["text"] for split in ("train", "val") for line in
-             (tmp_path / f"{split}.jsonl").read_text().splitlines()]  # fmt: skip
+    texts = [t for split in ("train", "val") for t in iter_split_texts(tmp_path, split)]
     assert len(texts) == m["docs_kept"]
     email = re.compile(r"[\w.+-]+@[\w-]+\.[a-z]{2,}", re.IGNORECASE)
     assert not [t for t in texts if email.search(t)], "no e-mail address survives redaction"

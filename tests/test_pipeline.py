@@ -106,7 +106,7 @@ def test_cli_generate_and_eval_on_the_trained_checkpoint(finished_run):
     assert result.exit_code == 0, result.output
     assert result.output.startswith("def ")
     out = tmp / "cli-eval"
-    result = runner.invoke(app, ["eval", str(ckpt), "--text", str(tmp / "tiny" / "curate" / "val.jsonl"), "-o",
+    result = runner.invoke(app, ["eval", str(ckpt), "--text", str(tmp / "tiny" / "curate" / "val"), "-o",
                                  str(out), "eval.samples=0"])  # fmt: skip
     assert result.exit_code == 0, result.output
     cli = json.loads((out / "results.json").read_text())["metrics"]

@@ -68,7 +68,7 @@ def test_malformed_override_and_missing_recipe():
     with pytest.raises(RecipeError, match=r"'train.max_steps' is a value, not a section"):
         apply_overrides({"train": {"max_steps": 3}}, ["train.max_steps.x=1"])
     with pytest.raises(RecipeError, match=r"no recipe file or built-in recipe named 'nope'; built-in recipes: "
-                                          r"\['stdlib-code'\]"):
+                                          r"\['stdlib-code', 'web'\]"):
         resolve_recipe_path("nope")
     with pytest.raises(RecipeError, match=r"recipe file missing.yaml does not exist"):
         resolve_recipe_path("missing.yaml")

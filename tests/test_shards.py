@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from lmforge.data.curate import iter_jsonl_texts, run_curate
+from lmforge.data.curate import run_curate
+from lmforge.data.curated import iter_split_texts
 from lmforge.data.readers import stdlib_root
 from lmforge.data.shards import open_split, run_shards, token_dtype
 from lmforge.recipe import DataConfig, ShardsConfig
@@ -23,7 +24,7 @@ def corpus(tmp_path_factory):
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(path.read_bytes())
     run_curate(DataConfig(source=str(src), val_fraction=0.3, min_chars=0), root / "curate")
-    tok = train_tokenizer(iter_jsonl_texts(root / "curate" / "train.jsonl"), vocab_size=500)
+    tok = train_tokenizer(iter_split_texts(root / "curate", "train"), vocab_size=500)
     tok.save(root / "tokenizer.json")
     return root
 
@@ -36,7 +37,7 @@ def shards(corpus):
 
 
 def _texts(corpus, split):
-    return list(iter_jsonl_texts(corpus / "curate" / f"{split}.jsonl"))
+    return list(iter_split_texts(corpus / "curate", split))
 
 
 def test_token_dtype_choice():

@@ -134,11 +134,12 @@ def test_bytes_per_token_counts_utf8_bytes(tok):
 
 def test_run_tokenizer_caps_training_text(tmp_path):
     curate = tmp_path / "curate"
-    curate.mkdir()
     texts = _texts()
     for name, part in (("train", texts[:-1]), ("val", texts[-1:])):
         lines = [json.dumps({"id": str(i), "text": t, "source": "s"}) for i, t in enumerate(part)]
-        (curate / f"{name}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        # A plain .jsonl part: curated splits are read the same whatever output format wrote them.
+        (curate / name).mkdir(parents=True)
+        (curate / name / "part-00000.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     cap = len(texts[0]) + 100
     metrics = run_tokenizer(curate, TokenizerConfig(vocab_size=400, max_train_chars=cap), tmp_path / "tok")
     assert metrics["train_chars"] == cap

@@ -81,21 +81,39 @@ def run(
 
 @app.command()
 def curate(
-    source: str = typer.Argument(..., help="'stdlib', or a file or directory of .txt/.py/.md/.jsonl/.parquet."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output directory (train.jsonl, val.jsonl, stats.json)."),
+    source: str = typer.Argument(..., help="'stdlib', or a file or directory of text, code, JSONL, Parquet, "
+                                 "WARC/WET or HTML, or a dataset saved with HF datasets."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (train/, val/, stats.json, histograms.png)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="data.key=value settings."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Parallel workers (default: all cores)."),
+    executor: Optional[str] = typer.Option(None, "--executor", help="'local' (process pool) or 'ray'."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster address; default: local Ray."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Take the data settings of this recipe "
+                                         "(e.g. 'web'), then apply the overrides."),
 ) -> None:
-    """Read, normalise, filter, deduplicate and split a corpus."""
+    """Read, normalise, filter, deduplicate and split a corpus into curated shards."""
     from lmforge.data.curate import run_curate
 
-    cfg = _sections(list(overrides or []) + [f"data.source={source}"], {"data"})
+    flags = [f"data.{k}={v}" for k, v in
+             (("workers", workers), ("executor", executor), ("ray_address", ray_address)) if v is not None]  # fmt: skip
+    settings = list(overrides or []) + flags + [f"data.source={source}"]
+    if recipe is None:
+        cfg = _sections(settings, {"data"})
+    else:
+        for item in settings:
+            if not item.startswith("data."):
+                _fail(f"override '{item}': this command takes settings under ['data']", 2)
+        try:
+            cfg = load_recipe(recipe, settings)
+        except RecipeError as e:
+            _fail(str(e), 2)
     metrics = run_curate(cfg.data, out)
     log.info("kept %s of %s documents -> %s", metrics["docs_kept"], metrics["docs_in"], out)
 
 
 @app.command()
 def tokenizer(
-    curated: Path = typer.Argument(..., help="A curate output directory (train.jsonl, val.jsonl)."),
+    curated: Path = typer.Argument(..., help="A curate output directory (train/, val/)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory for tokenizer.json."),
     overrides: Optional[List[str]] = typer.Argument(None, help="tokenizer.key=value settings."),
 ) -> None:

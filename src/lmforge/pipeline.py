@@ -1,7 +1,7 @@
 """`lmforge run`: the stages of a recipe, in order, each skipped, re-run or resumed according to its manifest.
 
 Stages talk only through artifacts in the run directory:
-curate/{train,val}.jsonl -> tokenizer/tokenizer.json -> shards/*.bin -> pretrain/final/ -> eval/results.json,
+curate/{train,val}/part-*.jsonl.zst -> tokenizer/tokenizer.json -> shards/*.bin -> pretrain/final/ -> eval/results.json,
 export/hf/ -> report.md.
 """
 
@@ -30,7 +30,7 @@ UPSTREAM = {
     "report": ["curate", "tokenizer", "shards", "pretrain", "eval", "export"],
 }
 # Settings that change how fast or how often, never what a stage produces: they do not invalidate it.
-NON_SEMANTIC = {"shards": {"workers"}, "train": {"threads", "ckpt_every", "keep_last"}}
+NON_SEMANTIC = {"data": {"workers", "executor", "ray_address", "plots"}, "shards": {"workers"}, "train": {"threads", "ckpt_every", "keep_last"}}
 
 
 def _settings(recipe: Recipe, section: str) -> dict:
@@ -92,7 +92,7 @@ def _stage_fn(recipe: Recipe, stage: str, root: Path) -> Callable[[Path], dict]:
         from lmforge.eval.run import evaluate_checkpoint
 
         return lambda out: evaluate_checkpoint(
-            root / "pretrain" / "final", root / "curate" / "val.jsonl", recipe.eval, out, device=recipe.train.device
+            root / "pretrain" / "final", root / "curate" / "val", recipe.eval, out, device=recipe.train.device
         )
     if stage == "export":
         from lmforge.hf import export_hf

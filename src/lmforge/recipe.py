@@ -58,7 +58,20 @@ class DataConfig(Section):
     decontaminate: list[str] = Field(default_factory=list)  # evaluation files whose n-grams must not leak in
     decontam_ngram: int = Field(13, gt=0)
     decontam_mode: Literal["drop", "flag"] = "drop"
-    max_docs: int | None = Field(None, gt=0)  # cap for quick experiments
+    # Lines found in at least boilerplate_min_docs documents are deleted from all of them (lmforge.data.boilerplate).
+    boilerplate: bool = False
+    boilerplate_min_docs: int = Field(10, ge=2)
+    boilerplate_min_chars: int = Field(20, ge=1)  # shorter lines are never counted as boilerplate
+    max_docs: int | None = Field(None, gt=0)  # cap on documents kept, in input order, for quick experiments
+    hf_split: str | None = None  # a dataset saved with HF datasets' save_to_disk: the split to read; None = all
+    # Execution: input files are grouped into shards of about shard_bytes, processed in parallel; output part
+    # files follow the shards, so the output does not depend on workers or executor.
+    output_format: Literal["jsonl.zst", "jsonl", "parquet"] = "jsonl.zst"
+    shard_bytes: int = Field(4_000_000, gt=0)
+    workers: int = Field(0, ge=0)  # 0 = all cores
+    executor: Literal["local", "ray"] = "local"
+    ray_address: str | None = None  # ray executor: cluster address for ray.init; None starts a local Ray
+    plots: bool = True  # before/after histograms of length and quality signals (histograms.png)
 
 
 class TokenizerConfig(Section):

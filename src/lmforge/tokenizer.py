@@ -23,7 +23,7 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from lmforge.data.curate import iter_jsonl_texts
+from lmforge.data.curated import iter_split_texts
 from lmforge.data.io import atomic_write_text
 from lmforge.recipe import TokenizerConfig
 
@@ -151,24 +151,23 @@ def bytes_per_token(tok: Tokenizer, texts: Iterable[str], max_bytes: int = _BPT_
 
 
 def run_tokenizer(curate_dir: Path, cfg: TokenizerConfig, out_dir: Path) -> dict[str, Any]:
-    """Train on `curate_dir/train.jsonl` (at most `cfg.max_train_chars` characters), save `out_dir/tokenizer.json`.
+    """Train on the curated `train` split (at most `cfg.max_train_chars` characters), save `out_dir/tokenizer.json`.
 
-    Returns metrics: vocab_size, train_chars, bytes_per_token (on val.jsonl, or train.jsonl when val is empty),
+    Returns metrics: vocab_size, train_chars, bytes_per_token (on the val split, or train when val is empty),
     train_seconds and seconds (the whole stage).
     """
     start = time.perf_counter()
     curate_dir, out_dir = Path(curate_dir), Path(out_dir)
-    train_path, val_path = curate_dir / "train.jsonl", curate_dir / "val.jsonl"
-    if not train_path.is_file():
-        raise FileNotFoundError(f"{train_path} does not exist; run the curate stage first")
-    texts = _CappedTexts(iter_jsonl_texts(train_path), cfg.max_train_chars)
+    if not (curate_dir / "train").is_dir():
+        raise FileNotFoundError(f"{curate_dir / 'train'} does not exist; run the curate stage first")
+    texts = _CappedTexts(iter_split_texts(curate_dir, "train"), cfg.max_train_chars)
     tok = train_tokenizer(texts, cfg.vocab_size, cfg.min_frequency)
     train_seconds = time.perf_counter() - start
     if texts.chars == 0:
-        raise ValueError(f"{train_path} holds no text to train a tokenizer on")
+        raise ValueError(f"{curate_dir / 'train'} holds no text to train a tokenizer on")
     tok.save(out_dir / "tokenizer.json")
-    measured_on = val_path if val_path.is_file() and val_path.stat().st_size else train_path
-    bpt = bytes_per_token(tok, iter_jsonl_texts(measured_on))
+    has_val = (curate_dir / "val").is_dir() and next(iter_split_texts(curate_dir, "val"), None) is not None
+    bpt = bytes_per_token(tok, iter_split_texts(curate_dir, "val" if has_val else "train"))
     metrics = {
         "vocab_size": tok.vocab_size,
         "train_chars": texts.chars,

@@ -281,10 +281,18 @@ class ExactDedup(Filter):
         return doc
 
 
-def build_filters(cfg: DataConfig) -> list[Filter]:
-    """The curation steps a recipe's `data` section asks for, in the order they run."""
+def build_filters(cfg: DataConfig, corpus_level: bool = True) -> list[Filter]:
+    """The curation steps a recipe's `data` section asks for, in the order they run.
+
+    With `corpus_level=False`, only the steps that judge each document alone: the curate stage runs those in
+    parallel per shard and deduplicates across the whole corpus in a later, ordered step.
+    """
     filters: list[Filter] = []
     if cfg.normalize != "none":
+        # Normalisation (ftfy above all) costs seconds on a 100 MB text that the length rule will drop anyway.
+        # NFC / NFKC never shrink a text to a quarter of its length, so this early check drops nothing the
+        # length rule after normalisation would keep.
+        filters.append(LengthFilter(0, 4 * cfg.max_chars))
         filters.append(Normalize(cfg.normalize, fix_mojibake=cfg.fix_mojibake))
     filters.append(LengthFilter(cfg.min_chars, cfg.max_chars))
     filters.append(GeneratedFilter(cfg.max_line_chars, cfg.min_alnum_fraction))
@@ -307,9 +315,9 @@ def build_filters(cfg: DataConfig) -> list[Filter]:
         from lmforge.data.pii import PIIRedactor
 
         filters.append(PIIRedactor())
-    if cfg.dedup:
+    if cfg.dedup and corpus_level:
         filters.append(ExactDedup())
-    if cfg.near_dedup:
+    if cfg.near_dedup and corpus_level:
         from lmforge.data.minhash import MinHashDedup
 
         filters.append(MinHashDedup(cfg.near_dedup_threshold, cfg.minhash_bands, cfg.minhash_rows,

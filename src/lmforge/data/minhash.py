@@ -211,13 +211,24 @@ class MinHashDedup(Filter):
                 bucket[key] = [held, self.kept]
         self.kept += 1
 
-    def apply(self, doc: Document) -> Document | str:
-        sig = self.signature(doc.text)
-        keys = self._band_keys(sig)
+    def band_keys(self, sig: np.ndarray) -> list[int]:
+        """The LSH bucket keys of a signature, one per band."""
+        return self._band_keys(sig)
+
+    def check_and_add(self, sig: np.ndarray, keys: list[int]) -> bool:
+        """True when `sig` is a near duplicate of an indexed signature; otherwise index it and return False.
+
+        Signatures computed elsewhere (in parallel workers) go through here in a fixed order, which gives the same
+        decisions as `apply` on the same stream.
+        """
         candidates = self._candidates(keys)
         if candidates:
             agree = np.count_nonzero(self._sigs[candidates] == sig, axis=1) / self.num_perm
             if agree.max() >= self.threshold:
-                return "near duplicate"
+                return True
         self._index(sig, keys)
-        return doc
+        return False
+
+    def apply(self, doc: Document) -> Document | str:
+        sig = self.signature(doc.text)
+        return "near duplicate" if self.check_and_add(sig, self._band_keys(sig)) else doc

@@ -34,7 +34,8 @@ from typing import IO, Any
 
 import numpy as np
 
-from lmforge.data.curate import SPLITS, iter_jsonl_texts
+from lmforge.data.curated import iter_split_texts
+from lmforge.data.curate import SPLITS
 from lmforge.data.io import atomic_open, atomic_write_json
 from lmforge.recipe import ShardsConfig
 from lmforge.tokenizer import Tokenizer
@@ -153,7 +154,7 @@ def _remove_stale(out_dir: Path, keep: set[str]) -> None:
 
 
 def run_shards(curate_dir: Path, tokenizer_path: Path, cfg: ShardsConfig, out_dir: Path) -> dict[str, Any]:
-    """Tokenize `curate_dir/{train,val}.jsonl` into shards in `out_dir` (format in the module docstring).
+    """Tokenize the curated `train` and `val` splits of `curate_dir` into shards in `out_dir` (format in the module docstring).
 
     Streams chunks of documents, so memory stays bounded by one chunk plus one shard's document offsets.
     Returns metrics: train/val tokens and docs, val_bytes, tokens_per_s (whole stage) and seconds.
@@ -167,11 +168,11 @@ def run_shards(curate_dir: Path, tokenizer_path: Path, cfg: ShardsConfig, out_di
     (out_dir / INDEX_FILE).unlink(missing_ok=True)
     splits: dict[str, dict[str, Any]] = {}
     for split in SPLITS:
-        path = curate_dir / f"{split}.jsonl"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist; run the curate stage first")
+        if not (curate_dir / split).is_dir():
+            raise FileNotFoundError(f"{curate_dir / split} does not exist; run the curate stage first")
         with _ShardWriter(out_dir, split, dtype, cfg.shard_tokens) as writer:
-            n_tokens, n_docs, n_bytes = _write_split(tok, iter_jsonl_texts(path), writer, cfg.workers)
+            texts = iter_split_texts(curate_dir, split)
+            n_tokens, n_docs, n_bytes = _write_split(tok, texts, writer, cfg.workers)
         splits[split] = {"shards": writer.shards, "n_tokens": n_tokens, "n_docs": n_docs, "n_bytes": n_bytes}
     _remove_stale(out_dir, {s["file"] for info in splits.values() for s in info["shards"]})
     index = {
