@@ -512,6 +512,10 @@ def run_curate(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
     out_dir = Path(out_dir)
     work = out_dir / "work"
     shards = _plan(cfg, out_dir, work)
+    # A killed run leaves its half-written temporary files behind; they never become outputs, so they go.
+    for d in (work, *(out_dir / s for s in SPLITS)):
+        for tmp in d.rglob("*.tmp-*") if d.exists() else ():
+            tmp.unlink(missing_ok=True)
     base = {"cfg": cfg.model_dump(mode="json"), "work": str(work), "out": str(out_dir)}
     jobs = [{**base, "shard": s} for s in shards]
     run = {"workers": cfg.workers, "executor": cfg.executor, "address": cfg.ray_address}
