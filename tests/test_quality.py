@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.data.quality import (
+    GOPHER_DUP_NGRAM_FRACTIONS,
     C4Filter,
     FineWebFilter,
     GopherQuality,
@@ -39,49 +40,55 @@ def _filler(chars: int, prefix: str = "q") -> list[str]:
 
 
 def test_gopher_word_count_bounds():
-    assert _apply(GopherQuality(), " ".join(["the", "house"] * 25)) == "keep"
-    assert _apply(GopherQuality(), " ".join(["the", "house"] * 25)[len("the ") :]) == "gopher: word count"
-    assert _apply(GopherQuality(max_words=60), " ".join(["the", "house"] * 30)) == "keep"
-    assert _apply(GopherQuality(max_words=60), " ".join(["the", "house"] * 30) + " the") == "gopher: word count"
+    assert _apply(GopherQuality(), " ".join(["the", "with"] * 25)) == "keep"
+    assert _apply(GopherQuality(), " ".join(["the", "with"] * 25)[len("the ") :]) == "gopher: word count"
+    assert _apply(GopherQuality(max_words=60), " ".join(["the", "with"] * 30)) == "keep"
+    assert _apply(GopherQuality(max_words=60), " ".join(["the", "with"] * 30) + " the") == "gopher: word count"
     assert GopherQuality().max_words == 100_000
 
 
 def test_gopher_mean_word_length_bounds():
-    assert _apply(GopherQuality(), " ".join(["the"] * 50)) == "keep"  # mean exactly 3
+    assert _apply(GopherQuality(), " ".join(["the"] * 49 + ["and"])) == "keep"  # mean exactly 3
     assert _apply(GopherQuality(), " ".join(["the"] * 49 + ["to"])) == "gopher: mean word length"
-    long_words = ["the", "the"] + ["abcdefghij"] * 47
+    long_words = ["the", "and"] + ["abcdefghij"] * 47
     assert _apply(GopherQuality(), " ".join(long_words + ["x" * 24])) == "keep"  # 500 chars / 50 words = 10
     assert _apply(GopherQuality(), " ".join(long_words + ["x" * 25])) == "gopher: mean word length"
 
 
-def test_gopher_symbol_to_word_ratio_counts_hashes_and_ellipses():
-    base = ["the", "house"] * 20
+def test_gopher_symbol_to_word_ratio_limits_hashes_and_ellipses_each():
+    base = ["the", "with"] * 20
     assert _apply(GopherQuality(), " ".join(base + ["#tag"] * 5 + ["house"] * 5)) == "keep"  # 5 / 50
-    assert _apply(GopherQuality(), " ".join(base + ["#tag"] * 6 + ["house"] * 4)) == "gopher: symbol-to-word ratio"
-    with_ellipsis = base + ["#tag"] * 5 + ["wait…"] + ["house"] * 4
-    assert _apply(GopherQuality(), " ".join(with_ellipsis)) == "gopher: symbol-to-word ratio"
+    assert _apply(GopherQuality(), " ".join(base + ["#tag"] * 6 + ["house"] * 4)) == "gopher: hash-to-word ratio"
+    # "for either the hash symbol or the ellipsis": 5 hashes and 5 ellipses are each within 0.1 of 50 words.
+    both = ["#tag"] * 5 + ["wait…"] * 2 + ["wait..."] * 3 + base
+    assert _apply(GopherQuality(), " ".join(both)) == "keep"
+    ellipses = base + ["wait…"] * 3 + ["wait..."] * 3 + ["house"] * 4
+    assert _apply(GopherQuality(), " ".join(ellipses)) == "gopher: ellipsis-to-word ratio"
 
 
 def test_gopher_alphabetic_word_fraction():
-    base = ["the", "house"] * 20
+    base = ["the", "with"] * 20
     assert _apply(GopherQuality(), " ".join(base + ["123"] * 10)) == "keep"  # 40 / 50 = 0.8
     assert _apply(GopherQuality(), " ".join(base[:-1] + ["123"] * 11)) == "gopher: alphabetic words"
 
 
-def test_gopher_stop_words_are_whole_words_in_any_case():
+def test_gopher_stop_words_are_different_whole_words_in_any_case():
     assert _apply(GopherQuality(), " ".join(["house"] * 48 + ["The", "with"])) == "keep"
     assert _apply(GopherQuality(), " ".join(["house"] * 48 + ["The", "there"])) == "gopher: stop words"
+    # "at least two of the following words": the same stop word twice is one of them.
+    assert _apply(GopherQuality(), " ".join(["house"] * 47 + ["The", "the", "THE"])) == "gopher: stop words"
+    assert _apply(GopherQuality(min_stop_words=1), " ".join(["house"] * 49 + ["the"])) == "keep"
 
 
 def test_gopher_bullet_line_fraction():
-    line = "the house house house house"
+    line = "the house with house house"
     nine = "\n".join(["- " + line] * 9 + [line])
     assert _apply(GopherQuality(), nine) == "keep"
     assert _apply(GopherQuality(), "\n".join(["- " + line] * 10)) == "gopher: bullet lines"
 
 
 def test_gopher_ellipsis_line_fraction():
-    line = "the house house house house"
+    line = "the house with house house"
     assert _apply(GopherQuality(), "\n".join([line + "..."] * 3 + [line] * 7)) == "keep"
     assert _apply(GopherQuality(), "\n".join([line + "…"] * 4 + [line] * 6)) == "gopher: ellipsis lines"
 
@@ -131,23 +138,27 @@ def test_gopher_top_ngram_fraction(n, count):
     assert _apply(GopherRepetition(), text(99 - total_gram_chars)) == f"gopher: top {n}-gram"
 
 
-@pytest.mark.parametrize(("n", "total"), [(5, 200), (10, 600)])  # 2 x 3n chars / total = the published limit
+@pytest.mark.parametrize(("n", "total"), [(5, 100), (10, 300)])  # 3n repeated chars / total = the published limit
 def test_gopher_duplicate_ngram_fraction(n, total):
     gram = [c * 3 for c in "abcdefghij"[:n]]
+    # Only the limit under test: a passage seen twice also trips the top 2..4-gram limits first.
+    flt = GopherRepetition(top_ngram_fractions={}, dup_ngram_fractions={n: GOPHER_DUP_NGRAM_FRACTIONS[n]})
 
     def text(filler_chars: int) -> str:
         filler = _filler(filler_chars)
         return " ".join(gram + filler[:1] + gram + filler[1:])
 
-    assert _apply(GopherRepetition(), text(total - 6 * n)) == "keep"
-    assert _apply(GopherRepetition(), text(total - 6 * n - 1)) == f"gopher: duplicate {n}-grams"
+    assert _apply(flt, text(total - 6 * n)) == "keep"
+    assert _apply(flt, text(total - 6 * n - 1)) == f"gopher: duplicate {n}-grams"
+    assert GopherRepetition().dup_ngram_fractions == dict(GOPHER_DUP_NGRAM_FRACTIONS)
 
 
-def test_gopher_duplicate_ngram_counts_each_covered_word_once():
-    # "ab ab ab cd": the 2-gram (ab, ab) starts at 0 and 1, covering words 0..2 = 6 of 8 characters.
-    assert _apply(GopherRepetition(top_ngram_fractions={}, dup_ngram_fractions={2: 0.75}), "ab ab ab cd") == "keep"
-    drop = GopherRepetition(top_ngram_fractions={}, dup_ngram_fractions={2: 0.74})
-    assert _apply(drop, "ab ab ab cd") == "gopher: duplicate 2-grams"
+def test_gopher_duplicate_ngrams_count_repeats_once_each_word():
+    # "ab ab ab ab cd": the 2-gram (ab, ab) first occurs at 0 and repeats at 1 and 2; the repeats cover words 1..3,
+    # 6 of 10 characters (the first occurrence is the original, and no word counts twice).
+    assert _apply(GopherRepetition(top_ngram_fractions={}, dup_ngram_fractions={2: 0.6}), "ab ab ab ab cd") == "keep"
+    drop = GopherRepetition(top_ngram_fractions={}, dup_ngram_fractions={2: 0.59})
+    assert _apply(drop, "ab ab ab ab cd") == "gopher: duplicate 2-grams"
 
 
 # --- C4Filter --------------------------------------------------------------------------------------------------
@@ -159,6 +170,9 @@ def test_c4_removes_lines_and_records_counts_exactly():
             "This line is a good sentence here.",
             "No terminal punctuation in this line",
             "Far too short here.",
+            "A teaser line that stops in the middle of a...",
+            "This line has a citation at its very end.[12]",
+            "x" * 1001 + " is one very long word in this line.",
             "Please enable JavaScript in your browser settings.",
             "This site uses cookies to improve your experience.",
             "   ",
@@ -173,12 +187,19 @@ def test_c4_removes_lines_and_records_counts_exactly():
     assert out.text == "\n".join(
         [
             "This line is a good sentence here.",
+            "This line has a citation at its very end.",
             "Another proper sentence with five words!",
             'He said "this is a quoted ending line"',
             "The last line ends with a curly quote”",
         ]
     )
-    assert out.meta["c4_lines_removed"] == {"punctuation": 1, "too few words": 1, "javascript": 1, "policy": 1}
+    assert out.meta["c4_lines_removed"] == {
+        "too long word": 1,
+        "punctuation": 2,
+        "too few words": 1,
+        "javascript": 1,
+        "policy": 1,
+    }
     assert doc.text == text and "c4_lines_removed" not in doc.meta  # the input is not modified
 
 
@@ -196,13 +217,33 @@ def test_c4_sentence_count_boundary():
     assert _apply(C4Filter(), "One two three four five. Six seven eight nine ten! Eleven twelve thirteen?") == "keep"
     # A decimal point is not a sentence boundary.
     assert _apply(C4Filter(), "The rate rose to 3.5 percent.\nThe rate rose to 4.5 percent.") == "c4: too few sentences"
+    # Nor is the period of an initial.
+    initials = "Ulysses S. Grant led the U.S. Army in the war.\nThe war ended in the spring of that year."
+    assert _apply(C4Filter(), initials) == "c4: too few sentences"
 
 
 def test_c4_document_level_rules():
     good = "\n".join(["This is one full sentence."] * 3)
     assert _apply(C4Filter(), good + "\nLorem Ipsum dolor sit amet.") == "c4: lorem ipsum"
-    assert _apply(C4Filter(), good + "\nfunction f() { return 1; }") == "keep"
-    assert _apply(C4Filter(drop_curly_bracket=True), good + "\nx = {1}") == "c4: curly bracket"
+    assert _apply(C4Filter(), good + "\nThe set {1, 2} has two members.") == "keep"
+    assert _apply(C4Filter(drop_curly_bracket=True), good + "\nThe set {1, 2} has two members.") == "c4: curly bracket"
+    # As in C4, only lines that pass the end-mark and word-count checks can cost the page.
+    assert _apply(C4Filter(), good + "\nLorem ipsum dolor") == "keep"
+    assert _apply(C4Filter(drop_curly_bracket=True), good + "\nx = {1}") == "keep"
+
+
+def test_c4_line_rules_are_configurable():
+    lines = ["This is one full sentence."] * 3
+    teaser = "Read the rest of this story here..."
+    assert C4Filter().apply(_doc("\n".join(lines + [teaser]))).text == "\n".join(lines)
+    assert C4Filter(drop_ellipsis_lines=False).apply(_doc("\n".join(lines + [teaser]))).text.endswith(teaser)
+    cited = "A fact that needs a source.[citation needed]"
+    assert C4Filter(remove_citations=False).apply(_doc("\n".join(lines + [cited]))).text == "\n".join(lines)
+    long_word = "A line with a " + "y" * 20 + " word."
+    assert C4Filter(max_word_length=19).apply(_doc("\n".join(lines + [long_word]))).text == "\n".join(lines)
+    assert C4Filter(max_word_length=20).apply(_doc("\n".join(lines + [long_word]))).text.endswith(long_word)
+    huge = "A line with a " + "z" * 5000 + " word."
+    assert C4Filter(max_word_length=None).apply(_doc("\n".join(lines + [huge]))).text.endswith(huge)
 
 
 def test_c4_policy_rule_is_configurable():

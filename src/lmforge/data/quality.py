@@ -53,9 +53,14 @@ C4_POLICY_SUBSTRINGS = (
     "use of cookies",
     "use cookies",
 )
+# The line rules of `C4Filter`, in the order they are checked: the keys of `meta["c4_lines_removed"]`.
+C4_LINE_RULES = ("too long word", "punctuation", "too few words", "javascript", "policy")
+# Wikipedia-style citation marks, cut out of a line before its end is checked (as C4 does).
+_CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")
 # A sentence ends at . ! or ? (optionally followed by closing quotes or brackets) before whitespace or the end, so
-# "3.5" and "e.g.," are not boundaries.
-_SENTENCE_END = re.compile(r"[.!?]+[\"'”’)\]]*(?=\s|$)")
+# "3.5" and "e.g.," are not boundaries; nor is the period of a lone capital letter, an initial ("Ulysses S. Grant",
+# "U.S. Army"), which C4's sentence splitter (NLTK's punkt) does not split at either.
+_SENTENCE_END = re.compile(r"(?:(?<!\b[A-Z])\.|[!?])[.!?]*[\"'”’)\]]*(?=\s|$)")
 
 # FineWeb counts a line as ending in punctuation with this set (terminal marks and closing quotes).
 FINEWEB_END_PUNCTUATION = (".", "!", "?", '"', "'", "”", "’", "…")
@@ -90,11 +95,12 @@ class GopherQuality(Filter):
 
     - "gopher: word count": fewer than `min_words` (50) or more than `max_words` (100,000) words;
     - "gopher: mean word length": mean word length outside `min_mean_word_length`..`max_mean_word_length` (3..10);
-    - "gopher: symbol-to-word ratio": ("#" count + ellipsis count, "..." or "…") / words above `max_symbol_word_ratio`
-      (0.1);
+    - "gopher: hash-to-word ratio" and "gopher: ellipsis-to-word ratio": "#" count / words, or ellipsis count
+      ("..." or "…") / words, above `max_symbol_word_ratio` (0.1); the paper applies the limit to either symbol
+      alone, not to their sum;
     - "gopher: alphabetic words": fewer than `min_alpha_word_fraction` (0.8) of words contain a letter;
-    - "gopher: stop words": fewer than `min_stop_words` (2) occurrences of the stop words
-      the, be, to, of, and, that, have, with (whole words, any case);
+    - "gopher: stop words": fewer than `min_stop_words` (2) different words among the stop words
+      the, be, to, of, and, that, have, with (whole words, any case): "at least two of the following words";
     - "gopher: bullet lines": more than `max_bullet_line_fraction` (0.9) of lines start with a bullet;
     - "gopher: ellipsis lines": more than `max_ellipsis_line_fraction` (0.3) of lines end with an ellipsis.
     """
@@ -135,9 +141,10 @@ class GopherQuality(Filter):
         mean_len = sum(map(len, words)) / n_words
         if not self.min_mean_word_length <= mean_len <= self.max_mean_word_length:
             return "gopher: mean word length"
-        symbols = text.count("#") + text.count("...") + text.count("…")
-        if symbols / n_words > self.max_symbol_word_ratio:
-            return "gopher: symbol-to-word ratio"
+        if text.count("#") / n_words > self.max_symbol_word_ratio:
+            return "gopher: hash-to-word ratio"
+        if (text.count("...") + text.count("…")) / n_words > self.max_symbol_word_ratio:
+            return "gopher: ellipsis-to-word ratio"
         search = _HAS_ALPHA.search
         alpha_words = sum(1 for w in words if search(w))
         if alpha_words / n_words < self.min_alpha_word_fraction:
@@ -154,12 +161,14 @@ class GopherQuality(Filter):
 
     def _has_stop_words(self, text: str) -> bool:
         # Stop at the threshold: a normal page passes after a few words instead of a full scan.
-        found = 0
-        for _ in self._stop_word.finditer(text):
-            found += 1
-            if found >= self.min_stop_words:
+        if self.min_stop_words <= 0:
+            return True
+        found: set[str] = set()
+        for match in self._stop_word.finditer(text):
+            found.add(match.group().lower())
+            if len(found) >= self.min_stop_words:
                 return True
-        return found >= self.min_stop_words
+        return False
 
 
 class GopherRepetition(Filter):
@@ -172,11 +181,13 @@ class GopherRepetition(Filter):
       (text separated by a blank line), limits `max_dup_para_fraction` (0.30) and `max_dup_para_char_fraction`
       (0.20);
     - "gopher: top {n}-gram": for n in `top_ngram_fractions` ({2: 0.20, 3: 0.18, 4: 0.16}), the most frequent word
-      n-gram, if it occurs more than once, covers (its occurrences x its characters) / total word characters
-      above the limit;
+      n-gram (ties: the longest), if it occurs more than once, covers (its occurrences x its characters) / total
+      word characters above the limit. A text without any repeated n-gram has nothing repetitive: counting a
+      single occurrence (datatrove does) would drop short texts for their longest words alone;
     - "gopher: duplicate {n}-grams": for n in `dup_ngram_fractions` ({5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12,
-      9: 0.11, 10: 0.10}), the characters of the words covered by any word n-gram that occurs more than once
-      (each word counted once however many such n-grams cover it) / total word characters above the limit.
+      9: 0.11, 10: 0.10}), the characters of the words covered by word n-grams that repeat an earlier occurrence
+      (each word counted once however many such n-grams cover it) / total word characters above the limit. The
+      first occurrence is the original, as for duplicate lines, so a passage that appears twice counts once.
 
     Characters of lines and paragraphs are counted after stripping; word characters exclude whitespace.
     """
@@ -281,8 +292,11 @@ class _NGramIndex:
         return best * int(self._gram_chars()[at_best].max())
 
     def duplicate_chars(self) -> int:
-        """Characters of the words covered by an n-gram that occurs more than once, each word counted once."""
-        repeated = self.counts[self.ids] > 1
+        """Characters of the words covered by an n-gram occurrence that repeats an earlier one, each word once."""
+        positions = np.arange(len(self.ids))
+        first = np.full(len(self.counts), len(self.ids), dtype=np.int64)
+        np.minimum.at(first, self.ids, positions)
+        repeated = positions != first[self.ids]
         covered = np.zeros(len(self.word_ids), dtype=bool)
         for k in range(self.n):
             covered[k : k + len(repeated)] |= repeated
@@ -292,22 +306,26 @@ class _NGramIndex:
 class C4Filter(Filter):
     """C4's cleaning rules (Raffel et al. 2020, 2.2). It rewrites the text to the lines it keeps.
 
-    Defaults are the values the released C4 was built with (TensorFlow Datasets `c4_utils`): lines of at least 5
-    words, pages of at least 3 sentences. C4's bad-words list and its 1000-character word limit are not applied
-    here (bad words belong to a separate blocklist step).
+    Defaults are the values and the order of checks the released C4 was built with (TensorFlow Datasets
+    `c4_utils.clean_page`): lines of at least 5 words, pages of at least 3 sentences. C4's bad-words list is not
+    applied here (bad words belong to a separate blocklist step).
 
-    Whole-document drops, checked first on the lowercased text:
-    - "c4: lorem ipsum": the text contains "lorem ipsum" (placeholder pages);
-    - "c4: curly bracket": the text contains "{" and `drop_curly_bracket` is set. C4 drops these to remove code;
-      off by default because lmforge also curates code.
-
-    Lines (stripped, blank ones skipped) are then removed, the first matching rule naming the count it adds to
-    `doc.meta["c4_lines_removed"]` (a dict over all four keys, zeros included):
-    - "punctuation": the line does not end with one of `end_marks` (. ! ? " ”);
+    Each line (stripped, blank ones skipped) goes through these checks in order; a line that fails one is removed
+    and counted in `doc.meta["c4_lines_removed"]` (a dict over all five keys, zeros included):
+    - "too long word": a word longer than `max_word_length` (1000; None turns the rule off) characters;
+    - then, with `remove_citations`, Wikipedia citation marks ("[12]", "[edit]", "[citation needed]") are cut out;
+    - "punctuation": the line does not end with one of `end_marks` (. ! ? " ”), or ends with "..." (a truncated
+      teaser) while `drop_ellipsis_lines` is set;
     - "too few words": fewer than `min_words_per_line` (5) words;
+    - "c4: lorem ipsum" drops the whole page when a line that got this far contains "lorem ipsum";
     - "javascript": the line mentions "javascript" (cookie and JavaScript warnings);
+    - "c4: curly bracket" drops the whole page when such a line contains "{" and `drop_curly_bracket` is set. C4
+      drops these to remove code; off by default because lmforge also curates code;
     - "policy": the line contains one of `policy_substrings` ("privacy policy", "uses cookies", ...); pass ()
       to turn the rule off.
+
+    As in C4, the page-level rules look only at lines that survived the checks before them, so placeholder text or
+    a brace in a navigation line without an end mark does not cost the page.
 
     Finally "c4: too few sentences": the kept lines hold fewer than `min_sentences` (3) sentences. A sentence
     ends at . ! or ? before whitespace; every kept line counts as at least one, as it ends with a terminal mark.
@@ -322,49 +340,59 @@ class C4Filter(Filter):
         end_marks: Sequence[str] = C4_END_MARKS,
         policy_substrings: Sequence[str] = C4_POLICY_SUBSTRINGS,
         drop_curly_bracket: bool = False,
+        max_word_length: int | None = 1000,
+        drop_ellipsis_lines: bool = True,
+        remove_citations: bool = True,
     ) -> None:
         self.min_words_per_line = min_words_per_line
         self.min_sentences = min_sentences
+        self.max_word_length = max_word_length
         self.end_marks = tuple(end_marks)
         self.policy_substrings = tuple(s.lower() for s in policy_substrings)
         self.drop_curly_bracket = drop_curly_bracket
+        self.drop_ellipsis_lines = drop_ellipsis_lines
+        self.remove_citations = remove_citations
 
     def apply(self, doc: Document) -> Document | str:
-        text = doc.text
-        lower = text.lower()
-        if "lorem ipsum" in lower:
-            return "c4: lorem ipsum"
-        if self.drop_curly_bracket and "{" in text:
-            return "c4: curly bracket"
-        removed = {"punctuation": 0, "too few words": 0, "javascript": 0, "policy": 0}
+        removed = dict.fromkeys(C4_LINE_RULES, 0)
         kept: list[str] = []
         sentences = 0
-        # lower() keeps every "\n", so the two splits line up index for index.
-        for line, low in zip(text.split("\n"), lower.split("\n")):
+        min_words = self.min_words_per_line
+        max_word = self.max_word_length
+        end_marks = self.end_marks
+        for line in doc.text.split("\n"):
             line = line.strip()
             if not line:
                 continue
-            reason = self._line_reason(line, low)
-            if reason:
-                removed[reason] += 1
+            # Only a line longer than the limit can hold a word longer than it.
+            if max_word is not None and len(line) > max_word and any(len(w) > max_word for w in line.split()):
+                removed["too long word"] += 1
+                continue
+            if self.remove_citations and "[" in line:
+                line = _CITATION.sub("", line)
+            if not line.endswith(end_marks) or (self.drop_ellipsis_lines and line.endswith("...")):
+                removed["punctuation"] += 1
+                continue
+            # maxsplit stops the split once the minimum is reached, so long lines cost no more than short ones.
+            if len(line.split(None, min_words)) < min_words:
+                removed["too few words"] += 1
+                continue
+            low = line.lower()
+            if "lorem ipsum" in low:
+                return "c4: lorem ipsum"
+            if "javascript" in low:
+                removed["javascript"] += 1
+                continue
+            if self.drop_curly_bracket and "{" in line:
+                return "c4: curly bracket"
+            if any(s in low for s in self.policy_substrings):
+                removed["policy"] += 1
                 continue
             kept.append(line)
             sentences += max(1, len(_SENTENCE_END.findall(line)))
         if sentences < self.min_sentences:
             return "c4: too few sentences"
         return dataclasses.replace(doc, text="\n".join(kept), meta={**doc.meta, "c4_lines_removed": removed})
-
-    def _line_reason(self, line: str, low: str) -> str:
-        if not line.endswith(self.end_marks):
-            return "punctuation"
-        # maxsplit stops the split once the minimum is reached, so long lines cost no more than short ones.
-        if len(line.split(None, self.min_words_per_line)) < self.min_words_per_line:
-            return "too few words"
-        if "javascript" in low:
-            return "javascript"
-        if any(s in low for s in self.policy_substrings):
-            return "policy"
-        return ""
 
 
 class FineWebFilter(Filter):
