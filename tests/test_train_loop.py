@@ -204,3 +204,33 @@ def test_device_precision_and_mfu_helpers(caplog):
     assert mfu(1000.0, 2e6, 4e9) == 0.5
     peak = measure_peak_flops(cpu, seconds=0.2)
     assert peak > 1e9 and measure_peak_flops(cpu) == peak  # cached for the process
+
+
+def test_fp16_uses_a_loss_scaler_and_skips_overflows_without_calling_them_divergence(tmp_path):
+    """fp16 autocast: an overflowing scale is halved and the step skipped; the run keeps learning and resumes."""
+    cfg = config(precision="fp16", max_steps=16, ckpt_every=8)
+    torch.manual_seed(0)
+    model = tiny_model()
+    loader = BatchLoader(ByteSplit(), cfg.seq_len, cfg.batch_size, cfg.seed)
+    # A start scale of 2**22 overflows fp16 gradients; each overflow halves it (GradScaler's backoff).
+    import lmforge.train.loop as loop_module
+
+    original = loop_module.grad_scaler
+
+    def huge_scaler(device, precision):
+        scaler = original(device, precision)
+        scaler.load_state_dict({**scaler.state_dict(), "scale": 2.0**22})
+        return scaler
+
+    loop_module.grad_scaler = huge_scaler
+    try:
+        metrics = train(model, clm_loss, loader, cfg, tmp_path)
+    finally:
+        loop_module.grad_scaler = original
+    recs = records(tmp_path)
+    overflowed = [r for r in recs if "fp16 gradient overflow" in r.get("skipped", "")]
+    assert overflowed and metrics["skipped_steps"] == len(overflowed) < cfg.max_steps
+    state = json.loads(next((tmp_path / "checkpoints").glob("step_000016/*.json")).read_text())
+    assert "loss_scale" in json.dumps(state)
+    losses = [r["loss"] for r in recs if "skipped" not in r]
+    assert losses[-1] < losses[0]

@@ -43,7 +43,8 @@ def stage_config(recipe: Recipe, stage: str) -> dict:
     if stage == "curate":
         return _settings(recipe, "data")
     if stage == "pretrain":
-        return {"model": _settings(recipe, "model"), "train": _settings(recipe, "train")}
+        return {"model": _settings(recipe, "model"), "train": _settings(recipe, "train"),
+                "pretrain": _settings(recipe, "pretrain")}
     if stage == "eval":
         return _settings(recipe, "eval")
     if stage in ("tokenizer", "shards", "export"):

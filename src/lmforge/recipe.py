@@ -97,6 +97,13 @@ class ModelConfig(Section):
     rope_theta: float = Field(10_000.0, gt=0)
     norm_eps: float = Field(1e-5, gt=0)
     init_std: float = Field(0.02, gt=0)
+    # "llama": RMSNorm, rotary positions, gated MLP, no biases (exports as LlamaForCausalLM). "gpt2": the classic
+    # reference (LayerNorm, learned positions, GELU MLP of 4x width, biases, tied embeddings).
+    arch: Literal["llama", "gpt2"] = "llama"
+    mlp: Literal["swiglu", "relu2"] = "swiglu"  # llama arch: gated SiLU, or squared ReLU (4x width, ungated)
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before attention
+    logit_softcap: float | None = Field(None, gt=0)  # cap * tanh(logits / cap); None = off
+    zero_init_out: bool = False  # output projections (o_proj, down_proj) and lm_head start at zero
 
     @model_validator(mode="after")
     def _check_heads(self) -> "ModelConfig":
@@ -129,8 +136,15 @@ class TrainConfig(Section):
     ckpt_every: int = Field(200, gt=0)
     keep_last: int = Field(2, gt=0)
     seed: int = 1337
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
-    compile: bool = False
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool | Literal["auto"] = "auto"  # auto: compile where it is measured to help (CUDA), not on CPU
+    # Recompute each checkpointed block's activations in the backward pass: 0 = none, 1 = every block,
+    # k = every k-th block. Saves activation memory for about a third more compute on those blocks.
+    activation_checkpointing: int = Field(0, ge=0)
+    optimizer: Literal["adamw", "muon"] = "adamw"  # muon: 2-D hidden matrices; AdamW (lr) for the rest
+    muon_lr: float = Field(0.02, gt=0)
+    muon_momentum: float = Field(0.95, ge=0.0, lt=1.0)
+    muon_ns_steps: int = Field(5, ge=1)  # Newton-Schulz iterations of the orthogonalisation
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = Field(0, ge=0)  # CPU threads for torch; 0 = all cores
     max_bad_steps: int = Field(5, gt=0)  # consecutive NaN/inf/exploding steps before stopping
@@ -146,6 +160,37 @@ class EvalConfig(Section):
     temperature: float = Field(0.8, ge=0.0)
     top_k: int | None = Field(50, gt=0)
     prompts: list[str] = Field(default_factory=lambda: ["def ", "class ", "import "])
+
+
+OBJECTIVES = ("clm", "mlm", "span", "prefix_lm", "contrastive")
+
+
+class PretrainConfig(Section):
+    # One objective, or a mixture {name: weight}: each optimizer step draws its objective with these weights.
+    objective: Literal["clm", "mlm", "span", "prefix_lm", "contrastive"] | dict[str, float] = "clm"
+    mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)  # BERT: share of tokens selected for prediction
+    mlm_mask_fraction: float = Field(0.8, ge=0.0, le=1.0)  # of those, replaced by <|mask|>
+    mlm_random_fraction: float = Field(0.1, ge=0.0, le=1.0)  # of those, replaced by a random token
+    span_density: float = Field(0.15, gt=0.0, lt=1.0)  # T5: share of tokens inside corrupted spans
+    span_mean_length: float = Field(3.0, ge=1.0)
+    prefix_fraction: float = Field(0.5, gt=0.0, lt=1.0)  # prefix_lm: mean share of a row that is the prefix
+    contrastive_temperature: float = Field(0.05, gt=0.0)
+    # "window": fixed windows cut from the token stream. "best_fit": whole documents packed into rows that each
+    # start at a BOS, by best fit; with document_masking, tokens attend only within their own document.
+    packing: Literal["window", "best_fit"] = "window"
+    document_masking: bool = False
+
+    @model_validator(mode="after")
+    def _check_objective(self) -> "PretrainConfig":
+        if isinstance(self.objective, dict):
+            unknown = sorted(set(self.objective) - set(OBJECTIVES))
+            if unknown or not self.objective:
+                raise ValueError(f"objective mixture {self.objective}: names must be among {list(OBJECTIVES)}")
+            if any(w <= 0 for w in self.objective.values()):
+                raise ValueError(f"objective mixture {self.objective}: every weight must be positive")
+        if self.mlm_mask_fraction + self.mlm_random_fraction > 1.0:
+            raise ValueError("mlm_mask_fraction + mlm_random_fraction must not exceed 1")
+        return self
 
 
 class ExportConfig(Section):
@@ -164,6 +209,7 @@ class Recipe(Section):
     shards: ShardsConfig = Field(default_factory=ShardsConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
 

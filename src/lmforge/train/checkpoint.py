@@ -63,6 +63,8 @@ class TrainerState:
     train_seconds: float = 0.0
     steady_tokens: int = 0  # tokens and seconds of steady-state steps, for the throughput figure
     steady_seconds: float = 0.0
+    loss_scale: float | None = None  # fp16 runs: the gradient scaler's scale and growth counter, for exact resume
+    scale_growth: int = 0
 
 
 def checkpoint_root(out_dir: Path) -> Path:

@@ -42,7 +42,14 @@ from lmforge.train.checkpoint import (
 from lmforge.train.flops import measure_peak_flops, mfu
 from lmforge.train.optim import build_optimizer, lr_at
 from lmforge.train.host import keep_freed_memory
-from lmforge.train.precision import autocast_context, compute_dtype, resolve_device, set_threads
+from lmforge.train.precision import (
+    autocast_context,
+    compute_dtype,
+    grad_scaler,
+    resolve_device,
+    set_threads,
+    use_compile,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +128,14 @@ def _forward_backward(
     autocast: Any,
     cfg: TrainConfig,
     tokens_per_batch: int | None,
+    scaler: torch.amp.GradScaler | None = None,
+    optimizer: Any = None,
 ) -> tuple[Tensor, Tensor, int]:
-    """Accumulate gradients over `cfg.grad_accum` micro-batches, then clip; returns (mean loss, norm, tokens)."""
+    """Accumulate gradients over `cfg.grad_accum` micro-batches, then clip; returns (mean loss, norm, tokens).
+
+    With an fp16 `scaler`, the backward pass runs on the scaled loss and the gradients are unscaled before
+    clipping, so the norm and the clip threshold are in true units.
+    """
     loss_sum = torch.zeros((), device=device)
     tokens = tokens_per_batch or 0
     for _ in range(cfg.grad_accum):
@@ -131,8 +144,11 @@ def _forward_backward(
             tokens += _count_tokens(batch)
         with autocast:
             loss = loss_fn(model, batch)
-        (loss / cfg.grad_accum).backward()
+        scaled = loss / cfg.grad_accum
+        (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach().float()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf still measures the norm, and scales by 1.0
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     return loss_sum / cfg.grad_accum, grad_norm, tokens
@@ -209,12 +225,20 @@ def train(
     device = resolve_device(cfg.device)
     model.to(device)
     model.train()
+    if cfg.activation_checkpointing:
+        from lmforge.train.checkpointing import apply_activation_checkpointing
+
+        wrapped = apply_activation_checkpointing(model, cfg.activation_checkpointing)
+        logger.info("activation checkpointing on %d blocks (every %d)", wrapped, cfg.activation_checkpointing)
     optimizer = build_optimizer(model, cfg)
     resumed = load_latest_training_checkpoint(out_dir, model, optimizer, loader)
     state = resumed or TrainerState()
     resumed_from = resumed.step if resumed else None
     autocast = autocast_context(device, cfg.precision)
-    forward_model = torch.compile(model) if cfg.compile else model
+    scaler = grad_scaler(device, cfg.precision)
+    if scaler is not None and state.loss_scale is not None:
+        scaler.load_state_dict({**scaler.state_dict(), "scale": state.loss_scale, "_growth_tracker": state.scale_growth})
+    forward_model = torch.compile(model) if use_compile(cfg.compile, device) else model
     peak = measure_peak_flops(device, compute_dtype(device, cfg.precision)) if flops_per_token else None
     log_every = max(1, cfg.max_steps // 20)
     start_step, process_start = state.step, time.perf_counter()
@@ -228,16 +252,29 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss, grad_norm, step_tokens = _forward_backward(
-                forward_model, loss_fn, loader, device, autocast, cfg, tokens_per_batch)  # fmt: skip
+                forward_model, loss_fn, loader, device, autocast, cfg, tokens_per_batch, scaler, optimizer)  # fmt: skip
             # The step's only host sync: the guard needs the loss before deciding whether to update.
             loss_val, norm_val = torch.stack([loss, grad_norm.float()]).tolist()
             reason = _bad_step_reason(loss_val, norm_val, state, cfg.spike_factor)
+            overflow = scaler is not None and math.isfinite(loss_val) and not math.isfinite(norm_val)
             if reason is None:
-                optimizer.step()
+                if scaler is not None:
+                    scaler.step(optimizer)
+                else:
+                    optimizer.step()
                 _record_good(state, loss_val)
+            elif overflow:
+                # fp16 gradients overflowed at this loss scale: the scaler halves it; not a sign of divergence.
+                state.skipped_steps += 1
+                reason = f"fp16 gradient overflow at loss scale {scaler.get_scale():g}"
+                logger.info("step %d skipped: %s", step + 1, reason)
             else:
                 _record_bad(state, loss_val)
                 logger.warning("step %d skipped: %s", step + 1, reason)
+            if scaler is not None:
+                scaler.update()
+                state.loss_scale = float(scaler.get_scale())
+                state.scale_growth = int(scaler.state_dict()["_growth_tracker"])
             optimizer.zero_grad(set_to_none=True)
             state.step = step + 1
             state.tokens += step_tokens
