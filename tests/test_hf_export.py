@@ -43,16 +43,38 @@ def checkpoint(tmp: Path, tokenizer_file: Path, **kw) -> tuple[Path, Transformer
     return save_model(tmp / "ckpt", model, args, tokenizer_path=tokenizer_file), model
 
 
+GPT2 = {"arch": "gpt2", "mlp": "gelu", "tie_embeddings": True}
+
+
+def perturbed(model: Transformer) -> Transformer:
+    """Non-trivial norm weights and biases (they start at one / zero), so their mapping is checked too."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
 @pytest.mark.parametrize(
-    "variant", [{}, {"tie_embeddings": True}, {"n_kv_heads": 2}, {"n_kv_heads": 1, "tie_embeddings": True}],
-    ids=["untied", "tied", "gqa", "mqa-tied"],
+    "variant,arch",
+    [({}, "LlamaForCausalLM"), ({"tie_embeddings": True}, "LlamaForCausalLM"), ({"n_kv_heads": 2}, "LlamaForCausalLM"),
+     ({"n_kv_heads": 1, "tie_embeddings": True}, "LlamaForCausalLM"), ({"qk_norm": True}, "Qwen3ForCausalLM"),
+     ({"qk_norm": True, "n_kv_heads": 2, "tie_embeddings": True}, "Qwen3ForCausalLM"), (GPT2, "GPT2LMHeadModel")],
+    ids=["untied", "tied", "gqa", "mqa-tied", "qk_norm", "qk_norm-gqa-tied", "gpt2"],
 )
-def test_transformers_loads_export_and_agrees(tmp_path: Path, tokenizer_file: Path, variant: dict):
-    ckpt, model = checkpoint(tmp_path, tokenizer_file, **variant)
+def test_transformers_loads_export_and_agrees(tmp_path: Path, tokenizer_file: Path, variant: dict, arch: str):
+    if arch == "Qwen3ForCausalLM" and not hasattr(transformers, arch):
+        pytest.skip("this transformers has no Qwen3 (added in 4.51)")
+    args = ModelArgs(**(dict(vocab_size=400, n_layers=2, d_model=64, n_heads=4, n_kv_heads=4, head_dim=16,
+                             mlp_hidden=128, max_seq_len=64, init_std=0.05, rope_theta=500.0) | variant))
+    torch.manual_seed(0)
+    model = perturbed(Transformer(args)).eval()
+    ckpt = save_model(tmp_path / "ckpt", model, args, tokenizer_path=tokenizer_file)
     out = export_hf(ckpt, tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    assert type(hf).__name__ == "LlamaForCausalLM"
-    assert hf.config.num_key_value_heads == model.args.n_kv_heads
+    assert type(hf).__name__ == arch
+    if arch != "GPT2LMHeadModel":
+        assert hf.config.num_key_value_heads == model.args.n_kv_heads
     assert hf.config.tie_word_embeddings == model.args.tie_embeddings
     tok = Tokenizer.from_file(tokenizer_file)
     ids = torch.tensor([[tok.bos_id] + tok.encode(TEXTS[0] + TEXTS[2])])
@@ -127,3 +149,18 @@ def test_export_replaces_old_dir_atomically_and_needs_a_tokenizer(tmp_path: Path
     with pytest.raises(ValueError, match="dtype"):
         export_hf(ckpt, tmp_path / "hf3", dtype="int8")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]
+
+
+@pytest.mark.parametrize(
+    "variant,match",
+    [({"logit_softcap": 30.0}, "logit_softcap"), ({"mlp": "relu2"}, "mlp='relu2'"),
+     (GPT2 | {"mlp": "relu2"}, "mlp='relu2'"), (GPT2 | {"qk_norm": True}, "qk_norm"),
+     (GPT2 | {"n_kv_heads": 2}, "n_kv_heads"), (GPT2 | {"logit_softcap": 5.0}, "logit_softcap")],
+    ids=["softcap", "relu2", "gpt2-relu2", "gpt2-qk_norm", "gpt2-gqa", "gpt2-softcap"],
+)
+def test_unrepresentable_options_refuse_to_export(tmp_path: Path, tokenizer_file: Path, variant: dict, match: str):
+    ckpt, _ = checkpoint(tmp_path, tokenizer_file, **variant)
+    with pytest.raises(ValueError, match=match) as err:
+        export_hf(ckpt, tmp_path / "hf")
+    assert "model." in str(err.value)  # names the recipe setting to change
+    assert not (tmp_path / "hf").exists()

@@ -1,7 +1,15 @@
-"""Export an lmforge checkpoint as a Hugging Face `LlamaForCausalLM` directory, written as plain files.
+"""Export an lmforge checkpoint as a Hugging Face causal-LM directory, written as plain files.
 
-The backbone's parameter names already are Llama's, so the weights are copied as they are. transformers is not
-needed to export; it is only used by the tests to check that the result loads and agrees.
+Which architecture the export takes follows the model's options (`hf_architecture`):
+
+    arch=llama, mlp=swiglu               -> LlamaForCausalLM (the parameter names already are Llama's: copied as is)
+    arch=llama, mlp=swiglu, qk_norm      -> Qwen3ForCausalLM (Llama plus q_norm / k_norm over head_dim; copied as is;
+                                            needs transformers >= 4.51 to load)
+    arch=gpt2 (GELU MLP, no GQA)         -> GPT2LMHeadModel (q/k/v fused into c_attn, weights transposed for Conv1D)
+
+Options no Hugging Face architecture computes exactly (logit_softcap, the relu2 MLP, qk_norm with gpt2 arch, ...)
+raise ValueError naming the option and the setting to change, rather than writing a model that disagrees.
+transformers is not needed to export; it is only used by the tests to check that the result loads and agrees.
 
 Tokenizer: the exported fast tokenizer prepends BOS when called with `add_special_tokens=True` (the default),
 because every training document started with BOS; `add_special_tokens=False` gives exactly lmforge's
@@ -34,6 +42,45 @@ BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 BOS_ID, EOS_ID, PAD_ID = 0, 1, 2
 
 
+def hf_architecture(args: ModelArgs) -> str:
+    """"llama", "qwen3" or "gpt2": the Hugging Face architecture that computes exactly what this model does.
+
+    Raises ValueError naming the option (and the setting to change) when there is none.
+    """
+    if args.logit_softcap is not None:
+        raise ValueError(
+            f"logit_softcap={args.logit_softcap} cannot be exported: no Hugging Face architecture of this layout caps "
+            "logits with cap * tanh(logits / cap); train with model.logit_softcap=null to export"
+        )
+    if args.arch == "gpt2":
+        if args.mlp != "gelu":
+            raise ValueError(
+                f"mlp={args.mlp!r} with arch=gpt2 cannot be exported: GPT2LMHeadModel's MLP is GELU; train with "
+                "model.mlp=swiglu (which gives the gpt2 arch its GELU MLP) to export"
+            )
+        if args.qk_norm:
+            raise ValueError(
+                "qk_norm with arch=gpt2 cannot be exported: GPT2LMHeadModel has no query/key norm; set "
+                "model.qk_norm=false, or use model.arch=llama (which exports qk_norm as Qwen3)"
+            )
+        if args.n_kv_heads != args.n_heads:
+            raise ValueError(
+                f"n_kv_heads={args.n_kv_heads} < n_heads={args.n_heads} with arch=gpt2 cannot be exported: "
+                "GPT2LMHeadModel has no grouped-query attention; leave model.n_kv_heads unset"
+            )
+        if args.n_heads * args.head_dim != args.d_model:
+            raise ValueError(f"arch=gpt2 export needs n_heads * head_dim == d_model, got {args.n_heads} * "
+                             f"{args.head_dim} != {args.d_model}")
+        return "gpt2"
+    if args.mlp != "swiglu":
+        raise ValueError(
+            f"mlp={args.mlp!r} with arch=llama cannot be exported: Llama and Qwen3 have a gated SiLU MLP and no "
+            "Hugging Face architecture matches an ungated one with RMSNorm and rotary positions exactly; train with "
+            "model.mlp=swiglu (or model.arch=gpt2 for an ungated GELU MLP) to export"
+        )
+    return "qwen3" if args.qk_norm else "llama"
+
+
 def llama_config(args: ModelArgs, dtype: str) -> dict[str, Any]:
     """config.json for LlamaForCausalLM, readable by transformers 4.45+ (rope_theta) and 5.x (rope_parameters)."""
     return {
@@ -63,6 +110,74 @@ def llama_config(args: ModelArgs, dtype: str) -> dict[str, Any]:
         "torch_dtype": dtype,
         "dtype": dtype,
     }
+
+
+def qwen3_config(args: ModelArgs, dtype: str) -> dict[str, Any]:
+    """config.json for Qwen3ForCausalLM: Llama's fields plus per-head q_norm / k_norm, no sliding window."""
+    cfg = llama_config(args, dtype)
+    for key in ("mlp_bias",):
+        cfg.pop(key)
+    return cfg | {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "max_window_layers": args.n_layers,
+        "layer_types": ["full_attention"] * args.n_layers,
+    }
+
+
+def gpt2_config(args: ModelArgs, dtype: str) -> dict[str, Any]:
+    """config.json for GPT2LMHeadModel (tanh GELU = "gelu_new", no dropout, 1/sqrt(head_dim) attention scale)."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": args.vocab_size,
+        "n_positions": args.max_seq_len,
+        "n_embd": args.d_model,
+        "n_layer": args.n_layers,
+        "n_head": args.n_heads,
+        "n_inner": args.mlp_hidden,
+        "activation_function": "gelu_new",
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "layer_norm_epsilon": args.norm_eps,
+        "initializer_range": args.init_std,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": True,
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": PAD_ID,
+        "use_cache": True,
+        "torch_dtype": dtype,
+        "dtype": dtype,
+    }
+
+
+def gpt2_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """Rename lmforge's gpt2-arch weights to GPT2LMHeadModel's; Conv1D stores [in, out], so matrices transpose."""
+    out = {
+        "transformer.wte.weight": state["model.embed_tokens.weight"],
+        "transformer.wpe.weight": state["model.embed_positions.weight"],
+        "transformer.ln_f.weight": state["model.norm.weight"],
+        "transformer.ln_f.bias": state["model.norm.bias"],
+    }
+    for i in range(args.n_layers):
+        src, dst = f"model.layers.{i}.", f"transformer.h.{i}."
+        for ours, theirs in (("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2")):
+            out[dst + theirs + ".weight"] = state[src + ours + ".weight"]
+            out[dst + theirs + ".bias"] = state[src + ours + ".bias"]
+        qkv = [src + f"self_attn.{n}_proj" for n in "qkv"]
+        out[dst + "attn.c_attn.weight"] = torch.cat([state[n + ".weight"] for n in qkv], dim=0).t()
+        out[dst + "attn.c_attn.bias"] = torch.cat([state[n + ".bias"] for n in qkv], dim=0)
+        for ours, theirs in (("self_attn.o_proj", "attn.c_proj"), ("mlp.up_proj", "mlp.c_fc"),
+                             ("mlp.down_proj", "mlp.c_proj")):
+            out[dst + theirs + ".weight"] = state[src + ours + ".weight"].t()
+            out[dst + theirs + ".bias"] = state[src + ours + ".bias"]
+    return {name: t.contiguous() for name, t in out.items()}
 
 
 def _write_tokenizer(src: Path, out: Path, max_len: int) -> None:
@@ -104,16 +219,23 @@ def export_hf(checkpoint_dir: Path, out_dir: Path, dtype: str = "float32") -> Pa
     if not tokenizer_src.is_file():
         raise FileNotFoundError(f"{checkpoint_dir} has no {TOKENIZER}; an export needs the model's tokenizer")
     model, args = load_model(checkpoint_dir)
+    arch = hf_architecture(args)
     state = {
         name: t.to(DTYPES[dtype]).contiguous()
         for name, t in model.state_dict().items()
         if not (args.tie_embeddings and name == "lm_head.weight")
     }
+    if arch == "gpt2":
+        state, config = gpt2_state_dict(state, args), gpt2_config(args, dtype)
+    elif arch == "qwen3":
+        config = qwen3_config(args, dtype)
+    else:
+        config = llama_config(args, dtype)
     with staged_dir(out_dir) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        _write_json(tmp / "config.json", llama_config(args, dtype))
+        _write_json(tmp / "config.json", config)
         generation = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
         _write_json(tmp / "generation_config.json", generation)
         _write_tokenizer(tokenizer_src, tmp, args.max_seq_len)
-    log.info("exported %s to %s (Hugging Face Llama, %s)", checkpoint_dir, out_dir, dtype)
+    log.info("exported %s to %s (Hugging Face %s, %s)", checkpoint_dir, out_dir, config["architectures"][0], dtype)
     return out_dir
