@@ -234,3 +234,14 @@ def test_fp16_uses_a_loss_scaler_and_skips_overflows_without_calling_them_diverg
     assert "loss_scale" in json.dumps(state)
     losses = [r["loss"] for r in recs if "skipped" not in r]
     assert losses[-1] < losses[0]
+
+
+def test_activation_checkpointing_trains_to_the_same_losses(tmp_path):
+    plain = run(tmp_path / "plain", config(max_steps=6))
+    recomputed = run(tmp_path / "ckpt", config(max_steps=6, activation_checkpointing=1))
+    a = [r["loss"] for r in records(tmp_path / "plain")]
+    b = [r["loss"] for r in records(tmp_path / "ckpt")]
+    assert a == pytest.approx(b, rel=1e-6, abs=1e-6) and plain["steps"] == recomputed["steps"] == 6
+    same = load_file(tmp_path / "plain" / "final" / "model.safetensors")
+    other = load_file(tmp_path / "ckpt" / "final" / "model.safetensors")
+    assert same.keys() == other.keys()  # wrapping blocks leaves the saved names alone
