@@ -23,10 +23,16 @@ def tok():
     return train_tokenizer(iter(_texts()), vocab_size=VOCAB)
 
 
-def test_special_tokens_have_ids_0_to_6(tok):
-    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(7))
+def test_special_tokens_have_fixed_ids(tok):
+    assert len(SPECIAL_TOKENS) == 72
+    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(72))
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2)
     assert tok.token_to_id("<|user|>") == 4
+    assert tok.token_to_id("<|end|>") == 6
+    assert tok.mask_id == tok.token_to_id("<|mask|>") == 7
+    assert tok.sentinel_ids == list(range(8, 72))
+    assert tok.token_to_id("<|sentinel_63|>") == 71
+    assert tok.special_ids == list(range(72))
     assert tok.token_to_id("no such token") is None
     assert tok.vocab_size == VOCAB
 
@@ -126,6 +132,13 @@ def test_wrong_special_token_layout_is_rejected():
         Tokenizer(hf)
 
 
+def test_tokenizer_without_reserved_tokens_asks_for_retraining():
+    hf = HFTokenizer(models.BPE())
+    hf.add_special_tokens(SPECIAL_TOKENS[:7])  # the layout before <|mask|> and the sentinels existed
+    with pytest.raises(ValueError, match="<\\|mask\\|>.*retrain"):
+        Tokenizer(hf)
+
+
 def test_bytes_per_token_counts_utf8_bytes(tok):
     texts = ["é" * 10, "ab"]
     n_tokens = sum(len(tok.encode(t)) for t in texts)
@@ -141,9 +154,9 @@ def test_run_tokenizer_caps_training_text(tmp_path):
         (curate / name).mkdir(parents=True)
         (curate / name / "part-00000.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     cap = len(texts[0]) + 100
-    metrics = run_tokenizer(curate, TokenizerConfig(vocab_size=400, max_train_chars=cap), tmp_path / "tok")
+    metrics = run_tokenizer(curate, TokenizerConfig(vocab_size=500, max_train_chars=cap), tmp_path / "tok")
     assert metrics["train_chars"] == cap
-    assert metrics["vocab_size"] == 400
+    assert metrics["vocab_size"] == 500
     tok = Tokenizer.from_file(tmp_path / "tok" / "tokenizer.json")
     val_text = texts[-1]
     assert metrics["bytes_per_token"] == round(len(val_text.encode()) / len(tok.encode(val_text)), 4)

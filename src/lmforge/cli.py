@@ -195,6 +195,45 @@ def generate(
 
 
 @app.command()
+def embed(
+    checkpoint: Path = typer.Argument(..., help="A model directory."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Texts to embed: a file or directory the readers "
+                                        "accept, one embedding per document."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="OUT.npy for --text (row ids in OUT.npy.ids.txt)."),
+    pairs: Optional[str] = typer.Option(None, "--pairs", help="'stdlib': print recall@1/@10 of docstring -> code "
+                                        "retrieval on the held-out standard-library functions."),
+    batch_size: int = typer.Option(32, min=1),
+    max_len: Optional[int] = typer.Option(None, min=2, help="Tokens per text (default: the model's max_seq_len)."),
+) -> None:
+    """Mean-pooled, L2-normalised text embeddings (bidirectional attention), or a retrieval score."""
+    from lmforge.data.readers import read_documents
+    from lmforge.embed import embed_texts, pairs_recall, stdlib_pairs, write_embeddings
+    from lmforge.eval.run import TEXT_EXTENSIONS
+    from lmforge.model.io import load_checkpoint_tokenizer, load_model
+
+    if (text is None) == (pairs is None):
+        _fail("give either --text FILE_OR_DIR (with -o OUT.npy) or --pairs stdlib", 2)
+    if text is not None and out is None:
+        _fail("--text needs --out OUT.npy", 2)
+    if pairs is not None and pairs != "stdlib":
+        _fail(f"--pairs {pairs!r} is not supported; allowed: stdlib", 2)
+    model, args = load_model(checkpoint)
+    tok = load_checkpoint_tokenizer(checkpoint)
+    max_len = min(max_len or args.max_seq_len, args.max_seq_len)
+    if pairs is not None:
+        held_out = stdlib_pairs("test")
+        recall = pairs_recall(model, tok, held_out, batch_size, max_len)
+        typer.echo(f"pairs={len(held_out)} " + " ".join(f"{k}={v:.4f}" for k, v in recall.items()))
+        return
+    docs = list(read_documents(text, extensions=TEXT_EXTENSIONS))
+    if not docs:
+        _fail(f"no text to embed in {text}")
+    emb = embed_texts(model, tok, [d.text for d in docs], batch_size, max_len)
+    write_embeddings(out, emb, [d.id for d in docs])
+    log.info("%d embeddings of dimension %d -> %s", emb.shape[0], emb.shape[1], out)
+
+
+@app.command()
 def export(
     checkpoint: Path = typer.Argument(..., help="A model directory."),
     out: Path = typer.Argument(..., help="Output directory."),

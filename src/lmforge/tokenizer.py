@@ -7,9 +7,15 @@ Design:
 - Pre-tokenization splits every digit on its own (numbers get one consistent spelling instead of whatever merges
   the corpus happened to favour; this costs about 4% compression on Python code), then applies the GPT-2 byte-level
   regex, which keeps a newline with the indentation that follows it so common indents become single tokens.
-- `SPECIAL_TOKENS` get ids 0..6 in order. `encode` treats their text as ordinary text and never emits a special
-  id: stages that need a BOS or a chat role insert the ids (`bos_id`, `token_to_id("<|user|>")`) themselves, so
-  text in the data can never forge a control token.
+- `SPECIAL_TOKENS` get ids 0..71 in order: BOS, EOS, PAD and the chat tokens (0..6), then the tokens reserved for
+  the denoising objectives: `<|mask|>` (7, MLM) and `<|sentinel_0|>`..`<|sentinel_63|>` (8..71, span corruption).
+  The reserved ones are appended after the others, so ids 0..6 keep their meaning. `encode` treats their text as
+  ordinary text and never emits a special id: stages that need a BOS or a chat role insert the ids (`bos_id`,
+  `token_to_id("<|user|>")`) themselves, so text in the data can never forge a control token.
+- 64 sentinels: span corruption at the default density 0.15 and mean span length 3 uses round(0.05 * L) spans of a
+  row of L source tokens, and a row of L tokens grows to L + 2 * spans once corrupted; a 1024-token row therefore
+  holds about 930 source tokens and 47 spans. 64 covers that with room to spare (rows up to ~1400 tokens) for 64
+  embedding rows; settings that would need more make the span batches shorten their source, never fail.
 """
 
 from __future__ import annotations
@@ -29,7 +35,11 @@ from lmforge.recipe import TokenizerConfig
 
 log = logging.getLogger(__name__)
 
-SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+N_SENTINELS = 64
+MASK = "<|mask|>"
+SENTINELS = [f"<|sentinel_{i}|>" for i in range(N_SENTINELS)]
+SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", MASK,
+                  *SENTINELS]  # fmt: skip
 BOS, EOS, PAD = SPECIAL_TOKENS[0], SPECIAL_TOKENS[1], SPECIAL_TOKENS[2]
 _BPT_SAMPLE_BYTES = 4_000_000  # enough val text for a stable bytes-per-token figure
 _ENCODE_CHUNK_DOCS = 256
@@ -40,8 +50,12 @@ class Tokenizer:
 
     def __init__(self, hf: HFTokenizer) -> None:
         for i, token in enumerate(SPECIAL_TOKENS):
-            if hf.token_to_id(token) != i:
-                raise ValueError(f"tokenizer must map {token!r} to id {i}, found {hf.token_to_id(token)}")
+            found = hf.token_to_id(token)
+            if found is None and i > 0 and hf.token_to_id(SPECIAL_TOKENS[0]) == 0:
+                raise ValueError(f"tokenizer lacks the reserved token {token!r} (id {i}): it was trained by an "
+                                 "older lmforge; retrain it with the tokenizer stage")  # fmt: skip
+            if found != i:
+                raise ValueError(f"tokenizer must map {token!r} to id {i}, found {found}")
         # Not stored in tokenizer.json, so it is set on every construction.
         hf.encode_special_tokens = True
         self.hf = hf
@@ -85,6 +99,21 @@ class Tokenizer:
     @property
     def pad_id(self) -> int:
         return SPECIAL_TOKENS.index(PAD)
+
+    @property
+    def mask_id(self) -> int:
+        return SPECIAL_TOKENS.index(MASK)
+
+    @property
+    def sentinel_ids(self) -> list[int]:
+        """Ids of `<|sentinel_0|>`, `<|sentinel_1|>`, ... in order (span corruption uses them in that order)."""
+        first = SPECIAL_TOKENS.index(SENTINELS[0])
+        return list(range(first, first + N_SENTINELS))
+
+    @property
+    def special_ids(self) -> list[int]:
+        """Every special token's id: the ids 0..len(SPECIAL_TOKENS)-1, never produced by `encode`."""
+        return list(range(len(SPECIAL_TOKENS)))
 
 
 def _new_hf_tokenizer() -> HFTokenizer:

@@ -1,0 +1,172 @@
+"""Text embeddings from a checkpoint, and a retrieval task to measure them.
+
+An embedding is the L2-normalised mean of the backbone's final hidden states over a text's tokens, read with
+bidirectional attention: the representation the contrastive objective trains (`objectives.pooled_embeddings`).
+
+The retrieval task pairs each documented function of the Python standard library with its own code: the query is
+the first paragraph of the docstring, the document is the function's source with the docstring cut out, and a
+query must find its function among all the functions of the split. Files are split by a hash of their path, so
+the split never changes and the methods of one class stay on one side. The stdlib recipe pre-trains on these files
+as plain text; what no stage ever sees is the pairing.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import logging
+import textwrap
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lmforge.data.io import atomic_open, atomic_write_text
+from lmforge.data.readers import stdlib_root, stdlib_source_files
+from lmforge.objectives import pooled_embeddings
+from lmforge.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+TEST_PERCENT = 10  # share of stdlib files in the held-out split
+MIN_QUERY_WORDS = 4
+MIN_CODE_LINES = 3  # the def line and at least two lines of body
+
+
+@dataclass(frozen=True)
+class Pair:
+    id: str  # "path/to/module.py:Class.method"
+    query: str
+    code: str
+
+
+@torch.no_grad()
+def embed_texts(
+    model: nn.Module, tokenizer: Tokenizer, texts: Sequence[str], batch_size: int = 32, max_len: int = 256
+) -> np.ndarray:
+    """[len(texts), d] float32, unit-norm rows. Each text is BOS + its first max_len - 1 tokens, as documents
+    start in training; texts of similar length are batched together so little padding is computed."""
+    if max_len < 2:
+        raise ValueError(f"max_len must be at least 2, got {max_len}")
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    ids = [[tokenizer.bos_id] + t[: max_len - 1] for t in tokenizer.encode_batch(list(texts))]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    out: np.ndarray | None = None
+    try:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            width = max(len(ids[i]) for i in chunk)
+            input_ids = torch.full((len(chunk), width), tokenizer.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.bool)
+            for row, i in enumerate(chunk):
+                input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
+                mask[row, : len(ids[i])] = True
+            emb = pooled_embeddings(model, input_ids.to(device), mask.to(device)).cpu().numpy()
+            if out is None:
+                out = np.empty((len(ids), emb.shape[1]), dtype=np.float32)
+            out[chunk] = emb
+    finally:
+        model.train(was_training)
+    return out if out is not None else np.empty((0, 0), dtype=np.float32)
+
+
+def retrieval_recall(query_emb: np.ndarray, doc_emb: np.ndarray, ks: Sequence[int] = (1, 10)) -> dict[str, float]:
+    """Recall@k of query i retrieving doc i by dot product, for each k: {"recall@1": ..., "recall@10": ...}.
+
+    A query's rank counts the other docs scoring at least as high as its own doc, so ties count against it:
+    constant embeddings score 0 for every k below the number of docs, not 1.
+    """
+    if len(query_emb) != len(doc_emb) or len(query_emb) == 0:
+        raise ValueError(f"need one doc per query and at least one pair, got {len(query_emb)} and {len(doc_emb)}")
+    scores = query_emb.astype(np.float64) @ doc_emb.astype(np.float64).T
+    own = np.diag(scores)
+    rank = (scores >= own[:, None]).sum(axis=1) - 1
+    return {f"recall@{k}": float((rank < k).mean()) for k in ks}
+
+
+def docstring_code_pairs(source: str, rel: str) -> Iterator[Pair]:
+    """The (docstring, code) pairs of every documented function in one module's source."""
+    lines = source.splitlines()
+    for node, qualname in _functions(ast.parse(source), ""):
+        docstring = ast.get_docstring(node)
+        if not docstring:
+            continue
+        query = " ".join(docstring.split("\n\n")[0].split())
+        doc_node = node.body[0]
+        rest = node.body[1:]
+        # A docstring sharing a line with the def or with code cannot be cut out by lines; such functions are rare.
+        if len(query.split()) < MIN_QUERY_WORDS or doc_node.lineno == node.lineno or not rest:
+            continue
+        if rest[0].lineno == doc_node.end_lineno:
+            continue
+        start, end = node.lineno - 1, node.end_lineno or node.lineno
+        body = lines[start : doc_node.lineno - 1] + lines[doc_node.end_lineno : end]  # type: ignore[operator]
+        code = textwrap.dedent("\n".join(body)).strip("\n")
+        if sum(1 for line in code.splitlines() if line.strip()) >= MIN_CODE_LINES:
+            yield Pair(f"{rel}:{qualname}", query, code)
+
+
+def _functions(tree: ast.AST, prefix: str) -> Iterator[tuple[ast.FunctionDef | ast.AsyncFunctionDef, str]]:
+    for node in ast.iter_child_nodes(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            name = f"{prefix}{node.name}"
+            if not isinstance(node, ast.ClassDef):
+                yield node, name
+            yield from _functions(node, f"{name}.")
+        else:
+            yield from _functions(node, prefix)
+
+
+def in_test_split(rel: str) -> bool:
+    """Whether a stdlib file (path relative to the stdlib root) is held out: a fixed hash of its path decides."""
+    return int(hashlib.sha256(rel.encode("utf-8")).hexdigest(), 16) % 100 < TEST_PERCENT
+
+
+def stdlib_pairs(split: str = "test", max_pairs: int | None = None) -> list[Pair]:
+    """Docstring -> code pairs from the standard library's non-test modules, in file order; `split` is "test" (the
+    held-out files) or "train" (the rest). `max_pairs` keeps an evenly spread subset of that many."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split = {split!r}: allowed values are ['train', 'test']")
+    root = stdlib_root()
+    pairs: list[Pair] = []
+    for path in stdlib_source_files(include_tests=False):
+        rel = path.relative_to(root).as_posix()
+        if in_test_split(rel) != (split == "test"):
+            continue
+        try:
+            source = path.read_text(encoding="utf-8")
+            pairs.extend(docstring_code_pairs(source, rel))
+        except (SyntaxError, UnicodeDecodeError, ValueError) as e:  # lib2to3 fixtures and the like
+            log.debug("%s: skipped (%s)", rel, e)
+    # The same query for two functions (overloads, copies) would make recall ill-defined; keep the first.
+    seen: set[str] = set()
+    unique = []
+    for pair in pairs:
+        if pair.query not in seen:
+            seen.add(pair.query)
+            unique.append(pair)
+    if max_pairs is not None and len(unique) > max_pairs:
+        unique = [unique[i] for i in np.linspace(0, len(unique) - 1, max_pairs).round().astype(int)]
+    return unique
+
+
+def pairs_recall(
+    model: nn.Module, tokenizer: Tokenizer, pairs: Sequence[Pair], batch_size: int = 32, max_len: int = 256,
+    ks: Sequence[int] = (1, 10),
+) -> dict[str, float]:  # fmt: skip
+    """Recall@k of each pair's query retrieving its own code among all the pairs' code."""
+    queries = embed_texts(model, tokenizer, [p.query for p in pairs], batch_size, max_len)
+    docs = embed_texts(model, tokenizer, [p.code for p in pairs], batch_size, max_len)
+    return retrieval_recall(queries, docs, ks)
+
+
+def write_embeddings(path: Path, emb: np.ndarray, ids: Sequence[str]) -> None:
+    """`path` (.npy) and, beside it, `<path>.ids.txt` naming each row's document, both written atomically."""
+    with atomic_open(path, "wb") as f:
+        np.save(f, emb)
+    atomic_write_text(Path(f"{path}.ids.txt"), "".join(f"{i}\n" for i in ids))

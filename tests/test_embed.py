@@ -1,0 +1,129 @@
+"""Embeddings from a checkpoint, retrieval recall, the stdlib docstring -> code task and `lmforge embed`."""
+
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lmforge.cli import app
+from lmforge.data.readers import stdlib_root
+from lmforge.embed import docstring_code_pairs, embed_texts, in_test_split, retrieval_recall, stdlib_pairs
+from lmforge.model.io import save_model
+from lmforge.model.transformer import ModelArgs, Transformer
+from lmforge.tokenizer import train_tokenizer
+
+TEXTS = ["def f(x):\n    return x + 1\n", "import os", "", "a much longer text " * 20, "class A:\n    pass\n"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    root = stdlib_root()
+    return train_tokenizer([(root / f).read_text(encoding="utf-8") for f in ("textwrap.py", "string.py")], 400)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)
+    args = ModelArgs(vocab_size=tok.vocab_size, n_layers=1, d_model=32, n_heads=4, n_kv_heads=4, head_dim=8,
+                     mlp_hidden=64, max_seq_len=64)  # fmt: skip
+    return Transformer(args), args
+
+
+def test_retrieval_recall_on_hand_made_embeddings():
+    q = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    d = np.array([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    # q2 scores d0 (1.0) above its own d2 (0.6): rank 1; q0 and q1 rank their own doc first.
+    assert retrieval_recall(q, d, ks=(1, 2, 3)) == {"recall@1": 2 / 3, "recall@2": 1.0, "recall@3": 1.0}
+    same = np.ones((4, 3))
+    assert retrieval_recall(same, same, ks=(1, 3, 4)) == {"recall@1": 0.0, "recall@3": 0.0, "recall@4": 1.0}
+    assert retrieval_recall(np.eye(5), np.eye(5)) == {"recall@1": 1.0, "recall@10": 1.0}
+    with pytest.raises(ValueError, match="one doc per query"):
+        retrieval_recall(np.eye(3), np.eye(2))
+
+
+def test_embed_texts_is_normalised_and_independent_of_batching(tok, model):
+    m, _ = model
+    one = embed_texts(m, tok, TEXTS, batch_size=1, max_len=64)
+    many = embed_texts(m, tok, TEXTS, batch_size=3, max_len=64)
+    assert one.shape == (len(TEXTS), 32) and one.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(one, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(one, many, atol=1e-5)  # padding and batch order do not leak into an embedding
+    assert not np.allclose(one[0], one[1])
+    assert m.training  # the caller's mode is restored
+    short = embed_texts(m, tok, [TEXTS[3]], max_len=8)
+    assert not np.allclose(short[0], one[3])  # max_len truncates
+    assert embed_texts(m, tok, []).shape == (0, 0)
+
+
+SOURCE = textwrap.dedent('''
+    def documented(a, b):
+        """Add two numbers together, carefully.
+
+        More detail that is not part of the query.
+        """
+        total = a + b
+        return total
+
+    def short_doc():
+        """Too short."""
+        x = 1
+        return x
+
+    def undocumented():
+        return 1
+
+    class Box:
+        def open(self, force=False):
+            """Open the box unless it is locked."""
+            if self.locked and not force:
+                raise RuntimeError("locked")
+            self.is_open = True
+''')
+
+
+def test_docstring_code_pairs_cut_the_docstring_out():
+    pairs = list(docstring_code_pairs(SOURCE, "m.py"))
+    assert [p.id for p in pairs] == ["m.py:documented", "m.py:Box.open"]
+    assert pairs[0].query == "Add two numbers together, carefully."
+    assert pairs[0].code == "def documented(a, b):\n    total = a + b\n    return total"
+    assert pairs[1].code.startswith("def open(self, force=False):\n    if self.locked")  # dedented method
+    assert all('"""' not in p.code for p in pairs)
+
+
+def test_stdlib_pairs_are_held_out_and_deterministic():
+    pairs = stdlib_pairs("test")
+    assert len(pairs) > 200
+    assert all(in_test_split(p.id.split(":")[0]) for p in pairs)
+    assert len({p.query for p in pairs}) == len(pairs)
+    subset = stdlib_pairs("test", max_pairs=50)
+    ids = [p.id for p in pairs]
+    positions = [ids.index(p.id) for p in subset]
+    assert len(subset) == 50 and positions == sorted(positions)  # an evenly spread subset, in file order
+    assert positions[0] == 0 and positions[-1] == len(pairs) - 1
+    with pytest.raises(ValueError, match="allowed values"):
+        stdlib_pairs("val")
+
+
+def test_embed_cli(tmp_path, tok, model):
+    m, args = model
+    tok.save(tmp_path / "tokenizer.json")
+    ckpt = save_model(tmp_path / "ckpt", m, args, tmp_path / "tokenizer.json")
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i, text in enumerate(["x = 1\n", "def f():\n    pass\n", "print('hi')\n"]):
+        (docs / f"{i}.py").write_text(text, encoding="utf-8")
+    runner = CliRunner()
+    result = runner.invoke(app, ["embed", str(ckpt), "--text", str(docs), "-o", str(tmp_path / "e.npy")])
+    assert result.exit_code == 0, result.output
+    emb = np.load(tmp_path / "e.npy")
+    assert emb.shape == (3, 32)
+    assert (tmp_path / "e.npy.ids.txt").read_text(encoding="utf-8").split() == ["0.py", "1.py", "2.py"]
+    result = runner.invoke(app, ["embed", str(ckpt), "--pairs", "stdlib", "--max-len", "32"])
+    assert result.exit_code == 0, result.output
+    assert "recall@1=" in result.output and "recall@10=" in result.output
+    assert runner.invoke(app, ["embed", str(ckpt)]).exit_code == 2
+    assert runner.invoke(app, ["embed", str(ckpt), "--pairs", "other"]).exit_code == 2
