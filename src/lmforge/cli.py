@@ -145,13 +145,14 @@ def pretrain(
     shards_dir: Path = typer.Argument(..., help="A shards directory (index.json, *.bin)."),
     tokenizer_path: Path = typer.Option(..., "--tokenizer", "-t", help="tokenizer.json"),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory; re-running it resumes."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="model.key=value and train.key=value settings."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="model.*, train.* and pretrain.* settings "
+                                                    "(e.g. pretrain.objective=mlm train.optimizer=muon)."),
 ) -> None:
-    """Pre-train a causal language model from scratch (resumes from the last checkpoint in --out)."""
+    """Pre-train a model from scratch with a chosen objective (resumes from the last checkpoint in --out)."""
     from lmforge.pretrain import pretrain as run_pretrain
 
-    cfg = _sections(list(overrides or []), {"model", "train"})
-    metrics = run_pretrain(shards_dir, tokenizer_path, cfg.model, cfg.train, out)
+    cfg = _sections(list(overrides or []), {"model", "train", "pretrain"})
+    metrics = run_pretrain(shards_dir, tokenizer_path, cfg.model, cfg.train, out, cfg.pretrain)
     log.info("final validation loss %.4f; model in %s", metrics.get("final_val_loss") or float("nan"), out / "final")
 
 

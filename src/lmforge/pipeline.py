@@ -88,7 +88,7 @@ def _stage_fn(recipe: Recipe, stage: str, root: Path) -> Callable[[Path], dict]:
     if stage == "pretrain":
         from lmforge.pretrain import pretrain
 
-        return lambda out: pretrain(root / "shards", tok_path, recipe.model, recipe.train, out)
+        return lambda out: pretrain(root / "shards", tok_path, recipe.model, recipe.train, out, recipe.pretrain)
     if stage == "eval":
         from lmforge.eval.run import evaluate_checkpoint
 

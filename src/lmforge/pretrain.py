@@ -1,4 +1,12 @@
-"""The pretrain stage: a fresh transformer, the token shards, the causal-LM loss, fed to the one training loop."""
+"""The pretrain stage: a fresh transformer, the token shards and an objective, fed to the one training loop.
+
+The objective (`pretrain.objective`) is causal LM, BERT-style MLM, T5 span corruption (as a prefix LM), prefix LM,
+contrastive sentence embeddings, or a weighted mixture of them. `ObjectiveBatches` turns each loader batch into
+the objective's batch; the random choices it makes (masking, spans, prefixes, views, and the objective drawn from
+a mixture) come from a generator seeded by the loader's position, so a resumed run makes the same choices.
+With `pretrain.packing: best_fit`, rows hold whole documents (lmforge.data.packing); `document_masking` stops
+attention at document boundaries.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +20,8 @@ from lmforge.data.loader import BatchLoader
 from lmforge.data.shards import open_split
 from lmforge.model.io import write_model_files
 from lmforge.model.transformer import ModelArgs, Transformer
-from lmforge.objectives import clm_loss
-from lmforge.recipe import ModelConfig, TrainConfig
+from lmforge.objectives import IGNORE_INDEX, clm_loss, mlm_accuracy, objective_batch, objective_loss
+from lmforge.recipe import ModelConfig, PretrainConfig, TrainConfig
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.loop import train
 
@@ -59,17 +67,140 @@ def make_val_fn(windows: list[tuple[torch.Tensor, torch.Tensor]], batch_size: in
     return val_fn
 
 
+def objective_weights(cfg: PretrainConfig) -> dict[str, float]:
+    """The objective mixture as normalised weights, in a fixed order."""
+    raw = cfg.objective if isinstance(cfg.objective, dict) else {cfg.objective: 1.0}
+    total = sum(raw.values())
+    return {name: raw[name] / total for name in sorted(raw)}
+
+
+class ObjectiveBatches:
+    """Wraps a loader of (x, y[, doc_ids]) windows; yields `(objective, batch)` for `mixture_loss`.
+
+    The generator for each batch is seeded from (seed, the loader's state before the batch), so the choices repeat
+    exactly after a resume; state_dict / load_state_dict pass through to the wrapped loader.
+    """
+
+    def __init__(self, loader, cfg: PretrainConfig, tokenizer: Tokenizer, seed: int, document_masking: bool) -> None:
+        self.loader, self.cfg, self.tokenizer, self.seed = loader, cfg, tokenizer, seed
+        self.weights = objective_weights(cfg)
+        self.document_masking = document_masking
+
+    def __iter__(self) -> "ObjectiveBatches":
+        return self
+
+    def _generator(self) -> torch.Generator:
+        state = self.loader.state_dict()
+        key = [self.seed] + [int(v) for v in state.values() if isinstance(v, (int, np.integer))]
+        g = torch.Generator()
+        g.manual_seed(int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)))
+        return g
+
+    def __next__(self):
+        g = self._generator()
+        batch = next(self.loader)
+        names = list(self.weights)
+        if len(names) == 1:
+            name = names[0]
+        else:
+            pick = torch.multinomial(torch.tensor(list(self.weights.values())), 1, generator=g).item()
+            name = names[int(pick)]
+        if len(batch) == 3:  # packed rows: (x, y, doc_ids); only causal LM reads them (checked in pretrain)
+            x, y, doc_ids = batch
+            return name, (x, y, doc_ids if self.document_masking else None)
+        x, y = batch
+        return name, objective_batch(name, x, y, self.cfg, self.tokenizer, g)
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state) -> None:
+        self.loader.load_state_dict(state)
+
+
+def packed_clm_loss(model: torch.nn.Module, batch) -> torch.Tensor:
+    """Causal LM on packed rows; with doc_ids, attention stops at document boundaries."""
+    x, y, doc_ids = batch
+    logits = model(x, doc_ids=doc_ids)
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def mixture_loss(cfg: PretrainConfig):
+    """loss_fn(model, (objective, batch)): the named objective's loss."""
+    losses = {name: objective_loss(name, cfg) for name in objective_weights(cfg)}
+
+    def loss_fn(model, item):
+        name, batch = item
+        if isinstance(batch, tuple) and len(batch) == 3:
+            return packed_clm_loss(model, batch)
+        return losses[name](model, batch)
+
+    return loss_fn
+
+
+def objective_val_fn(windows, batch_size: int, cfg: PretrainConfig, tokenizer: Tokenizer, seed: int):
+    """Held-out loss of the mixture's main objective (causal LM when it is in the mixture, else the heaviest).
+
+    The noise (masks, spans, prefixes, views) comes from a fixed generator, so every evaluation scores the same
+    batches. Returns the mean loss over the fixed windows.
+    """
+    weights = objective_weights(cfg)
+    main = "clm" if "clm" in weights else max(weights, key=weights.get)
+    if main == "clm":
+        return make_val_fn(windows, batch_size), main
+    loss = objective_loss(main, cfg)
+
+    @torch.no_grad()
+    def val_fn(model: torch.nn.Module) -> float:
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        g = torch.Generator()
+        g.manual_seed(seed)
+        total, count = 0.0, 0
+        for i in range(0, len(windows), batch_size):
+            xs = torch.stack([w[0] for w in windows[i : i + batch_size]])
+            ys = torch.stack([w[1] for w in windows[i : i + batch_size]])
+            ys = torch.where(ys == IGNORE_INDEX, xs.roll(-1, dims=1), ys)  # the raw next tokens, BOS included
+            batch = objective_batch(main, xs, ys, cfg, tokenizer, g)
+            batch = {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else batch
+            total += float(loss(model, batch)) * len(xs)
+            count += len(xs)
+        model.train(was_training)
+        return total / max(count, 1)
+
+    return val_fn, main
+
+
+def mlm_val_accuracy(model, windows, cfg: PretrainConfig, tokenizer: Tokenizer, seed: int) -> float:
+    """Masked-token accuracy of `model` on the fixed held-out windows (fixed masking)."""
+    g = torch.Generator()
+    g.manual_seed(seed)
+    device = next(model.parameters()).device
+    xs = torch.stack([w[0] for w in windows])
+    batch = objective_batch("mlm", xs, xs, cfg, tokenizer, g)
+    with torch.no_grad():
+        return mlm_accuracy(model, {k: v.to(device) for k, v in batch.items()})
+
+
 def pretrain(
     shards_dir: Path,
     tokenizer_path: Path,
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
     out_dir: Path,
+    pretrain_cfg: PretrainConfig | None = None,
 ) -> dict:
-    """Train a causal LM from scratch on `shards_dir`; the final model lands in `out_dir/final/`.
-
-    Re-running on the same `out_dir` resumes from its last checkpoint.
+    """Train a model from scratch on `shards_dir` with `pretrain_cfg`'s objective; the final model lands in
+    `out_dir/final/`. Re-running on the same `out_dir` resumes from its last checkpoint.
     """
+    pretrain_cfg = pretrain_cfg or PretrainConfig()
+    weights = objective_weights(pretrain_cfg)
+    if pretrain_cfg.packing == "best_fit" and set(weights) != {"clm"}:
+        raise ValueError(f"pretrain.packing=best_fit packs documents for causal LM; objective {pretrain_cfg.objective}"
+                         " needs pretrain.packing=window")  # fmt: skip
+    if pretrain_cfg.document_masking and pretrain_cfg.packing != "best_fit":
+        raise ValueError("pretrain.document_masking needs pretrain.packing=best_fit (rows of whole documents)")
     tokenizer = Tokenizer.from_file(tokenizer_path)
     args = ModelArgs.from_config(model_cfg, tokenizer.vocab_size)
     torch.manual_seed(train_cfg.seed)
@@ -83,21 +214,34 @@ def pretrain(
 
     train_split = open_split(shards_dir, "train")
     val_split = open_split(shards_dir, "val")
-    loader = BatchLoader(train_split, train_cfg.seq_len, train_cfg.batch_size, train_cfg.seed)
+    if pretrain_cfg.packing == "best_fit":
+        from lmforge.data.packing import PackedLoader
+
+        base = PackedLoader(train_split, train_cfg.seq_len, train_cfg.batch_size, train_cfg.seed,
+                            pad_id=tokenizer.pad_id)  # fmt: skip
+    else:
+        base = BatchLoader(train_split, train_cfg.seq_len, train_cfg.batch_size, train_cfg.seed)
+    loader = ObjectiveBatches(base, pretrain_cfg, tokenizer, train_cfg.seed, pretrain_cfg.document_masking)
     windows = validation_windows(val_split, train_cfg.seq_len, train_cfg.eval_batches * train_cfg.batch_size,
                                  tokenizer.bos_id)  # fmt: skip
+    val_fn, val_objective = objective_val_fn(windows, train_cfg.batch_size, pretrain_cfg, tokenizer, train_cfg.seed)
+    log.info("objective: %s (validation: %s loss)", ", ".join(f"{k} {v:.2f}" for k, v in weights.items()),
+             val_objective)  # fmt: skip
 
     metrics = train(
         model,
-        clm_loss,
+        mixture_loss(pretrain_cfg),
         loader,
         train_cfg,
         out_dir,
         flops_per_token=model.flops_per_token(train_cfg.seq_len),
         tokens_per_batch=train_cfg.batch_size * train_cfg.seq_len * train_cfg.grad_accum,
-        val_fn=make_val_fn(windows, train_cfg.batch_size),
+        val_fn=val_fn,
         write_model_files=lambda m, d: write_model_files(m, args, d, tokenizer_path),
     )
+    metrics["val_objective"] = val_objective
+    if "mlm" in weights:
+        metrics["val_mlm_accuracy"] = mlm_val_accuracy(model, windows, pretrain_cfg, tokenizer, train_cfg.seed)
     metrics.update(
         params=model.num_params(),
         non_embedding_params=model.num_params(non_embedding=True),
