@@ -127,3 +127,32 @@ def test_embed_cli(tmp_path, tok, model):
     assert "recall@1=" in result.output and "recall@10=" in result.output
     assert runner.invoke(app, ["embed", str(ckpt)]).exit_code == 2
     assert runner.invoke(app, ["embed", str(ckpt), "--pairs", "other"]).exit_code == 2
+
+
+def test_pair_batches_lay_pairs_out_as_views_and_resume(tok):
+    from lmforge.embed import PairBatches
+
+    pairs = stdlib_pairs("train", max_pairs=40)
+    loader = PairBatches(pairs, tok, batch_size=8, max_len=24, seed=3)
+    first = next(loader)
+    assert first["input_ids"].shape[0] == 16 and first["mask"].dtype == torch.bool
+    assert (first["input_ids"][:, 0] == tok.bos_id).all()  # every text starts with BOS, queries then codes
+    assert (first["input_ids"][~first["mask"]] == tok.pad_id).all() and first["mask"].sum(1).max() <= 24
+    state = loader.state_dict()
+    expected = [next(loader) for _ in range(6)]  # crosses the 5-batch epoch boundary
+    again = PairBatches(pairs, tok, batch_size=8, max_len=24, seed=3)
+    again.load_state_dict(state)
+    for a, b in zip(expected, (next(again) for _ in range(6))):
+        assert torch.equal(a["input_ids"], b["input_ids"])
+
+
+def test_finetune_on_pairs_improves_the_contrastive_loss(tmp_path, tok, model):
+    from lmforge.embed import finetune_on_pairs
+
+    m, args = model
+    tok.save(tmp_path / "tokenizer.json")
+    ckpt = save_model(tmp_path / "ckpt", m, args, tmp_path / "tokenizer.json")
+    metrics = finetune_on_pairs(ckpt, tmp_path / "ft", steps=12, batch_size=8, lr=3e-3, max_len=32)
+    losses = [__import__("json").loads(line)["loss"] for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics["steps"] == 12 and (tmp_path / "ft" / "final" / "model.safetensors").exists()
+    assert np.mean(losses[-4:]) < np.mean(losses[:4])

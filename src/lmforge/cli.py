@@ -205,10 +205,13 @@ def embed(
                                         "retrieval on the held-out standard-library functions."),
     batch_size: int = typer.Option(32, min=1),
     max_len: Optional[int] = typer.Option(None, min=2, help="Tokens per text (default: the model's max_seq_len)."),
+    finetune_steps: int = typer.Option(0, "--finetune-steps", min=0, help="With --pairs: first fine-tune "
+                                       "contrastively for this many steps on the training split's pairs."),
+    finetune_out: Optional[Path] = typer.Option(None, "--finetune-out", help="Where the fine-tuned model goes."),
 ) -> None:
     """Mean-pooled, L2-normalised text embeddings (bidirectional attention), or a retrieval score."""
     from lmforge.data.readers import read_documents
-    from lmforge.embed import embed_texts, pairs_recall, stdlib_pairs, write_embeddings
+    from lmforge.embed import embed_texts, finetune_on_pairs, pairs_recall, stdlib_pairs, write_embeddings
     from lmforge.eval.run import TEXT_EXTENSIONS
     from lmforge.model.io import load_checkpoint_tokenizer, load_model
 
@@ -218,6 +221,12 @@ def embed(
         _fail("--text needs --out OUT.npy", 2)
     if pairs is not None and pairs != "stdlib":
         _fail(f"--pairs {pairs!r} is not supported; allowed: stdlib", 2)
+    if finetune_steps and (pairs is None or finetune_out is None):
+        _fail("--finetune-steps needs --pairs stdlib and --finetune-out DIR", 2)
+    if finetune_steps:
+        finetune_on_pairs(checkpoint, finetune_out, steps=finetune_steps, batch_size=batch_size,
+                          max_len=max_len or 256)  # fmt: skip
+        checkpoint = finetune_out / "final"
     model, args = load_model(checkpoint)
     tok = load_checkpoint_tokenizer(checkpoint)
     max_len = min(max_len or args.max_seq_len, args.max_seq_len)

@@ -19,6 +19,7 @@ import textwrap
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -170,3 +171,70 @@ def write_embeddings(path: Path, emb: np.ndarray, ids: Sequence[str]) -> None:
     with atomic_open(path, "wb") as f:
         np.save(f, emb)
     atomic_write_text(Path(f"{path}.ids.txt"), "".join(f"{i}\n" for i in ids))
+
+
+class PairBatches:
+    """Endless batches of (query, code) pairs in the contrastive-views layout: rows i and B+i are one pair.
+
+    Every text is BOS plus at most max_len - 1 tokens, right-padded with PAD. Pairs are visited in a permutation
+    drawn from `default_rng((seed, epoch))`, so the state is two integers and a restored loader repeats exactly.
+    """
+
+    def __init__(self, pairs: Sequence[Pair], tokenizer: Tokenizer, batch_size: int, max_len: int, seed: int) -> None:
+        if len(pairs) < batch_size:
+            raise ValueError(f"{len(pairs)} pairs are fewer than one batch of {batch_size}")
+        encode = lambda text: [tokenizer.bos_id] + tokenizer.encode(text)[: max_len - 1]  # noqa: E731
+        self.queries = [encode(p.query) for p in pairs]
+        self.codes = [encode(p.code) for p in pairs]
+        self.batch_size, self.seed, self.pad_id = batch_size, seed, tokenizer.pad_id
+        self.batches_per_epoch = len(pairs) // batch_size
+        self.epoch, self.position = 0, 0
+
+    def __iter__(self) -> "PairBatches":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self.position >= self.batches_per_epoch:
+            self.epoch, self.position = self.epoch + 1, 0
+        order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.queries))
+        picked = order[self.position * self.batch_size : (self.position + 1) * self.batch_size]
+        self.position += 1
+        rows = [self.queries[i] for i in picked] + [self.codes[i] for i in picked]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+        lengths = torch.tensor([len(r) for r in rows])
+        return {"input_ids": ids, "mask": torch.arange(width)[None, :] < lengths[:, None]}
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def finetune_on_pairs(
+    checkpoint: Path, out_dir: Path, *, steps: int, batch_size: int = 32, lr: float = 1e-3,
+    temperature: float = 0.05, max_len: int = 256, seed: int = 0,
+) -> dict[str, Any]:  # fmt: skip
+    """Contrastive fine-tuning on the training split of the stdlib docstring -> code pairs (held-out files never
+    seen), through the one training loop; the model lands in `out_dir/final/`. Returns the loop's metrics."""
+    from functools import partial
+
+    from lmforge.model.io import load_model, write_model_files
+    from lmforge.objectives import contrastive_loss
+    from lmforge.recipe import TrainConfig
+    from lmforge.train.loop import train
+
+    from lmforge.model.io import load_checkpoint_tokenizer
+
+    checkpoint = Path(checkpoint)
+    model, args = load_model(checkpoint)
+    tokenizer = load_checkpoint_tokenizer(checkpoint)
+    max_len = min(max_len, args.max_seq_len)
+    loader = PairBatches(stdlib_pairs("train"), tokenizer, batch_size, max_len, seed)
+    cfg = TrainConfig(seq_len=max_len, batch_size=batch_size, max_steps=steps, lr=lr,
+                      warmup_steps=max(1, steps // 10), eval_every=steps, ckpt_every=steps, seed=seed)  # fmt: skip
+    return train(model, partial(contrastive_loss, temperature=temperature), loader, cfg, out_dir,
+                 write_model_files=lambda m, d: write_model_files(m, args, d, checkpoint / "tokenizer.json"))  # fmt: skip
