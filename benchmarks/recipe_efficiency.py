@@ -84,7 +84,8 @@ def train_one(name: str, data: Path, out_root: Path, budget: float, depth: int, 
     model_kw, train_kw = RECIPES[name]
     base = load_recipe()
     model_cfg = ModelConfig(**{**base.model.model_dump(), "depth": depth, **model_kw})
-    common = {**base.train.model_dump(), "lr": lr, **train_kw}
+    # Eager for every recipe, as measured in docs/benchmarks.md; compile helps each by a similar margin on CPU.
+    common = {**base.train.model_dump(), "lr": lr, "compile": False, **train_kw}
     shards, tok = data / "shards", data / "tokenizer" / "tokenizer.json"
     # Time a few steps (after warm-up) to size the schedule to the budget.
     probe = out_root / f"{name}-probe"

@@ -22,6 +22,7 @@ TINY = [
     "train.seq_len=64",
     "train.batch_size=4",
     "train.max_steps=6",
+    "train.compile=false",  # compiling a tiny model costs more than its six steps
     "train.warmup_steps=2",
     "train.eval_every=3",
     "train.eval_batches=2",

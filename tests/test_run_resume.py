@@ -18,7 +18,7 @@ STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SETTINGS = [
     f"data.source={STDLIB / 'json'}", "data.val_fraction=0.3", "tokenizer.vocab_size=400", "model.depth=1",
     "model.d_model=64", "model.max_seq_len=32", "train.seq_len=32", "train.batch_size=4", "train.max_steps=60",
-    "train.warmup_steps=5", "train.eval_every=20", "train.eval_batches=1", "train.ckpt_every=10",
+    "train.warmup_steps=5", "train.compile=false", "train.eval_every=20", "train.eval_batches=1", "train.ckpt_every=10",
     "stages=[curate, tokenizer, shards, pretrain]", "name=kill",
 ]  # fmt: skip
 

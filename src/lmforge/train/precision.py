@@ -80,8 +80,9 @@ def set_threads(n: int) -> int:
 def use_compile(setting: bool | str, device: torch.device) -> bool:
     """Whether to torch.compile the model: `auto` compiles on CUDA only.
 
-    On the 2-core reference CPU a compiled default-model step measured 1.34 s against 1.23 s eager, after 5-12 s of
-    compilation (docs/benchmarks.md), so CPU runs stay eager unless asked.
+    On CPU the gain depends on the model and the run length (docs/benchmarks.md): the default recipe's block is
+    10% faster compiled and sets compile: true, the earlier Llama block was slower, and short or tiny runs never
+    repay the ~15 s of compilation, so `auto` leaves CPU runs eager.
     """
     if setting == "auto":
         return device.type == "cuda"
