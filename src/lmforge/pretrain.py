@@ -161,7 +161,8 @@ def objective_val_fn(windows, batch_size: int, cfg: PretrainConfig, tokenizer: T
         for i in range(0, len(windows), batch_size):
             xs = torch.stack([w[0] for w in windows[i : i + batch_size]])
             ys = torch.stack([w[1] for w in windows[i : i + batch_size]])
-            ys = torch.where(ys == IGNORE_INDEX, xs.roll(-1, dims=1), ys)  # the raw next tokens, BOS included
+            # validation_windows hides BOS targets from the causal loss; the objective builders want the raw tokens.
+            ys = torch.where(ys == IGNORE_INDEX, tokenizer.bos_id, ys)
             batch = objective_batch(main, xs, ys, cfg, tokenizer, g)
             batch = {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else batch
             total += float(loss(model, batch)) * len(xs)
