@@ -1,6 +1,5 @@
 """Muon: Newton-Schulz orthogonalisation, the Muon/AdamW split, lr_scale, checkpoint round trip and training."""
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -19,19 +18,10 @@ from lmforge.train.loop import train
 from lmforge.train.muon import NS_BAND, NS_FLOOR, Muon, newton_schulz, update_scale
 from lmforge.train.optim import CombinedOptimizer, build_optimizer, muon_partition
 
+from helpers import ByteSplit
+
 SEQ = 32
 LO, HI = NS_BAND
-
-
-class ByteSplit:
-    """Real text as tokens: the bytes of a standard-library source file (vocab 256)."""
-
-    def __init__(self) -> None:
-        self.tokens = np.frombuffer(Path(argparse.__file__).read_bytes(), dtype=np.uint8).astype(np.int64)
-        self.n_tokens = len(self.tokens)
-
-    def slice(self, start: int, stop: int) -> np.ndarray:
-        return self.tokens[start:stop]
 
 
 def tiny_model(seed: int = 0, depth: int = 2, **kw) -> Transformer:

@@ -1,4 +1,3 @@
-import argparse
 import json
 from pathlib import Path
 
@@ -16,20 +15,9 @@ from lmforge.train.checkpoint import TrainerState, load_latest_training_checkpoi
 from lmforge.train.loop import TrainingDiverged, train
 from lmforge.train.optim import build_optimizer, lr_at
 
+from helpers import ByteSplit
+
 SEQ = 32
-
-
-class ByteSplit:
-    """Real text as tokens: the bytes of a standard-library source file (vocab 256)."""
-
-    def __init__(self) -> None:
-        self.tokens = np.frombuffer(Path(argparse.__file__).read_bytes(), dtype=np.uint8).astype(np.int64)
-        self.n_tokens = len(self.tokens)
-
-    def slice(self, start: int, stop: int) -> np.ndarray:
-        return self.tokens[start:stop]
-
-
 ARGS = ModelArgs.from_config(ModelConfig(depth=1, d_model=32, max_seq_len=SEQ), 256)
 
 

@@ -81,6 +81,18 @@ def hf_architecture(args: ModelArgs) -> str:
     return "qwen3" if args.qk_norm else "llama"
 
 
+def _token_and_dtype_fields(dtype: str) -> dict[str, Any]:
+    """The config.json fields every exported architecture shares: special token ids, cache, weight dtype."""
+    return {
+        "bos_token_id": BOS_ID,
+        "eos_token_id": EOS_ID,
+        "pad_token_id": PAD_ID,
+        "use_cache": True,
+        "torch_dtype": dtype,
+        "dtype": dtype,
+    }
+
+
 def llama_config(args: ModelArgs, dtype: str) -> dict[str, Any]:
     """config.json for LlamaForCausalLM, readable by transformers 4.45+ (rope_theta) and 5.x (rope_parameters)."""
     return {
@@ -103,20 +115,14 @@ def llama_config(args: ModelArgs, dtype: str) -> dict[str, Any]:
         "mlp_bias": False,
         "initializer_range": args.init_std,
         "tie_word_embeddings": args.tie_embeddings,
-        "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
-        "pad_token_id": PAD_ID,
-        "use_cache": True,
-        "torch_dtype": dtype,
-        "dtype": dtype,
+        **_token_and_dtype_fields(dtype),
     }
 
 
 def qwen3_config(args: ModelArgs, dtype: str) -> dict[str, Any]:
     """config.json for Qwen3ForCausalLM: Llama's fields plus per-head q_norm / k_norm, no sliding window."""
     cfg = llama_config(args, dtype)
-    for key in ("mlp_bias",):
-        cfg.pop(key)
+    cfg.pop("mlp_bias")
     return cfg | {
         "architectures": ["Qwen3ForCausalLM"],
         "model_type": "qwen3",
@@ -148,12 +154,7 @@ def gpt2_config(args: ModelArgs, dtype: str) -> dict[str, Any]:
         "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
         "tie_word_embeddings": True,
-        "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
-        "pad_token_id": PAD_ID,
-        "use_cache": True,
-        "torch_dtype": dtype,
-        "dtype": dtype,
+        **_token_and_dtype_fields(dtype),
     }
 
 

@@ -42,10 +42,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from lmforge.data.curated import PartWriter, iter_part_records, iter_split_texts, part_files, part_name
+from lmforge.data.curated import PartWriter, iter_part_records, part_name
 from lmforge.data.executor import run_tasks
 from lmforge.data.filters import Filter, build_filters
-from lmforge.data.io import atomic_write_json, atomic_write_text
+from lmforge.data.io import atomic_open, atomic_write_json, atomic_write_text
 from lmforge.data.readers import Document, ErrorLog, read_documents, read_file, source_files, stdlib_root
 from lmforge.data.readers import stdlib_source_files
 from lmforge.data.web import is_hf_dataset
@@ -119,16 +119,6 @@ class CurationStats:
             "bytes_kept": self.bytes_kept,
             "removed": {reason: dict(entry) for reason, entry in sorted(self.removed.items())},
         }
-
-
-def merge_errors(parts: list[dict[str, Any]], max_messages: int = 20) -> dict[str, Any]:
-    """One `ErrorLog.to_dict()` from several, messages in the order given."""
-    counts: Counter[str] = Counter()
-    messages: list[str] = []
-    for part in parts:
-        counts.update(part["by_reason"])
-        messages += part["messages"]
-    return {"total": sum(counts.values()), "by_reason": dict(sorted(counts.items())), "messages": messages[:max_messages]}
 
 
 def split_of(doc_id: str, val_fraction: float) -> Literal["train", "val"]:
@@ -214,10 +204,13 @@ def _done(work: Path, phase: str, index: int) -> dict[str, Any] | None:
 
 
 def _save_npz(path: Path, **arrays: np.ndarray) -> None:
-    from lmforge.data.io import atomic_open
-
     with atomic_open(path, "wb") as f:
         np.savez(f, **arrays)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with atomic_open(path, "wb") as f:
+        np.save(f, array)
 
 
 def _histograms():
@@ -358,19 +351,17 @@ def _find_boilerplate(cfg: DataConfig, work: Path, n_shards: int) -> int:
     from lmforge.data.boilerplate import frequent_lines
 
     path = work / "boilerplate.npy"
-    if not path.exists():
+    if path.exists():  # a rerun after a kill: the sum over shards is already done
+        return len(np.load(path))
 
-        def parts():
-            for i in range(n_shards):
-                with np.load(work / "map" / f"{i:05d}.npz") as z:
-                    yield z["line_hashes"], z["line_docs"]
+    def parts():
+        for i in range(n_shards):
+            with np.load(work / "map" / f"{i:05d}.npz") as z:
+                yield z["line_hashes"], z["line_docs"]
 
-        from lmforge.data.io import atomic_open
-
-        frequent = frequent_lines(parts(), cfg.boilerplate_min_docs)
-        with atomic_open(path, "wb") as f:
-            np.save(f, frequent)
-    return int(len(np.load(path)))
+    frequent = frequent_lines(parts(), cfg.boilerplate_min_docs)
+    _save_npy(path, frequent)
+    return len(frequent)
 
 
 def _decide(cfg: DataConfig, work: Path, n_shards: int, signed: bool) -> dict[str, Any]:
@@ -435,10 +426,7 @@ def _decide(cfg: DataConfig, work: Path, n_shards: int, signed: bool) -> dict[st
             moved = f"last {SPLITS[full_split]} document moved to {SPLITS[empty_split]}"
             break
     for i, dest in enumerate(dests):
-        from lmforge.data.io import atomic_open
-
-        with atomic_open(work / "decide" / f"{i:05d}.npy", "wb") as f:
-            np.save(f, dest)
+        _save_npy(work / "decide" / f"{i:05d}.npy", dest)
     summary = {"removed": removed, "split_adjustment": moved}
     atomic_write_json(summary_path, summary)
     return summary
@@ -552,9 +540,10 @@ def run_curate(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
 
 
 def _report(cfg, mapped, signs, decided, written, work, boilerplate_lines) -> dict[str, Any]:
-    stats = CurationStats()
+    stats, errors = CurationStats(), ErrorLog()
     for m in mapped:
         stats.merge(m["stats"])
+        errors.merge(m["errors"])
     removed = _resolve_examples(work, decided["removed"])
     for reason, entry in removed.items():
         stats.docs_kept -= entry["docs"]
@@ -583,7 +572,7 @@ def _report(cfg, mapped, signs, decided, written, work, boilerplate_lines) -> di
         "modified": dict(sorted(modified.items())),
         "pii_found": dict(sorted(pii.items())),
         "boilerplate_lines": boilerplate_lines,
-        "skipped_bad": merge_errors([m["errors"] for m in mapped]),
+        "skipped_bad": errors.to_dict(),
         "splits": {s: {"docs": sum(w["docs"][s] for w in written), "bytes": sum(w["bytes"][s] for w in written)}
                    for s in SPLITS},  # fmt: skip
         "split_adjustment": decided["split_adjustment"],
@@ -630,10 +619,4 @@ def _metrics(report: dict[str, Any], n_shards: int, seconds: float, timings: dic
     return metrics
 
 
-def iter_curated_texts(curate_dir: Path, split: str):
-    """The texts of a curated split (see lmforge.data.curated), streamed."""
-    return iter_split_texts(curate_dir, split)
-
-
-__all__ = ["run_curate", "plan_shards", "split_of", "apply_filters", "CurationStats", "iter_curated_texts",
-           "part_files", "SPLITS"]  # fmt: skip
+__all__ = ["run_curate", "plan_shards", "split_of", "apply_filters", "CurationStats", "SPLITS"]

@@ -46,6 +46,7 @@ class PartWriter:
             import zstandard
 
             self._zst = zstandard.ZstdCompressor(level=_ZSTD_LEVEL, threads=0).stream_writer(self._file, closefd=False)
+            self._frame_end = zstandard.FLUSH_FRAME
         elif fmt == "parquet":
             import pyarrow as pa
             import pyarrow.parquet as pq
@@ -75,7 +76,7 @@ class PartWriter:
             self._flush_rows()
             self._parquet.close()
         if self._zst is not None:
-            self._zst.flush(_zstd_frame_end())
+            self._zst.flush(self._frame_end)
         self._ctx.__exit__(None, None, None)
 
     def abort(self, exc: BaseException) -> None:
@@ -84,12 +85,6 @@ class PartWriter:
             self._ctx.__exit__(type(exc), exc, exc.__traceback__)
         except BaseException:
             pass
-
-
-def _zstd_frame_end() -> int:
-    import zstandard
-
-    return zstandard.FLUSH_FRAME
 
 
 def part_files(split_dir: Path) -> list[Path]:

@@ -23,6 +23,14 @@ class TokenSource(Protocol):
     def slice(self, start: int, stop: int) -> np.ndarray: ...
 
 
+def check_batch_layout(seq_len: int, batch_size: int, rank: int, world_size: int) -> None:
+    """The checks every loader makes of its row shape and its place among the ranks."""
+    if seq_len <= 0 or batch_size <= 0:
+        raise ValueError(f"seq_len and batch_size must be positive, got seq_len={seq_len}, batch_size={batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+
+
 class BatchLoader:
     """Endless iterator of `(x, y)` int64 tensors of shape [batch_size, seq_len], y being x shifted by one."""
 
@@ -35,10 +43,7 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if seq_len <= 0 or batch_size <= 0:
-            raise ValueError(f"seq_len and batch_size must be positive, got seq_len={seq_len}, batch_size={batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        check_batch_layout(seq_len, batch_size, rank, world_size)
         self.split = split
         self.seq_len = seq_len
         self.batch_size = batch_size

@@ -70,6 +70,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
+from lmforge.data.loader import check_batch_layout
 from lmforge.tokenizer import PAD, SPECIAL_TOKENS
 
 IGNORE_INDEX = -100
@@ -224,10 +225,7 @@ class PackedLoader:
         fill: Fill = "crop",
         pad_id: int = DEFAULT_PAD_ID,
     ) -> None:
-        if seq_len <= 0 or batch_size <= 0:
-            raise ValueError(f"seq_len and batch_size must be positive, got seq_len={seq_len}, batch_size={batch_size}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        check_batch_layout(seq_len, batch_size, rank, world_size)
         if buffer_docs < 1 or chunk_docs < 1:
             raise ValueError(f"buffer_docs and chunk_docs must be positive, got {buffer_docs}, {chunk_docs}")
         if overflow not in ("split", "drop") or fill not in ("crop", "pad"):

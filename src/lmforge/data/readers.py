@@ -90,6 +90,11 @@ class ErrorLog:
     def to_dict(self) -> dict[str, Any]:
         return {"total": self.total, "by_reason": self.reasons, "messages": list(self.messages)}
 
+    def merge(self, other: dict[str, Any]) -> None:
+        """Add another log's `to_dict()` (a worker's): its counts, and its messages while there is room."""
+        self._counts.update(other["by_reason"])
+        self.messages += other["messages"][: max(0, self.max_messages - len(self.messages))]
+
 
 def _walk(root: Path, keep: Iterable[str]) -> list[Path]:
     """Files under `root` with one of the extensions `keep`, sorted by path, so every run sees the same order.
