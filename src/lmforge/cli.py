@@ -24,11 +24,18 @@ OVERRIDES_HELP = "Settings as section.key=value (e.g. train.max_steps=200 model.
 
 
 def _setup_logging(verbose: bool) -> None:
+    import os
+
     from rich.logging import RichHandler
 
+    # Under torchrun only rank 0 reports progress; the other ranks speak up for warnings and errors, named.
+    rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+    level = logging.DEBUG if verbose else logging.INFO
+    if rank:
+        level = max(level, logging.WARNING)
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
+        level=level,
+        format="%(message)s" if rank is None else f"[rank {rank}] %(message)s",
         datefmt="[%X]",
         handlers=[RichHandler(show_path=False, rich_tracebacks=False, markup=False)],
         force=True,
@@ -145,14 +152,17 @@ def pretrain(
     shards_dir: Path = typer.Argument(..., help="A shards directory (index.json, *.bin)."),
     tokenizer_path: Path = typer.Option(..., "--tokenizer", "-t", help="tokenizer.json"),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory; re-running it resumes."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="model.*, train.* and pretrain.* settings "
-                                                    "(e.g. pretrain.objective=mlm train.optimizer=muon)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="model.*, train.*, pretrain.* and parallel.* "
+                                                    "settings (e.g. pretrain.objective=mlm parallel.data=fsdp)."),
 ) -> None:
-    """Pre-train a model from scratch with a chosen objective (resumes from the last checkpoint in --out)."""
+    """Pre-train a model from scratch with a chosen objective (resumes from the last checkpoint in --out).
+
+    Launched with torchrun it trains on every process: see docs/distributed.md.
+    """
     from lmforge.pretrain import pretrain as run_pretrain
 
-    cfg = _sections(list(overrides or []), {"model", "train", "pretrain"})
-    metrics = run_pretrain(shards_dir, tokenizer_path, cfg.model, cfg.train, out, cfg.pretrain)
+    cfg = _sections(list(overrides or []), {"model", "train", "pretrain", "parallel"})
+    metrics = run_pretrain(shards_dir, tokenizer_path, cfg.model, cfg.train, out, cfg.pretrain, cfg.parallel)
     log.info("final validation loss %.4f; model in %s", metrics.get("final_val_loss") or float("nan"), out / "final")
 
 

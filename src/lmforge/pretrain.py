@@ -21,8 +21,9 @@ from lmforge.data.shards import open_split
 from lmforge.model.io import write_model_files
 from lmforge.model.transformer import ModelArgs, Transformer
 from lmforge.objectives import IGNORE_INDEX, clm_loss, mlm_accuracy, objective_batch, objective_loss
-from lmforge.recipe import ModelConfig, PretrainConfig, TrainConfig
+from lmforge.recipe import ModelConfig, ParallelConfig, PretrainConfig, TrainConfig
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.distributed import check_batch, init_world
 from lmforge.train.loop import train
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,15 @@ def packed_clm_loss(model: torch.nn.Module, batch) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
 
 
+def pipeline_batch(item) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, targets) of a causal-LM batch from ObjectiveBatches, for pipeline-parallel stages."""
+    name, batch = item
+    if name != "clm" or (len(batch) == 3 and batch[2] is not None):
+        raise ValueError("pipeline parallelism runs causal LM without document masking; set pretrain.objective=clm "
+                         "and pretrain.document_masking=false, or parallel.pipeline=1")  # fmt: skip
+    return batch[0], batch[1]
+
+
 def mixture_loss(cfg: PretrainConfig):
     """loss_fn(model, (objective, batch)): the named objective's loss."""
     losses = {name: objective_loss(name, cfg) for name in objective_weights(cfg)}
@@ -191,11 +201,22 @@ def pretrain(
     train_cfg: TrainConfig,
     out_dir: Path,
     pretrain_cfg: PretrainConfig | None = None,
+    parallel_cfg: ParallelConfig | None = None,
 ) -> dict:
     """Train a model from scratch on `shards_dir` with `pretrain_cfg`'s objective; the final model lands in
-    `out_dir/final/`. Re-running on the same `out_dir` resumes from its last checkpoint.
+    `out_dir/final/`. Re-running on the same `out_dir` resumes from its last checkpoint. Under torchrun, every
+    rank calls this; `parallel_cfg` says how they split the work.
     """
     pretrain_cfg = pretrain_cfg or PretrainConfig()
+    parallel_cfg = parallel_cfg or ParallelConfig()
+    world = init_world(parallel_cfg, train_cfg.device)
+    rows = check_batch(train_cfg, world)  # this rank's share of each global micro-batch
+    if world.pp_size > 1 and set(objective_weights(pretrain_cfg)) != {"clm"}:
+        raise ValueError(f"parallel.pipeline={world.pp_size} runs causal LM only; pretrain.objective is "
+                         f"{pretrain_cfg.objective}")  # fmt: skip
+    if "contrastive" in objective_weights(pretrain_cfg) and not parallel_cfg.find_unused_parameters:
+        # Contrastive steps use the hidden states, not the output head: DDP must not wait for its gradients.
+        parallel_cfg = parallel_cfg.model_copy(update={"find_unused_parameters": True})
     weights = objective_weights(pretrain_cfg)
     if pretrain_cfg.packing == "best_fit" and set(weights) != {"clm"}:
         raise ValueError(f"pretrain.packing=best_fit packs documents for causal LM; objective {pretrain_cfg.objective}"
@@ -218,14 +239,17 @@ def pretrain(
     if pretrain_cfg.packing == "best_fit":
         from lmforge.data.packing import PackedLoader
 
-        base = PackedLoader(train_split, train_cfg.seq_len, train_cfg.batch_size, train_cfg.seed,
-                            pad_id=tokenizer.pad_id)  # fmt: skip
+        base = PackedLoader(train_split, train_cfg.seq_len, rows, train_cfg.seed, pad_id=tokenizer.pad_id,
+                            rank=world.dp_rank, world_size=world.dp_size)  # fmt: skip
     else:
-        base = BatchLoader(train_split, train_cfg.seq_len, train_cfg.batch_size, train_cfg.seed)
+        base = BatchLoader(train_split, train_cfg.seq_len, rows, train_cfg.seed, rank=world.dp_rank,
+                           world_size=world.dp_size)  # fmt: skip
     loader = ObjectiveBatches(base, pretrain_cfg, tokenizer, train_cfg.seed, pretrain_cfg.document_masking)
     windows = validation_windows(val_split, train_cfg.seq_len, train_cfg.eval_batches * train_cfg.batch_size,
                                  tokenizer.bos_id)  # fmt: skip
-    val_fn, val_objective = objective_val_fn(windows, train_cfg.batch_size, pretrain_cfg, tokenizer, train_cfg.seed)
+    # Pipeline stages were built for this rank's row count; other layouts score in the global batch size.
+    val_rows = rows if world.pp_size > 1 else train_cfg.batch_size
+    val_fn, val_objective = objective_val_fn(windows, val_rows, pretrain_cfg, tokenizer, train_cfg.seed)
     log.info("objective: %s (validation: %s loss)", ", ".join(f"{k} {v:.2f}" for k, v in weights.items()),
              val_objective)  # fmt: skip
 
@@ -239,6 +263,8 @@ def pretrain(
         tokens_per_batch=train_cfg.batch_size * train_cfg.seq_len * train_cfg.grad_accum,
         val_fn=val_fn,
         write_model_files=lambda m, d: write_model_files(m, args, d, tokenizer_path),
+        parallel=parallel_cfg,
+        pipeline_io=pipeline_batch,
     )
     metrics["val_objective"] = val_objective
     if "mlm" in weights:

@@ -120,7 +120,9 @@ class ModelConfig(Section):
 
 class TrainConfig(Section):
     seq_len: int = Field(256, gt=0)
-    batch_size: int = Field(16, gt=0)  # sequences per micro-batch
+    # Sequences per micro-batch over all data-parallel ranks: each of N ranks reads batch_size / N of them, so the
+    # global batch (batch_size x grad_accum) and the results do not depend on the number of ranks.
+    batch_size: int = Field(16, gt=0)
     grad_accum: int = Field(1, gt=0)
     max_steps: int = Field(1000, gt=0)
     lr: float = Field(3e-3, gt=0)
@@ -149,6 +151,20 @@ class TrainConfig(Section):
     threads: int = Field(0, ge=0)  # CPU threads for torch; 0 = all cores
     max_bad_steps: int = Field(5, gt=0)  # consecutive NaN/inf/exploding steps before stopping
     spike_factor: float = Field(10.0, gt=1.0)  # a loss above spike_factor x its running mean counts as exploding
+
+
+class ParallelConfig(Section):
+    """How a run launched with torchrun splits its work (docs/distributed.md); ignored in a single process."""
+
+    data: Literal["ddp", "fsdp"] = "ddp"  # replicate the model (DDP) or shard it (FSDP2 fully_shard)
+    pipeline: int = Field(1, ge=1)  # pipeline stages: the blocks split over this many ranks
+    microbatches: int = Field(0, ge=0)  # pipeline micro-batches per micro-batch; 0 = as many as stages
+    schedule: Literal["1f1b", "gpipe"] = "1f1b"
+    fsdp_cpu_offload: bool = False  # keep FSDP shards, gradients and optimizer state in host memory
+    fsdp_reshard_after_forward: bool = True  # free gathered weights after forward (ZeRO-3) or keep them (ZeRO-2)
+    # DDP: let a step leave some parameters without gradients (objectives that skip the output head).
+    find_unused_parameters: bool = False
+    timeout_s: float = Field(600.0, gt=0)  # a collective waiting longer than this ends the job with an error
 
 
 class EvalConfig(Section):
@@ -210,6 +226,7 @@ class Recipe(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
 

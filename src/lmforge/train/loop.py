@@ -8,6 +8,11 @@ ends with weights bit-identical to an uninterrupted run.
     out_dir/metrics.jsonl   one JSON record per optimizer step (truncated back to the checkpoint on resume)
     out_dir/checkpoints/    training checkpoints (see train.checkpoint)
     out_dir/final/          the final model files
+
+Under torchrun the same call trains on every rank (lmforge.train.distributed): the model is wrapped for data,
+fully sharded or pipeline parallelism from outside, losses are averaged over the ranks, only rank 0 writes
+metrics, logs progress and writes the model files, and checkpoints are distributed ones that load at any world
+size (lmforge.train.dist_checkpoint).
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterator
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
@@ -30,7 +37,7 @@ from torch import Tensor, nn
 
 from lmforge.data.io import atomic_write_text
 from lmforge.model.io import staged_dir
-from lmforge.recipe import TrainConfig
+from lmforge.recipe import ParallelConfig, TrainConfig
 from lmforge.train.checkpoint import (
     ModelWriter,
     TrainerState,
@@ -39,6 +46,16 @@ from lmforge.train.checkpoint import (
     save_training_checkpoint,
     write_model,
 )
+from lmforge.train.dist_checkpoint import (
+    DCP_DIR,
+    add_distributed_copy,
+    is_distributed_checkpoint,
+    load_distributed_checkpoint,
+    load_full_model,
+    model_skeleton,
+    save_distributed_checkpoint,
+)
+from lmforge.train.distributed import Parallelized, World, collective_errors, init_world, parallelize
 from lmforge.train.flops import measure_peak_flops, mfu
 from lmforge.train.optim import build_optimizer, lr_at
 from lmforge.train.host import keep_freed_memory
@@ -121,10 +138,10 @@ def _bad_step_reason(loss: float, grad_norm: float, state: TrainerState, spike_f
 
 
 def _forward_backward(
-    model: nn.Module,
+    par: Parallelized,
+    forward_model: nn.Module,
     loss_fn: LossFn,
     loader: Any,
-    device: torch.device,
     autocast: Any,
     cfg: TrainConfig,
     tokens_per_batch: int | None,
@@ -134,24 +151,32 @@ def _forward_backward(
     """Accumulate gradients over `cfg.grad_accum` micro-batches, then clip; returns (mean loss, norm, tokens).
 
     With an fp16 `scaler`, the backward pass runs on the scaled loss and the gradients are unscaled before
-    clipping, so the norm and the clip threshold are in true units.
+    clipping, so the norm and the clip threshold are in true units. Under several ranks the loss is the mean over
+    the data-parallel ranks and the norm is that of the whole model's gradient.
     """
+    device = par.world.device
     loss_sum = torch.zeros((), device=device)
     tokens = tokens_per_batch or 0
-    for _ in range(cfg.grad_accum):
-        batch = _to_device(next(loader), device)
+    for i in range(cfg.grad_accum):
+        batch = next(loader)
         if tokens_per_batch is None:
-            tokens += _count_tokens(batch)
-        with autocast:
-            loss = loss_fn(model, batch)
-        scaled = loss / cfg.grad_accum
-        (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            tokens += _count_tokens(batch) * par.world.dp_size
+        if par.pipeline is not None:
+            loss_sum += par.pipeline.step(batch, cfg.grad_accum)
+            continue
+        batch = _to_device(batch, device)
+        with par.accumulation(last=i == cfg.grad_accum - 1):
+            with autocast:
+                loss = loss_fn(forward_model, batch)
+            scaled = loss / cfg.grad_accum
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach().float()
+    par.sync_pipeline_grads()
     if scaler is not None:
         scaler.unscale_(optimizer)
     clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf still measures the norm, and scales by 1.0
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    return loss_sum / cfg.grad_accum, grad_norm, tokens
+    grad_norm = par.clip_grad_norm(clip)
+    return par.mean_loss(loss_sum / cfg.grad_accum), grad_norm, tokens
 
 
 def _record_good(state: TrainerState, loss: float) -> None:
@@ -169,12 +194,13 @@ def _record_bad(state: TrainerState, loss: float) -> None:
 
 
 @contextmanager
-def _progress(total: int, start: int) -> Iterator[Callable[[int, str], None]]:
-    """A rich progress bar on an interactive terminal; nothing otherwise (the logger carries the updates)."""
+def _progress(total: int, start: int, show: bool = True) -> Iterator[Callable[[int, str], None]]:
+    """A rich progress bar on an interactive terminal (rank 0 only); nothing otherwise (the logger carries the
+    updates)."""
     console = Console(stderr=True)
     columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeRemainingColumn())  # fmt: skip
-    with Progress(*columns, console=console, disable=not console.is_terminal) as progress:
+    with Progress(*columns, console=console, disable=not (show and console.is_terminal)) as progress:
         task = progress.add_task("train", total=total, completed=start, info="")
         yield lambda step, info: progress.update(task, completed=step, info=info)
 
@@ -196,6 +222,14 @@ def _write_final(model: nn.Module, out_dir: Path, write_model_files: ModelWriter
     return dest
 
 
+def _cpu_threads(cfg: TrainConfig, world: World) -> int:
+    """train.threads, or the cores this process may use shared among the ranks on this machine."""
+    if cfg.threads or not world.distributed:
+        return cfg.threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // world.local_world_size)
+
+
 def train(
     model: nn.Module,
     loss_fn: LossFn,
@@ -207,116 +241,101 @@ def train(
     tokens_per_batch: int | None = None,
     val_fn: Callable[[nn.Module], float] | None = None,
     write_model_files: ModelWriter | None = None,
+    parallel: ParallelConfig | None = None,
+    pipeline_io: Callable[[Any], tuple[Tensor, Tensor]] | None = None,
 ) -> dict:
     """Train `model` for `cfg.max_steps` optimizer steps of `cfg.grad_accum` micro-batches from `loader`.
 
     `loss_fn(model, batch)` returns the mean loss of one micro-batch. `loader` is any endless iterator with
-    `state_dict()` / `load_state_dict()`. `tokens_per_batch` is the tokens one optimizer step consumes (all
-    micro-batches together); when omitted it is counted from the first tensor of each batch. `flops_per_token`
-    (training FLOPs, forward and backward) turns throughput into MFU. `val_fn(model)` returns a held-out loss.
-    `write_model_files(model, dir)` writes the model files of checkpoints and of `out_dir/final/`; without it
-    only model.safetensors is written. Returns the run's metrics.
+    `state_dict()` / `load_state_dict()`; under several ranks it yields this rank's share of each global batch.
+    `tokens_per_batch` is the tokens one optimizer step consumes over all ranks (all micro-batches together);
+    when omitted it is counted from the first tensor of each batch. `flops_per_token` (training FLOPs, forward
+    and backward) turns throughput into MFU. `val_fn(model)` returns a held-out loss. `write_model_files(model,
+    dir)` writes the model files of checkpoints and of `out_dir/final/`; without it only model.safetensors is
+    written. `parallel` says how a torchrun job splits the work; `pipeline_io(batch) -> (input_ids, targets)`
+    lets a causal-LM stage run pipeline parallel. Returns the run's metrics.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    set_threads(cfg.threads)
+    parallel = parallel or ParallelConfig()
+    world = init_world(parallel, cfg.device)
+    device = world.device
+    if world.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    set_threads(_cpu_threads(cfg, world))
     keep_freed_memory()
     _seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    model.to(device)
     model.train()
+    found = list_checkpoints(out_dir)
+    latest = found[-1][1] if found else None
+    state: TrainerState | None = None
+    skeleton = None
+    if world.distributed:
+        if latest is not None and not is_distributed_checkpoint(latest):
+            # A single-process checkpoint: rank 0 adds a DCP copy of it, which every rank then loads by name.
+            with collective_errors("converting the checkpoint", world):
+                if world.is_main:
+                    plain = build_optimizer(model, cfg)
+                    load_latest_training_checkpoint(out_dir, model, plain, loader)
+                    add_distributed_copy(latest, model, plain)
+                    del plain
+                torch.distributed.barrier()
+        skeleton = model_skeleton(model, world.is_main)
+    model.to(device)
     if cfg.activation_checkpointing:
         from lmforge.train.checkpointing import apply_activation_checkpointing
 
         wrapped = apply_activation_checkpointing(model, cfg.activation_checkpointing)
         logger.info("activation checkpointing on %d blocks (every %d)", wrapped, cfg.activation_checkpointing)
-    optimizer = build_optimizer(model, cfg)
-    resumed = load_latest_training_checkpoint(out_dir, model, optimizer, loader)
-    state = resumed or TrainerState()
-    resumed_from = resumed.step if resumed else None
-    autocast = autocast_context(device, cfg.precision)
+    par = parallelize(model, world, parallel, cfg, pipeline_io)
+    optimizer = build_optimizer(par.state_module, cfg)
+    if latest is not None and is_distributed_checkpoint(latest):
+        with collective_errors("loading the checkpoint", world):
+            state = load_distributed_checkpoint(latest, par.state_module, optimizer, loader)
+    elif not world.distributed:
+        state = load_latest_training_checkpoint(out_dir, model, optimizer, loader)
+    resumed_from = state.step if state else None
+    state = state or TrainerState()
+    # FSDP's mixed-precision policy casts the weights itself; autocast on top would only add casts.
+    autocast = contextlib.nullcontext() if par.fsdp else autocast_context(device, cfg.precision)
     scaler = grad_scaler(device, cfg.precision)
+    if scaler is not None and par.pipeline is not None:
+        raise ValueError("train.precision=fp16 is not supported with pipeline parallelism; use bf16")
     if scaler is not None and state.loss_scale is not None:
         scaler.load_state_dict({**scaler.state_dict(), "scale": state.loss_scale, "_growth_tracker": state.scale_growth})
-    forward_model = torch.compile(model) if use_compile(cfg.compile, device) else model
+    compiled = use_compile(cfg.compile, device) and par.pipeline is None
+    if use_compile(cfg.compile, device) and par.pipeline is not None:
+        logger.warning("train.compile is not applied to pipeline stages; they run eager")
+    forward_model = torch.compile(par.module) if compiled else par.module
     peak = measure_peak_flops(device, compute_dtype(device, cfg.precision)) if flops_per_token else None
+    if peak:
+        peak *= world.world_size  # every rank measured its own device, under the same load
     log_every = max(1, cfg.max_steps // 20)
     start_step, process_start = state.step, time.perf_counter()
     seconds_before = state.train_seconds
 
-    metrics_file = _open_metrics(out_dir / METRICS_FILE, state.step)
-    with metrics_file, _progress(cfg.max_steps, state.step) as show:
+    metrics_file = _open_metrics(out_dir / METRICS_FILE, state.step) if world.is_main else open(os.devnull, "w")
+    with metrics_file, _progress(cfg.max_steps, state.step, world.is_main) as show:
         for step in range(state.step, cfg.max_steps):
-            t0 = time.perf_counter()
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss, grad_norm, step_tokens = _forward_backward(
-                forward_model, loss_fn, loader, device, autocast, cfg, tokens_per_batch, scaler, optimizer)  # fmt: skip
-            # The step's only host sync: the guard needs the loss before deciding whether to update.
-            loss_val, norm_val = torch.stack([loss, grad_norm.float()]).tolist()
-            reason = _bad_step_reason(loss_val, norm_val, state, cfg.spike_factor)
-            overflow = scaler is not None and math.isfinite(loss_val) and not math.isfinite(norm_val)
-            if reason is None:
-                if scaler is not None:
-                    scaler.step(optimizer)
-                else:
-                    optimizer.step()
-                _record_good(state, loss_val)
-            elif overflow:
-                # fp16 gradients overflowed at this loss scale: the scaler halves it; not a sign of divergence.
-                state.skipped_steps += 1
-                reason = f"fp16 gradient overflow at loss scale {scaler.get_scale():g}"
-                logger.info("step %d skipped: %s", step + 1, reason)
-            else:
-                _record_bad(state, loss_val)
-                logger.warning("step %d skipped: %s", step + 1, reason)
-            if scaler is not None:
-                scaler.update()
-                state.loss_scale = float(scaler.get_scale())
-                state.scale_growth = int(scaler.state_dict()["_growth_tracker"])
-            optimizer.zero_grad(set_to_none=True)
-            state.step = step + 1
-            state.tokens += step_tokens
-
-            dt = time.perf_counter() - t0
-            tokens_per_s = step_tokens / dt
-            if step - start_step >= min(STEADY_AFTER, cfg.max_steps - start_step - 1):
-                state.steady_tokens += step_tokens
-                state.steady_seconds += dt
-            record: dict[str, Any] = {
-                "step": state.step,
-                "loss": loss_val if math.isfinite(loss_val) else None,
-                "lr": lr,
-                "grad_norm": norm_val if math.isfinite(norm_val) else None,
-                "tokens": state.tokens,
-                "tokens_per_s": tokens_per_s,
-                "mfu": mfu(tokens_per_s, flops_per_token, peak) if peak else None,
-            }
-            if reason is not None:
-                record["skipped"] = reason
-            if state.bad_in_row >= cfg.max_bad_steps:
-                metrics_file.write(json.dumps(record) + "\n")
-                _raise_diverged(out_dir, state, cfg)
-            if val_fn is not None and (state.step % cfg.eval_every == 0 or state.step == cfg.max_steps):
-                state.val_loss = _evaluate(model, val_fn, autocast)
-                record["val_loss"] = state.val_loss
-                logger.info("step %d: val_loss %.4f", state.step, state.val_loss)
-            metrics_file.write(json.dumps(record) + "\n")
-
-            info = f"loss {loss_val:.4f}  {tokens_per_s:,.0f} tok/s"
-            if record["mfu"] is not None:
-                info += f"  MFU {record['mfu']:.1%}"
-            show(state.step, info)
-            if state.step % log_every == 0 or state.step == cfg.max_steps:
-                logger.info("step %d/%d: %s  lr %.3g", state.step, cfg.max_steps, info, lr)
-            state.train_seconds = seconds_before + time.perf_counter() - process_start
-            if state.step % cfg.ckpt_every == 0 or state.step == cfg.max_steps:
-                save_training_checkpoint(out_dir, state, model, optimizer, loader, keep_last=cfg.keep_last,
-                                         write_model_files=write_model_files)  # fmt: skip
+            with collective_errors(f"training step {step + 1}", world):
+                _train_step(step, par, forward_model, loss_fn, loader, autocast, cfg, tokens_per_batch, scaler,
+                            optimizer, state, start_step, val_fn, peak, flops_per_token, metrics_file, show,
+                            log_every, out_dir)  # fmt: skip
+                state.train_seconds = seconds_before + time.perf_counter() - process_start
+                if state.step % cfg.ckpt_every == 0 or state.step == cfg.max_steps:
+                    _save_checkpoint(out_dir, state, par, optimizer, loader, cfg, skeleton, write_model_files)
 
     state.train_seconds = seconds_before + time.perf_counter() - process_start
-    final_dir = _write_final(model, out_dir, write_model_files)
+    final_dir = out_dir / FINAL_DIR
+    if not world.distributed:
+        _write_final(model, out_dir, write_model_files)
+    else:
+        with collective_errors("writing the final model", world):
+            if world.is_main:
+                newest = list_checkpoints(out_dir)[-1][1]
+                if is_distributed_checkpoint(newest):
+                    load_full_model(skeleton, newest / DCP_DIR)
+                _write_final(skeleton, out_dir, write_model_files)
+            torch.distributed.barrier()
     logger.info("final model written to %s", final_dir)
     tokens_per_s = state.steady_tokens / state.steady_seconds if state.steady_seconds > 0 else None
     return {
@@ -330,7 +349,92 @@ def train(
         "train_seconds": state.train_seconds,
         "skipped_steps": state.skipped_steps,
         "resumed_from": resumed_from,
+        "world_size": world.world_size,
+        "parallel": {"data": parallel.data if world.dp_size > 1 else None, "dp": world.dp_size,
+                     "pipeline": world.pp_size},  # fmt: skip
+        "compiled": compiled,
     }
+
+
+def _save_checkpoint(out_dir: Path, state: TrainerState, par: Parallelized, optimizer: Any, loader: Any,
+                     cfg: TrainConfig, skeleton: nn.Module | None, write_model_files: ModelWriter | None) -> None:  # fmt: skip
+    if par.world.distributed:
+        save_distributed_checkpoint(out_dir, state, par.state_module, optimizer, loader, world=par.world,
+                                    skeleton=skeleton, keep_last=cfg.keep_last, write_model_files=write_model_files)  # fmt: skip
+    else:
+        save_training_checkpoint(out_dir, state, par.state_module, optimizer, loader, keep_last=cfg.keep_last,
+                                 write_model_files=write_model_files)  # fmt: skip
+
+
+def _train_step(step: int, par: Parallelized, forward_model: nn.Module, loss_fn: LossFn, loader: Any, autocast: Any,
+                cfg: TrainConfig, tokens_per_batch: int | None, scaler: Any, optimizer: Any, state: TrainerState,
+                start_step: int, val_fn: Callable[[nn.Module], float] | None, peak: float | None,
+                flops_per_token: float | None, metrics_file: TextIO, show: Callable[[int, str], None],
+                log_every: int, out_dir: Path) -> None:  # fmt: skip
+    """One optimizer step with its guard, record, validation and progress line."""
+    t0 = time.perf_counter()
+    lr = lr_at(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss, grad_norm, step_tokens = _forward_backward(
+        par, forward_model, loss_fn, loader, autocast, cfg, tokens_per_batch, scaler, optimizer)  # fmt: skip
+    # The step's only host sync: the guard needs the loss before deciding whether to update.
+    loss_val, norm_val = torch.stack([loss, grad_norm.float().to(loss.device)]).tolist()
+    reason = _bad_step_reason(loss_val, norm_val, state, cfg.spike_factor)
+    overflow = scaler is not None and math.isfinite(loss_val) and not math.isfinite(norm_val)
+    if reason is None:
+        if scaler is not None:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
+        _record_good(state, loss_val)
+    elif overflow:
+        # fp16 gradients overflowed at this loss scale: the scaler halves it; not a sign of divergence.
+        state.skipped_steps += 1
+        reason = f"fp16 gradient overflow at loss scale {scaler.get_scale():g}"
+        logger.info("step %d skipped: %s", step + 1, reason)
+    else:
+        _record_bad(state, loss_val)
+        logger.warning("step %d skipped: %s", step + 1, reason)
+    if scaler is not None:
+        scaler.update()
+        state.loss_scale = float(scaler.get_scale())
+        state.scale_growth = int(scaler.state_dict()["_growth_tracker"])
+    optimizer.zero_grad(set_to_none=True)
+    state.step = step + 1
+    state.tokens += step_tokens
+
+    dt = time.perf_counter() - t0
+    tokens_per_s = step_tokens / dt
+    if step - start_step >= min(STEADY_AFTER, cfg.max_steps - start_step - 1):
+        state.steady_tokens += step_tokens
+        state.steady_seconds += dt
+    record: dict[str, Any] = {
+        "step": state.step,
+        "loss": loss_val if math.isfinite(loss_val) else None,
+        "lr": lr,
+        "grad_norm": norm_val if math.isfinite(norm_val) else None,
+        "tokens": state.tokens,
+        "tokens_per_s": tokens_per_s,
+        "mfu": mfu(tokens_per_s, flops_per_token, peak) if peak else None,
+    }
+    if reason is not None:
+        record["skipped"] = reason
+    if state.bad_in_row >= cfg.max_bad_steps:
+        metrics_file.write(json.dumps(record) + "\n")
+        _raise_diverged(out_dir, state, cfg)
+    if val_fn is not None and (state.step % cfg.eval_every == 0 or state.step == cfg.max_steps):
+        state.val_loss = par.agree(_evaluate(par.eval_module, val_fn, autocast))
+        record["val_loss"] = state.val_loss
+        logger.info("step %d: val_loss %.4f", state.step, state.val_loss)
+    metrics_file.write(json.dumps(record) + "\n")
+
+    info = f"loss {loss_val:.4f}  {tokens_per_s:,.0f} tok/s"
+    if record["mfu"] is not None:
+        info += f"  MFU {record['mfu']:.1%}"
+    show(state.step, info)
+    if state.step % log_every == 0 or state.step == cfg.max_steps:
+        logger.info("step %d/%d: %s  lr %.3g", state.step, cfg.max_steps, info, lr)
 
 
 def _raise_diverged(out_dir: Path, state: TrainerState, cfg: TrainConfig) -> NoReturn:

@@ -143,12 +143,35 @@ class Muon(torch.optim.Optimizer):
             for i, p in enumerate(params):
                 by_shape[(p.shape, p.device)].append(i)
             for (shape, _), idx in by_shape.items():
-                batch = torch.stack([directions[i] for i in idx])
+                batch = torch.stack([_full(directions[i]) for i in idx])
                 ortho = newton_schulz(batch, group["ns_steps"])
                 alpha = -lr * update_scale(shape)
                 for j, i in enumerate(idx):
                     p = params[i]
                     if wd:
                         p.mul_(1.0 - lr * wd)
-                    p.add_(ortho[j].to(p.dtype), alpha=alpha)
+                    _local(p).add_(_shard_like(ortho[j], p).to(p.dtype), alpha=alpha)
         return loss
+
+
+# FSDP shards each matrix over the data-parallel ranks (a DTensor), but orthogonalisation needs the whole matrix:
+# each rank gathers the momentum direction, orthogonalises it, and applies the rows of the update it holds. The
+# result equals the unsharded update; the cost is one all-gather per matrix and redundant Newton-Schulz work.
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if hasattr(p, "to_local") else p
+
+
+def _shard_like(full: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """The part of `full` that parameter `p` holds on this rank (all of it for a plain tensor)."""
+    if not hasattr(p, "device_mesh"):
+        return full
+    from torch.distributed.tensor import DTensor, Replicate
+
+    replicated = DTensor.from_local(full, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False)
+    return replicated.redistribute(p.device_mesh, p.placements).to_local()
