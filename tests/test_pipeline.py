@@ -96,7 +96,7 @@ def test_cli_help_and_validation_errors():
     result = runner.invoke(app, ["run", "train.max_step=3"])
     assert result.exit_code == 2 and "unknown key 'train.max_step'" in result.output
     result = runner.invoke(app, ["pretrain", "x", "-t", "y", "-o", "z", "data.source=q"])
-    assert result.exit_code == 2 and "takes settings under ['model', 'pretrain', 'train']" in result.output
+    assert result.exit_code == 2 and "takes settings under ['model', 'parallel', 'pretrain', 'train']" in result.output
 
 
 def test_cli_generate_and_eval_on_the_trained_checkpoint(finished_run):

@@ -88,7 +88,8 @@ def _stage_fn(recipe: Recipe, stage: str, root: Path) -> Callable[[Path], dict]:
     if stage == "pretrain":
         from lmforge.pretrain import pretrain
 
-        return lambda out: pretrain(root / "shards", tok_path, recipe.model, recipe.train, out, recipe.pretrain)
+        return lambda out: pretrain(root / "shards", tok_path, recipe.model, recipe.train, out, recipe.pretrain,
+                                    recipe.parallel)
     if stage == "eval":
         from lmforge.eval.run import evaluate_checkpoint
 
@@ -111,33 +112,104 @@ def _stage_fn(recipe: Recipe, stage: str, root: Path) -> Callable[[Path], dict]:
 
 
 def run_recipe(recipe: Recipe) -> list[StageOutcome]:
-    """Run the recipe's stages in order in `run_dir/name/`; returns what happened to each."""
+    """Run the recipe's stages in order in `run_dir/name/`; returns what happened to each.
+
+    Under torchrun, rank 0 runs every stage and the other ranks join it for the training stage (see
+    `_DistributedStages`); they return an empty list.
+    """
+    from lmforge.train.distributed import launched_world_size
+
+    if launched_world_size() > 1:
+        return _DistributedStages(recipe).run()
     root = recipe.run_path
     root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(root / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
     fps: dict[str, str] = {}
     outcomes = []
     for stage in recipe.stages:
-        inputs = {}
-        if stage == "curate":
-            inputs["source"] = source_fingerprint(recipe)
-        for up in UPSTREAM[stage]:
-            if up in fps:
-                inputs[up] = fps[up]
-                continue
-            manifest = read_manifest(root / up)
-            if manifest is None or manifest.get("status") != "done":
-                if stage == "report":
-                    continue  # the report covers whatever stages exist
-                raise RuntimeError(
-                    f"stage '{stage}' reads the output of '{up}', which has not finished in {root}; "
-                    f"add '{up}' to the recipe's stages or run it first"
-                )
-            inputs[up] = manifest["fingerprint"]
-        outcome = run_stage(stage, root / stage, stage_config(recipe, stage), inputs, _stage_fn(recipe, stage, root))
+        outcome = run_stage(stage, root / stage, stage_config(recipe, stage), _stage_inputs(recipe, stage, fps),
+                            _stage_fn(recipe, stage, root))  # fmt: skip
         fps[stage] = outcome.fingerprint
         outcomes.append(outcome)
     return outcomes
+
+
+def _stage_inputs(recipe: Recipe, stage: str, fps: dict[str, str]) -> dict[str, str]:
+    """The fingerprints of a stage's inputs: its source, and the upstream stages run now or earlier."""
+    root = recipe.run_path
+    inputs = {}
+    if stage == "curate":
+        inputs["source"] = source_fingerprint(recipe)
+    for up in UPSTREAM[stage]:
+        if up in fps:
+            inputs[up] = fps[up]
+            continue
+        manifest = read_manifest(root / up)
+        if manifest is None or manifest.get("status") != "done":
+            if stage == "report":
+                continue  # the report covers whatever stages exist
+            raise RuntimeError(
+                f"stage '{stage}' reads the output of '{up}', which has not finished in {root}; "
+                f"add '{up}' to the recipe's stages or run it first"
+            )
+        inputs[up] = manifest["fingerprint"]
+    return inputs
+
+
+class _DistributedStages:
+    """A whole recipe under torchrun: rank 0 runs the data, evaluation and report stages alone while the other
+    ranks wait; every rank trains. Rank 0 also keeps the run's bookkeeping (fingerprints, manifests) and tells
+    the others whether the training stage runs or is up to date. The waits use a gloo group without a practical
+    timeout, since curating a large corpus may take hours; a rank that dies still ends the wait at once."""
+
+    TRAINING = ("pretrain",)
+
+    def __init__(self, recipe: Recipe) -> None:
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        from lmforge.train.distributed import init_world
+
+        self.recipe, self.dist = recipe, dist
+        self.world = init_world(recipe.parallel, recipe.train.device)
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(days=7))
+
+    def _tell(self, message: str | None = None) -> str:
+        box = [message]
+        self.dist.broadcast_object_list(box, src=0, group=self.group)
+        return str(box[0])
+
+    def run(self) -> list[StageOutcome]:
+        recipe, root, main = self.recipe, self.recipe.run_path, self.world.is_main
+        if main:
+            root.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(root / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        fps: dict[str, str] = {}
+        outcomes = []
+        for stage in recipe.stages:
+            fn = _stage_fn(recipe, stage, root)
+            if not main:
+                if stage in self.TRAINING and self._tell() == "run":
+                    fn(root / stage)
+                self.dist.barrier(group=self.group)
+                continue
+            started = False
+            if stage in self.TRAINING:
+
+                def fn(out: Path, train=fn) -> dict:  # noqa: ANN001 - binds the stage function
+                    nonlocal started
+                    started = True
+                    self._tell("run")
+                    return train(out)
+
+            outcome = run_stage(stage, root / stage, stage_config(recipe, stage), _stage_inputs(recipe, stage, fps), fn)
+            if stage in self.TRAINING and not started:
+                self._tell("skip")
+            self.dist.barrier(group=self.group)
+            fps[stage] = outcome.fingerprint
+            outcomes.append(outcome)
+        return outcomes
 
 
 __all__ = ["run_recipe", "stage_config", "source_fingerprint", "existing_stages", "fingerprint"]

@@ -109,8 +109,7 @@ def init_world(parallel: ParallelConfig, device_name: str = "auto") -> World:
                 f"parallel.pipeline={parallel.pipeline} splits the model over {parallel.pipeline} processes, but this "
                 f"is a single process; launch it with torchrun --nproc_per_node={parallel.pipeline} ..."
             )
-        _world = World(device=resolve_device(device_name))
-        return _world
+        return World(device=resolve_device(device_name))
     if world_size % parallel.pipeline:
         raise ValueError(f"parallel.pipeline={parallel.pipeline} must divide the number of processes, {world_size}")
     rank, local_rank = _env_int("RANK"), _env_int("LOCAL_RANK")
