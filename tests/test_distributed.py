@@ -153,24 +153,25 @@ def test_a_single_process_checkpoint_resumes_on_two_ranks(data, single, tmp_path
 
 
 def test_a_killed_distributed_job_resumes_to_the_same_weights(data, tmp_path):
+    # 60 steps, so that the kill lands well before the end however fast the machine is.
+    settings = ["parallel.data=fsdp", "train.max_steps=60", "train.eval_every=30"]
     clean = tmp_path / "clean"
-    pretrain(data, clean, 2, "parallel.data=fsdp", "train.ckpt_every=5")
+    pretrain(data, clean, 2, *settings)
     killed = tmp_path / "killed"
-    job = subprocess.Popen(_command(data, killed, 2, ["parallel.data=fsdp", "train.ckpt_every=5"]),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(),
-                           start_new_session=True)  # fmt: skip
+    job = subprocess.Popen(_command(data, killed, 2, settings), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env=_env(), start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 300
     while not (killed / "checkpoints" / "step_000010").is_dir():
         assert job.poll() is None and time.monotonic() < deadline, "the job ended before its step-10 checkpoint"
-        time.sleep(0.05)
+        time.sleep(0.02)
     os.killpg(job.pid, signal.SIGKILL)  # the launcher and both ranks, mid-run
     job.wait()
     assert not (killed / "final").exists()
-    result = pretrain(data, killed, 2, "parallel.data=fsdp", "train.ckpt_every=5")
+    result = pretrain(data, killed, 2, *settings)
     assert "resuming from" in result.stdout
     a, b = load_file(clean / "final" / "model.safetensors"), load_file(killed / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # same world, same reduction order: bit-identical
-    assert [r["step"] for r in records(killed)] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in records(killed)] == list(range(1, 61))
 
 
 def _rank_pids(launcher: subprocess.Popen, timeout: float = 120) -> dict[int, int]:
