@@ -123,6 +123,17 @@ def test_two_ranks_follow_the_single_process_loss_curve(data, single, tmp_path, 
     assert json.loads((ckpt / "trainer_state.json").read_text())["world"]["world_size"] == 2
 
 
+def test_pipeline_stages_compose_with_sharded_data_parallelism_on_four_ranks(data, single, tmp_path):
+    """2 stages x 2 FSDP replicas; its checkpoint then finishes the run in one process."""
+    ref = single("muon")
+    four = tmp_path / "four"
+    pretrain(data, four, 4, "train.optimizer=muon", "parallel.pipeline=2", "parallel.data=fsdp")
+    assert_same_run(ref, four)
+    _resume_from_step_10(four, tmp_path / "one")
+    pretrain(data, tmp_path / "one", 1, "train.optimizer=muon")
+    assert_same_run(ref, tmp_path / "one", from_step=11)
+
+
 def _resume_from_step_10(src: Path, dst: Path) -> None:
     """Copy a finished run and roll it back to its step-10 checkpoint, as if it had died right after it."""
     shutil.copytree(src, dst)

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 import contextlib
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
@@ -313,13 +314,13 @@ def train(
     start_step, process_start = state.step, time.perf_counter()
     seconds_before = state.train_seconds
 
+    run = _Run(par, forward_model, loss_fn, loader, autocast, cfg, tokens_per_batch, scaler, optimizer, val_fn, peak,
+               flops_per_token, log_every, start_step, out_dir)  # fmt: skip
     metrics_file = _open_metrics(out_dir / METRICS_FILE, state.step) if world.is_main else open(os.devnull, "w")
     with metrics_file, _progress(cfg.max_steps, state.step, world.is_main) as show:
         for step in range(state.step, cfg.max_steps):
             with collective_errors(f"training step {step + 1}", world):
-                _train_step(step, par, forward_model, loss_fn, loader, autocast, cfg, tokens_per_batch, scaler,
-                            optimizer, state, start_step, val_fn, peak, flops_per_token, metrics_file, show,
-                            log_every, out_dir)  # fmt: skip
+                run.step(step, state, metrics_file, show)
                 state.train_seconds = seconds_before + time.perf_counter() - process_start
                 if state.step % cfg.ckpt_every == 0 or state.step == cfg.max_steps:
                     _save_checkpoint(out_dir, state, par, optimizer, loader, cfg, skeleton, write_model_files)
@@ -356,85 +357,111 @@ def train(
     }
 
 
-def _save_checkpoint(out_dir: Path, state: TrainerState, par: Parallelized, optimizer: Any, loader: Any,
-                     cfg: TrainConfig, skeleton: nn.Module | None, write_model_files: ModelWriter | None) -> None:  # fmt: skip
+def _save_checkpoint(
+    out_dir: Path,
+    state: TrainerState,
+    par: Parallelized,
+    optimizer: Any,
+    loader: Any,
+    cfg: TrainConfig,
+    skeleton: nn.Module | None,
+    write_model_files: ModelWriter | None,
+) -> None:
     if par.world.distributed:
         save_distributed_checkpoint(out_dir, state, par.state_module, optimizer, loader, world=par.world,
-                                    skeleton=skeleton, keep_last=cfg.keep_last, write_model_files=write_model_files)  # fmt: skip
+                                    skeleton=skeleton, keep_last=cfg.keep_last,
+                                    write_model_files=write_model_files)  # fmt: skip
     else:
         save_training_checkpoint(out_dir, state, par.state_module, optimizer, loader, keep_last=cfg.keep_last,
                                  write_model_files=write_model_files)  # fmt: skip
 
 
-def _train_step(step: int, par: Parallelized, forward_model: nn.Module, loss_fn: LossFn, loader: Any, autocast: Any,
-                cfg: TrainConfig, tokens_per_batch: int | None, scaler: Any, optimizer: Any, state: TrainerState,
-                start_step: int, val_fn: Callable[[nn.Module], float] | None, peak: float | None,
-                flops_per_token: float | None, metrics_file: TextIO, show: Callable[[int, str], None],
-                log_every: int, out_dir: Path) -> None:  # fmt: skip
-    """One optimizer step with its guard, record, validation and progress line."""
-    t0 = time.perf_counter()
-    lr = lr_at(step, cfg)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    loss, grad_norm, step_tokens = _forward_backward(
-        par, forward_model, loss_fn, loader, autocast, cfg, tokens_per_batch, scaler, optimizer)  # fmt: skip
-    # The step's only host sync: the guard needs the loss before deciding whether to update.
-    loss_val, norm_val = torch.stack([loss, grad_norm.float().to(loss.device)]).tolist()
-    reason = _bad_step_reason(loss_val, norm_val, state, cfg.spike_factor)
-    overflow = scaler is not None and math.isfinite(loss_val) and not math.isfinite(norm_val)
-    if reason is None:
-        if scaler is not None:
-            scaler.step(optimizer)
+@dataclass
+class _Run:
+    """What every step of one `train` call uses."""
+
+    par: Parallelized
+    forward_model: nn.Module
+    loss_fn: LossFn
+    loader: Any
+    autocast: Any
+    cfg: TrainConfig
+    tokens_per_batch: int | None
+    scaler: Any
+    optimizer: Any
+    val_fn: Callable[[nn.Module], float] | None
+    peak: float | None
+    flops_per_token: float | None
+    log_every: int
+    start_step: int
+    out_dir: Path
+
+    def step(self, step: int, state: TrainerState, metrics_file: TextIO, show: Callable[[int, str], None]) -> None:
+        """One optimizer step with its guard, record, validation and progress line."""
+        t0 = time.perf_counter()
+        lr = lr_at(step, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss, grad_norm, step_tokens = _forward_backward(
+            self.par, self.forward_model, self.loss_fn, self.loader, self.autocast, self.cfg, self.tokens_per_batch,
+            self.scaler, self.optimizer)  # fmt: skip
+        # The step's only host sync: the guard needs the loss before deciding whether to update.
+        loss_val, norm_val = torch.stack([loss, grad_norm.float().to(loss.device)]).tolist()
+        reason = _bad_step_reason(loss_val, norm_val, state, self.cfg.spike_factor)
+        overflow = self.scaler is not None and math.isfinite(loss_val) and not math.isfinite(norm_val)
+        if reason is None:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+            _record_good(state, loss_val)
+        elif overflow:
+            # fp16 gradients overflowed at this loss scale: the scaler halves it; not a sign of divergence.
+            state.skipped_steps += 1
+            reason = f"fp16 gradient overflow at loss scale {self.scaler.get_scale():g}"
+            logger.info("step %d skipped: %s", step + 1, reason)
         else:
-            optimizer.step()
-        _record_good(state, loss_val)
-    elif overflow:
-        # fp16 gradients overflowed at this loss scale: the scaler halves it; not a sign of divergence.
-        state.skipped_steps += 1
-        reason = f"fp16 gradient overflow at loss scale {scaler.get_scale():g}"
-        logger.info("step %d skipped: %s", step + 1, reason)
-    else:
-        _record_bad(state, loss_val)
-        logger.warning("step %d skipped: %s", step + 1, reason)
-    if scaler is not None:
-        scaler.update()
-        state.loss_scale = float(scaler.get_scale())
-        state.scale_growth = int(scaler.state_dict()["_growth_tracker"])
-    optimizer.zero_grad(set_to_none=True)
-    state.step = step + 1
-    state.tokens += step_tokens
+            _record_bad(state, loss_val)
+            logger.warning("step %d skipped: %s", step + 1, reason)
+        if self.scaler is not None:
+            self.scaler.update()
+            state.loss_scale = float(self.scaler.get_scale())
+            state.scale_growth = int(self.scaler.state_dict()["_growth_tracker"])
+        self.optimizer.zero_grad(set_to_none=True)
+        state.step = step + 1
+        state.tokens += step_tokens
 
-    dt = time.perf_counter() - t0
-    tokens_per_s = step_tokens / dt
-    if step - start_step >= min(STEADY_AFTER, cfg.max_steps - start_step - 1):
-        state.steady_tokens += step_tokens
-        state.steady_seconds += dt
-    record: dict[str, Any] = {
-        "step": state.step,
-        "loss": loss_val if math.isfinite(loss_val) else None,
-        "lr": lr,
-        "grad_norm": norm_val if math.isfinite(norm_val) else None,
-        "tokens": state.tokens,
-        "tokens_per_s": tokens_per_s,
-        "mfu": mfu(tokens_per_s, flops_per_token, peak) if peak else None,
-    }
-    if reason is not None:
-        record["skipped"] = reason
-    if state.bad_in_row >= cfg.max_bad_steps:
+        dt = time.perf_counter() - t0
+        tokens_per_s = step_tokens / dt
+        if step - self.start_step >= min(STEADY_AFTER, self.cfg.max_steps - self.start_step - 1):
+            state.steady_tokens += step_tokens
+            state.steady_seconds += dt
+        record: dict[str, Any] = {
+            "step": state.step,
+            "loss": loss_val if math.isfinite(loss_val) else None,
+            "lr": lr,
+            "grad_norm": norm_val if math.isfinite(norm_val) else None,
+            "tokens": state.tokens,
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak) if self.peak else None,
+        }
+        if reason is not None:
+            record["skipped"] = reason
+        if state.bad_in_row >= self.cfg.max_bad_steps:
+            metrics_file.write(json.dumps(record) + "\n")
+            _raise_diverged(self.out_dir, state, self.cfg)
+        if self.val_fn is not None and (state.step % self.cfg.eval_every == 0 or state.step == self.cfg.max_steps):
+            state.val_loss = self.par.agree(_evaluate(self.par.eval_module, self.val_fn, self.autocast))
+            record["val_loss"] = state.val_loss
+            logger.info("step %d: val_loss %.4f", state.step, state.val_loss)
         metrics_file.write(json.dumps(record) + "\n")
-        _raise_diverged(out_dir, state, cfg)
-    if val_fn is not None and (state.step % cfg.eval_every == 0 or state.step == cfg.max_steps):
-        state.val_loss = par.agree(_evaluate(par.eval_module, val_fn, autocast))
-        record["val_loss"] = state.val_loss
-        logger.info("step %d: val_loss %.4f", state.step, state.val_loss)
-    metrics_file.write(json.dumps(record) + "\n")
 
-    info = f"loss {loss_val:.4f}  {tokens_per_s:,.0f} tok/s"
-    if record["mfu"] is not None:
-        info += f"  MFU {record['mfu']:.1%}"
-    show(state.step, info)
-    if state.step % log_every == 0 or state.step == cfg.max_steps:
-        logger.info("step %d/%d: %s  lr %.3g", state.step, cfg.max_steps, info, lr)
+        info = f"loss {loss_val:.4f}  {tokens_per_s:,.0f} tok/s"
+        if record["mfu"] is not None:
+            info += f"  MFU {record['mfu']:.1%}"
+        show(state.step, info)
+        if state.step % self.log_every == 0 or state.step == self.cfg.max_steps:
+            logger.info("step %d/%d: %s  lr %.3g", state.step, self.cfg.max_steps, info, lr)
 
 
 def _raise_diverged(out_dir: Path, state: TrainerState, cfg: TrainConfig) -> NoReturn:
