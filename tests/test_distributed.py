@@ -314,3 +314,13 @@ def test_a_whole_recipe_runs_under_torchrun_and_skips_what_is_done(tmp_path):
     again = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600, env=_env())
     assert again.returncode == 0, again.stdout[-4000:]
     assert again.stdout.count("skipped: up to date") == 4
+
+
+def test_embed_refuses_torchrun_with_the_reason(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(app, ["embed", str(tmp_path), "--pairs", "stdlib"])
+    assert result.exit_code == 2 and "runs in one process; launch it without torchrun" in result.output

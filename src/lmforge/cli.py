@@ -225,6 +225,11 @@ def embed(
     from lmforge.eval.run import TEXT_EXTENSIONS
     from lmforge.model.io import load_checkpoint_tokenizer, load_model
 
+    from lmforge.train.distributed import launched_world_size
+
+    if launched_world_size() > 1:
+        # In-batch negatives would shrink to each rank's rows, and every rank would write the same files.
+        _fail("lmforge embed runs in one process; launch it without torchrun", 2)
     if (text is None) == (pairs is None):
         _fail("give either --text FILE_OR_DIR (with -o OUT.npy) or --pairs stdlib", 2)
     if text is not None and out is None:
