@@ -168,17 +168,35 @@ def pretrain(
 
 @app.command("eval")
 def eval_(
-    checkpoint: Path = typer.Argument(..., help="A model directory (model.safetensors, model.json, tokenizer.json)."),
-    text: Path = typer.Option(..., "--text", help="Held-out text: a file or directory the readers accept."),
-    out: Path = typer.Option(Path("eval-out"), "--out", "-o", help="Where results.json and samples.md go."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="eval.key=value settings."),
+    checkpoint: Path = typer.Argument(..., help="An lmforge model directory or a transformers model directory."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Held-out text for perplexity and bits per byte: a file "
+                                        "or directory the readers accept."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated benchmarks: built-in names found "
+                                        "under --task-dir (arc_easy, arc_challenge, hellaswag, piqa, copa, "
+                                        "openbook_qa, winogrande, lambada, gsm8k) or NAME=FILE.jsonl."),
+    task_dir: Optional[Path] = typer.Option(None, "--task-dir", help="Where the built-in tasks' files are."),
+    code: Optional[str] = typer.Option(None, "--code", help="Code execution tasks: humaneval, stdlib (comma-separated)."),
+    training_data: Optional[Path] = typer.Option(None, "--training-data", help="The model's training data (a curate "
+                                                 "directory or text files): adds each benchmark's contamination."),
+    out: Path = typer.Option(Path("eval-out"), "--out", "-o", help="Where results.json, results.md and samples.md go."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="eval.key=value settings (eval.limit=200 ...)."),
 ) -> None:
-    """Held-out loss and bits per byte (with the xz -9e reference) and sample generations."""
+    """Score a checkpoint: held-out bits per byte, benchmarks with intervals and contamination, pass@k."""
     from lmforge.eval.run import evaluate_checkpoint
 
-    cfg = _sections(list(overrides or []), {"eval"})
-    metrics = evaluate_checkpoint(checkpoint, text, cfg.eval, out)
-    typer.echo(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    extra = list(overrides or [])
+    if tasks:
+        extra.append(f"eval.tasks=[{', '.join(repr(t.strip()) for t in tasks.split(',') if t.strip())}]")
+    if task_dir:
+        extra.append(f"eval.task_dir={task_dir}")
+    if code:
+        extra.append(f"eval.code=[{', '.join(c.strip() for c in code.split(',') if c.strip())}]")
+    if text is None and not tasks and not code:
+        _fail("nothing to evaluate: give --text, --tasks and/or --code", 2)
+    cfg = _sections(extra, {"eval"})
+    evaluate_checkpoint(checkpoint, text, cfg.eval, out, training_data=training_data)
+    typer.echo((out / "results.md").read_text(encoding="utf-8"))
+    log.info("results in %s", out / "results.json")
 
 
 @app.command()

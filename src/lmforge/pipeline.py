@@ -94,7 +94,8 @@ def _stage_fn(recipe: Recipe, stage: str, root: Path) -> Callable[[Path], dict]:
         from lmforge.eval.run import evaluate_checkpoint
 
         return lambda out: evaluate_checkpoint(
-            root / "pretrain" / "final", root / "curate" / "val", recipe.eval, out, device=recipe.train.device
+            root / "pretrain" / "final", root / "curate" / "val", recipe.eval, out, device=recipe.train.device,
+            training_data=root / "curate",
         )
     if stage == "export":
         from lmforge.hf import export_hf

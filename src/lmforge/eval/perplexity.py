@@ -3,8 +3,9 @@
 Bits per byte is comparable across tokenizers and with compressors: the model's total negative log-likelihood of
 the text, in bits, divided by the text's UTF-8 size. Each document is scored as it is seen in training, as
 [BOS] + tokens; the BOS positions are never targets, so every scored token stands for bytes of the text.
-Documents are packed into a stream cut into windows of `seq_len` tokens, each scored once (no overlap), so every
-token is predicted from the context that precedes it inside its window.
+Documents are packed into a stream cut into windows of `seq_len` tokens, each token scored once: by default the
+windows do not overlap, so a token sees the context that precedes it inside its window; with a stride they slide,
+and every token after the first window sees at least seq_len - stride tokens of context.
 """
 
 from __future__ import annotations
@@ -66,23 +67,34 @@ def _token_stream(
         yield [tokenizer.bos_id] + ids, len(text.encode("utf-8"))
 
 
-def _windows(stream: Iterator[tuple[list[int], int]], seq_len: int, bos_id: int, stats: TextScore):
-    """Cut the packed stream into (inputs, targets) windows of seq_len; targets that are BOS are ignored."""
+def _windows(stream: Iterator[tuple[list[int], int]], seq_len: int, bos_id: int, stats: TextScore,
+             stride: int | None = None):  # fmt: skip
+    """Cut the packed stream into (inputs, targets) windows of seq_len; targets that are BOS are ignored.
+
+    With `stride` < seq_len, consecutive windows overlap by seq_len - stride tokens and the overlap's targets,
+    already scored, are ignored: every token after the first window is then predicted with at least
+    seq_len - stride tokens of context (sliding-window evaluation). The default cuts disjoint windows.
+    """
+    stride = stride or seq_len
+    if not 0 < stride <= seq_len:
+        raise ValueError(f"stride must be in [1, seq_len={seq_len}], got {stride}")
     buf: list[int] = []
+    done = 0  # leading targets of buf already scored by the previous window
     for ids, nbytes in stream:
         buf.extend(ids)
         stats.bytes += nbytes
         stats.docs += 1
         while len(buf) >= seq_len + 1:
-            yield _window(buf[: seq_len + 1], bos_id)
-            buf = buf[seq_len:]
-    if len(buf) >= 2:
-        yield _window(buf, bos_id)
+            yield _window(buf[: seq_len + 1], bos_id, done)
+            buf = buf[stride:]
+            done = seq_len - stride
+    if len(buf) - 1 > done:
+        yield _window(buf, bos_id, done)
 
 
-def _window(chunk: list[int], bos_id: int) -> tuple[list[int], list[int]]:
+def _window(chunk: list[int], bos_id: int, skip: int = 0) -> tuple[list[int], list[int]]:
     x = chunk[:-1]
-    y = [IGNORE if t == bos_id else t for t in chunk[1:]]
+    y = [IGNORE if i < skip or t == bos_id else t for i, t in enumerate(chunk[1:])]
     return x, y
 
 
@@ -97,8 +109,10 @@ def score_texts(
     max_tokens: int | None = None,
     device: torch.device | str = "cpu",
     sink: Callable[[str], None] | None = None,
+    stride: int | None = None,
 ) -> TextScore:
-    """Negative log-likelihood of `texts` under `model`: summed nats, scored tokens and bytes."""
+    """Negative log-likelihood of `texts` under `model`: summed nats, scored tokens and bytes; `stride` < seq_len
+    scores with overlapping (sliding) windows."""
     model.eval()
     stats = TextScore(0.0, 0, 0, 0)
     batch: list[tuple[list[int], list[int]]] = []
@@ -115,7 +129,8 @@ def score_texts(
         stats.tokens += int((ys != IGNORE).sum())
         batch.clear()
 
-    for window in _windows(_token_stream(texts, tokenizer, max_tokens, sink), seq_len, tokenizer.bos_id, stats):
+    stream = _token_stream(texts, tokenizer, max_tokens, sink)
+    for window in _windows(stream, seq_len, tokenizer.bos_id, stats, stride):
         batch.append(window)
         if len(batch) == batch_size:
             flush()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -24,33 +25,63 @@ TEXT_EXTENSIONS = (".txt", ".py", ".md", ".jsonl", ".parquet")
 
 def evaluate_checkpoint(
     checkpoint_dir: Path,
-    text_source: Path,
+    text_source: Path | None,
     cfg: EvalConfig,
     out_dir: Path,
     *,
     device: str = "auto",
     text_field: str = "text",
+    training_data: Path | None = None,
 ) -> dict:
-    """Score `text_source` (any file or directory the readers accept) with the checkpoint; write results.json.
+    """Score a checkpoint; write results.json (metrics, task results, samples) and results.md (the score card).
 
-    Metrics: val_loss (nats/token), val_bpb, xz_bpb (what `xz -9e` achieves on the same documents, each on its
-    own, as the model scores them), xz_concat_bpb (all documents as one xz stream) and bpb_vs_xz.
+    An lmforge checkpoint or a transformers model directory. `text_source` (any file or directory the readers
+    accept) gives val_loss (nats/token), val_bpb, xz_bpb (what `xz -9e` achieves on the same documents, each on its
+    own, as the model scores them), xz_concat_bpb and bpb_vs_xz. `cfg.tasks` and `cfg.code` add benchmarks;
+    `training_data` (a curate stage directory, or any text source) adds each benchmark's contamination.
     """
+    from lmforge.eval.scorer import from_lmforge, load_language_model
+    from lmforge.eval.suite import markdown_table, run_suite
+
     keep_freed_memory()
     dev = resolve_device(device)
-    model, args = load_model(checkpoint_dir, device=str(dev))
-    tokenizer = load_checkpoint_tokenizer(checkpoint_dir)
-    texts = (d.text for d in read_documents(text_source, text_field=text_field, extensions=TEXT_EXTENSIONS))
-    xz = XzMeter() if cfg.xz_reference else None
+    checkpoint_dir = Path(checkpoint_dir)
+    lmforge_dir = (checkpoint_dir / "model.json").is_file()
+    if lmforge_dir:
+        model, args = load_model(checkpoint_dir, device=str(dev))
+        tokenizer = load_checkpoint_tokenizer(checkpoint_dir)
+        lm = from_lmforge(model, tokenizer, str(checkpoint_dir))
+    else:
+        lm = load_language_model(checkpoint_dir, device)
+    metrics: dict = {}
+    if text_source is not None:
+        texts = (d.text for d in read_documents(text_source, text_field=text_field, extensions=TEXT_EXTENSIONS))
+        metrics.update(_held_out(model, tokenizer, args, texts, cfg, dev) if lmforge_dir
+                       else _held_out_rolling(lm, texts, cfg))  # fmt: skip
+    tasks = run_suite(lm, cfg, _training_texts(training_data) if training_data is not None else None)
+    for name, r in tasks.items():
+        for key in ("acc", "acc_norm", "exact_match"):
+            if key in r:
+                metrics[f"{name}/{key}"] = r[key]["value"]
+        metrics.update({f"{name}/{k}": v for k, v in r.items() if k.startswith("pass@") and not k.endswith("ci95")})
+    samples = sample_generations(model, tokenizer, cfg, dev) if lmforge_dir else []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out_dir / "results.json", {"metrics": metrics, "tasks": tasks, "samples": samples})
+    atomic_write_text(out_dir / "samples.md", _samples_markdown(samples))
+    atomic_write_text(out_dir / "results.md", _score_card(metrics, tasks, markdown_table))
+    return metrics
 
+
+def _held_out(model, tokenizer, args, texts, cfg: EvalConfig, dev: torch.device) -> dict:  # noqa: ANN001
+    xz = XzMeter() if cfg.xz_reference else None
     t0 = time.perf_counter()
     score = score_texts(
         model, tokenizer, texts, seq_len=args.max_seq_len, batch_size=cfg.batch_size,
-        max_tokens=cfg.max_tokens, device=dev, sink=xz,
+        max_tokens=cfg.max_tokens, device=dev, sink=xz, stride=cfg.stride,
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     if score.tokens == 0:
-        raise ValueError(f"no text to evaluate in {text_source}")
+        raise ValueError("no text to evaluate in the held-out source")
     metrics = {
         "val_loss": score.loss,
         "val_bpb": score.bpb,
@@ -66,12 +97,39 @@ def evaluate_checkpoint(
         score.loss, score.bpb, f" (xz -9e per file {xz.bpb:.4f}, concatenated {xz.concat_bpb:.4f})" if xz else "",
         score.tokens, score.bytes,
     )  # fmt: skip
-
-    samples = sample_generations(model, tokenizer, cfg, dev)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out_dir / "results.json", {"metrics": metrics, "samples": samples})
-    atomic_write_text(out_dir / "samples.md", _samples_markdown(samples))
     return metrics
+
+
+def _held_out_rolling(lm, texts, cfg: EvalConfig) -> dict:  # noqa: ANN001
+    """Bits per byte of a transformers model: each document from BOS, over sliding windows."""
+    from lmforge.eval.scorer import loglikelihood_rolling
+
+    docs = list(texts)
+    if cfg.max_tokens is not None:
+        log.info("eval.max_tokens is not applied to transformers models; scoring all %d documents", len(docs))
+    logps = loglikelihood_rolling(lm, docs, stride=cfg.stride, batch_size=cfg.batch_size)
+    nbytes = sum(len(d.encode("utf-8")) for d in docs)
+    return {"val_bpb": -sum(logps) / math.log(2) / max(nbytes, 1), "val_bytes": nbytes, "val_docs": len(docs)}
+
+
+def _training_texts(path: Path):  # noqa: ANN202
+    """The training texts for the contamination scan: a curate stage's train split, or any text source."""
+    path = Path(path)
+    if (path / "train").is_dir():
+        from lmforge.data.curated import iter_split_texts
+
+        return iter_split_texts(path, "train")
+    return (d.text for d in read_documents(path, extensions=TEXT_EXTENSIONS))
+
+
+def _score_card(metrics: dict, tasks: dict, table) -> str:  # noqa: ANN001
+    parts = ["# Evaluation\n"]
+    if "val_bpb" in metrics:
+        parts.append(f"Held-out: {metrics['val_bpb']:.4f} bits/byte" + (
+            f" ({metrics['bpb_vs_xz']:.3f} x xz -9e per file)" if "bpb_vs_xz" in metrics else "") + "\n")  # fmt: skip
+    if tasks:
+        parts.append(table(tasks))
+    return "\n".join(parts)
 
 
 def sample_generations(model, tokenizer, cfg: EvalConfig, device: torch.device) -> list[dict]:

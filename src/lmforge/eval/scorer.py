@@ -1,0 +1,250 @@
+"""The scoring engine every evaluation task runs on: log-likelihoods of continuations, rolling log-likelihoods of
+whole texts, and greedy generation, for an lmforge checkpoint or a Hugging Face model directory.
+
+The conventions are lm-evaluation-harness's, so that numbers line up with the field's and with the lm-eval
+adapter (lmforge.eval.lm_eval_adapter):
+
+- a (context, continuation) pair is tokenized as the whole string, and the continuation's tokens are those past
+  the context's own tokens (`encode_pair`), with trailing spaces of the context moved to the continuation;
+- a sequence starts with the model's BOS (lmforge models always train with one);
+- when a pair is longer than the context window, it keeps its last `max_len + 1` tokens;
+- `greedy` is true when every continuation token is the argmax of its position.
+
+Batches are formed from requests sorted by length (longest first, so memory peaks at once and padding is small).
+Pairs sharing a context and differing only in their continuation, as the choices of a multiple-choice question
+do, are scored in one row each; see `loglikelihood`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LanguageModel:
+    """What scoring needs of a model, whatever its origin."""
+
+    forward: Callable[[torch.Tensor], torch.Tensor]  # ids [B, T] -> logits [B, T, V]
+    encode: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]
+    prefix: list[int]  # the tokens every sequence starts with (BOS)
+    eos_id: int | None
+    max_len: int
+    device: torch.device
+    name: str
+    module: torch.nn.Module | None = None  # an lmforge Transformer: generation then uses its KV cache
+
+
+def load_language_model(path: Path, device: str = "auto") -> LanguageModel:
+    """An lmforge checkpoint directory (model.json) or a transformers model directory (config.json)."""
+    from lmforge.train.precision import resolve_device
+
+    path = Path(path)
+    dev = resolve_device(device)
+    if (path / "model.json").is_file():
+        return _lmforge_model(path, dev)
+    if (path / "config.json").is_file():
+        return _hf_model(path, dev)
+    raise FileNotFoundError(f"{path} is neither an lmforge checkpoint (model.json) nor a transformers model "
+                            "directory (config.json)")  # fmt: skip
+
+
+def _lmforge_model(path: Path, device: torch.device) -> LanguageModel:
+    from lmforge.model.io import load_checkpoint_tokenizer, load_model
+
+    model, _ = load_model(path, device=str(device))
+    return from_lmforge(model, load_checkpoint_tokenizer(path), str(path))
+
+
+def from_lmforge(model: torch.nn.Module, tokenizer, name: str = "model") -> LanguageModel:  # noqa: ANN001
+    """An lmforge Transformer and its Tokenizer, already loaded."""
+    model.eval()
+    device = next(model.parameters()).device
+    return LanguageModel(forward=model, encode=tokenizer.encode, decode=lambda ids: tokenizer.decode(ids),
+                         prefix=[tokenizer.bos_id], eos_id=tokenizer.eos_id, max_len=model.args.max_seq_len,
+                         device=device, name=name, module=model)  # fmt: skip
+
+
+def _hf_model(path: Path, device: torch.device) -> LanguageModel:
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as e:
+        raise RuntimeError(f"scoring a transformers model directory needs transformers: pip install transformers "
+                           f"({e})") from e  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).to(device).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids).logits
+
+    max_len = int(getattr(model.config, "max_position_embeddings", 2048))
+    return LanguageModel(forward=forward, encode=lambda s: tok.encode(s, add_special_tokens=False),
+                         decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
+                         prefix=[bos] if bos is not None else [], eos_id=tok.eos_token_id, max_len=max_len,
+                         device=device, name=str(path))  # fmt: skip
+
+
+def encode_pair(lm: LanguageModel, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context tokens with the prefix, continuation tokens), split where the context's own tokens end."""
+    spaces = len(context) - len(context.rstrip(" "))
+    if spaces:  # "Answer: " + "Paris" scores " Paris", as the model would write it
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = lm.encode(context + continuation)
+    ctx = lm.encode(context)
+    cont = whole[len(ctx):] if whole[: len(ctx)] == ctx else lm.encode(continuation)
+    if not cont:
+        raise ValueError(f"continuation {continuation!r} encodes to no tokens after context ...{context[-40:]!r}")
+    return lm.prefix + ctx, cont
+
+
+@dataclass
+class _Row:
+    index: int
+    tokens: list[int]  # inputs and targets: the model reads tokens[:-1] and predicts tokens[1:]
+    n_cont: int  # the last n_cont targets are the continuation
+
+
+def _rows(lm: LanguageModel, pairs: Sequence[tuple[list[int], list[int]]]) -> list[_Row]:
+    rows = []
+    for i, (ctx, cont) in enumerate(pairs):
+        tokens = (ctx + cont)[-(lm.max_len + 1):]
+        rows.append(_Row(i, tokens, min(len(cont), len(tokens) - 1)))
+    return rows
+
+
+def _progress(total: int, label: str, show: bool) -> Progress:
+    columns = (TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    console = Console(stderr=True)
+    return Progress(*columns, console=console, disable=not (show and console.is_terminal), transient=True)
+
+
+@torch.inference_mode()
+def loglikelihood_tokens(
+    lm: LanguageModel,
+    pairs: Sequence[tuple[list[int], list[int]]],
+    *,
+    batch_size: int = 32,
+    label: str = "scoring",
+    progress: bool = True,
+) -> list[tuple[float, bool]]:
+    """(sum of log-probabilities of the continuation, whether it is the greedy continuation) per token pair."""
+    rows = sorted(_rows(lm, pairs), key=lambda r: -len(r.tokens))
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+    with _progress(len(rows), label, progress) as bar:
+        task = bar.add_task(label, total=len(rows))
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            width = len(batch[0].tokens) - 1
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            for j, r in enumerate(batch):
+                ids[j, : len(r.tokens) - 1] = torch.tensor(r.tokens[:-1])
+            logits = lm.forward(ids.to(lm.device))
+            for j, r in enumerate(batch):
+                end = len(r.tokens) - 1  # positions whose next token is a target
+                logp = F.log_softmax(logits[j, end - r.n_cont : end].float(), dim=-1)
+                target = torch.tensor(r.tokens[-r.n_cont :], device=logp.device)
+                total = logp.gather(1, target[:, None]).sum()
+                greedy = bool((logp.argmax(-1) == target).all())
+                out[r.index] = (float(total), greedy)
+            bar.advance(task, len(batch))
+    return out
+
+
+def loglikelihood(lm: LanguageModel, requests: Sequence[tuple[str, str]], **kwargs) -> list[tuple[float, bool]]:
+    """(log-probability of the continuation given the context, greedy?) per (context, continuation) request."""
+    return loglikelihood_tokens(lm, [encode_pair(lm, c, x) for c, x in requests], **kwargs)
+
+
+def rolling_windows(tokens: list[int], max_len: int, stride: int | None = None) -> list[tuple[list[int], int]]:
+    """Windows (inputs + targets, number of new targets at the end) that predict every token after the first once.
+
+    Each window holds up to max_len + 1 tokens. With `stride` < max_len they overlap, so every token after the
+    first window is predicted with at least max_len - stride tokens of context; stride = max_len (the default) cuts
+    disjoint windows, as lm-evaluation-harness does.
+    """
+    stride = stride or max_len
+    if not 0 < stride <= max_len:
+        raise ValueError(f"stride must be in [1, max_len={max_len}], got {stride}")
+    windows: list[tuple[list[int], int]] = []
+    scored = 0  # targets 1..scored are done
+    n = len(tokens)
+    start = 0
+    while scored < n - 1:
+        end = min(start + max_len + 1, n)
+        new = end - 1 - scored
+        windows.append((tokens[start:end], new))
+        scored = end - 1
+        start = max(0, min(start + stride, end - 1))
+        if end == n:
+            break
+    return windows
+
+
+def loglikelihood_rolling(
+    lm: LanguageModel, texts: Iterable[str], *, stride: int | None = None, **kwargs
+) -> list[float]:
+    """Total log-probability of each text (from BOS), over sliding windows when longer than the context."""
+    pieces: list[tuple[list[int], list[int]]] = []
+    owners: list[int] = []
+    for i, text in enumerate(texts):
+        for window, new in rolling_windows(lm.prefix + lm.encode(text), lm.max_len, stride):
+            pieces.append((window[: len(window) - new], window[len(window) - new :]))
+            owners.append(i)
+    scores = loglikelihood_tokens(lm, pieces, **kwargs)
+    totals = [0.0] * (max(owners) + 1 if owners else 0)
+    for owner, (logp, _) in zip(owners, scores):
+        totals[owner] += logp
+    return totals
+
+
+@torch.inference_mode()
+def generate_until(
+    lm: LanguageModel, prompts: Sequence[str], *, until: Sequence[str] = (), max_new_tokens: int = 256,
+    batch_size: int = 16, label: str = "generating", progress: bool = True,
+) -> list[str]:  # fmt: skip
+    """Greedy continuations, cut before the first of `until` (and at EOS)."""
+    outputs: list[str] = []
+    with _progress(len(prompts), label, progress) as bar:
+        task = bar.add_task(label, total=len(prompts))
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            ids = [(lm.prefix + lm.encode(p))[-(lm.max_len - max_new_tokens):] for p in chunk]
+            outputs.extend(_cut(lm.decode(new), until) for new in _greedy(lm, ids, max_new_tokens))
+            bar.advance(task, len(chunk))
+    return outputs
+
+
+def _cut(text: str, until: Sequence[str]) -> str:
+    cuts = [text.find(s) for s in until if s and s in text]
+    return text[: min(cuts)] if cuts else text
+
+
+def _greedy(lm: LanguageModel, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    if max_new_tokens >= lm.max_len:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in {lm.max_len} positions")
+    if lm.module is not None:
+        from lmforge.infer.engine import generate
+
+        return generate(lm.module, prompts, max_new_tokens, temperature=0.0, eos_id=lm.eos_id)
+    outs = []
+    for ids in prompts:  # transformers models: a plain greedy loop, one prompt at a time
+        seq, new = list(ids), []
+        for _ in range(max_new_tokens):
+            nxt = int(lm.forward(torch.tensor([seq], device=lm.device))[0, -1].argmax())
+            if nxt == lm.eos_id:
+                break
+            seq.append(nxt)
+            new.append(nxt)
+        outs.append(new)
+    return outs
