@@ -199,6 +199,18 @@ def eval_(
     log.info("results in %s", out / "results.json")
 
 
+@app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             add_help_option=False)
+def lm_eval_(ctx: typer.Context) -> None:
+    """lm-evaluation-harness with lmforge checkpoints: takes lm_eval's own arguments, e.g.
+    `lmforge lm-eval --model lmforge --model_args checkpoint=runs/x/pretrain/final --tasks arc_easy`."""
+    try:
+        from lmforge.eval.lm_eval_adapter import main as lm_eval_main
+    except ImportError as e:
+        _fail(f"lmforge lm-eval needs lm-evaluation-harness: pip install lm-eval ({e})")
+    lm_eval_main(list(ctx.args))
+
+
 @app.command()
 def generate(
     checkpoint: Path = typer.Argument(..., help="A model directory."),

@@ -93,10 +93,8 @@ def _stage_fn(recipe: Recipe, stage: str, root: Path) -> Callable[[Path], dict]:
     if stage == "eval":
         from lmforge.eval.run import evaluate_checkpoint
 
-        return lambda out: evaluate_checkpoint(
-            root / "pretrain" / "final", root / "curate" / "val", recipe.eval, out, device=recipe.train.device,
-            training_data=root / "curate",
-        )
+        return lambda out: evaluate_checkpoint(root / "pretrain" / "final", root / "curate" / "val", recipe.eval, out,
+                                               device=recipe.train.device, training_data=root / "curate")  # fmt: skip
     if stage == "export":
         from lmforge.hf import export_hf
 

@@ -32,13 +32,15 @@ def evaluate_checkpoint(
     device: str = "auto",
     text_field: str = "text",
     training_data: Path | None = None,
+    code_files: list[Path] | None = None,
 ) -> dict:
     """Score a checkpoint; write results.json (metrics, task results, samples) and results.md (the score card).
 
     An lmforge checkpoint or a transformers model directory. `text_source` (any file or directory the readers
     accept) gives val_loss (nats/token), val_bpb, xz_bpb (what `xz -9e` achieves on the same documents, each on its
     own, as the model scores them), xz_concat_bpb and bpb_vs_xz. `cfg.tasks` and `cfg.code` add benchmarks;
-    `training_data` (a curate stage directory, or any text source) adds each benchmark's contamination.
+    `training_data` (a curate stage directory, or any text source) adds each benchmark's contamination;
+    `code_files` restricts the stdlib code task to those source files (the recipe passes its held-out files).
     """
     from lmforge.eval.scorer import from_lmforge, load_language_model
     from lmforge.eval.suite import markdown_table, run_suite
@@ -58,7 +60,7 @@ def evaluate_checkpoint(
         texts = (d.text for d in read_documents(text_source, text_field=text_field, extensions=TEXT_EXTENSIONS))
         metrics.update(_held_out(model, tokenizer, args, texts, cfg, dev) if lmforge_dir
                        else _held_out_rolling(lm, texts, cfg))  # fmt: skip
-    tasks = run_suite(lm, cfg, _training_texts(training_data) if training_data is not None else None)
+    tasks = run_suite(lm, cfg, _training_texts(training_data) if training_data is not None else None, code_files)
     for name, r in tasks.items():
         for key in ("acc", "acc_norm", "exact_match"):
             if key in r:

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,7 @@ class LanguageModel:
     device: torch.device
     name: str
     module: torch.nn.Module | None = None  # an lmforge Transformer: generation then uses its KV cache
+    tokenizer: Any = None  # its lmforge Tokenizer (code tasks sample through lmforge.infer)
 
 
 def load_language_model(path: Path, device: str = "auto") -> LanguageModel:
@@ -72,7 +74,7 @@ def from_lmforge(model: torch.nn.Module, tokenizer, name: str = "model") -> Lang
     device = next(model.parameters()).device
     return LanguageModel(forward=model, encode=tokenizer.encode, decode=lambda ids: tokenizer.decode(ids),
                          prefix=[tokenizer.bos_id], eos_id=tokenizer.eos_id, max_len=model.args.max_seq_len,
-                         device=device, name=name, module=model)  # fmt: skip
+                         device=device, name=name, module=model, tokenizer=tokenizer)  # fmt: skip
 
 
 def _hf_model(path: Path, device: torch.device) -> LanguageModel:

@@ -79,8 +79,10 @@ def run_task(lm: LanguageModel, name: str, path: Path, cfg: EvalConfig) -> tuple
     return result, texts
 
 
-def run_suite(lm: LanguageModel, cfg: EvalConfig, training_texts: Iterable[str] | None = None) -> dict[str, Any]:
-    """Every task of `cfg.tasks` (and `cfg.code`), then the contamination scan when training texts are given."""
+def run_suite(lm: LanguageModel, cfg: EvalConfig, training_texts: Iterable[str] | None = None,
+              code_files: list[Path] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Every task of `cfg.tasks` (and `cfg.code`), then the contamination scan when training texts are given.
+    `code_files` limits the stdlib code task to those files (a run's held-out files)."""
     results: dict[str, Any] = {}
     contamination_texts: dict[str, list[list[str]]] = {}
     for spec in cfg.tasks:
@@ -90,7 +92,7 @@ def run_suite(lm: LanguageModel, cfg: EvalConfig, training_texts: Iterable[str] 
     for code_task in cfg.code:
         from lmforge.eval.code_tasks import run_code_task
 
-        results[code_task], contamination_texts[code_task] = run_code_task(lm, code_task, cfg)
+        results[code_task], contamination_texts[code_task] = run_code_task(lm, code_task, cfg, code_files)
         log.info("%s: %s", code_task, headline(results[code_task]))
     if cfg.contamination and training_texts is not None and contamination_texts:
         from lmforge.eval.contamination import ContaminationIndex
@@ -110,7 +112,7 @@ def headline(result: dict[str, Any]) -> str:
         if key in result:
             m = result[key]
             parts.append(f"{key} {m['value']:.4f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]")
-    for key in sorted(k for k in result if k.startswith("pass@")):
+    for key in sorted(k for k in result if k.startswith("pass@") and not k.endswith("_ci95")):
         parts.append(f"{key} {result[key]:.4f}")
     if "perplexity" in result:
         parts.append(f"perplexity {result['perplexity']:.4g}")
@@ -129,7 +131,7 @@ def markdown_table(results: dict[str, Any]) -> str:
                 m = r[key]
                 lines.append(f"| {name} | {key} | {m['value']:.4f} | [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}] | "
                              f"{m['n']} | {chance} | {dirty} |")  # fmt: skip
-        for key in sorted(k for k in r if k.startswith("pass@")):
+        for key in sorted(k for k in r if k.startswith("pass@") and not k.endswith("_ci95")):
             ci = r.get(f"{key}_ci95")
             interval = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
             lines.append(f"| {name} | {key} | {r[key]:.4f} | {interval} | {r['n']} |  | {dirty} |")

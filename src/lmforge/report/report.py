@@ -127,6 +127,10 @@ def build_report(run_path: Path, stages: list[str], out_dir: Path) -> dict:
             f"- scored at {_fmt(ev.get('eval_tokens_per_s'), '.4g')} tokens/s",
             "",
         ]
+        card = run_path / "eval" / "results.md"
+        if card.exists() and "| task |" in card.read_text(encoding="utf-8"):
+            table = card.read_text(encoding="utf-8")
+            lines += ["### Benchmarks", "", table[table.index("| task |"):], ""]
         samples_md = run_path / "eval" / "samples.md"
         if samples_md.exists():
             body = samples_md.read_text(encoding="utf-8").split("\n", 1)[1]
