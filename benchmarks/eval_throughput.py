@@ -14,8 +14,7 @@ pass is reported: this machine is shared, and the fastest pass is the least dist
 fresh processes: with glibc's default malloc, and with lmforge.train.host.keep_freed_memory (which lmforge's eval
 stage and lm-eval adapter apply; it spares re-faulting the big logits tensors on every batch). Printed: a Markdown
 table (examples/s, requests/s, time relative to the scorer, max |log-prob difference| against the scorer, acc and
-acc_norm per data set), where the scorer's time goes, and the measured effect of two changes to the scorer that
-this script prototypes (they are not in scorer.py).
+acc_norm per data set) and the speed-up against the fastest HFLM setting.
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from lmforge.eval import scorer  # noqa: E402
 from lmforge.hf import export_hf  # noqa: E402
@@ -105,135 +103,8 @@ def checkpoint(tmp: Path, path: Path) -> tuple[Path, str]:
     return ckpt, f"random-init default-size model with {tok_label} ({path} unusable: {why})"
 
 
-# ---- where lmforge's time goes, and two prototyped changes ------------------------------------------------------
-
-
-def profile_scorer(lm: scorer.LanguageModel, pairs: list[Pair]) -> dict[str, float]:
-    """scorer.loglikelihood_tokens step by step: tokenize, pad, transformer body, lm_head, log_softmax + gather."""
-    t: dict[str, float] = dict.fromkeys(("tokenize", "pad", "body", "lm_head", "log_softmax+gather"), 0.0)
-    start = time.perf_counter()
-    encoded = [scorer.encode_pair(lm, c, x) for c, x in pairs]
-    t["tokenize"] = time.perf_counter() - start
-    rows = sorted((((ctx + cont)[-(lm.max_len + 1):], len(cont)) for ctx, cont in encoded), key=lambda r: -len(r[0]))
-    with torch.inference_mode():
-        for s in range(0, len(rows), BATCH):
-            batch = rows[s : s + BATCH]
-            t0 = time.perf_counter()
-            width = len(batch[0][0]) - 1
-            ids = torch.zeros((len(batch), width), dtype=torch.long)
-            for j, (tokens, _) in enumerate(batch):
-                ids[j, : len(tokens) - 1] = torch.tensor(tokens[:-1])
-            t1 = time.perf_counter()
-            h = lm.module(ids, return_hidden=True)
-            t2 = time.perf_counter()
-            logits = lm.module.lm_head(h)
-            t3 = time.perf_counter()
-            for j, (tokens, n) in enumerate(batch):
-                end = len(tokens) - 1
-                logp = F.log_softmax(logits[j, end - n : end].float(), dim=-1)
-                target = torch.tensor(tokens[-n:])
-                float(logp.gather(1, target[:, None]).sum()), bool((logp.argmax(-1) == target).all())
-            t4 = time.perf_counter()
-            t["pad"] += t1 - t0
-            t["body"] += t2 - t1
-            t["lm_head"] += t3 - t2
-            t["log_softmax+gather"] += t4 - t3
-    return t
-
-
-@torch.inference_mode()
-def head_on_continuations(lm: scorer.LanguageModel, pairs: list[Pair]) -> list[tuple[float, bool]]:
-    """Proposal A: the scorer as it is, but lm_head and log_softmax run only at the continuation positions."""
-    rows = sorted(((i, (c := scorer.encode_pair(lm, *p))[0] + c[1], len(c[1])) for i, p in enumerate(pairs)),
-                  key=lambda r: -len(r[1]))  # fmt: skip
-    out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-    for s in range(0, len(rows), BATCH):
-        batch = [(i, tokens[-(lm.max_len + 1):], n) for i, tokens, n in rows[s : s + BATCH]]
-        ids = torch.zeros((len(batch), len(batch[0][1]) - 1), dtype=torch.long)
-        rows_idx, pos_idx, targets = [], [], []
-        for j, (_, tokens, n) in enumerate(batch):
-            ids[j, : len(tokens) - 1] = torch.tensor(tokens[:-1])
-            end = len(tokens) - 1
-            rows_idx += [j] * n
-            pos_idx += range(end - n, end)
-            targets += tokens[-n:]
-        h = lm.module(ids, return_hidden=True)[torch.tensor(rows_idx), torch.tensor(pos_idx)]
-        logp = F.log_softmax(lm.module.lm_head(h).float(), dim=-1)
-        target = torch.tensor(targets)
-        picked = logp.gather(1, target[:, None]).squeeze(1)
-        hit = logp.argmax(-1) == target
-        k = 0
-        for i, _, n in batch:
-            out[i] = (float(picked[k : k + n].sum()), bool(hit[k : k + n].all()))
-            k += n
-    return out
-
-
-@torch.inference_mode()
-def shared_context(lm: scorer.LanguageModel, docs: list[dict]) -> list[tuple[float, bool]]:
-    """Proposal B: A, plus each question's context runs once and its KV cache is copied to its choices' rows.
-
-    Questions are bucketed by context length, so a batch of contexts needs no padding and one cache position;
-    a batch holds up to BATCH choice rows. Questions whose choices split the context differently (a token merging
-    across the boundary) or that overflow the window go through A.
-    """
-    from lmforge.infer.engine import KVCache
-
-    model = lm.module
-    out: list[tuple[float, bool]] = []
-    shared: dict[int, list[tuple[int, list[int], list[list[int]]]]] = {}  # context length -> questions
-    rest: list[tuple[int, tuple[str, str]]] = []
-    for d in docs:
-        pairs = [(d["context"], " " + c) for c in d["choices"]]
-        enc = [scorer.encode_pair(lm, *p) for p in pairs]
-        first = len(out)
-        out += [(0.0, False)] * len(pairs)
-        ctx = enc[0][0]
-        if all(c == ctx for c, _ in enc) and max(len(ctx) + len(x) for _, x in enc) <= lm.max_len + 1:
-            shared.setdefault(len(ctx), []).append((first, ctx, [x for _, x in enc]))
-        else:
-            rest += [(first + j, p) for j, p in enumerate(pairs)]
-    for i, res in zip([i for i, _ in rest], head_on_continuations(lm, [p for _, p in rest])):
-        out[i] = res
-    chunks, chunk, n_rows = [], [], 0
-    for _, questions in sorted(shared.items()):
-        for q in questions:
-            if chunk and (n_rows + len(q[2]) > BATCH or len(chunk[0][1]) != len(q[1])):
-                chunks.append(chunk)
-                chunk, n_rows = [], 0
-            chunk.append(q)
-            n_rows += len(q[2])
-    chunks += [chunk] if chunk else []
-    for chunk in chunks:
-        conts = [x for _, _, xs in chunk for x in xs]
-        counts = torch.tensor([len(xs) for _, _, xs in chunk])
-        width = max(len(x) for x in conts) - 1
-        cache = KVCache.for_model(model, len(chunk), max_len=len(chunk[0][1]) + width)
-        last = model(torch.tensor([ctx for _, ctx, _ in chunk]), cache=cache, return_hidden=True)[:, -1:]
-        h = last.repeat_interleave(counts, dim=0)  # each choice's first token is predicted by the context's end
-        if width > 0:
-            cache.k = [k.repeat_interleave(counts, dim=0) for k in cache.k]
-            cache.v = [v.repeat_interleave(counts, dim=0) for v in cache.v]
-            ids = torch.zeros((len(conts), width), dtype=torch.long)
-            for j, x in enumerate(conts):
-                ids[j, : len(x) - 1] = torch.tensor(x[:-1])
-            h = torch.cat([h, model(ids, cache=cache, return_hidden=True)], dim=1)
-        rows_idx = [j for j, x in enumerate(conts) for _ in x]
-        pos_idx = [p for x in conts for p in range(len(x))]
-        target = torch.tensor([t for x in conts for t in x])
-        logp = F.log_softmax(model.lm_head(h[torch.tensor(rows_idx), torch.tensor(pos_idx)]).float(), dim=-1)
-        picked = logp.gather(1, target[:, None]).squeeze(1)
-        hit = logp.argmax(-1) == target
-        k = 0
-        indices = [first + j for first, _, xs in chunk for j in range(len(xs))]
-        for i, x in zip(indices, conts):
-            out[i] = (float(picked[k : k + len(x)].sum()), bool(hit[k : k + len(x)].all()))
-            k += len(x)
-    return out
-
-
 def measure(ckpt: Path, export: Path, sets: dict[str, list[dict]], repeats: int, hf_batch_sizes: list[int]) -> dict:
-    """One process's measurements: the scorer, the adapter, HFLM at each batch size, the prototypes, the profile."""
+    """One process's measurements: the scorer, the adapter and HFLM at each batch size."""
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
@@ -256,12 +127,7 @@ def measure(ckpt: Path, export: Path, sets: dict[str, list[dict]], repeats: int,
         *((f"lm-eval HFLM (batch {bs}{', its default' if bs == 1 else ''})",
            lambda p, hf=hf: hf.loglikelihood(p, disable_tqdm=True), instances) for bs, hf in hfs.items()),
     ]  # fmt: skip
-    protos = [
-        ("A: lm_head + log_softmax at continuation positions only", lambda p: head_on_continuations(lm, p), pairs),
-        ("B: A + each context run once, its KV cache copied to its choices, questions bucketed by context length",
-         lambda p: shared_context(lm, docs if p is pairs else docs[: BATCH // 4]), pairs),
-    ]  # fmt: skip
-    timed = rows + protos
+    timed = rows
     for _, fn, inputs in timed:
         fn([inputs[i] for i in longest])
     best = [float("inf")] * len(timed)
@@ -272,7 +138,7 @@ def measure(ckpt: Path, export: Path, sets: dict[str, list[dict]], repeats: int,
             results[k] = fn(inputs)
             best[k] = min(best[k], time.perf_counter() - start)
     out = [(name, best[k], [lp for lp, _ in results[k]]) for k, (name, _, _) in enumerate(timed)]
-    return {"rows": out[: len(rows)], "protos": out[len(rows):], "profile": profile_scorer(lm, pairs)}
+    return {"rows": out}
 
 
 def report(results: dict[str, dict], sets: dict[str, list[dict]]) -> None:
@@ -298,13 +164,6 @@ def report(results: dict[str, dict], sets: dict[str, list[dict]]) -> None:
         hf = min(sec for name, sec, _ in r["rows"] if name.startswith("lm-eval"))
         print(f"\n{malloc}: lmforge scorer {hf / ours:.2f}x the fastest HFLM setting in the same process; "
               f"{hf_best / ours:.2f}x the fastest HFLM overall")  # fmt: skip
-        total = sum(r["profile"].values())
-        print("  one scorer pass taken apart: "
-              + " | ".join(f"{k} {v:.2f} s ({100 * v / total:.0f}%)" for k, v in r["profile"].items()))  # fmt: skip
-        for name, sec, lls in r["protos"]:
-            diff = max(abs(x - y) for x, y in zip(lls, ref))
-            print(f"  prototype {name}: {len(docs) / sec:.1f} examples/s = {ours / sec:.2f}x the scorer, "
-                  f"{hf / sec:.2f}x the fastest HFLM here; max |diff| vs scorer {diff:.1e}")  # fmt: skip
 
 
 def token_counts(ckpt: Path, sets: dict[str, list[dict]]) -> str:

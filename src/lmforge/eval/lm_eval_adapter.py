@@ -6,8 +6,8 @@
 
 Requests are tokenized by lm-eval's own code (TemplateLM: the whole string split at the context's tokens,
 trailing whitespace of the context moved to the continuation, BOS first) and rolling texts are cut by lm-eval's
-own window function; lmforge's scoring engine (lmforge.eval.scorer) then runs the model, scoring only the
-continuation positions. So a checkpoint scores here exactly as its Hugging Face export does under `--model hf`
+own window function; lmforge's scoring engine (lmforge.eval.scorer) then runs the model, batched longest first,
+with the log-softmax taken at the continuation positions only. So a checkpoint scores here exactly as its Hugging Face export does under `--model hf`
 (for rolling log-likelihoods, `--model hf` with `add_bos_token=False`: with the export's BOS-adding tokenizer
 lm-eval 0.4.13 would otherwise put a second BOS in front of its own prefix token).
 

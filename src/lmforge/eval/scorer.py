@@ -11,8 +11,8 @@ adapter (lmforge.eval.lm_eval_adapter):
 - `greedy` is true when every continuation token is the argmax of its position.
 
 Batches are formed from requests sorted by length (longest first, so memory peaks at once and padding is small).
-Pairs sharing a context and differing only in their continuation, as the choices of a multiple-choice question
-do, are scored in one row each; see `loglikelihood`.
+For lmforge models, pairs sharing a context (the choices of a multiple-choice question) run it once and share its
+KV cache, and the output head runs only where a continuation token is predicted; see `loglikelihood_tokens`.
 """
 
 from __future__ import annotations
@@ -99,12 +99,12 @@ def _hf_model(path: Path, device: torch.device) -> LanguageModel:
 
 def encode_pair(lm: LanguageModel, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context tokens with the prefix, continuation tokens), split where the context's own tokens end."""
-    spaces = len(context) - len(context.rstrip(" "))
-    if spaces:  # "Answer: " + "Paris" scores " Paris", as the model would write it
+    spaces = len(context) - len(context.rstrip())
+    if spaces:  # "Answer: " + "Paris" scores " Paris", as the model would write it; newlines and tabs likewise
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     whole = lm.encode(context + continuation)
     ctx = lm.encode(context)
-    cont = whole[len(ctx):] if whole[: len(ctx)] == ctx else lm.encode(continuation)
+    cont = whole[len(ctx):]
     if not cont:
         raise ValueError(f"continuation {continuation!r} encodes to no tokens after context ...{context[-40:]!r}")
     return lm.prefix + ctx, cont
@@ -140,27 +140,117 @@ def loglikelihood_tokens(
     label: str = "scoring",
     progress: bool = True,
 ) -> list[tuple[float, bool]]:
-    """(sum of log-probabilities of the continuation, whether it is the greedy continuation) per token pair."""
-    rows = sorted(_rows(lm, pairs), key=lambda r: -len(r.tokens))
-    out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
-    with _progress(len(rows), label, progress) as bar:
-        task = bar.add_task(label, total=len(rows))
+    """(sum of log-probabilities of the continuation, whether it is the greedy continuation) per token pair.
+
+    For lmforge models, pairs that share their context tokens with other pairs (the choices of a question) run
+    that context once: its KV cache is copied to one row per continuation (`_shared_context`). Every other pair
+    is one padded row. Either way the output head and the log-softmax run only at the continuation positions,
+    which for multiple choice are about a seventh of all positions.
+    """
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, cont) in enumerate(pairs):
+        groups.setdefault(tuple(ctx), []).append(i)
+    shared = {ctx: idx for ctx, idx in groups.items() if lm.module is not None and len(idx) > 1
+              and all(len(ctx) + len(pairs[i][1]) <= lm.max_len + 1 for i in idx)}  # fmt: skip
+    single = [i for ctx, idx in groups.items() if ctx not in shared for i in idx]
+    with _progress(len(pairs), label, progress) as bar:
+        task = bar.add_task(label, total=len(pairs))
+        rows = sorted(_rows(lm, [pairs[i] for i in single]), key=lambda r: -len(r.tokens))
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
-            width = len(batch[0].tokens) - 1
-            ids = torch.zeros((len(batch), width), dtype=torch.long)
-            for j, r in enumerate(batch):
-                ids[j, : len(r.tokens) - 1] = torch.tensor(r.tokens[:-1])
-            logits = lm.forward(ids.to(lm.device))
-            for j, r in enumerate(batch):
-                end = len(r.tokens) - 1  # positions whose next token is a target
-                logp = F.log_softmax(logits[j, end - r.n_cont : end].float(), dim=-1)
-                target = torch.tensor(r.tokens[-r.n_cont :], device=logp.device)
-                total = logp.gather(1, target[:, None]).sum()
-                greedy = bool((logp.argmax(-1) == target).all())
-                out[r.index] = (float(total), greedy)
+            for r, res in zip(batch, _score_rows(lm, batch)):
+                out[single[r.index]] = res
             bar.advance(task, len(batch))
+        for chunk in _context_chunks(shared, pairs, batch_size):
+            for i, res in _shared_context(lm, chunk, pairs):
+                out[i] = res
+            bar.advance(task, sum(len(idx) for _, idx in chunk))
     return out
+
+
+def _head_logprobs(lm: LanguageModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities from final hidden states [N, d] of an lmforge model: head, soft-cap, log-softmax."""
+    logits = lm.module.lm_head(hidden)
+    cap = lm.module.args.logit_softcap
+    if cap is not None:
+        logits = cap * torch.tanh(logits.float() / cap)
+    return F.log_softmax(logits.float(), dim=-1)
+
+
+def _pick(logp: torch.Tensor, targets: list[int], lengths: list[int]) -> list[tuple[float, bool]]:
+    """Per span of `lengths` consecutive positions: summed target log-probability and whether all are argmax."""
+    target = torch.tensor(targets, device=logp.device)
+    picked = logp.gather(1, target[:, None]).squeeze(1).double().cpu()
+    hit = (logp.argmax(-1) == target).cpu()
+    out, k = [], 0
+    for n in lengths:
+        out.append((float(picked[k : k + n].sum()), bool(hit[k : k + n].all())))
+        k += n
+    return out
+
+
+def _score_rows(lm: LanguageModel, batch: list[_Row]) -> list[tuple[float, bool]]:
+    """One padded batch of whole rows."""
+    width = len(batch[0].tokens) - 1
+    ids = torch.zeros((len(batch), width), dtype=torch.long)
+    rows_idx, pos_idx, targets = [], [], []
+    for j, r in enumerate(batch):
+        ids[j, : len(r.tokens) - 1] = torch.tensor(r.tokens[:-1])
+        end = len(r.tokens) - 1  # positions whose next token is a target
+        rows_idx += [j] * r.n_cont
+        pos_idx += range(end - r.n_cont, end)
+        targets += r.tokens[-r.n_cont :]
+    ids = ids.to(lm.device)
+    where = (torch.tensor(rows_idx, device=lm.device), torch.tensor(pos_idx, device=lm.device))
+    if lm.module is not None:
+        logp = _head_logprobs(lm, lm.module(ids, return_hidden=True)[where])
+    else:
+        logp = F.log_softmax(lm.forward(ids)[where].float(), dim=-1)
+    return _pick(logp, targets, [r.n_cont for r in batch])
+
+
+def _context_chunks(shared: dict[tuple[int, ...], list[int]], pairs: Sequence[tuple[list[int], list[int]]],
+                    batch_size: int) -> list[list[tuple[tuple[int, ...], list[int]]]]:  # fmt: skip
+    """Contexts of one length per chunk (no padding, one cache position), at most `batch_size` continuation rows
+    per chunk (a context with more continuations than that gets a chunk of its own)."""
+    chunks: list[list[tuple[tuple[int, ...], list[int]]]] = []
+    chunk: list[tuple[tuple[int, ...], list[int]]] = []
+    rows = 0
+    for ctx, idx in sorted(shared.items(), key=lambda item: len(item[0])):
+        if chunk and (rows + len(idx) > batch_size or len(chunk[0][0]) != len(ctx)):
+            chunks.append(chunk)
+            chunk, rows = [], 0
+        chunk.append((ctx, idx))
+        rows += len(idx)
+    return chunks + ([chunk] if chunk else [])
+
+
+def _shared_context(lm: LanguageModel, chunk: list[tuple[tuple[int, ...], list[int]]],
+                    pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[int, tuple[float, bool]]]:  # fmt: skip
+    """Run each context once with a KV cache, copy the cache to its continuations' rows, then run those."""
+    from lmforge.infer.engine import KVCache
+
+    model = lm.module
+    conts = [pairs[i][1] for _, idx in chunk for i in idx]
+    counts = torch.tensor([len(idx) for _, idx in chunk], device=lm.device)
+    width = max(len(x) for x in conts) - 1
+    cache = KVCache.for_model(model, len(chunk), max_len=len(chunk[0][0]) + width)
+    contexts = torch.tensor([list(ctx) for ctx, _ in chunk], device=lm.device)
+    # The context's last position predicts each continuation's first token.
+    hidden = model(contexts, cache=cache, return_hidden=True)[:, -1:].repeat_interleave(counts, dim=0)
+    if width > 0:
+        cache.k = [k.repeat_interleave(counts, dim=0) for k in cache.k]
+        cache.v = [v.repeat_interleave(counts, dim=0) for v in cache.v]
+        ids = torch.zeros((len(conts), width), dtype=torch.long)
+        for j, x in enumerate(conts):
+            ids[j, : len(x) - 1] = torch.tensor(x[:-1])
+        hidden = torch.cat([hidden, model(ids.to(lm.device), cache=cache, return_hidden=True)], dim=1)
+    rows_idx = torch.tensor([j for j, x in enumerate(conts) for _ in x], device=lm.device)
+    pos_idx = torch.tensor([p for x in conts for p in range(len(x))], device=lm.device)
+    logp = _head_logprobs(lm, hidden[rows_idx, pos_idx])
+    results = _pick(logp, [t for x in conts for t in x], [len(x) for x in conts])
+    return list(zip([i for _, idx in chunk for i in idx], results))
 
 
 def loglikelihood(lm: LanguageModel, requests: Sequence[tuple[str, str]], **kwargs) -> list[tuple[float, bool]]:
@@ -184,12 +274,11 @@ def rolling_windows(tokens: list[int], max_len: int, stride: int | None = None) 
     start = 0
     while scored < n - 1:
         end = min(start + max_len + 1, n)
-        new = end - 1 - scored
-        windows.append((tokens[start:end], new))
+        if end == n:  # the last window reaches back a full context, as lm-evaluation-harness's does
+            start = max(0, n - max_len - 1)
+        windows.append((tokens[start:end], end - 1 - scored))
         scored = end - 1
-        start = max(0, min(start + stride, end - 1))
-        if end == n:
-            break
+        start = start + stride
     return windows
 
 
@@ -197,6 +286,7 @@ def loglikelihood_rolling(
     lm: LanguageModel, texts: Iterable[str], *, stride: int | None = None, **kwargs
 ) -> list[float]:
     """Total log-probability of each text (from BOS), over sliding windows when longer than the context."""
+    texts = list(texts)
     pieces: list[tuple[list[int], list[int]]] = []
     owners: list[int] = []
     for i, text in enumerate(texts):
@@ -204,7 +294,7 @@ def loglikelihood_rolling(
             pieces.append((window[: len(window) - new], window[len(window) - new :]))
             owners.append(i)
     scores = loglikelihood_tokens(lm, pieces, **kwargs)
-    totals = [0.0] * (max(owners) + 1 if owners else 0)
+    totals = [0.0] * len(texts)
     for owner, (logp, _) in zip(owners, scores):
         totals[owner] += logp
     return totals
