@@ -43,13 +43,19 @@ def run_code_task(lm: LanguageModel, task: str, cfg: EvalConfig,
     problems = code_problems(task, cfg, files)
     if not problems:
         raise ValueError(f"code task {task!r} has no problems")
+    # A small context cannot hold a long completion and its prompt: keep half of it for the prompt.
+    max_new = min(cfg.code_max_new_tokens, lm.max_len // 2)
+    if max_new < cfg.code_max_new_tokens:
+        log.warning("eval.code_max_new_tokens=%d does not fit the model's %d-token context with a prompt; "
+                    "generating %d tokens", cfg.code_max_new_tokens, lm.max_len, max_new)  # fmt: skip
     t0 = time.perf_counter()
     completions = code.generate_completions(lm.module, lm.tokenizer, [p.prompt for p in problems],
                                             n=cfg.code_samples, temperature=cfg.code_temperature,
-                                            max_new_tokens=cfg.code_max_new_tokens)  # fmt: skip
+                                            max_new_tokens=max_new)  # fmt: skip
     result = code.evaluate_code(problems, completions, ks=tuple(ks), timeout_s=cfg.code_timeout_s)
     result["n"] = result.get("n_problems", len(problems))
     result["seconds"] = time.perf_counter() - t0
     result["kind"] = "code"
+    result["max_new_tokens"] = max_new
     result.pop("per_problem", None)
     return result, [[p.prompt] for p in problems]
