@@ -244,3 +244,14 @@ def test_the_eval_command_writes_a_score_card(data, trained, tmp_path):
 def test_eval_config_defaults_keep_the_default_recipe_unchanged():
     cfg = EvalConfig()
     assert cfg.tasks == [] and cfg.code == [] and cfg.stride is None and cfg.contamination is True
+
+
+def test_gsm8k_reads_the_real_test_set_and_scores_greedy_generations(trained):
+    path = T.find_task_file("gsm8k", EVAL.parent / "instruct")
+    assert path.name == "gsm8k_test.jsonl"
+    items, skipped = T.load_gsm8k(path)
+    assert len(items) == 1319 and skipped.count == 0
+    assert items[0][1] == "18"  # Janet's ducks: "#### 18"
+    r = T.score_gsm8k(load_language_model(trained[0], "cpu"), items[:4], max_new_tokens=24, progress=False)
+    assert r["n"] == 4 and len(r["samples"]) == 3 and 0.0 <= r["exact_match"]["value"] <= 1.0
+    assert all("Question:" not in s["completion"] for s in r["samples"])  # cut before the next question
