@@ -1,0 +1,194 @@
+"""Instruction and chat records -> validated conversations (`list[Message]`).
+
+Four record formats are read, auto-detected per file from the first record whose keys name one of them:
+- Alpaca `{instruction, input?, output, system?}`: user = instruction (+ "\\n\\n" + input when input is non-empty).
+- ShareGPT `{conversations: [{from: human|gpt|system|user|assistant, value}]}`.
+- OpenAI-style `{messages: [{role, content}]}`.
+- prompt/response `{prompt, response}` (e.g. dolly_hhrlhf).
+
+Files are `.json` (one array of records) or `.jsonl` (one record a line). A bad record is never fatal and never
+silently dropped: it is skipped and counted in `Skipped` with its location (`file:line` for JSONL, `file[index]`
+for JSON arrays) and a reason. Content is kept exactly as written (no stripping): whitespace can matter to the
+answer, and the template must reproduce the text byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Role = Literal["system", "user", "assistant"]
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+FORMATS: tuple[str, ...] = ("alpaca", "sharegpt", "openai", "prompt_response")
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_MAX_EXAMPLES = 5
+
+
+@dataclass
+class Message:
+    role: Role
+    content: str
+
+
+Conversation = list[Message]
+
+
+class BadRecord(ValueError):
+    """A record that cannot become a valid conversation; its message is the skip reason."""
+
+
+@dataclass
+class Skipped:
+    """Skipped records: the total, the count per reason, and the first few as 'location: reason'."""
+
+    count: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, location: str, reason: str) -> None:
+        self.count += 1
+        # The reason's head (before any ':') groups records that failed the same way.
+        key = reason.split(":", 1)[0]
+        self.by_reason[key] = self.by_reason.get(key, 0) + 1
+        if len(self.examples) < _MAX_EXAMPLES:
+            self.examples.append(f"{location}: {reason}")
+
+
+def detect_format(record: Any) -> str | None:
+    """The format a record's keys name, or None when they name none."""
+    if not isinstance(record, dict):
+        return None
+    if "conversations" in record:
+        return "sharegpt"
+    if "messages" in record:
+        return "openai"
+    if "instruction" in record:
+        return "alpaca"
+    if "prompt" in record and "response" in record:
+        return "prompt_response"
+    return None
+
+
+def _text(record: dict[str, Any], key: str, *, required: bool = True) -> str:
+    value = record.get(key)
+    if value is None and not required:
+        return ""
+    if key not in record:
+        raise BadRecord(f"missing key: {key!r}")
+    if not isinstance(value, str):
+        raise BadRecord(f"wrong type: {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _turns(record: dict[str, Any], key: str, role_key: str, content_key: str) -> list[tuple[Any, Any]]:
+    turns = record.get(key)
+    if not isinstance(turns, list):
+        raise BadRecord(f"wrong type: {key!r} must be a list, got {type(turns).__name__}")
+    out = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise BadRecord(f"wrong type: {key}[{i}] must be an object, got {type(turn).__name__}")
+        for k in (role_key, content_key):
+            if not isinstance(turn.get(k), str):
+                raise BadRecord(f"wrong type: {key}[{i}].{k} must be a string, got {type(turn.get(k)).__name__}")
+        out.append((turn[role_key], turn[content_key]))
+    return out
+
+
+def to_conversation(record: Any, fmt: str) -> Conversation:
+    """The validated conversation of one record in format `fmt`; raises BadRecord with the reason."""
+    if not isinstance(record, dict):
+        raise BadRecord(f"wrong type: record must be an object, got {type(record).__name__}")
+    if detect_format(record) != fmt:
+        raise BadRecord(f"wrong format: keys {sorted(record)[:6]} do not match the file's format {fmt!r}")
+    messages: Conversation = []
+    if fmt == "alpaca":
+        system = _text(record, "system", required=False)
+        user, extra = _text(record, "instruction"), _text(record, "input", required=False)
+        # An empty system / input is the format's way of saying "none".
+        if system:
+            messages.append(Message("system", system))
+        messages += [Message("user", f"{user}\n\n{extra}" if extra else user),
+                     Message("assistant", _text(record, "output"))]  # fmt: skip
+    elif fmt == "prompt_response":
+        messages = [Message("user", _text(record, "prompt")), Message("assistant", _text(record, "response"))]
+    else:
+        sharegpt = fmt == "sharegpt"
+        key, role_key, content_key = ("conversations", "from", "value") if sharegpt else ("messages", "role", "content")
+        for i, (role, content) in enumerate(_turns(record, key, role_key, content_key)):
+            mapped = _SHAREGPT_ROLES.get(role) if sharegpt else (role if role in ROLES else None)
+            if mapped is None:
+                raise BadRecord(f"unknown role: {key}[{i}].{role_key} = {role!r}")
+            messages.append(Message(mapped, content))  # type: ignore[arg-type]
+    validate(messages)
+    return messages
+
+
+def validate(messages: Conversation) -> None:
+    """Raise BadRecord unless the conversation is one the chat template can train on."""
+    if not messages:
+        raise BadRecord("empty conversation: no messages")
+    for i, m in enumerate(messages):
+        if m.role not in ROLES:
+            raise BadRecord(f"unknown role: message {i} has role {m.role!r}")
+        if not isinstance(m.content, str):
+            raise BadRecord(f"wrong type: message {i} content must be a string, got {type(m.content).__name__}")
+        if not m.content.strip():
+            raise BadRecord(f"empty content: message {i} ({m.role}) is empty or whitespace")
+        if m.role == "system" and i != 0:
+            raise BadRecord(f"system not first: message {i} is a system message")
+        if i > 0 and m.role == messages[i - 1].role:
+            raise BadRecord(f"consecutive same role: messages {i - 1} and {i} are both {m.role!r}")
+    if not any(m.role == "assistant" for m in messages):
+        raise BadRecord("no assistant turn: nothing to train on")
+
+
+def _records(path: Path, skipped: Skipped) -> Iterator[tuple[str, Any]]:
+    """(location, record) for every record of a .json array or .jsonl file; unparsable JSONL lines are skipped."""
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue  # a blank line holds no record
+                try:
+                    yield f"{path}:{n}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    skipped.add(f"{path}:{n}", f"invalid JSON: {e.msg} at column {e.colno}")
+    elif path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); a .json file must hold one array") from e
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: a .json file must hold an array of records, got {type(data).__name__}")
+        for i, record in enumerate(data):
+            yield f"{path}[{i}]", record
+    else:
+        raise ValueError(f"{path}: unsupported extension {path.suffix!r}; expected .json or .jsonl")
+
+
+def read_conversations(path: str | Path, limit: int | None = None) -> tuple[list[Conversation], Skipped]:
+    """Every valid conversation in `path` (at most `limit`), and the records skipped with where and why."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"instruction data file {path} does not exist")
+    skipped = Skipped()
+    conversations: list[Conversation] = []
+    fmt: str | None = None
+    for location, record in _records(path, skipped):
+        if limit is not None and len(conversations) >= limit:
+            break
+        if fmt is None:
+            fmt = detect_format(record)
+            if fmt is None:
+                keys = sorted(record)[:6] if isinstance(record, dict) else type(record).__name__
+                skipped.add(location, f"unknown format: {keys} name none of {list(FORMATS)}")
+                continue
+        try:
+            conversations.append(to_conversation(record, fmt))
+        except BadRecord as e:
+            skipped.add(location, str(e))
+    return conversations, skipped
