@@ -166,6 +166,40 @@ def pretrain(
     log.info("final validation loss %.4f; model in %s", metrics.get("final_val_loss") or float("nan"), out / "final")
 
 
+@app.command()
+def sft(
+    checkpoint: Path = typer.Argument(..., help="A pre-trained lmforge model directory."),
+    data: Path = typer.Option(..., "--data", help="Instruction or chat data: Alpaca, ShareGPT, messages or "
+                              "prompt/response records (.json or .jsonl)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory; re-running it resumes."),
+    method: str = typer.Option("full", "--method", help="full or lora."),
+    train_on: str = typer.Option("assistant", "--train-on", help="assistant, last or all: the tokens the loss counts."),
+    freeze_blocks: int = typer.Option(0, "--freeze-blocks", min=0, help="Full fine-tuning: freeze the first k blocks."),
+    freeze_embeddings: bool = typer.Option(False, "--freeze-embeddings", help="Full fine-tuning: freeze embeddings."),
+    lora_rank: int = typer.Option(8, "--lora-rank", min=1),
+    lora_alpha: float = typer.Option(16.0, "--lora-alpha"),
+    lora_targets: str = typer.Option("q_proj,v_proj", "--lora-targets", help="Comma-separated module-name suffixes."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use only the first N conversations."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="train.* settings (train.max_steps=200 ...)."),
+) -> None:
+    """Supervised fine-tuning on instruction data: full (optionally with frozen layers) or LoRA; reports held-out
+    loss on the assistant tokens before and after."""
+    from lmforge.finetune.lora import LoRAConfig
+    from lmforge.finetune.sft import finetune
+
+    if method not in ("full", "lora"):
+        _fail(f"--method {method!r}: choose full or lora", 2)
+    cfg = _sections(list(overrides or []), {"train"})
+    lora = LoRAConfig(rank=lora_rank, alpha=lora_alpha, targets=tuple(t.strip() for t in lora_targets.split(",")
+                                                                      if t.strip())) if method == "lora" else None  # fmt: skip
+    m = finetune(checkpoint, data, out, cfg.train, method=method, train_on=train_on, freeze_blocks=freeze_blocks,
+                 freeze_embeddings=freeze_embeddings, lora=lora, limit=limit)  # fmt: skip
+    before, after = m.get("heldout_loss_before"), m.get("heldout_loss_after")
+    log.info("held-out loss on trained tokens: %s -> %s; %d of %d parameters trained; model in %s",
+             f"{before:.4f}" if before is not None else "n/a", f"{after:.4f}" if after is not None else "n/a",
+             m["trainable_params"], m["total_params"], out / "final")  # fmt: skip
+
+
 @app.command("eval")
 def eval_(
     checkpoint: Path = typer.Argument(..., help="An lmforge model directory or a transformers model directory."),

@@ -1,0 +1,266 @@
+"""Supervised fine-tuning: chat conversations rendered with the template, packed, and trained with the one loop.
+
+`finetune` reads conversations, holds a seeded part out, renders and packs the rest into rows of `seq_len`, and
+trains either the full model (optionally with the first blocks and/or the embeddings frozen) or LoRA adapters
+only. The loss counts only the tokens the template marks as targets (`labels != -100`).
+
+    out_dir/final/      the fine-tuned model as a plain checkpoint (LoRA: adapters merged in), loads with load_model
+    out_dir/adapter/    LoRA only: the adapter alone (save_adapter), to apply to the base again later
+
+LoRA checkpoints written during training hold the live (adapter-wrapped) weights, because that is what the loop
+loads strictly when it resumes; only `final/` is converted to a plain model.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_model as st_save_model
+from torch import Tensor, nn
+
+from lmforge.finetune.data import read_conversations
+from lmforge.finetune.lora import (
+    LoRAConfig,
+    apply_lora,
+    base_state_dict,
+    merge_lora,
+    save_adapter,
+    trainable_parameters,
+)
+from lmforge.finetune.template import IGNORE_INDEX, Packed, TrainOn, pack, render
+from lmforge.model.io import (
+    TOKENIZER,
+    WEIGHTS,
+    load_checkpoint_tokenizer,
+    load_model,
+    staged_dir,
+    write_model_files,
+)
+from lmforge.model.transformer import ModelArgs, Transformer
+from lmforge.recipe import TrainConfig
+from lmforge.train.loop import FINAL_DIR, train
+
+log = logging.getLogger(__name__)
+
+Method = Literal["full", "lora"]
+ADAPTER_NAME = "default"
+ADAPTER_DIR = "adapter"
+
+
+class SFTBatches:
+    """Endless, resumable batches of packed rows, reshuffled every epoch.
+
+    The order of epoch e is `default_rng((seed, e)).permutation(n)`, so the state is just {epoch, position} and a
+    resumed run sees exactly the batches an uninterrupted one would. A batch may straddle two epochs."""
+
+    def __init__(self, packed: Packed, batch_size: int, seed: int = 0) -> None:
+        if not packed.ids:
+            raise ValueError("no packed rows to train on: the training split rendered to nothing")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.ids = torch.tensor(packed.ids, dtype=torch.long)
+        self.labels = torch.tensor(packed.labels, dtype=torch.long)
+        self.doc_ids = torch.tensor(packed.doc_ids, dtype=torch.long)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation), cached for the current epoch
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _permutation(self) -> np.ndarray:
+        if self._order is None or self._order[0] != self.epoch:
+            self._order = (self.epoch, np.random.default_rng((self.seed, self.epoch)).permutation(len(self)))
+        return self._order[1]
+
+    def _next_index(self) -> int:
+        if self.position >= len(self):
+            self.epoch, self.position = self.epoch + 1, 0
+        idx = int(self._permutation()[self.position])
+        self.position += 1
+        return idx
+
+    def __iter__(self) -> SFTBatches:
+        return self
+
+    def __next__(self) -> dict[str, Tensor]:
+        rows = torch.tensor([self._next_index() for _ in range(self.batch_size)], dtype=torch.long)
+        return {"input_ids": self.ids[rows], "labels": self.labels[rows], "doc_ids": self.doc_ids[rows]}
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def _loss_sum(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(summed CE over trained tokens, number of trained tokens), in fp32."""
+    logits = model(batch["input_ids"], doc_ids=batch["doc_ids"])
+    targets = batch["labels"][:, 1:]
+    total = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return total, (targets != IGNORE_INDEX).sum()
+
+
+def sft_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+    """Mean CE per trained token. A batch with no targets gives 0 (with a graph), not NaN, so it cannot poison
+    the loop's divergence guard."""
+    total, count = _loss_sum(model, batch)
+    return total / count.clamp(min=1)
+
+
+def heldout_loss(model: nn.Module, rows: Packed, batch_size: int) -> float:
+    """Mean CE per trained token over every row of `rows` (all rows, fixed order: comparable across calls)."""
+    if not rows.ids:
+        raise ValueError("held-out set is empty")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(rows.ids), batch_size):
+                sl = slice(start, start + batch_size)
+                batch = {k: torch.tensor(getattr(rows, f)[sl], dtype=torch.long, device=device)
+                         for k, f in (("input_ids", "ids"), ("labels", "labels"), ("doc_ids", "doc_ids"))}  # fmt: skip
+                s, n = _loss_sum(model, batch)
+                total, count = total + float(s), count + int(n)
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("held-out set has no trained tokens (every label is -100)")
+    return total / count
+
+
+def split_heldout(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train indices, held-out indices): a seeded permutation, so the split does not depend on file order quirks
+    or on the training config. Held-out gets round(n * val_fraction) items, at least 1 when val_fraction > 0."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = max(1, round(n * val_fraction)) if val_fraction > 0 else 0
+    if n - n_val < 1:
+        raise ValueError(f"{n} conversations leave nothing to train on with val_fraction={val_fraction}")
+    perm = np.random.default_rng(seed).permutation(n)
+    return sorted(int(i) for i in perm[n_val:]), sorted(int(i) for i in perm[:n_val])
+
+
+def freeze(model: Transformer, blocks: int, embeddings: bool) -> None:
+    """Freeze the first `blocks` blocks and/or the input embeddings (a tied lm_head shares, so freezes, them)."""
+    layers = model.model.layers
+    if not 0 <= blocks <= len(layers):
+        raise ValueError(f"freeze_blocks={blocks}, but the model has {len(layers)} blocks")
+    for layer in layers[:blocks]:
+        layer.requires_grad_(False)
+    if embeddings:
+        model.model.embed_tokens.requires_grad_(False)
+        if hasattr(model.model, "embed_positions"):
+            model.model.embed_positions.requires_grad_(False)
+
+
+def _render_pack(tok: Any, convs: list, train_on: TrainOn, seq_len: int) -> Packed:
+    packed = pack([render(tok, c, train_on) for c in convs], seq_len, tok.pad_id)
+    if packed.truncated:
+        log.warning("%d conversations longer than seq_len=%d were truncated", packed.truncated, seq_len)
+    return packed
+
+
+def _write_plain(model: nn.Module, args: ModelArgs, dest: Path, tokenizer_path: Path) -> None:
+    """Merge the adapter, then write the base weights through a fresh plain Transformer, atomically."""
+    merge_lora(model, ADAPTER_NAME)
+    plain = Transformer(args)
+    plain.load_state_dict(base_state_dict(model), strict=True)
+    with staged_dir(dest) as tmp:
+        write_model_files(plain, args, tmp, tokenizer_path)
+
+
+def _lora_checkpoint_writer() -> Any:
+    """Writes the live wrapped weights (what the loop reloads on resume) and the adapter beside them."""
+
+    def write(model: nn.Module, directory: Path) -> None:
+        st_save_model(model, str(directory / WEIGHTS), metadata={"format": "pt"})
+        save_adapter(model, ADAPTER_NAME, directory / ADAPTER_DIR)
+
+    return write
+
+
+def finetune(
+    checkpoint: Path,
+    data: Path,
+    out_dir: Path,
+    train_cfg: TrainConfig,
+    *,
+    method: Method = "full",
+    train_on: TrainOn = "assistant",
+    freeze_blocks: int = 0,
+    freeze_embeddings: bool = False,
+    lora: LoRAConfig | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Fine-tune the checkpoint at `checkpoint` on the conversations in `data`; write `out_dir/final/`."""
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if method not in ("full", "lora"):
+        raise ValueError(f"method={method!r}; choose 'full' or 'lora'")
+    if method == "lora" and (freeze_blocks or freeze_embeddings):
+        raise ValueError("freeze_blocks/freeze_embeddings apply to method='full'; LoRA already trains adapters only")
+    if method == "full" and lora is not None:
+        raise ValueError("a LoRAConfig was given but method='full'; pass method='lora' to use it")
+    model, args = load_model(checkpoint)
+    if train_cfg.seq_len > args.max_seq_len:
+        raise ValueError(f"train.seq_len={train_cfg.seq_len} exceeds the model's max_seq_len={args.max_seq_len}")
+    tok = load_checkpoint_tokenizer(checkpoint)
+    tokenizer_path = checkpoint / TOKENIZER
+
+    convs, skipped = read_conversations(data, limit=limit)
+    if not convs:
+        raise ValueError(f"no usable conversations in {data} ({skipped.count} records skipped)")
+    train_idx, val_idx = split_heldout(len(convs), val_fraction, seed)
+    train_rows = _render_pack(tok, [convs[i] for i in train_idx], train_on, train_cfg.seq_len)
+    val_rows = _render_pack(tok, [convs[i] for i in val_idx], train_on, train_cfg.seq_len) if val_idx else None
+    loader = SFTBatches(train_rows, train_cfg.batch_size, seed)
+
+    if method == "lora":
+        torch.manual_seed(seed)  # the A matrices are drawn at random: the same seed gives the same adapters
+        apply_lora(model, lora or LoRAConfig(), ADAPTER_NAME)
+        writer = _lora_checkpoint_writer()
+    else:
+        freeze(model, freeze_blocks, freeze_embeddings)
+        writer = lambda m, d: write_model_files(m, args, d, tokenizer_path)  # noqa: E731
+    trainable, total = trainable_parameters(model)
+    if trainable == 0:
+        raise ValueError("nothing left to train: every parameter is frozen")
+
+    val_fn = (lambda m: heldout_loss(m, val_rows, train_cfg.batch_size)) if val_rows else None
+    before = val_fn(model) if val_fn else None
+    metrics = train(model, sft_loss, loader, train_cfg, out_dir,
+                    tokens_per_batch=train_cfg.batch_size * train_cfg.seq_len * train_cfg.grad_accum,
+                    val_fn=val_fn, write_model_files=writer)  # fmt: skip
+    if method == "lora":
+        save_adapter(model, ADAPTER_NAME, out_dir / ADAPTER_DIR)  # before merging: the adapter alone
+        _write_plain(model, args, out_dir / FINAL_DIR, tokenizer_path)  # replaces the loop's wrapped final/
+    after = val_fn(model) if val_fn else None
+    return {
+        **metrics,
+        "heldout_loss_before": before,
+        "heldout_loss_after": after,
+        "trainable_params": trainable,
+        "total_params": total,
+        "skipped_records": skipped.count,
+        "train_conversations": len(train_idx),
+        "heldout_conversations": len(val_idx),
+        "train_rows": len(train_rows.ids),
+        "truncated_conversations": train_rows.truncated,
+    }
