@@ -18,10 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import json_package_run
 from lmforge.data.readers import stdlib_root
 from lmforge.model.transformer import ModelArgs, Transformer
-from lmforge.pipeline import run_recipe
-from lmforge.recipe import ParallelConfig, TrainConfig, load_recipe
+from lmforge.recipe import ParallelConfig, TrainConfig
 from lmforge.train.distributed import World, check_batch, init_world
 from lmforge.train.pipelining import StageModule, build_pipeline, stage_layers
 
@@ -34,12 +34,7 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    recipe = load_recipe(None, [f"data.source={stdlib_root() / 'json'}", "data.val_fraction=0.3", "data.near_dedup=false",
-                                "data.pii=false", "tokenizer.vocab_size=400", f"run_dir={root}", "name=d",
-                                "stages=[curate, tokenizer, shards]"])  # fmt: skip
-    run_recipe(recipe)
-    return root / "d"
+    return json_package_run(tmp_path_factory.mktemp("dist"))
 
 
 def _command(data: Path, out: Path, nproc: int, overrides: list[str]) -> list[str]:

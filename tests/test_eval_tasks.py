@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import json_package_run
 from lmforge.data.readers import stdlib_root
 from lmforge.eval import tasks as T
 from lmforge.eval.contamination import ContaminationIndex
@@ -15,21 +16,15 @@ from lmforge.eval.perplexity import TextScore, _windows
 from lmforge.eval.scorer import encode_pair, load_language_model, loglikelihood, loglikelihood_rolling, rolling_windows
 from lmforge.model.io import save_model
 from lmforge.model.transformer import ModelArgs, Transformer
-from lmforge.pipeline import run_recipe
 from lmforge.pretrain import pretrain
-from lmforge.recipe import EvalConfig, ModelConfig, TrainConfig, load_recipe
+from lmforge.recipe import EvalConfig, ModelConfig, TrainConfig
 
 EVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evaltasks")
-    recipe = load_recipe(None, [f"data.source={stdlib_root() / 'json'}", "data.val_fraction=0.3", "data.near_dedup=false",
-                                "data.pii=false", "tokenizer.vocab_size=400", f"run_dir={root}", "name=d",
-                                "stages=[curate, tokenizer, shards]"])  # fmt: skip
-    run_recipe(recipe)
-    return root / "d"
+    return json_package_run(tmp_path_factory.mktemp("evaltasks"))
 
 
 @pytest.fixture(scope="module")

@@ -7,22 +7,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmforge.pipeline import run_recipe
+from helpers import json_package_run
 from lmforge.pretrain import pretrain
-from lmforge.recipe import ModelConfig, PretrainConfig, TrainConfig, load_recipe
-from lmforge.data.readers import stdlib_root
+from lmforge.recipe import ModelConfig, PretrainConfig, TrainConfig
 
 TINY_MODEL = dict(depth=1, d_model=64, max_seq_len=64)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("objectives")
-    recipe = load_recipe(None, [f"data.source={stdlib_root() / 'json'}", "data.val_fraction=0.3", "data.near_dedup=false",
-                                "data.pii=false", "tokenizer.vocab_size=400", f"run_dir={root}", "name=d",
-                                "stages=[curate, tokenizer, shards]"])  # fmt: skip
-    run_recipe(recipe)
-    return root / "d"
+    return json_package_run(tmp_path_factory.mktemp("objectives"))
 
 
 def _train(data, out, objective="clm", steps=8, model=None, **kw):

@@ -80,6 +80,16 @@ def _eval_files(sources: Iterable[str | Path]) -> list[tuple[str, Path]]:
     return found
 
 
+def eval_text_grams(text: str, n: int = 13, min_short_words: int = 8) -> tuple[np.ndarray, int | None]:
+    """An eval text's grams (module docstring), and the length of its one short gram when it is a short text."""
+    ids = word_hashes(normalized_words(text))
+    if len(ids) >= n:
+        return ngram_hashes(ids, n), None
+    if len(ids) >= min_short_words:
+        return ngram_hashes(ids, len(ids)), len(ids)
+    return np.empty(0, dtype=np.uint64), None
+
+
 class Decontaminator(Filter):
     """Drops ("contaminated") or flags documents sharing at least `min_overlaps` grams with the eval texts.
 
@@ -122,12 +132,10 @@ class Decontaminator(Filter):
     def _index_file(self, path: Path) -> np.ndarray:
         parts = []
         for text in eval_texts(path):
-            ids = word_hashes(normalized_words(text))
-            if len(ids) >= self.n:
-                parts.append(ngram_hashes(ids, self.n))
-            elif len(ids) >= self.min_short_words:
-                self.short_lengths.add(len(ids))
-                parts.append(ngram_hashes(ids, len(ids)))
+            grams, short = eval_text_grams(text, self.n, self.min_short_words)
+            if short is not None:
+                self.short_lengths.add(short)
+            parts.append(grams)
         return np.unique(np.concatenate(parts)) if parts else np.empty(0, dtype=np.uint64)
 
     def doc_grams(self, text: str) -> np.ndarray:

@@ -18,21 +18,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lmforge.data.decontam import eval_text_grams
 from lmforge.data.minhash import ngram_hashes, normalized_words, word_hashes
 
 log = logging.getLogger(__name__)
 
 N = 13
 MIN_SHORT_WORDS = 8
-
-
-def text_grams(text: str, n: int = N, min_short: int = MIN_SHORT_WORDS) -> np.ndarray:
-    ids = word_hashes(normalized_words(text))
-    if len(ids) >= n:
-        return ngram_hashes(ids, n)
-    if len(ids) >= min_short:
-        return ngram_hashes(ids, len(ids))
-    return np.empty(0, dtype=np.uint64)
 
 
 @dataclass
@@ -50,10 +42,10 @@ class ContaminationIndex:
         def grams(texts: Sequence[str]) -> np.ndarray:
             parts = [np.empty(0, dtype=np.uint64)]
             for t in texts:
-                words = len(normalized_words(t))
-                if MIN_SHORT_WORDS <= words < N:
-                    short.add(words)
-                parts.append(text_grams(t))
+                g, length = eval_text_grams(t, N, MIN_SHORT_WORDS)
+                if length is not None:
+                    short.add(length)
+                parts.append(g)
             return np.unique(np.concatenate(parts))
 
         examples = {name: [grams(texts) for texts in items] for name, items in tasks.items()}

@@ -23,15 +23,15 @@ import logging
 import math
 import re
 import string
-from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from lmforge.eval.scorer import LanguageModel, generate_until, loglikelihood
 
 log = logging.getLogger(__name__)
+T_ = TypeVar("T_")
 
 # Built-in task names -> (file name, delimiter between query and choice). The names and the delimiters follow the
 # harnesses' prompt formats for these files.
@@ -140,20 +140,26 @@ def mc_example(rec: dict, delimiter: str) -> MCExample:
                      [len(c) for c in choices], _gold(rec, len(choices)), [query, *choices])  # fmt: skip
 
 
-def load_mc(path: Path, delimiter: str = " ", limit: int | None = None) -> tuple[list[MCExample], Skipped]:
+def load_records(path: Path, parse: Callable[[dict], T_], what: str,
+                 limit: int | None = None) -> tuple[list[T_], Skipped]:  # fmt: skip
+    """Every record `parse` accepts, up to `limit`; a ValueError from `parse` skips the record with its reason."""
     skipped = Skipped()
-    examples: list[MCExample] = []
+    items: list[T_] = []
     for where, rec in records(path, skipped):
         try:
-            examples.append(mc_example(rec, delimiter))
+            items.append(parse(rec))
         except ValueError as e:
             skipped.add(where, str(e))
             continue
-        if limit is not None and len(examples) >= limit:
+        if limit is not None and len(items) >= limit:
             break
-    if not examples:
-        raise TaskError(f"{path} has no valid multiple-choice record ({skipped.count} skipped: {skipped.examples})")
-    return examples, skipped
+    if not items:
+        raise TaskError(f"{path} has no valid {what} record ({skipped.count} skipped: {skipped.examples})")
+    return items, skipped
+
+
+def load_mc(path: Path, delimiter: str = " ", limit: int | None = None) -> tuple[list[MCExample], Skipped]:
+    return load_records(path, lambda rec: mc_example(rec, delimiter), "multiple-choice", limit)
 
 
 def proportion(correct: int, n: int, z: float = 1.959963984540054) -> dict[str, Any]:
@@ -186,20 +192,15 @@ def score_mc(lm: LanguageModel, examples: list[MCExample], *, batch_size: int = 
             "chance": sum(1 / len(ex.contexts) for ex in examples) / n, "n": n}  # fmt: skip
 
 
+def _lambada_pair(rec: dict) -> tuple[str, str]:
+    ctx, word = rec.get("context"), rec.get("continuation")
+    if not isinstance(ctx, str) or not isinstance(word, str) or not word.strip():
+        raise ValueError(f"needs string 'context' and non-empty 'continuation'; keys: {sorted(rec)}")
+    return ctx.rstrip(" "), " " + word.strip()
+
+
 def load_lambada(path: Path, limit: int | None = None) -> tuple[list[tuple[str, str]], Skipped]:
-    skipped = Skipped()
-    pairs: list[tuple[str, str]] = []
-    for where, rec in records(path, skipped):
-        ctx, word = rec.get("context"), rec.get("continuation")
-        if not isinstance(ctx, str) or not isinstance(word, str) or not word.strip():
-            skipped.add(where, f"needs string 'context' and non-empty 'continuation'; keys: {sorted(rec)}")
-            continue
-        pairs.append((ctx.rstrip(" "), " " + word.strip()))
-        if limit is not None and len(pairs) >= limit:
-            break
-    if not pairs:
-        raise TaskError(f"{path} has no valid LAMBADA record ({skipped.count} skipped)")
-    return pairs, skipped
+    return load_records(path, _lambada_pair, "LAMBADA", limit)
 
 
 def score_lambada(lm: LanguageModel, pairs: list[tuple[str, str]], *, batch_size: int = 32,
@@ -228,22 +229,17 @@ def extract_number(text: str) -> str | None:
     return value
 
 
+def _gsm8k_item(rec: dict) -> tuple[str, str]:
+    q, a = rec.get("question"), rec.get("answer")
+    answer = extract_number(a) if isinstance(a, str) and "####" in a else None
+    if not isinstance(q, str) or answer is None:
+        raise ValueError("needs a string 'question' and an 'answer' ending in '#### <number>'")
+    return q, answer
+
+
 def load_gsm8k(path: Path, limit: int | None = None) -> tuple[list[tuple[str, str]], Skipped]:
     """(question, numeric answer) from GSM8K records: {"question", "answer": "...#### 42"}."""
-    skipped = Skipped()
-    items: list[tuple[str, str]] = []
-    for where, rec in records(path, skipped):
-        q, a = rec.get("question"), rec.get("answer")
-        answer = extract_number(a) if isinstance(a, str) and "####" in a else None
-        if not isinstance(q, str) or answer is None:
-            skipped.add(where, "needs a string 'question' and an 'answer' ending in '#### <number>'")
-            continue
-        items.append((q, answer))
-        if limit is not None and len(items) >= limit:
-            break
-    if not items:
-        raise TaskError(f"{path} has no valid GSM8K record ({skipped.count} skipped)")
-    return items, skipped
+    return load_records(path, _gsm8k_item, "GSM8K", limit)
 
 
 def score_gsm8k(lm: LanguageModel, items: list[tuple[str, str]], *, max_new_tokens: int = 256, batch_size: int = 16,
@@ -265,22 +261,17 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
+def _generation_item(rec: dict) -> tuple[str, list[str]]:
+    prompt, ref = rec.get("prompt"), rec.get("reference")
+    refs = [ref] if isinstance(ref, str) else ref
+    if not isinstance(prompt, str) or not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
+        raise ValueError("needs a string 'prompt' and a 'reference' string or list of strings")
+    return prompt, refs
+
+
 def load_generation(path: Path, limit: int | None = None) -> tuple[list[tuple[str, list[str]]], Skipped]:
     """(prompt, references) from {"prompt", "reference": str | [str, ...]} records."""
-    skipped = Skipped()
-    items: list[tuple[str, list[str]]] = []
-    for where, rec in records(path, skipped):
-        prompt, ref = rec.get("prompt"), rec.get("reference")
-        refs = [ref] if isinstance(ref, str) else ref
-        if not isinstance(prompt, str) or not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
-            skipped.add(where, "needs a string 'prompt' and a 'reference' string or list of strings")
-            continue
-        items.append((prompt, refs))
-        if limit is not None and len(items) >= limit:
-            break
-    if not items:
-        raise TaskError(f"{path} has no valid prompt/reference record ({skipped.count} skipped)")
-    return items, skipped
+    return load_records(path, _generation_item, "prompt/reference", limit)
 
 
 def score_generation(lm: LanguageModel, items: list[tuple[str, list[str]]], *, until: tuple[str, ...] = ("\n",),
@@ -304,7 +295,3 @@ def find_task_file(name: str, task_dir: Path) -> Path:
     if not hits:
         raise TaskError(f"task {name!r}: no {wanted} (or *{stem}*.jsonl) under {task_dir}; give NAME=FILE.jsonl")
     return hits[0]
-
-
-def counts(values: list[str]) -> dict[str, int]:
-    return dict(Counter(values))

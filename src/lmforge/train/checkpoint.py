@@ -99,11 +99,45 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(directory: Path) -> None:
-    """Flush a directory's files and the directory itself: the rename that follows must not outrun the data."""
-    for path in directory.iterdir():
-        _fsync(path)
-    fsync_dir(directory)
+def fsync_tree(directory: Path) -> None:
+    """Flush a directory's files, subdirectories included, and the directories themselves: the rename that follows
+    must not outrun the data."""
+    for root, _, files in os.walk(directory):
+        for name in files:
+            _fsync(Path(root) / name)
+        fsync_dir(Path(root))
+
+
+def begin_checkpoint(out_dir: Path, step: int, keep_last: int) -> tuple[Path, Path]:
+    """(staging directory, final directory) for `step`'s checkpoint, the staging one created empty."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    root = checkpoint_root(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    if final.exists():
+        raise FileExistsError(f"checkpoint {final} already exists; a step is never checkpointed twice")
+    tmp = root / f"{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp, final
+
+
+def publish_checkpoint(out_dir: Path, tmp: Path, final: Path, keep_last: int) -> None:
+    """Flush and rename the staging directory, point LATEST at it, then drop all but the newest `keep_last`."""
+    root = checkpoint_root(out_dir)
+    fsync_tree(tmp)
+    tmp.rename(final)
+    fsync_dir(root)
+    atomic_write_text(root / LATEST, final.name + "\n")
+    for _, old in list_checkpoints(out_dir)[:-keep_last]:
+        # Renamed first, so a kill halfway through the delete leaves a .tmp that is cleaned up, never a
+        # half-empty step directory that looks complete.
+        doomed = old.with_name(old.name + ".tmp")
+        old.rename(doomed)
+        shutil.rmtree(doomed)
+    _remove_partial(root)
 
 
 def _optimizer_parts(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -187,18 +221,7 @@ def save_training_checkpoint(
     write_model_files: ModelWriter | None = None,
 ) -> Path:
     """Write the checkpoint for `state.step`, point LATEST at it, then drop all but the newest `keep_last`."""
-    if keep_last < 1:
-        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    root = checkpoint_root(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{state.step:06d}"
-    if final.exists():
-        raise FileExistsError(f"checkpoint {final} already exists; a step is never checkpointed twice")
-    tmp = root / f"{final.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-
+    tmp, final = begin_checkpoint(out_dir, state.step, keep_last)
     write_model(model, tmp, write_model_files)
     opt_tensors, opt_meta = _optimizer_parts(optimizer)
     save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
@@ -210,18 +233,7 @@ def save_training_checkpoint(
         "rng": _host_rng_state(),
     }
     (tmp / STATE_FILE).write_text(json.dumps(trainer), encoding="utf-8")
-    _fsync_tree(tmp)
-    tmp.rename(final)
-    fsync_dir(root)
-    atomic_write_text(root / LATEST, final.name + "\n")
-
-    for _, old in list_checkpoints(out_dir)[:-keep_last]:
-        # Renamed first, so a kill halfway through the delete leaves a .tmp that is cleaned up, never a
-        # half-empty step directory that looks complete.
-        doomed = old.with_name(old.name + ".tmp")
-        old.rename(doomed)
-        shutil.rmtree(doomed)
-    _remove_partial(root)
+    publish_checkpoint(out_dir, tmp, final, keep_last)
     logger.info("saved training checkpoint %s", final)
     return final
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import shutil
 import warnings
 from dataclasses import asdict
@@ -33,19 +32,19 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmforge.data.io import atomic_write_text, fsync_dir
+from lmforge.data.io import fsync_dir
 from lmforge.train.checkpoint import (
-    LATEST,
     RNG_FILE,
     STATE_FILE,
     ModelWriter,
     TrainerState,
     _host_rng_state,
-    _remove_partial,
     _restore_rng,
     _rng_tensors,
+    begin_checkpoint,
     checkpoint_root,
-    list_checkpoints,
+    fsync_tree,
+    publish_checkpoint,
     write_model,
 )
 from lmforge.train.optim import CombinedOptimizer
@@ -80,17 +79,6 @@ def model_skeleton(model: nn.Module, is_main: bool) -> nn.Module | None:
     return skeleton
 
 
-def _fsync_tree(directory: Path) -> None:
-    for root, _, files in os.walk(directory):
-        for name in files:
-            fd = os.open(Path(root) / name, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(root))
-
-
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -123,18 +111,11 @@ def save_distributed_checkpoint(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    if keep_last < 1:
-        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     root = checkpoint_root(out_dir)
     final = root / f"step_{state.step:06d}"
     tmp = root / f"{final.name}.tmp"
     if world.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        if final.exists():
-            raise FileExistsError(f"checkpoint {final} already exists; a step is never checkpointed twice")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        begin_checkpoint(out_dir, state.step, keep_last)
     _barrier()
     model_state, optim_state = get_state_dict(module, optimizer_parts(optimizer), options=_options())
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp / DCP_DIR))
@@ -150,15 +131,7 @@ def save_distributed_checkpoint(
             "world": {"world_size": world.world_size, "dp": world.dp_size, "pp": world.pp_size},
         }
         (tmp / STATE_FILE).write_text(json.dumps(trainer), encoding="utf-8")
-        _fsync_tree(tmp)
-        tmp.rename(final)
-        fsync_dir(root)
-        atomic_write_text(root / LATEST, final.name + "\n")
-        for _, old in list_checkpoints(out_dir)[:-keep_last]:
-            doomed = old.with_name(old.name + ".tmp")
-            old.rename(doomed)
-            shutil.rmtree(doomed)
-        _remove_partial(root)
+        publish_checkpoint(out_dir, tmp, final, keep_last)
         logger.info("saved distributed checkpoint %s (%d ranks)", final, world.world_size)
     _barrier()  # no rank goes on (or looks for checkpoints) before the rename
     return final
@@ -195,7 +168,7 @@ def add_distributed_copy(path: Path, module: nn.Module, optimizer: Any) -> None:
     if tmp.exists():
         shutil.rmtree(tmp)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp), no_dist=True)
-    _fsync_tree(tmp)
+    fsync_tree(tmp)
     tmp.rename(Path(path) / DCP_DIR)
     fsync_dir(Path(path))
     logger.info("added a distributed copy of single-process checkpoint %s", path)

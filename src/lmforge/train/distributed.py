@@ -141,11 +141,6 @@ def init_world(parallel: ParallelConfig, device_name: str = "auto") -> World:
     return _world
 
 
-def current_world() -> World | None:
-    """The world `init_world` set up in this process, if any."""
-    return _world
-
-
 def _shutdown() -> None:
     global _world
     if dist.is_initialized():
@@ -201,9 +196,6 @@ class Parallelized:
     eval_module: nn.Module  # what the validation function is given
     pipeline: Any = None  # lmforge.train.pipelining.PipelineRunner when pipelining
     fsdp: bool = False
-
-    def parameters(self) -> Iterable[nn.Parameter]:
-        return self.state_module.parameters()
 
     def accumulation(self, last: bool) -> contextlib.AbstractContextManager:
         """DDP: skip the gradient all-reduce on every micro-batch but the last one of a step."""

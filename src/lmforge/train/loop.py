@@ -62,9 +62,9 @@ from lmforge.train.optim import build_optimizer, lr_at
 from lmforge.train.host import keep_freed_memory
 from lmforge.train.precision import (
     autocast_context,
+    available_cores,
     compute_dtype,
     grad_scaler,
-    resolve_device,
     set_threads,
     use_compile,
 )
@@ -227,8 +227,7 @@ def _cpu_threads(cfg: TrainConfig, world: World) -> int:
     """train.threads, or the cores this process may use shared among the ranks on this machine."""
     if cfg.threads or not world.distributed:
         return cfg.threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // world.local_world_size)
+    return max(1, available_cores() // world.local_world_size)
 
 
 def train(

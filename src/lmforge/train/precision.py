@@ -67,12 +67,17 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | 
     return torch.amp.GradScaler(device.type)
 
 
+def available_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def set_threads(n: int) -> int:
     """Use `n` CPU threads for torch ops (0 = every core this process may run on); returns the count set."""
     if n < 0:
         raise ValueError(f"threads must be >= 0, got {n}")
     if n == 0:
-        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        n = available_cores()
     torch.set_num_threads(n)
     return n
 
