@@ -35,8 +35,9 @@ def base(tmp_path_factory):
 
 
 def _cfg(**kw):
-    return TrainConfig(seq_len=128, batch_size=8, max_steps=30, lr=3e-3, warmup_steps=3, eval_every=1000,
-                       ckpt_every=1000, compile=False, threads=1, device="cpu", **kw)  # fmt: skip
+    settings = dict(seq_len=128, batch_size=8, max_steps=30, lr=3e-3, warmup_steps=3, eval_every=1000,
+                    ckpt_every=1000, compile=False, threads=1, device="cpu")  # fmt: skip
+    return TrainConfig(**{**settings, **kw})
 
 
 def _rows(ckpt, n=24):
@@ -81,6 +82,37 @@ def test_lora_sft_trains_only_adapters_and_merges(base, tmp_path):
     convs, _ = read_conversations(DATA, limit=LIMIT)
     val = pack([render(tok, convs[i]) for i in split_heldout(LIMIT, 0.1, 0)[1]], 128, tok.pad_id)
     assert heldout_loss(merged, val, 8) == pytest.approx(m["heldout_loss_after"], rel=1e-5)
+
+
+def test_prefix_sft_keeps_base_weights_and_loads_with_its_prefix(base, tmp_path):
+    from lmforge.finetune.prefix import PrefixConfig
+
+    out = tmp_path / "prefix"
+    m = finetune(base, DATA, out, _cfg(lr=1e-2), method="prefix", prefix=PrefixConfig(length=4, reparam=True),
+                 limit=LIMIT)  # fmt: skip
+    base_model, args = load_model(base)
+    assert m["heldout_loss_after"] < m["heldout_loss_before"]
+    # Only the MLP that generates the prefix trains; the saved prefix is its output, [L, 2, H_kv, P, D].
+    assert 0 < m["trainable_params"] == m["total_params"] - sum(p.numel() for p in base_model.parameters())
+    assert (out / "prefix/prefix.safetensors").is_file() and (out / "final/prefix/prefix.json").is_file()
+    b, f = load_file(str(base / "model.safetensors")), load_file(str(out / "final/model.safetensors"))
+    assert b.keys() == f.keys() and all(torch.equal(b[k], f[k]) for k in b)  # bit-identical base
+    tuned, _ = load_model(out / "final")  # attaches final/prefix
+    assert tuned.prefix_tuning.shape == (args.n_layers, 2, args.n_kv_heads, 4, args.head_dim)
+    plain, _ = load_model(out / "final", prefix=False)
+    assert not hasattr(plain, "prefix_tuning")
+    # The written prefix is the one that was measured: it reproduces the reported held-out loss, one row each.
+    tok = load_checkpoint_tokenizer(base)
+    convs, _ = read_conversations(DATA, limit=LIMIT)
+    val = [pack([render(tok, convs[i])], 128, tok.pad_id) for i in split_heldout(LIMIT, 0.1, 0)[1]]
+    val_rows = pack([], 128, tok.pad_id)
+    for one in val:
+        val_rows.ids += one.ids
+        val_rows.labels += one.labels
+        val_rows.doc_ids += one.doc_ids
+    assert heldout_loss(tuned, val_rows, 8) == pytest.approx(m["heldout_loss_after"], rel=1e-5)
+    with pytest.raises(ValueError, match="prefix-tuned"):
+        finetune(out / "final", DATA, tmp_path / "again", _cfg(), limit=LIMIT)
 
 
 def test_sft_loss_counts_only_trained_tokens(base):

@@ -1,13 +1,19 @@
 """Supervised fine-tuning: chat conversations rendered with the template, packed, and trained with the one loop.
 
-`finetune` reads conversations, holds a seeded part out, renders and packs the rest into rows of `seq_len`, and
-trains either the full model (optionally with the first blocks and/or the embeddings frozen) or LoRA adapters
-only. The loss counts only the tokens the template marks as targets (`labels != -100`).
+`finetune_conversations` renders and packs the training conversations into rows of `seq_len` and trains one of
+- "full": the whole model, optionally with the first blocks and/or the embeddings frozen;
+- "lora": low-rank adapters on chosen linear layers only (lmforge.finetune.lora);
+- "prefix": learned key/value prefixes for every layer only (lmforge.finetune.prefix).
+The loss counts only the tokens the template marks as targets (`labels != -100`). `finetune` does the same for a
+file of records, holding a seeded share out.
 
-    out_dir/final/      the fine-tuned model as a plain checkpoint (LoRA: adapters merged in), loads with load_model
-    out_dir/adapter/    LoRA only: the adapter alone (save_adapter), to apply to the base again later
+    out_dir/final/          the fine-tuned model as a checkpoint every tool loads (load_model). LoRA: the adapters
+                            merged in. Prefix: the unchanged base weights plus final/prefix/, which load_model
+                            attaches (a prefix cannot be merged into weights)
+    out_dir/adapter/        LoRA only: the adapter alone (save_adapter), to apply to the base again later
+    out_dir/prefix/         prefix only: the prefix alone (save_prefix)
 
-LoRA checkpoints written during training hold the live (adapter-wrapped) weights, because that is what the loop
+Checkpoints written during LoRA or prefix training hold the live (wrapped) weights, because that is what the loop
 loads strictly when it resumes; only `final/` is converted to a plain model.
 """
 
@@ -15,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -23,7 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_model as st_save_model
 from torch import Tensor, nn
 
-from lmforge.finetune.data import read_conversations
+from lmforge.finetune.data import Conversation, read_conversations
 from lmforge.finetune.lora import (
     LoRAConfig,
     apply_lora,
@@ -32,22 +38,27 @@ from lmforge.finetune.lora import (
     save_adapter,
     trainable_parameters,
 )
+from lmforge.finetune.prefix import PrefixConfig, apply_prefix, remove_prefix, save_prefix
 from lmforge.finetune.template import IGNORE_INDEX, Packed, TrainOn, pack, render
 from lmforge.model.io import (
+    PREFIX_DIR,
     TOKENIZER,
     WEIGHTS,
+    has_prefix,
     load_checkpoint_tokenizer,
     load_model,
     staged_dir,
     write_model_files,
 )
 from lmforge.model.transformer import ModelArgs, Transformer
-from lmforge.recipe import TrainConfig
+from lmforge.recipe import ParallelConfig, TrainConfig
+from lmforge.train.distributed import check_batch, init_world
 from lmforge.train.loop import FINAL_DIR, train
 
 log = logging.getLogger(__name__)
 
-Method = Literal["full", "lora"]
+Method = Literal["full", "lora", "prefix"]
+METHODS: tuple[str, ...] = ("full", "lora", "prefix")
 ADAPTER_NAME = "default"
 ADAPTER_DIR = "adapter"
 
@@ -56,13 +67,19 @@ class SFTBatches:
     """Endless, resumable batches of packed rows, reshuffled every epoch.
 
     The order of epoch e is `default_rng((seed, e)).permutation(n)`, so the state is just {epoch, position} and a
-    resumed run sees exactly the batches an uninterrupted one would. A batch may straddle two epochs."""
+    resumed run sees exactly the batches an uninterrupted one would. A batch may straddle two epochs.
 
-    def __init__(self, packed: Packed, batch_size: int, seed: int = 0) -> None:
+    `batch_size` is the global micro-batch. Under data parallelism every rank walks the same order and keeps its
+    own `batch_size / world_size` rows of each global batch, so the global batches do not depend on the ranks."""
+
+    def __init__(self, packed: Packed, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         if not packed.ids:
             raise ValueError("no packed rows to train on: the training split rendered to nothing")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if batch_size % world_size or not 0 <= rank < world_size:
+            raise ValueError(f"batch_size={batch_size} must split evenly over {world_size} ranks (rank {rank})")
+        self.share = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
         self.ids = torch.tensor(packed.ids, dtype=torch.long)
         self.labels = torch.tensor(packed.labels, dtype=torch.long)
         self.doc_ids = torch.tensor(packed.doc_ids, dtype=torch.long)
@@ -91,7 +108,7 @@ class SFTBatches:
         return self
 
     def __next__(self) -> dict[str, Tensor]:
-        rows = torch.tensor([self._next_index() for _ in range(self.batch_size)], dtype=torch.long)
+        rows = torch.tensor([self._next_index() for _ in range(self.batch_size)][self.share], dtype=torch.long)
         return {"input_ids": self.ids[rows], "labels": self.labels[rows], "doc_ids": self.doc_ids[rows]}
 
     def state_dict(self) -> dict[str, int]:
@@ -169,8 +186,18 @@ def freeze(model: Transformer, blocks: int, embeddings: bool) -> None:
             model.model.embed_positions.requires_grad_(False)
 
 
-def _render_pack(tok: Any, convs: list, train_on: TrainOn, seq_len: int) -> Packed:
-    packed = pack([render(tok, c, train_on) for c in convs], seq_len, tok.pad_id)
+def _render_pack(tok: Any, convs: list, train_on: TrainOn, seq_len: int, one_per_row: bool = False) -> Packed:
+    rendered = [render(tok, c, train_on) for c in convs]
+    if one_per_row:
+        packed = Packed()
+        for row in rendered:
+            one = pack([row], seq_len, tok.pad_id)
+            packed.ids += one.ids
+            packed.labels += one.labels
+            packed.doc_ids += one.doc_ids
+            packed.truncated += one.truncated
+    else:
+        packed = pack(rendered, seq_len, tok.pad_id)
     if packed.truncated:
         log.warning("%d conversations longer than seq_len=%d were truncated", packed.truncated, seq_len)
     return packed
@@ -183,6 +210,22 @@ def _write_plain(model: nn.Module, args: ModelArgs, dest: Path, tokenizer_path: 
     plain.load_state_dict(base_state_dict(model), strict=True)
     with staged_dir(dest) as tmp:
         write_model_files(plain, args, tmp, tokenizer_path)
+
+
+def _write_base(model: nn.Module, args: ModelArgs, dest: Path, tokenizer_path: Path) -> None:
+    """Prefix tuning: the base weights (unchanged) as a plain checkpoint with the prefix in dest/prefix/."""
+    with staged_dir(dest) as tmp:
+        save_prefix(model, tmp / PREFIX_DIR)
+        remove_prefix(model)
+        write_model_files(model, args, tmp, tokenizer_path)
+
+
+def _prefix_checkpoint_writer() -> Any:
+    def write(model: nn.Module, directory: Path) -> None:
+        st_save_model(model, str(directory / WEIGHTS), metadata={"format": "pt"})
+        save_prefix(model, directory / PREFIX_DIR)
+
+    return write
 
 
 def _lora_checkpoint_writer() -> Any:
@@ -201,41 +244,82 @@ def finetune(
     out_dir: Path,
     train_cfg: TrainConfig,
     *,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    limit: int | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Fine-tune the checkpoint at `checkpoint` on the conversations in the file `data`, holding a seeded
+    `val_fraction` of them out; `options` are finetune_conversations' keywords. Writes `out_dir/final/`."""
+    convs, skipped = read_conversations(data, limit=limit)
+    if not convs:
+        raise ValueError(f"no usable conversations in {data} ({skipped.count} records skipped)")
+    train_idx, val_idx = split_heldout(len(convs), val_fraction, seed)
+    metrics = finetune_conversations(checkpoint, [convs[i] for i in train_idx], [convs[i] for i in val_idx],
+                                     out_dir, train_cfg, seed=seed, **options)  # fmt: skip
+    return {**metrics, "skipped_records": skipped.count, "skipped_examples": skipped.examples}
+
+
+def finetune_conversations(
+    checkpoint: Path,
+    train_convs: list[Conversation],
+    heldout_convs: list[Conversation],
+    out_dir: Path,
+    train_cfg: TrainConfig,
+    *,
     method: Method = "full",
     train_on: TrainOn = "assistant",
     freeze_blocks: int = 0,
     freeze_embeddings: bool = False,
     lora: LoRAConfig | None = None,
-    val_fraction: float = 0.1,
+    prefix: PrefixConfig | None = None,
     seed: int = 0,
-    limit: int | None = None,
+    after_training: Callable[[nn.Module], dict[str, Any]] | None = None,
+    parallel: ParallelConfig | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune the checkpoint at `checkpoint` on the conversations in `data`; write `out_dir/final/`."""
+    """Fine-tune `checkpoint` on `train_convs`, reporting the loss on `heldout_convs` (may be empty) before and
+    after. `after_training(model)` runs on the tuned model (adapters or prefix still attached) and its dict joins
+    the metrics. Writes `out_dir/final/` (and `adapter/` or `prefix/`, see the module docstring)."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
-    if method not in ("full", "lora"):
-        raise ValueError(f"method={method!r}; choose 'full' or 'lora'")
-    if method == "lora" and (freeze_blocks or freeze_embeddings):
-        raise ValueError("freeze_blocks/freeze_embeddings apply to method='full'; LoRA already trains adapters only")
-    if method == "full" and lora is not None:
-        raise ValueError("a LoRAConfig was given but method='full'; pass method='lora' to use it")
+    if method not in METHODS:
+        raise ValueError(f"method={method!r}; choose one of {list(METHODS)}")
+    if method != "full" and (freeze_blocks or freeze_embeddings):
+        raise ValueError(f"freeze_blocks/freeze_embeddings apply to method='full'; {method} trains its own "
+                         "parameters only")  # fmt: skip
+    if lora is not None and method != "lora":
+        raise ValueError(f"a LoRAConfig was given but method={method!r}; pass method='lora' to use it")
+    if prefix is not None and method != "prefix":
+        raise ValueError(f"a PrefixConfig was given but method={method!r}; pass method='prefix' to use it")
+    if not train_convs:
+        raise ValueError("no conversations to train on")
+    world = init_world(parallel or ParallelConfig(), train_cfg.device)
+    if world.distributed and (world.pp_size > 1 or (parallel and parallel.data != "ddp")):
+        raise ValueError("fine-tuning runs data parallel with parallel.data=ddp only (no fsdp or pipeline): the "
+                         "adapters, prefixes and frozen layers are applied to the whole model in every rank")  # fmt: skip
+    check_batch(train_cfg, world)
+    if has_prefix(checkpoint):
+        raise ValueError(f"{checkpoint} is prefix-tuned (it has {PREFIX_DIR}/); fine-tune its base model instead, "
+                         "the checkpoint the prefix was trained on")  # fmt: skip
     model, args = load_model(checkpoint)
     if train_cfg.seq_len > args.max_seq_len:
         raise ValueError(f"train.seq_len={train_cfg.seq_len} exceeds the model's max_seq_len={args.max_seq_len}")
     tok = load_checkpoint_tokenizer(checkpoint)
     tokenizer_path = checkpoint / TOKENIZER
-
-    convs, skipped = read_conversations(data, limit=limit)
-    if not convs:
-        raise ValueError(f"no usable conversations in {data} ({skipped.count} records skipped)")
-    train_idx, val_idx = split_heldout(len(convs), val_fraction, seed)
-    train_rows = _render_pack(tok, [convs[i] for i in train_idx], train_on, train_cfg.seq_len)
-    val_rows = _render_pack(tok, [convs[i] for i in val_idx], train_on, train_cfg.seq_len) if val_idx else None
-    loader = SFTBatches(train_rows, train_cfg.batch_size, seed)
+    # A prefix is seen from position 0 at inference, but from a packed conversation's row offset in training
+    # (positions are absolute and prefix keys carry none): prefix tuning trains one conversation per row.
+    one_per_row = method == "prefix"
+    train_rows = _render_pack(tok, train_convs, train_on, train_cfg.seq_len, one_per_row)
+    val_rows = _render_pack(tok, heldout_convs, train_on, train_cfg.seq_len, one_per_row) if heldout_convs else None
+    loader = SFTBatches(train_rows, train_cfg.batch_size, seed, rank=world.dp_rank, world_size=world.dp_size)
 
     if method == "lora":
         torch.manual_seed(seed)  # the A matrices are drawn at random: the same seed gives the same adapters
         apply_lora(model, lora or LoRAConfig(), ADAPTER_NAME)
         writer = _lora_checkpoint_writer()
+    elif method == "prefix":
+        torch.manual_seed(seed)
+        apply_prefix(model, prefix or PrefixConfig())
+        writer = _prefix_checkpoint_writer()
     else:
         freeze(model, freeze_blocks, freeze_embeddings)
         writer = lambda m, d: write_model_files(m, args, d, tokenizer_path)  # noqa: E731
@@ -247,20 +331,26 @@ def finetune(
     before = val_fn(model) if val_fn else None
     metrics = train(model, sft_loss, loader, train_cfg, out_dir,
                     tokens_per_batch=train_cfg.batch_size * train_cfg.seq_len * train_cfg.grad_accum,
-                    val_fn=val_fn, write_model_files=writer)  # fmt: skip
-    if method == "lora":
-        save_adapter(model, ADAPTER_NAME, out_dir / ADAPTER_DIR)  # before merging: the adapter alone
-        _write_plain(model, args, out_dir / FINAL_DIR, tokenizer_path)  # replaces the loop's wrapped final/
+                    val_fn=val_fn, write_model_files=writer, parallel=parallel)  # fmt: skip
     after = val_fn(model) if val_fn else None
+    extra = after_training(model) if after_training else {}
+    # Rank 0 writes, as the loop does: it replaces the loop's wrapped final/ by a plain checkpoint.
+    if world.is_main and method == "lora":
+        save_adapter(model, ADAPTER_NAME, out_dir / ADAPTER_DIR)  # before merging: the adapter alone
+        _write_plain(model, args, out_dir / FINAL_DIR, tokenizer_path)
+    elif world.is_main and method == "prefix":
+        save_prefix(model, out_dir / PREFIX_DIR)
+        _write_base(model, args, out_dir / FINAL_DIR, tokenizer_path)
     return {
         **metrics,
+        **extra,
+        "method": method,
         "heldout_loss_before": before,
         "heldout_loss_after": after,
         "trainable_params": trainable,
         "total_params": total,
-        "skipped_records": skipped.count,
-        "train_conversations": len(train_idx),
-        "heldout_conversations": len(val_idx),
+        "train_conversations": len(train_convs),
+        "heldout_conversations": len(heldout_convs),
         "train_rows": len(train_rows.ids),
         "truncated_conversations": train_rows.truncated,
     }

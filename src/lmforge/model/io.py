@@ -3,6 +3,7 @@
     model.safetensors   weights (a tied lm_head is stored once)
     model.json          {"args": ModelArgs.to_dict(), "format": 1}
     tokenizer.json      the tokenizer the model was trained with
+    prefix/             optional: a tuned key/value prefix (lmforge.finetune.prefix), attached on load
 
 Directories are written into a staging sibling and renamed into place, so a reader never sees half a checkpoint.
 """
@@ -33,6 +34,7 @@ FORMAT = 1
 WEIGHTS = "model.safetensors"
 META = "model.json"
 TOKENIZER = "tokenizer.json"
+PREFIX_DIR = "prefix"
 
 
 @contextmanager
@@ -97,14 +99,24 @@ def read_model_args(dir: Path) -> ModelArgs:
     return ModelArgs.from_dict(meta["args"])
 
 
-def load_model(dir: Path, device: str | torch.device = "cpu") -> tuple[Transformer, ModelArgs]:
-    """Rebuild the model from a checkpoint directory, weights loaded strictly (no unpickling)."""
+def has_prefix(dir: Path) -> bool:
+    """Whether a checkpoint carries a tuned prefix (prefix tuning cannot merge into the weights)."""
+    return (Path(dir) / PREFIX_DIR / "prefix.json").is_file()
+
+
+def load_model(dir: Path, device: str | torch.device = "cpu", *, prefix: bool = True) -> tuple[Transformer, ModelArgs]:
+    """Rebuild the model from a checkpoint directory, weights loaded strictly (no unpickling). A prefix-tuned
+    checkpoint's prefix is attached (frozen) unless `prefix=False` asks for the bare base model."""
     dir = Path(dir)
     args = read_model_args(dir)
     weights = _require(dir, WEIGHTS)
     with torch.device(device):
         model = Transformer(args)
     st_load_model(model, str(weights), strict=True, device=str(device))
+    if prefix and has_prefix(dir):
+        from lmforge.finetune.prefix import load_prefix
+
+        load_prefix(model, dir / PREFIX_DIR)
     return model, args
 
 

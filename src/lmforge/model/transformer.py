@@ -20,6 +20,10 @@ the absolute row positions 0..T-1: document masking does not restart rotary or l
 The model knows nothing of parallelism, precision, activation checkpointing or compilation; those are applied from
 outside (see `lmforge.train.checkpointing`). A `KVCache` (see `lmforge.infer.engine`) may be passed to `forward`
 for incremental decoding (causal attention only).
+
+Prefix tuning hooks in through one plain attribute: when `Attention.prefix_kv` is set (by
+`lmforge.finetune.prefix`), its P learned keys/values are prepended on every call and every query sees them, under
+any attention kind, document mask or cache path. They are not rotated and not stored in the cache.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from lmforge.infer.engine import KVCache
     from lmforge.recipe import ModelConfig
 
@@ -208,6 +214,9 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
             self.k_norm = RMSNorm(args.head_dim, args.norm_eps)
         self.qk_norm = args.qk_norm
+        # batch_size -> (k, v) [B, n_kv_heads, P, head_dim]. A plain attribute, not a submodule: the owner of the
+        # prefix registers its parameters elsewhere, and this module's state dict never changes.
+        self.prefix_kv: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(
         self,
@@ -243,9 +252,29 @@ class Attention(nn.Module):
                 key_pos = torch.arange(start + T, device=x.device)
                 query_pos = torch.arange(start, start + T, device=x.device)
                 mask, causal = key_pos[None, :] <= query_pos[:, None], False
+        if self.prefix_kv is not None:
+            k, v, mask = self._prepend_prefix(k, v, mask, causal)
+            causal = False
         gqa = self.n_kv_heads != self.n_heads
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _prepend_prefix(
+        self, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Put the prefix's P keys/values before k/v [B, H, S, D] and give every mask row P leading Trues.
+
+        (mask, causal) is never (a mask, True): a causal call has no mask yet, so its triangle (aligned top left,
+        like SDPA's, with S queries here) is made explicit to grow the prefix columns. No mask stays no mask."""
+        assert self.prefix_kv is not None
+        pk, pv = self.prefix_kv(k.shape[0])
+        S = k.shape[2]
+        if causal:
+            mask = torch.ones(S, S, dtype=torch.bool, device=k.device).tril()
+        if mask is not None:
+            mask = torch.cat([mask.new_ones(*mask.shape[:-1], pk.shape[2]), mask], dim=-1)
+        # Cast to the activations' dtype (bf16 under autocast) so q, k and v agree.
+        return torch.cat([pk.to(k.dtype), k], dim=2), torch.cat([pv.to(v.dtype), v], dim=2), mask
 
 
 class MLP(nn.Module):
