@@ -1,4 +1,5 @@
-"""Generation: the KV cache agrees with full recomputation, batching, EOS, sampling filters and streaming text."""
+"""Generation: the KV cache agrees with full recomputation, batching, EOS and stop ids, sampling filters, streaming
+text and streaming into a caller's cache."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmforge.infer.engine import KVCache, generate, sample_next, stream_text
+from lmforge.infer.engine import KVCache, generate, sample_next, stream_text, stream_tokens
 from lmforge.model.transformer import ModelArgs, Transformer
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 
@@ -163,3 +164,36 @@ def test_stream_text_stops_at_eos(tok: Tokenizer):
     m = _bigram_model(tok, {start: a[0], a[0]: b[0], b[0]: tok.eos_id, tok.eos_id: a[0]})
     assert "".join(stream_text(m, tok, "x", 10, temperature=0)) == tok.decode([a[0], b[0]])
     assert generate(m, [[0, start]], 10, temperature=0, eos_id=tok.eos_id) == [[a[0], b[0]]]
+
+
+def test_stop_ids_end_a_row_like_eos():
+    m = make_model(seed=2)
+    free = generate(m, PROMPTS, 12, temperature=0)
+    stops = {free[0][3], free[1][5]}
+    stopped = generate(m, PROMPTS, 12, temperature=0, stop_ids=stops)
+    for row_free, row_stopped in zip(free, stopped):
+        cut = min([row_free.index(s) for s in stops if s in row_free], default=len(row_free))
+        assert row_stopped == row_free[:cut]
+    assert len(stopped[0]) <= 3 and len(stopped[1]) <= 5
+
+
+def test_stream_text_stops_at_a_stop_id_without_emitting_it(tok: Tokenizer):
+    a, b, end = tok.encode("a")[0], tok.encode("b")[0], tok.token_to_id("<|end|>")
+    start = tok.encode("x")[-1]
+    m = _bigram_model(tok, {start: a, a: b, b: end, end: a})
+    assert "".join(stream_text(m, tok, "x", 10, temperature=0, stop_ids=[end])) == "ab"
+    # Without the stop id the chain runs on: a b <|end|> a b <|end|> a, and decoding skips the special token.
+    assert "".join(stream_text(m, tok, "x", 7, temperature=0)) == "ababa"
+
+
+def test_stream_tokens_extends_a_cache_that_holds_the_prompt_start():
+    m = make_model(seed=5)
+    prompt = [0, 5, 6, 7, 8, 9, 10]
+    cache = KVCache.for_model(m, 1)
+    with torch.inference_mode():
+        m(torch.tensor([prompt[:4]]), cache=cache)
+    out = list(stream_tokens(m, prompt, 6, temperature=0, cache=cache))
+    assert out == generate(m, [prompt], 6, temperature=0)[0]
+    assert cache.pos == len(prompt) + 5  # every token but the last was fed back
+    with pytest.raises(ValueError, match="fewer than"):
+        list(stream_tokens(m, prompt[:3], 2, cache=cache))

@@ -14,9 +14,15 @@ transformers is not needed to export; it is only used by the tests to check that
 Tokenizer: the exported fast tokenizer prepends BOS when called with `add_special_tokens=True` (the default),
 because every training document started with BOS; `add_special_tokens=False` gives exactly lmforge's
 `Tokenizer.encode` ids. Both the tokenizer.json post-processor and `add_bos_token` in tokenizer_config.json say so,
-so transformers 4.x (which reads the former) and 5.x (which rebuilds it from the latter) agree. Like lmforge's
-tokenizer, it encodes the text of a special token ("<|user|>") as plain text (`split_special_tokens`); chat roles
-and BOS are inserted as ids.
+so transformers 4.x (which reads the former) and 5.x (which rebuilds it from the latter) agree.
+
+Chat: tokenizer_config.json carries lmforge's chat template (`CHAT_TEMPLATE_JINJA`), so `apply_chat_template`
+gives exactly the ids `lmforge.finetune.template` renders, and generation_config.json lists `<|end|>` beside EOS,
+so `generate` stops where an assistant turn ends. A Hugging Face chat template renders text that is then
+tokenized, which works only if the text of a special token ("<|user|>") becomes that token: the export therefore
+keeps transformers' default `split_special_tokens=False`, whereas lmforge's own tokenizer never lets text spell a
+control token. To encode untrusted text as lmforge does, pass `split_special_tokens=True` to the tokenizer, or
+`sanitize_control_tokens=True` to `apply_chat_template` (transformers versions that have it).
 """
 
 from __future__ import annotations
@@ -31,15 +37,16 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import processors
 
-from lmforge.model.io import TOKENIZER, load_model, staged_dir
+from lmforge.finetune.template import CHAT_TEMPLATE_JINJA
+from lmforge.model.io import TOKENIZER, has_prefix, load_model, staged_dir
 from lmforge.model.transformer import ModelArgs
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Fixed by lmforge.tokenizer: the first special tokens always take these ids.
-BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
-BOS_ID, EOS_ID, PAD_ID = 0, 1, 2
+BOS, EOS, PAD, END = "<|bos|>", "<|eos|>", "<|pad|>", "<|end|>"
+BOS_ID, EOS_ID, PAD_ID, END_ID = 0, 1, 2, 6
 
 
 def hf_architecture(args: ModelArgs) -> str:
@@ -183,7 +190,7 @@ def gpt2_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str
 
 def _write_tokenizer(src: Path, out: Path, max_len: int) -> None:
     tok = HFTokenizer.from_file(str(src))
-    for token, want in ((BOS, BOS_ID), (EOS, EOS_ID), (PAD, PAD_ID)):
+    for token, want in ((BOS, BOS_ID), (EOS, EOS_ID), (PAD, PAD_ID), (END, END_ID)):
         if tok.token_to_id(token) != want:
             raise ValueError(f"{src}: special token {token} must have id {want}, has {tok.token_to_id(token)}")
     tok.post_processor = processors.TemplateProcessing(
@@ -199,8 +206,9 @@ def _write_tokenizer(src: Path, out: Path, max_len: int) -> None:
         "add_bos_token": True,
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,
-        # lmforge never lets text spell a control token; only ids inserted by code are special.
-        "split_special_tokens": True,
+        # The chat template's rendered text must turn "<|user|>" into the role token (see the module docstring).
+        "split_special_tokens": False,
+        "chat_template": CHAT_TEMPLATE_JINJA,
         "model_max_length": max_len,
     }
     _write_json(out / "tokenizer_config.json", config)
@@ -219,6 +227,10 @@ def export_hf(checkpoint_dir: Path, out_dir: Path, dtype: str = "float32") -> Pa
     tokenizer_src = checkpoint_dir / TOKENIZER
     if not tokenizer_src.is_file():
         raise FileNotFoundError(f"{checkpoint_dir} has no {TOKENIZER}; an export needs the model's tokenizer")
+    if has_prefix(checkpoint_dir):
+        raise ValueError(f"{checkpoint_dir} is prefix-tuned: its prefix/ holds key/values that no transformers "
+                         "architecture loads, and exporting the weights alone would silently drop the tuning. Export "
+                         "a full or LoRA fine-tune (LoRA is merged into the weights) instead")  # fmt: skip
     model, args = load_model(checkpoint_dir)
     arch = hf_architecture(args)
     state = {
@@ -235,7 +247,8 @@ def export_hf(checkpoint_dir: Path, out_dir: Path, dtype: str = "float32") -> Pa
     with staged_dir(out_dir) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _write_json(tmp / "config.json", config)
-        generation = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID}
+        # A chat reply ends at <|end|> (SFT puts EOS after it only at the end of a whole conversation).
+        generation = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, END_ID], "pad_token_id": PAD_ID}
         _write_json(tmp / "generation_config.json", generation)
         _write_tokenizer(tokenizer_src, tmp, args.max_seq_len)
     log.info("exported %s to %s (Hugging Face %s, %s)", checkpoint_dir, out_dir, config["architectures"][0], dtype)

@@ -34,6 +34,7 @@ import numpy as np
 
 from lmforge.data.io import atomic_write_json
 from lmforge.eval.sandbox import run_python
+from lmforge.infer.chat import chat_stop_ids, user_prompt_ids
 from lmforge.infer.engine import generate
 
 if TYPE_CHECKING:
@@ -277,26 +278,53 @@ def generate_completions(
     temperature: float,
     max_new_tokens: int,
     seed: int = 0,
+    chat: bool = False,
 ) -> list[list[str]]:
-    """n truncated completions per prompt; temperature 0 is greedy (one decode, repeated n times)."""
+    """n truncated completions per prompt; temperature 0 is greedy (one decode, repeated n times).
+
+    With `chat`, the prompt is a user message of the chat template and the assistant's reply starts with the prompt
+    again, so the model continues the code inside its reply (evalplus prompts chat models this way) and the
+    completion keeps HumanEval's meaning; the reply also ends at `<|end|>`.
+    """
     budget = model.args.max_seq_len - max_new_tokens
     if budget < 2:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
                          f"max_seq_len={model.args.max_seq_len}")
+    stop_ids = chat_stop_ids(tokenizer) if chat else ()
     out: list[list[str]] = []
     cut = 0
     for i, prompt in enumerate(prompts):
-        ids = tokenizer.encode(prompt)
-        if len(ids) + 1 > budget:  # keep BOS and the end of the prompt, where the function to write is
-            ids, cut = ids[len(ids) - (budget - 1) :], cut + 1
-        rows = [[tokenizer.bos_id] + ids] * (1 if temperature == 0 else n)
+        ids, was_cut = (_chat_code_prompt if chat else _code_prompt)(tokenizer, prompt, budget)
+        cut += was_cut
+        rows = [ids] * (1 if temperature == 0 else n)
         new = generate(model, rows, max_new_tokens, temperature=temperature, top_k=None, eos_id=tokenizer.eos_id,
-                       seed=seed + i)
+                       stop_ids=stop_ids, seed=seed + i)
         texts = [truncate_completion(tokenizer.decode(t)) for t in new]
         out.append(texts * n if temperature == 0 else texts)
     if cut:
         log.warning("%d of %d prompts were longer than %d tokens; their start was cut", cut, len(prompts), budget)
     return out
+
+
+def _code_prompt(tokenizer: Tokenizer, prompt: str, budget: int) -> tuple[list[int], bool]:
+    """BOS + the prompt, cut (from the start) to `budget` tokens; and whether it was cut."""
+    ids = tokenizer.encode(prompt)
+    if len(ids) + 1 <= budget:
+        return [tokenizer.bos_id] + ids, False
+    return [tokenizer.bos_id] + ids[len(ids) - (budget - 1) :], True  # the end holds the function to write
+
+
+def _chat_code_prompt(tokenizer: Tokenizer, prompt: str, budget: int) -> tuple[list[int], bool]:
+    """The prompt as a user message and as the start of the reply; leading lines are dropped until it fits in
+    `budget` tokens (the function to write is at the end), and whether any were."""
+    lines = prompt.splitlines(keepends=True)
+    for start in range(len(lines)):
+        text = "".join(lines[start:])
+        ids = user_prompt_ids(tokenizer, text) + tokenizer.encode(text)
+        if len(ids) <= budget:
+            return ids, start > 0
+    raise ValueError(f"the last line of a code prompt does not fit, twice, in {budget} tokens with the chat "
+                     "template; give the model more context or ask for fewer new tokens")
 
 
 def evaluate_code(

@@ -51,11 +51,13 @@ def run_code_task(lm: LanguageModel, task: str, cfg: EvalConfig,
     t0 = time.perf_counter()
     completions = code.generate_completions(lm.module, lm.tokenizer, [p.prompt for p in problems],
                                             n=cfg.code_samples, temperature=cfg.code_temperature,
-                                            max_new_tokens=max_new)  # fmt: skip
+                                            max_new_tokens=max_new, chat=cfg.chat_template)  # fmt: skip
     result = code.evaluate_code(problems, completions, ks=tuple(ks), timeout_s=cfg.code_timeout_s)
     result["n"] = result.get("n_problems", len(problems))
     result["seconds"] = time.perf_counter() - t0
     result["kind"] = "code"
     result["max_new_tokens"] = max_new
+    if cfg.chat_template:
+        result["chat_template"] = True
     result.pop("per_problem", None)
     return result, [[p.prompt] for p in problems]

@@ -10,6 +10,10 @@ adapter (lmforge.eval.lm_eval_adapter):
 - when a pair is longer than the context window, it keeps its last `max_len + 1` tokens;
 - `greedy` is true when every continuation token is the argmax of its position.
 
+`generate_until(..., chat=True)` prompts a fine-tuned model through its chat template instead: each prompt becomes
+one user message (lmforge models: `lmforge.finetune.template`, the template SFT trained on; transformers models:
+the tokenizer's `chat_template`), and decoding also stops where the assistant's turn ends.
+
 Batches are formed from requests sorted by length (longest first, so memory peaks at once and padding is small).
 For lmforge models, pairs sharing a context (the choices of a multiple-choice question) run it once and share its
 KV cache, and the output head runs only where a continuation token is predicted; see `loglikelihood_tokens`.
@@ -45,6 +49,8 @@ class LanguageModel:
     name: str
     module: torch.nn.Module | None = None  # an lmforge Transformer: generation then uses its KV cache
     tokenizer: Any = None  # its lmforge Tokenizer (code tasks sample through lmforge.infer)
+    chat_prompt: Callable[[str], list[int]] | None = None  # a user message -> the ids prompting the reply
+    chat_stop_ids: tuple[int, ...] = ()  # the tokens that end an assistant turn
 
 
 def load_language_model(path: Path, device: str = "auto") -> LanguageModel:
@@ -70,11 +76,15 @@ def _lmforge_model(path: Path, device: torch.device) -> LanguageModel:
 
 def from_lmforge(model: torch.nn.Module, tokenizer, name: str = "model") -> LanguageModel:  # noqa: ANN001
     """An lmforge Transformer and its Tokenizer, already loaded."""
+    from lmforge.infer.chat import chat_stop_ids, user_prompt_ids
+
     model.eval()
     device = next(model.parameters()).device
     return LanguageModel(forward=model, encode=tokenizer.encode, decode=lambda ids: tokenizer.decode(ids),
                          prefix=[tokenizer.bos_id], eos_id=tokenizer.eos_id, max_len=model.args.max_seq_len,
-                         device=device, name=name, module=model, tokenizer=tokenizer)  # fmt: skip
+                         device=device, name=name, module=model, tokenizer=tokenizer,
+                         chat_prompt=lambda text: user_prompt_ids(tokenizer, text),
+                         chat_stop_ids=tuple(chat_stop_ids(tokenizer)))  # fmt: skip
 
 
 def _hf_model(path: Path, device: torch.device) -> LanguageModel:
@@ -90,11 +100,21 @@ def _hf_model(path: Path, device: torch.device) -> LanguageModel:
     def forward(ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits
 
+    def chat_prompt(text: str) -> list[int]:
+        return list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False))  # fmt: skip
+
+    # A chat model's generation config lists every token that ends its turn (the export: EOS and <|end|>).
+    stops = getattr(model.generation_config, "eos_token_id", None)
+    stops = [stops] if isinstance(stops, int) else list(stops or [])
+    stops = [t for t in dict.fromkeys(stops + [tok.eos_token_id]) if t is not None]
+    has_template = bool(getattr(tok, "chat_template", None))
     max_len = int(getattr(model.config, "max_position_embeddings", 2048))
     return LanguageModel(forward=forward, encode=lambda s: tok.encode(s, add_special_tokens=False),
                          decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
                          prefix=[bos] if bos is not None else [], eos_id=tok.eos_token_id, max_len=max_len,
-                         device=device, name=str(path))  # fmt: skip
+                         device=device, name=str(path), chat_prompt=chat_prompt if has_template else None,
+                         chat_stop_ids=tuple(stops))  # fmt: skip
 
 
 def encode_pair(lm: LanguageModel, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -303,16 +323,22 @@ def loglikelihood_rolling(
 @torch.inference_mode()
 def generate_until(
     lm: LanguageModel, prompts: Sequence[str], *, until: Sequence[str] = (), max_new_tokens: int = 256,
-    batch_size: int = 16, label: str = "generating", progress: bool = True,
+    batch_size: int = 16, label: str = "generating", progress: bool = True, chat: bool = False,
 ) -> list[str]:  # fmt: skip
-    """Greedy continuations, cut before the first of `until` (and at EOS)."""
+    """Greedy continuations, cut before the first of `until` (and at EOS). With `chat`, each prompt is a user
+    message in the model's chat template and the reply also ends where the assistant's turn does."""
+    if chat and lm.chat_prompt is None:
+        raise ValueError(f"{lm.name} has no chat template (its tokenizer sets no chat_template), so it cannot be "
+                         "prompted with chat messages; set eval.chat_template=false")  # fmt: skip
+    encode = lm.chat_prompt if chat else lambda p: lm.prefix + lm.encode(p)
+    stops = lm.chat_stop_ids if chat else ()
     outputs: list[str] = []
     with _progress(len(prompts), label, progress) as bar:
         task = bar.add_task(label, total=len(prompts))
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start : start + batch_size]
-            ids = [(lm.prefix + lm.encode(p))[-(lm.max_len - max_new_tokens):] for p in chunk]
-            outputs.extend(_cut(lm.decode(new), until) for new in _greedy(lm, ids, max_new_tokens))
+            ids = [encode(p)[-(lm.max_len - max_new_tokens):] for p in chunk]
+            outputs.extend(_cut(lm.decode(new), until) for new in _greedy(lm, ids, max_new_tokens, stops))
             bar.advance(task, len(chunk))
     return outputs
 
@@ -322,19 +348,22 @@ def _cut(text: str, until: Sequence[str]) -> str:
     return text[: min(cuts)] if cuts else text
 
 
-def _greedy(lm: LanguageModel, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+def _greedy(lm: LanguageModel, prompts: list[list[int]], max_new_tokens: int,
+            stop_ids: Sequence[int] = ()) -> list[list[int]]:  # fmt: skip
+    """Greedy new tokens of each prompt, each row ending before EOS or any of `stop_ids`."""
     if max_new_tokens >= lm.max_len:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in {lm.max_len} positions")
     if lm.module is not None:
         from lmforge.infer.engine import generate
 
-        return generate(lm.module, prompts, max_new_tokens, temperature=0.0, eos_id=lm.eos_id)
+        return generate(lm.module, prompts, max_new_tokens, temperature=0.0, eos_id=lm.eos_id, stop_ids=stop_ids)
+    stops = {lm.eos_id, *stop_ids}
     outs = []
     for ids in prompts:  # transformers models: a plain greedy loop, one prompt at a time
         seq, new = list(ids), []
         for _ in range(max_new_tokens):
             nxt = int(lm.forward(torch.tensor([seq], device=lm.device))[0, -1].argmax())
-            if nxt == lm.eos_id:
+            if nxt in stops:
                 break
             seq.append(nxt)
             new.append(nxt)

@@ -65,13 +65,15 @@ def run_task(lm: LanguageModel, name: str, path: Path, cfg: EvalConfig) -> tuple
         texts = [[c + x] for c, x in pairs]
     elif kind == "gsm8k":
         items, skipped = T.load_gsm8k(path, cfg.limit)
-        result = T.score_gsm8k(lm, items, **opts)
+        result = T.score_gsm8k(lm, items, chat=cfg.chat_template, **opts)
         texts = [[q] for q, _ in items]
     else:
         gen, skipped = T.load_generation(path, cfg.limit)
-        result = T.score_generation(lm, gen, **opts)
+        result = T.score_generation(lm, gen, chat=cfg.chat_template, **opts)
         texts = [[p, *refs] for p, refs in gen]
     seconds = time.perf_counter() - t0
+    if cfg.chat_template and kind in ("gsm8k", "generation"):
+        result["chat_template"] = True  # prompted as chat messages: not comparable with plain-prompt numbers
     result.update(kind=kind, file=str(path), skipped=skipped.count, skipped_examples=skipped.examples,
                   seconds=seconds, examples_per_s=result["n"] / seconds if seconds else None)  # fmt: skip
     if skipped.count:

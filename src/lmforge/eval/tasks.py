@@ -243,11 +243,12 @@ def load_gsm8k(path: Path, limit: int | None = None) -> tuple[list[tuple[str, st
 
 
 def score_gsm8k(lm: LanguageModel, items: list[tuple[str, str]], *, max_new_tokens: int = 256, batch_size: int = 16,
-                progress: bool = True) -> dict[str, Any]:  # fmt: skip
-    """Greedy decoding of "Question: ...\\nAnswer:", the answer extracted and compared exactly."""
+                progress: bool = True, chat: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Greedy decoding of "Question: ...\\nAnswer:" (with `chat`, as a user message of the chat template), the answer
+    extracted and compared exactly."""
     prompts = [f"Question: {q}\nAnswer:" for q, _ in items]
     outs = generate_until(lm, prompts, until=["\n\nQuestion:", "Question:"], max_new_tokens=max_new_tokens,
-                          batch_size=batch_size, label="gsm8k", progress=progress)  # fmt: skip
+                          batch_size=batch_size, label="gsm8k", progress=progress, chat=chat)  # fmt: skip
     correct = sum(extract_number(o) == gold for o, (_, gold) in zip(outs, items))
     return {"exact_match": proportion(correct, len(items)), "n": len(items),
             "samples": [{"question": q, "completion": o, "gold": g} for (q, g), o in list(zip(items, outs))[:3]]}  # fmt: skip
@@ -275,10 +276,12 @@ def load_generation(path: Path, limit: int | None = None) -> tuple[list[tuple[st
 
 
 def score_generation(lm: LanguageModel, items: list[tuple[str, list[str]]], *, until: tuple[str, ...] = ("\n",),
-                     max_new_tokens: int = 64, batch_size: int = 16, progress: bool = True) -> dict[str, Any]:  # fmt: skip
-    """Exact match (after stripping surrounding whitespace) and normalized match against any reference."""
+                     max_new_tokens: int = 64, batch_size: int = 16, progress: bool = True,
+                     chat: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Exact match (after stripping surrounding whitespace) and normalized match against any reference. With
+    `chat`, each prompt is a user message of the chat template."""
     outs = generate_until(lm, [p for p, _ in items], until=until, max_new_tokens=max_new_tokens,
-                          batch_size=batch_size, label="generate", progress=progress)  # fmt: skip
+                          batch_size=batch_size, label="generate", progress=progress, chat=chat)  # fmt: skip
     exact = sum(o.strip() in [r.strip() for r in refs] for o, (_, refs) in zip(outs, items))
     norm = sum(normalize_answer(o) in {normalize_answer(r) for r in refs} for o, (_, refs) in zip(outs, items))
     return {"exact_match": proportion(exact, len(items)), "normalized_match": proportion(norm, len(items)),

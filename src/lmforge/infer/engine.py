@@ -4,6 +4,10 @@ Prompts are token ids used as given by `generate`; `stream_text` encodes text an
 training document starts with BOS. A prompt plus its new tokens must fit in the model's context: a longer request
 raises ValueError instead of silently dropping the start of the prompt.
 
+Generation stops before EOS (`eos_id`) and before any of `stop_ids` (a chat reply also ends at `<|end|>`); the stop
+token is never returned, streamed or fed back to the model. `stream_tokens` continues one prompt token by token and
+can extend a caller's KV cache that already holds the prompt's start (a chat session's earlier turns).
+
 Prompts are grouped by length and each group is decoded as one batch, so no padding, attention mask or
 per-row positions are needed; a batch of different-length prompts gives the same greedy output as one prompt at a
 time. Sampling draws from one generator seeded by `seed`, so a given batch of prompts is reproducible.
@@ -11,7 +15,7 @@ time. Sampling draws from one generator seeded by `seed`, so a given batch of pr
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import torch
@@ -65,7 +69,7 @@ class KVCache:
         self.pos += n
 
 
-def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if top_k is not None and top_k <= 0:
@@ -111,18 +115,24 @@ def _decode_group(
     top_p: float | None,
     generator: torch.Generator | None,
     use_cache: bool,
+    cache: KVCache | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token [B] for equal-length prompts [B, T], max_new_tokens times (the caller may stop early)."""
+    """Yield the next token [B] for equal-length prompts [B, T], max_new_tokens times (the caller may stop early).
+
+    A given `cache` holds the keys and values of prompts[:, :cache.pos]: only the rest of the prompt is run, and
+    every token the caller asks for after the first is fed to it, so it ends holding cache.pos positions.
+    """
     B, T = prompts.shape
-    cache = KVCache.for_model(model, B, T + max_new_tokens) if use_cache else None
+    if cache is None and use_cache:
+        cache = KVCache.for_model(model, B, T + max_new_tokens)
     seq = prompts
-    logits = model(prompts, cache=cache)[:, -1]
+    logits = model(prompts[:, cache.pos :] if cache is not None else prompts, cache=cache)[:, -1]
     for step in range(max_new_tokens):
         token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         yield token
         if step == max_new_tokens - 1:
             return
-        if use_cache:
+        if cache is not None:
             logits = model(token[:, None], cache=cache)[:, -1]
         else:
             seq = torch.cat([seq, token[:, None]], dim=1)
@@ -143,12 +153,17 @@ def _validate_prompts(model: Transformer, prompts: list[list[int]], max_new_toke
             )
 
 
-def _make_generator(model: Transformer, seed: int | None) -> torch.Generator | None:
+def make_generator(model: Transformer, seed: int | None) -> torch.Generator | None:
+    """A generator on the model's device seeded by `seed`; None (torch's global one) when seed is None."""
     if seed is None:
         return None
     gen = torch.Generator(device=next(model.parameters()).device)
     gen.manual_seed(seed)
     return gen
+
+
+def _stop_set(eos_id: int | None, stop_ids: Iterable[int]) -> frozenset[int]:
+    return frozenset(stop_ids) | ({eos_id} if eos_id is not None else set())
 
 
 @torch.inference_mode()
@@ -161,17 +176,20 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     eos_id: int | None = None,
+    stop_ids: Iterable[int] = (),
     seed: int | None = None,
     use_cache: bool = True,
 ) -> list[list[int]]:
-    """Continue each prompt; returns only the new tokens per prompt, stopping a row before its eos_id."""
-    _check_sampling(temperature, top_k, top_p)
+    """Continue each prompt; returns only the new tokens per prompt, stopping a row before eos_id or any of
+    stop_ids (the stop token is not returned)."""
+    check_sampling(temperature, top_k, top_p)
     _validate_prompts(model, prompts, max_new_tokens)
     out: list[list[int]] = [[] for _ in prompts]
     if max_new_tokens == 0:
         return out
+    stops = _stop_set(eos_id, stop_ids)
     device = next(model.parameters()).device
-    generator = _make_generator(model, seed)
+    generator = make_generator(model, seed)
     by_length: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
         by_length.setdefault(len(p), []).append(i)
@@ -186,7 +204,7 @@ def generate(
             for j, t in enumerate(token.tolist()):
                 if done[j]:
                     continue
-                if t == eos_id:
+                if t in stops:
                     done[j] = True
                 else:
                     out[rows[j]].append(t)
@@ -196,6 +214,66 @@ def generate(
 
 
 @torch.inference_mode()
+def stream_tokens(
+    model: Transformer,
+    prompt: list[int],
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_ids: Iterable[int] = (),
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    cache: KVCache | None = None,
+) -> Iterator[int]:
+    """Yield the new tokens of one prompt as they are sampled, stopping before any of stop_ids (never yielded).
+
+    `generator`, when given, is drawn from instead of a fresh one seeded by `seed` (a chat session keeps one for
+    all its turns). `cache`, when given, is a batch-1 cache holding the keys and values of prompt[:cache.pos]
+    (the start it shares with an earlier generation): only the rest of the prompt is run, and the cache is
+    extended in place, so afterwards it holds (prompt + yielded tokens)[:cache.pos].
+    """
+    check_sampling(temperature, top_k, top_p)
+    _validate_prompts(model, [prompt], max_new_tokens)
+    if cache is not None and not 0 <= cache.pos < len(prompt):
+        raise ValueError(f"the cache holds {cache.pos} positions; it must hold fewer than the prompt's {len(prompt)}")
+    if max_new_tokens == 0:
+        return
+    stops = frozenset(stop_ids)
+    device = next(model.parameters()).device
+    steps = _decode_group(
+        model, torch.tensor([prompt], dtype=torch.long, device=device), max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, generator=generator if generator is not None else make_generator(model, seed),
+        use_cache=True, cache=cache,
+    )  # fmt: skip
+    for token in steps:
+        t = int(token[0])
+        if t in stops:
+            return
+        yield t
+
+
+def decode_stream(tokenizer: Tokenizer, tokens: Iterable[int]) -> Iterator[str]:
+    """The text of a stream of token ids, piece by piece, each piece as soon as it ends on a whole character.
+
+    A character split over several byte-level tokens arrives whole: tokens are held back while their text ends in
+    an incomplete UTF-8 sequence (U+FFFD). Only the held-back tokens are decoded at each step, which is exact
+    because decoded text that ends on a whole character never changes when more bytes follow. The pieces join to
+    the decode of all the tokens; special tokens are skipped.
+    """
+    pending: list[int] = []
+    for t in tokens:
+        pending.append(t)
+        text = tokenizer.decode(pending, skip_special_tokens=True)
+        if text and not text.endswith("\ufffd"):
+            yield text
+            pending = []
+    text = tokenizer.decode(pending, skip_special_tokens=True) if pending else ""
+    if text:  # a stream cut mid-character ends with what it has (a replacement character for the partial one)
+        yield text
+
+
 def stream_text(
     model: Transformer,
     tokenizer: Tokenizer,
@@ -207,35 +285,12 @@ def stream_text(
     top_p: float | None = None,
     seed: int | None = None,
     add_bos: bool = True,
+    stop_ids: Iterable[int] = (),
 ) -> Iterator[str]:
-    """Yield the continuation of `prompt` piece by piece; it stops at the tokenizer's EOS.
-
-    Each piece is emitted once the decoded text no longer ends in an incomplete UTF-8 sequence, so a character
-    split over several byte-level tokens arrives whole. The pieces join to the decode of all new tokens.
+    """Yield the continuation of `prompt` piece by piece (see `decode_stream`); it stops before the tokenizer's
+    EOS and before any of `stop_ids`, whose text is never emitted. The pieces join to the decode of all new tokens.
     """
-    _check_sampling(temperature, top_k, top_p)
     ids = ([tokenizer.bos_id] if add_bos else []) + tokenizer.encode(prompt)
-    _validate_prompts(model, [ids], max_new_tokens)
-    if max_new_tokens == 0:
-        return
-    device = next(model.parameters()).device
-    steps = _decode_group(
-        model, torch.tensor([ids], dtype=torch.long, device=device), max_new_tokens,
-        temperature=temperature, top_k=top_k, top_p=top_p, generator=_make_generator(model, seed), use_cache=True,
-    )
-    new: list[int] = []
-    emitted = ""
-    for token in steps:
-        t = int(token[0])
-        if t == tokenizer.eos_id:
-            break
-        new.append(t)
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            continue
-        if len(text) > len(emitted):
-            yield text[len(emitted) :]
-            emitted = text
-    text = tokenizer.decode(new, skip_special_tokens=True)
-    if len(text) > len(emitted):
-        yield text[len(emitted) :]
+    tokens = stream_tokens(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           stop_ids=_stop_set(tokenizer.eos_id, stop_ids), seed=seed)  # fmt: skip
+    yield from decode_stream(tokenizer, tokens)
