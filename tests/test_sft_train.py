@@ -158,4 +158,6 @@ def test_the_sft_command_fine_tunes_and_reports_held_out_loss(base, tmp_path):
     assert result.exit_code == 0, result.output
     assert (out / "final" / "model.safetensors").is_file() and (out / "adapter").is_dir()
     bad = CliRunner().invoke(app, ["sft", str(base), "--data", str(DATA), "-o", str(out), "--method", "qlora"])
-    assert bad.exit_code == 2 and "choose full or lora" in bad.output
+    assert bad.exit_code == 2 and "choose one of full, lora, prefix" in bad.output
+    typo = CliRunner().invoke(app, ["sft", str(base), "--data", str(DATA), "-o", str(out), "train.steps=3"])
+    assert typo.exit_code == 2 and "unknown key 'train.steps'" in typo.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -170,30 +171,61 @@ def pretrain(
 def sft(
     checkpoint: Path = typer.Argument(..., help="A pre-trained lmforge model directory."),
     data: Path = typer.Option(..., "--data", help="Instruction or chat data: Alpaca, ShareGPT, messages or "
-                              "prompt/response records (.json or .jsonl)."),
+                              "prompt/response records (.json or .jsonl); with --task classify, labelled text "
+                              "(.jsonl, .json, .csv or .tsv)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory; re-running it resumes."),
-    method: str = typer.Option("full", "--method", help="full or lora."),
+    task: str = typer.Option("chat", "--task", help="chat: instruction tuning with the chat template; classify: a "
+                             "new classification head on the frozen model."),
+    method: str = typer.Option("full", "--method", help="chat: full, lora or prefix."),
     train_on: str = typer.Option("assistant", "--train-on", help="assistant, last or all: the tokens the loss counts."),
     freeze_blocks: int = typer.Option(0, "--freeze-blocks", min=0, help="Full fine-tuning: freeze the first k blocks."),
     freeze_embeddings: bool = typer.Option(False, "--freeze-embeddings", help="Full fine-tuning: freeze embeddings."),
     lora_rank: int = typer.Option(8, "--lora-rank", min=1),
     lora_alpha: float = typer.Option(16.0, "--lora-alpha"),
+    lora_dropout: float = typer.Option(0.0, "--lora-dropout", min=0.0, max=0.99),
     lora_targets: str = typer.Option("q_proj,v_proj", "--lora-targets", help="Comma-separated module-name suffixes."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use only the first N conversations."),
+    prefix_length: int = typer.Option(16, "--prefix-length", min=1, help="Prefix tuning: virtual tokens per layer."),
+    prefix_reparam: bool = typer.Option(False, "--prefix-reparam", help="Prefix tuning: learn through an MLP."),
+    text_field: Optional[str] = typer.Option(None, "--text-field", help="classify: the text key (auto-detected)."),
+    label_field: Optional[str] = typer.Option(None, "--label-field", help="classify: the label key (auto-detected)."),
+    pooling: str = typer.Option("last", "--pooling", help="classify: last (the final token's state) or mean."),
+    epochs: int = typer.Option(30, "--epochs", min=1, help="classify: passes over the cached features."),
+    val_fraction: Optional[float] = typer.Option(None, "--val-fraction", min=0.0, max=0.9,
+                                                 help="Share held out (default 0.1 for chat, 0.2 for classify)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use only the first N records."),
     overrides: Optional[List[str]] = typer.Argument(None, help="train.* settings (train.max_steps=200 ...)."),
 ) -> None:
-    """Supervised fine-tuning on instruction data: full (optionally with frozen layers) or LoRA; reports held-out
-    loss on the assistant tokens before and after."""
-    from lmforge.finetune.lora import LoRAConfig
-    from lmforge.finetune.sft import finetune
+    """Fine-tune a pre-trained model: instruction tuning (full, optionally with frozen layers; LoRA; prefix
+    tuning), reporting held-out loss on the assistant tokens before and after; or, with --task classify, a
+    classification head on the frozen model, reporting held-out accuracy."""
+    if task == "classify":
+        from lmforge.finetune.classify import train_classifier
 
-    if method not in ("full", "lora"):
-        _fail(f"--method {method!r}: choose full or lora", 2)
-    cfg = _sections(list(overrides or []), {"train"})
-    lora = LoRAConfig(rank=lora_rank, alpha=lora_alpha, targets=tuple(t.strip() for t in lora_targets.split(",")
-                                                                      if t.strip())) if method == "lora" else None  # fmt: skip
-    m = finetune(checkpoint, data, out, cfg.train, method=method, train_on=train_on, freeze_blocks=freeze_blocks,
-                 freeze_embeddings=freeze_embeddings, lora=lora, limit=limit)  # fmt: skip
+        if overrides:
+            _fail("--task classify takes no train.* settings; use --epochs", 2)
+        m = train_classifier(checkpoint, data, out, text_field=text_field, label_field=label_field, pooling=pooling,
+                             epochs=epochs, val_fraction=0.2 if val_fraction is None else val_fraction,
+                             limit=limit)  # fmt: skip
+        typer.echo(json.dumps({k: v for k, v in m.items() if not isinstance(v, (dict, list))}, indent=2))
+        return
+    if task != "chat":
+        _fail(f"--task {task!r}: choose chat or classify", 2)
+    from lmforge.finetune.lora import LoRAConfig
+    from lmforge.finetune.prefix import PrefixConfig
+    from lmforge.finetune.sft import METHODS, finetune
+
+    if method not in METHODS:
+        _fail(f"--method {method!r}: choose one of {', '.join(METHODS)}", 2)
+    _sections(list(overrides or []), {"train"})  # names the offending override as the user wrote it
+    # Fine-tuning defaults (sft.train: fewer steps, a lower learning rate), overridden by train.* settings.
+    train_cfg = _sections([f"sft.{o}" for o in overrides or []], {"sft"}).sft.train
+    targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
+    lora = LoRAConfig(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=targets) if method == "lora" else None
+    prefix = PrefixConfig(length=prefix_length, reparam=prefix_reparam) if method == "prefix" else None
+    m = finetune(checkpoint, data, out, train_cfg, method=method, train_on=train_on, freeze_blocks=freeze_blocks,
+                 freeze_embeddings=freeze_embeddings, lora=lora, prefix=prefix,
+                 val_fraction=0.1 if val_fraction is None else val_fraction,
+                 limit=limit)  # fmt: skip
     before, after = m.get("heldout_loss_before"), m.get("heldout_loss_after")
     log.info("held-out loss on trained tokens: %s -> %s; %d of %d parameters trained; model in %s",
              f"{before:.4f}" if before is not None else "n/a", f"{after:.4f}" if after is not None else "n/a",
@@ -248,25 +280,68 @@ def lm_eval_(ctx: typer.Context) -> None:
 @app.command()
 def generate(
     checkpoint: Path = typer.Argument(..., help="A model directory."),
-    prompt: str = typer.Option("", "--prompt", "-p", help="Text to continue."),
+    prompt: str = typer.Option("", "--prompt", "-p", help="Text to continue (with --chat: the user's message)."),
     max_tokens: int = typer.Option(200, "--max-tokens", "-n", min=1),
     temperature: float = typer.Option(0.8, min=0.0, help="0 = greedy."),
     top_k: Optional[int] = typer.Option(50, min=1),
     top_p: Optional[float] = typer.Option(None, min=0.0, max=1.0),
     seed: Optional[int] = typer.Option(None),
+    chat: bool = typer.Option(False, "--chat", help="Send the prompt as a user message through the chat template "
+                              "and print the assistant's reply (stops at <|end|>)."),
+    system: Optional[str] = typer.Option(None, "--system", help="With --chat: a system message."),
 ) -> None:
-    """Continue a prompt, streaming the text to the terminal (stops at end-of-sequence)."""
+    """Continue a prompt, streaming the text to the terminal (stops at end-of-sequence); with --chat, reply to it
+    as the assistant of a fine-tuned model."""
     from lmforge.infer.engine import stream_text
     from lmforge.model.io import load_checkpoint_tokenizer, load_model
 
     model, _ = load_model(checkpoint)
     tok = load_checkpoint_tokenizer(checkpoint)
-    sys.stdout.write(prompt)
-    for piece in stream_text(model, tok, prompt, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                             seed=seed):  # fmt: skip
+    if chat:
+        from lmforge.infer.chat import chat_once
+
+        try:
+            pieces = chat_once(model, tok, prompt, system=system, max_new_tokens=max_tokens,
+                               temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)  # fmt: skip
+        except ValueError as e:  # prompt + max_tokens beyond max_seq_len
+            _fail(str(e), 2)
+    else:
+        if system is not None:
+            _fail("--system goes with --chat", 2)
+        sys.stdout.write(prompt)  # plain continuation echoes the prompt it continues
+        pieces = stream_text(model, tok, prompt, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             seed=seed)  # fmt: skip
+    for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+@app.command()
+def chat(
+    checkpoint: Path = typer.Argument(..., help="A model directory (a fine-tuned one: runs/NAME/sft/final)."),
+    system: Optional[str] = typer.Option(None, "--system", "-s", help="System message."),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="At most this many tokens per reply."),
+    temperature: float = typer.Option(0.8, min=0.0, help="0 = greedy."),
+    top_k: Optional[int] = typer.Option(50, min=1),
+    top_p: Optional[float] = typer.Option(None, min=0.0, max=1.0),
+    seed: Optional[int] = typer.Option(None),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Chat with a model in the terminal through its chat template: replies stream as they are generated and the
+    conversation is kept (oldest turns dropped when it outgrows the context). /help lists the commands."""
+    from lmforge.infer.chat import load_chat, run_chat
+
+    try:
+        import readline  # noqa: F401  line editing and history for input(), where the platform has it
+    except ImportError:
+        pass
+    try:
+        session = load_chat(checkpoint, device=device, system=system, max_new_tokens=max_tokens,
+                            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)  # fmt: skip
+    except (FileNotFoundError, ValueError) as e:  # e.g. max_tokens >= the model's max_seq_len
+        _fail(str(e), 2)
+    run_chat(session)
 
 
 @app.command()

@@ -1,8 +1,9 @@
 """`lmforge run`: the stages of a recipe, in order, each skipped, re-run or resumed according to its manifest.
 
 Stages talk only through artifacts in the run directory:
-curate/{train,val}/part-*.jsonl.zst -> tokenizer/tokenizer.json -> shards/*.bin -> pretrain/final/ -> eval/results.json,
-export/hf/ -> report.md.
+curate/{train,val}/part-*.jsonl.zst -> tokenizer/tokenizer.json -> shards/*.bin -> pretrain/final/ -> [sft/final/]
+-> eval/results.json, export/hf/ -> report.md. Evaluation scores the pre-trained model; export takes the fine-tuned
+one when the recipe has an sft stage (the model a user chats with), else the pre-trained one.
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ UPSTREAM = {
     "tokenizer": ["curate"],
     "shards": ["curate", "tokenizer"],
     "pretrain": ["shards", "tokenizer"],
+    "sft": ["pretrain", "curate"],
     "eval": ["pretrain", "curate"],
     "export": ["pretrain"],
-    "report": ["curate", "tokenizer", "shards", "pretrain", "eval", "export"],
+    "report": ["curate", "tokenizer", "shards", "pretrain", "sft", "eval", "export"],
 }
 # Settings that change how fast or how often, never what a stage produces: they do not invalidate it.
 NON_SEMANTIC = {"data": {"workers", "executor", "ray_address", "plots"}, "shards": {"workers"}, "train": {"threads", "ckpt_every", "keep_last"}}
@@ -45,9 +47,15 @@ def stage_config(recipe: Recipe, stage: str) -> dict:
     if stage == "pretrain":
         return {"model": _settings(recipe, "model"), "train": _settings(recipe, "train"),
                 "pretrain": _settings(recipe, "pretrain")}
+    if stage == "sft":
+        cfg = _settings(recipe, "sft")
+        cfg["train"] = {k: v for k, v in cfg["train"].items() if k not in NON_SEMANTIC["train"]}
+        return cfg
     if stage == "eval":
         return _settings(recipe, "eval")
-    if stage in ("tokenizer", "shards", "export"):
+    if stage == "export":
+        return {**_settings(recipe, "export"), "model": _export_source(recipe)}
+    if stage in ("tokenizer", "shards"):
         return _settings(recipe, stage)
     return {"stages": list(recipe.stages)}
 
@@ -63,6 +71,16 @@ def source_fingerprint(recipe: Recipe) -> str:
         raise FileNotFoundError(f"data.source {src} does not exist; give a file or directory of text, or 'stdlib'")
     files = [src] if src.is_file() else [p for p in src.rglob("*") if p.is_file()]
     return files_fingerprint(files, None if src.is_file() else src)
+
+
+def _export_source(recipe: Recipe) -> str:
+    """The stage whose final model is exported: the fine-tuned one when the recipe fine-tunes."""
+    return "sft" if "sft" in recipe.stages else "pretrain"
+
+
+def upstream(recipe: Recipe, stage: str) -> list[str]:
+    """The stages whose output `stage` reads in this recipe."""
+    return [_export_source(recipe)] if stage == "export" else UPSTREAM[stage]
 
 
 def existing_stages(root: Path) -> list[str]:
@@ -90,6 +108,10 @@ def _stage_fn(recipe: Recipe, stage: str, root: Path) -> Callable[[Path], dict]:
 
         return lambda out: pretrain(root / "shards", tok_path, recipe.model, recipe.train, out, recipe.pretrain,
                                     recipe.parallel)
+    if stage == "sft":
+        from lmforge.finetune.stage import run_sft_stage
+
+        return lambda out: run_sft_stage(root, recipe.sft, out, recipe.parallel)
     if stage == "eval":
         from lmforge.eval.run import evaluate_checkpoint
 
@@ -99,7 +121,7 @@ def _stage_fn(recipe: Recipe, stage: str, root: Path) -> Callable[[Path], dict]:
         from lmforge.hf import export_hf
 
         def export(out: Path) -> dict:
-            path = export_hf(root / "pretrain" / "final", out / "hf", dtype=recipe.export.dtype)
+            path = export_hf(root / _export_source(recipe) / "final", out / "hf", dtype=recipe.export.dtype)
             return {"path": str(path), "bytes": sum(p.stat().st_size for p in path.iterdir())}
 
         return export
@@ -139,7 +161,7 @@ def _stage_inputs(recipe: Recipe, stage: str, fps: dict[str, str]) -> dict[str, 
     inputs = {}
     if stage == "curate":
         inputs["source"] = source_fingerprint(recipe)
-    for up in UPSTREAM[stage]:
+    for up in upstream(recipe, stage):
         if up in fps:
             inputs[up] = fps[up]
             continue
@@ -161,7 +183,7 @@ class _DistributedStages:
     the others whether the training stage runs or is up to date. The waits use a gloo group without a practical
     timeout, since curating a large corpus may take hours; a rank that dies still ends the wait at once."""
 
-    TRAINING = ("pretrain",)
+    TRAINING = ("pretrain", "sft")
 
     def __init__(self, recipe: Recipe) -> None:
         from datetime import timedelta

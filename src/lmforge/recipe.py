@@ -12,7 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-STAGES = ("curate", "tokenizer", "shards", "pretrain", "eval", "export", "report")
+STAGES = ("curate", "tokenizer", "shards", "pretrain", "sft", "eval", "export", "report")
 BUILTIN_DIR = Path(__file__).parent / "recipes"
 DEFAULT_RECIPE = "stdlib-code"
 
@@ -194,6 +194,9 @@ class EvalConfig(Section):
     code_limit: int | None = Field(None, gt=0)  # problems per code task
     code_max_new_tokens: int = Field(128, gt=0)
     code_timeout_s: float = Field(5.0, gt=0)
+    # Generation tasks (gsm8k, prompt -> reference files) and code tasks prompt through the chat template: the
+    # prompt becomes a user message, and decoding stops at the end of the assistant's turn. For SFT models.
+    chat_template: bool = False
 
 
 OBJECTIVES = ("clm", "mlm", "span", "prefix_lm", "contrastive")
@@ -227,6 +230,47 @@ class PretrainConfig(Section):
         return self
 
 
+class SFTTrainConfig(TrainConfig):
+    """The training settings of the sft stage: TrainConfig with defaults for fine-tuning a pre-trained model
+    (shorter, a lower AdamW learning rate, short warm-up). A recipe sets only what it changes (`sft.train.lr`)."""
+
+    max_steps: int = Field(200, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    eval_every: int = Field(100, gt=0)
+    ckpt_every: int = Field(100, gt=0)
+
+
+class SFTConfig(Section):
+    """The sft stage (docs/finetuning.md): supervised fine-tuning of pretrain/final with the chat template."""
+
+    # "docstring_pairs": signature + docstring -> body pairs derived from the curated code (training pairs from
+    # curate/train, held-out pairs from curate/val). Otherwise a file of Alpaca, ShareGPT, messages or
+    # prompt/response records, of which val_fraction is held out.
+    data: str = "docstring_pairs"
+    max_pairs: int | None = Field(None, gt=0)  # docstring_pairs: cap on training pairs (the first found)
+    heldout_pairs: int = Field(200, gt=0)  # docstring_pairs: cap on held-out pairs (evenly spread)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # a data file: share held out
+    limit: int | None = Field(None, gt=0)  # a data file: read only the first N conversations
+    method: Literal["full", "lora", "prefix"] = "full"
+    train_on: Literal["assistant", "all", "last"] = "assistant"
+    freeze_blocks: int = Field(0, ge=0)  # full: freeze the first k blocks
+    freeze_embeddings: bool = False  # full: freeze the token (and position) embeddings
+    lora_rank: int = Field(8, gt=0)
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    lora_targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
+    prefix_length: int = Field(16, gt=0)
+    prefix_reparam: bool = False  # learn the prefix through an MLP (Li & Liang), saved as plain key/values
+    # Greedy generations on held-out prompts before and after: how many end their turn (EOS) instead of running
+    # to the token limit, and how many complete a function that parses (docstring_pairs).
+    gen_prompts: int = Field(24, ge=0)
+    gen_tokens: int = Field(96, gt=0)
+    samples: int = Field(3, ge=0)  # of those, shown in the report
+    train: SFTTrainConfig = Field(default_factory=SFTTrainConfig)
+
+
 class ExportConfig(Section):
     format: Literal["hf"] = "hf"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -235,8 +279,9 @@ class ExportConfig(Section):
 class Recipe(Section):
     name: str = "stdlib-code"
     run_dir: str = "runs"
-    stages: list[Literal["curate", "tokenizer", "shards", "pretrain", "eval", "export", "report"]] = Field(
-        default_factory=lambda: list(STAGES)
+    # Every stage but sft by default: a recipe adds "sft" to fine-tune the pre-trained model.
+    stages: list[Literal["curate", "tokenizer", "shards", "pretrain", "sft", "eval", "export", "report"]] = Field(
+        default_factory=lambda: [s for s in STAGES if s != "sft"]
     )
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
@@ -245,6 +290,7 @@ class Recipe(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
 
@@ -256,6 +302,10 @@ class Recipe(Section):
         if self.train.seq_len > self.model.max_seq_len:
             raise ValueError(
                 f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
+            )
+        if "sft" in self.stages and self.sft.train.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"sft.train.seq_len={self.sft.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
         return self
 

@@ -64,6 +64,33 @@ def _stage_table(run_path: Path, stages: list[str]) -> list[str]:
     return lines
 
 
+def _sft_section(sft: dict) -> list[str]:
+    """Fine-tuning: held-out loss and greedy-generation rates before and after, and a few held-out samples."""
+    before, after = sft.get("generation_before") or {}, sft.get("generation_after") or {}
+    lines = [
+        "## Fine-tuning",
+        "",
+        f"- method: {sft.get('method')}; data: {sft.get('data')} ({sft.get('train_conversations')} training, "
+        f"{sft.get('heldout_conversations')} held-out conversations); {sft.get('trainable_params')} of "
+        f"{sft.get('total_params')} parameters trained",
+        f"- held-out loss on the trained (assistant) tokens: {_fmt(sft.get('heldout_loss_before'))} before, "
+        f"{_fmt(sft.get('heldout_loss_after'))} after; {sft.get('steps')} steps in "
+        f"{_fmt(sft.get('train_seconds'), '.1f')} s",
+    ]
+    if before:
+        lines.append(f"- greedy replies to held-out prompts that end their turn: {_fmt(before.get('ended_turn'), '.0%')}"
+                     f" before, {_fmt(after.get('ended_turn'), '.0%')} after")  # fmt: skip
+    if "completes_function" in before:
+        lines.append(f"- replies that complete a function which parses: {_fmt(before['completes_function'], '.0%')} "
+                     f"before, {_fmt(after.get('completes_function'), '.0%')} after")  # fmt: skip
+    lines.append("")
+    for i, sample in enumerate(sft.get("samples") or [], start=1):
+        lines += [f"### Fine-tuning sample {i}", "", "Prompt:", "", "```python", sample["prompt"], "```", "",
+                  "Before:", "", "```python", sample["before"], "```", "", "After:", "", "```python", sample["after"],
+                  "```", ""]  # fmt: skip
+    return lines
+
+
 def build_report(run_path: Path, stages: list[str], out_dir: Path) -> dict:
     """Write `run_path/report.md` (with the training curve in `out_dir`) and return headline metrics."""
     m = {s: (read_manifest(run_path / s) or {}).get("metrics", {}) for s in stages}
@@ -116,6 +143,8 @@ def build_report(run_path: Path, stages: list[str], out_dir: Path) -> dict:
         ]
         if curve:
             lines += ["![training curve](report/loss.png)", ""]
+    if m.get("sft"):
+        lines += _sft_section(m["sft"])
     if ev:
         lines += [
             "## Evaluation",
