@@ -146,7 +146,7 @@ def validate(messages: Conversation) -> None:
         raise BadRecord("no assistant turn: nothing to train on")
 
 
-def _records(path: Path, skipped: Skipped) -> Iterator[tuple[str, Any]]:
+def iter_records(path: Path, skipped: Skipped) -> Iterator[tuple[str, Any]]:
     """(location, record) for every record of a .json array or .jsonl file; unparsable JSONL lines are skipped."""
     if path.suffix == ".jsonl":
         with path.open(encoding="utf-8") as f:
@@ -178,7 +178,7 @@ def read_conversations(path: str | Path, limit: int | None = None) -> tuple[list
     skipped = Skipped()
     conversations: list[Conversation] = []
     fmt: str | None = None
-    for location, record in _records(path, skipped):
+    for location, record in iter_records(path, skipped):
         if limit is not None and len(conversations) >= limit:
             break
         if fmt is None:
