@@ -319,3 +319,52 @@ def test_embed_refuses_torchrun_with_the_reason(monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     result = CliRunner().invoke(app, ["embed", str(tmp_path), "--pairs", "stdlib"])
     assert result.exit_code == 2 and "runs in one process; launch it without torchrun" in result.output
+
+
+ALPACA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "instruct" / "alpaca_data_first200.json"
+SFT_STEPS = 10
+
+
+def sft(base: Path, out: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess:
+    """`lmforge sft` on 60 Alpaca records (under torchrun when nproc > 1)."""
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [*launcher, "-m", "lmforge.cli", "sft", str(base), "--data", str(ALPACA), "--limit", "60", "-o", str(out),
+           *extra, "train.seq_len=64", "train.batch_size=8", f"train.max_steps={SFT_STEPS}", "train.warmup_steps=2",
+           "train.eval_every=5", "train.ckpt_every=5", "train.compile=false"]  # fmt: skip
+    result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+                            env=_env())  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:]
+    return result
+
+
+@pytest.mark.skipif(not ALPACA.exists(), reason=f"shared test data not found: {ALPACA}")
+@pytest.mark.parametrize("method", [[], ["--method", "lora"], ["--method", "prefix", "--prefix-length", "4"]],
+                         ids=["full", "lora", "prefix"])  # fmt: skip
+def test_fine_tuning_on_two_ranks_follows_one_process(single, tmp_path, method):
+    base = single("adamw") / "final"
+    one, two = tmp_path / "one", tmp_path / "two"
+    sft(base, one, 1, *method)
+    sft(base, two, 2, *method)
+    ra, rb = records(one), records(two)
+    assert [r["step"] for r in rb] == list(range(1, SFT_STEPS + 1))
+    for x, y in zip(ra, rb):
+        assert abs(x["loss"] - y["loss"]) < TOL, (x["step"], x["loss"], y["loss"])
+        assert abs(x.get("val_loss", 0.0) - y.get("val_loss", 0.0)) < TOL
+    wa, wb = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys() and max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
+    if "prefix" in method:
+        pa, pb = (load_file(str(d / "prefix" / "prefix.safetensors"))["prefix"] for d in (one, two))
+        assert float((pa - pb).abs().max()) < 1e-4
+
+
+@pytest.mark.skipif(not ALPACA.exists(), reason=f"shared test data not found: {ALPACA}")
+def test_fine_tuning_refuses_sharded_layouts(single, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "lmforge.cli",
+           "sft", str(single("adamw") / "final"), "--data", str(ALPACA), "--limit", "20", "-o", str(tmp_path / "x"),
+           "train.seq_len=64", "train.batch_size=8", "train.max_steps=2", "parallel.data=fsdp"]  # fmt: skip
+    result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+                            env=_env())  # fmt: skip
+    assert result.returncode != 0
+    assert "fine-tuning runs data parallel with parallel.data=ddp only" in result.stdout

@@ -139,10 +139,27 @@ def test_batches_resume_exactly(base):
     b = SFTBatches(rows, batch_size=5, seed=3)
     b.load_state_dict(state)
     for want, got in zip(expected, [next(b) for _ in range(4)]):
-        assert want.keys() == got.keys() == {"input_ids", "labels", "doc_ids"}
-        for k in want:
+        assert want.keys() == got.keys() == {"input_ids", "labels", "doc_ids", "global_targets", "shards"}
+        for k in ("input_ids", "labels", "doc_ids"):
             assert want[k].dtype == torch.long and want[k].shape == (5, 128)
             assert torch.equal(want[k], got[k])
+        assert want["global_targets"] == got["global_targets"] == int((want["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def test_ranks_split_each_global_batch_and_share_its_normalisation(base):
+    """Two ranks' shares are the halves of the one-process batch, and their losses average to its loss."""
+    rows = _rows(base)
+    model, _ = load_model(base)
+    one = SFTBatches(rows, batch_size=6, seed=2)
+    ranks = [SFTBatches(rows, batch_size=6, seed=2, rank=r, world_size=2) for r in range(2)]
+    for _ in range(3):
+        whole, parts = next(one), [next(r) for r in ranks]
+        assert torch.equal(torch.cat([p["input_ids"] for p in parts]), whole["input_ids"])
+        assert parts[0]["global_targets"] == parts[1]["global_targets"] == whole["global_targets"]
+        mean_of_ranks = (sft_loss(model, parts[0]) + sft_loss(model, parts[1])) / 2
+        torch.testing.assert_close(mean_of_ranks, sft_loss(model, whole), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="split evenly over 4 ranks"):
+        SFTBatches(rows, batch_size=6, seed=2, rank=0, world_size=4)
 
 
 def test_the_sft_command_fine_tunes_and_reports_held_out_loss(base, tmp_path):

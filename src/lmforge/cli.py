@@ -188,12 +188,14 @@ def sft(
     prefix_reparam: bool = typer.Option(False, "--prefix-reparam", help="Prefix tuning: learn through an MLP."),
     text_field: Optional[str] = typer.Option(None, "--text-field", help="classify: the text key (auto-detected)."),
     label_field: Optional[str] = typer.Option(None, "--label-field", help="classify: the label key (auto-detected)."),
-    pooling: str = typer.Option("last", "--pooling", help="classify: last (the final token's state) or mean."),
+    pooling: str = typer.Option("mean", "--pooling", help="classify: mean (over the text's tokens) or last (the "
+                                "final token's state)."),
     epochs: int = typer.Option(30, "--epochs", min=1, help="classify: passes over the cached features."),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", min=0.0, max=0.9,
                                                  help="Share held out (default 0.1 for chat, 0.2 for classify)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use only the first N records."),
-    overrides: Optional[List[str]] = typer.Argument(None, help="train.* settings (train.max_steps=200 ...)."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="train.* settings (train.max_steps=200 ...); under "
+                                                    "torchrun, parallel.* settings."),
 ) -> None:
     """Fine-tune a pre-trained model: instruction tuning (full, optionally with frozen layers; LoRA; prefix
     tuning), reporting held-out loss on the assistant tokens before and after; or, with --task classify, a
@@ -216,16 +218,16 @@ def sft(
 
     if method not in METHODS:
         _fail(f"--method {method!r}: choose one of {', '.join(METHODS)}", 2)
-    _sections(list(overrides or []), {"train"})  # names the offending override as the user wrote it
+    cfg = _sections(list(overrides or []), {"train", "parallel"})  # names a bad override as the user wrote it
     # Fine-tuning defaults (sft.train: fewer steps, a lower learning rate), overridden by train.* settings.
-    train_cfg = _sections([f"sft.{o}" for o in overrides or []], {"sft"}).sft.train
+    train_cfg = _sections([f"sft.{o}" for o in overrides or [] if o.startswith("train.")], {"sft"}).sft.train
     targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
     lora = LoRAConfig(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=targets) if method == "lora" else None
     prefix = PrefixConfig(length=prefix_length, reparam=prefix_reparam) if method == "prefix" else None
     m = finetune(checkpoint, data, out, train_cfg, method=method, train_on=train_on, freeze_blocks=freeze_blocks,
                  freeze_embeddings=freeze_embeddings, lora=lora, prefix=prefix,
-                 val_fraction=0.1 if val_fraction is None else val_fraction,
-                 limit=limit)  # fmt: skip
+                 val_fraction=0.1 if val_fraction is None else val_fraction, limit=limit,
+                 parallel=cfg.parallel)  # fmt: skip
     before, after = m.get("heldout_loss_before"), m.get("heldout_loss_after")
     log.info("held-out loss on trained tokens: %s -> %s; %d of %d parameters trained; model in %s",
              f"{before:.4f}" if before is not None else "n/a", f"{after:.4f}" if after is not None else "n/a",

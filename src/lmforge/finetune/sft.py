@@ -80,6 +80,7 @@ class SFTBatches:
         if batch_size % world_size or not 0 <= rank < world_size:
             raise ValueError(f"batch_size={batch_size} must split evenly over {world_size} ranks (rank {rank})")
         self.share = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
+        self.shards = world_size
         self.ids = torch.tensor(packed.ids, dtype=torch.long)
         self.labels = torch.tensor(packed.labels, dtype=torch.long)
         self.doc_ids = torch.tensor(packed.doc_ids, dtype=torch.long)
@@ -108,8 +109,13 @@ class SFTBatches:
         return self
 
     def __next__(self) -> dict[str, Tensor]:
-        rows = torch.tensor([self._next_index() for _ in range(self.batch_size)][self.share], dtype=torch.long)
-        return {"input_ids": self.ids[rows], "labels": self.labels[rows], "doc_ids": self.doc_ids[rows]}
+        every = torch.tensor([self._next_index() for _ in range(self.batch_size)], dtype=torch.long)
+        rows = every[self.share]
+        # The loss is a mean over the global micro-batch's trained tokens, which differ from row to row: each rank
+        # normalises by the global count (see sft_loss), so N ranks compute exactly what one process would.
+        targets = int((self.labels[every][:, 1:] != IGNORE_INDEX).sum())
+        return {"input_ids": self.ids[rows], "labels": self.labels[rows], "doc_ids": self.doc_ids[rows],
+                "global_targets": targets, "shards": self.shards}  # fmt: skip
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "position": self.position}
@@ -131,10 +137,16 @@ def _loss_sum(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tenso
     return total, (targets != IGNORE_INDEX).sum()
 
 
-def sft_loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+def sft_loss(model: nn.Module, batch: dict[str, Any]) -> Tensor:
     """Mean CE per trained token. A batch with no targets gives 0 (with a graph), not NaN, so it cannot poison
-    the loop's divergence guard."""
+    the loop's divergence guard.
+
+    A batch from SFTBatches carries its global micro-batch's target count and the number of data-parallel shards:
+    each rank returns its sum x shards / global count, and since data parallelism averages gradients (and the loop
+    averages losses) over ranks, the result is the sum over all ranks / global count, the single-process loss."""
     total, count = _loss_sum(model, batch)
+    if "global_targets" in batch:
+        return total * batch["shards"] / max(int(batch["global_targets"]), 1)
     return total / count.clamp(min=1)
 
 
@@ -186,7 +198,8 @@ def freeze(model: Transformer, blocks: int, embeddings: bool) -> None:
             model.model.embed_positions.requires_grad_(False)
 
 
-def _render_pack(tok: Any, convs: list, train_on: TrainOn, seq_len: int, one_per_row: bool = False) -> Packed:
+def render_pack(tok: Any, convs: list, train_on: TrainOn, seq_len: int, one_per_row: bool = False) -> Packed:
+    """Render conversations with the template and pack them into rows of seq_len (one per row if asked)."""
     rendered = [render(tok, c, train_on) for c in convs]
     if one_per_row:
         packed = Packed()
@@ -308,8 +321,8 @@ def finetune_conversations(
     # A prefix is seen from position 0 at inference, but from a packed conversation's row offset in training
     # (positions are absolute and prefix keys carry none): prefix tuning trains one conversation per row.
     one_per_row = method == "prefix"
-    train_rows = _render_pack(tok, train_convs, train_on, train_cfg.seq_len, one_per_row)
-    val_rows = _render_pack(tok, heldout_convs, train_on, train_cfg.seq_len, one_per_row) if heldout_convs else None
+    train_rows = render_pack(tok, train_convs, train_on, train_cfg.seq_len, one_per_row)
+    val_rows = render_pack(tok, heldout_convs, train_on, train_cfg.seq_len, one_per_row) if heldout_convs else None
     loader = SFTBatches(train_rows, train_cfg.batch_size, seed, rank=world.dp_rank, world_size=world.dp_size)
 
     if method == "lora":

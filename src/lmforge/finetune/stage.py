@@ -21,7 +21,7 @@ import numpy as np
 from torch import nn
 
 from lmforge.data.io import atomic_open
-from lmforge.data.readers import read_documents
+from lmforge.data.curated import iter_split_records
 from lmforge.finetune.code_pairs import CodePair, completes_function, pairs_from_documents
 from lmforge.finetune.data import Conversation, read_conversations
 from lmforge.finetune.lora import LoRAConfig
@@ -32,16 +32,15 @@ from lmforge.infer.engine import generate
 from lmforge.model.io import load_checkpoint_tokenizer, load_model
 from lmforge.recipe import ParallelConfig, SFTConfig
 from lmforge.tokenizer import Tokenizer
+from lmforge.train.distributed import init_world
 
 log = logging.getLogger(__name__)
 
 DOCSTRING_PAIRS = "docstring_pairs"
-CURATED = (".zst", ".jsonl")
 
 
-def _curated_docs(split_dir: Path):
-    for doc in read_documents(split_dir, extensions=CURATED):
-        yield str(doc.meta.get("id", doc.id)), doc.text
+def _curated_docs(curate_dir: Path, split: str) -> list[tuple[str, str]]:
+    return [(str(r["id"]), r["text"]) for r in iter_split_records(curate_dir, split)]
 
 
 def _fits(tok: Tokenizer, pairs: list[CodePair], seq_len: int) -> tuple[list[CodePair], int]:
@@ -56,11 +55,11 @@ def docstring_pairs(curate_dir: Path, tok: Tokenizer, cfg: SFTConfig) -> tuple[l
     training prompt."""
     seen: set[str] = set()
     # Held-out first: its prompts are then never trained on, even where a training file has a copy.
-    heldout, bad_val = pairs_from_documents(list(_curated_docs(curate_dir / "val")), seen)
+    heldout, bad_val = pairs_from_documents(_curated_docs(curate_dir, "val"), seen)
     heldout, long_val = _fits(tok, heldout, cfg.train.seq_len)
     heldout = _spread(heldout, cfg.heldout_pairs)
     # Training files in a seeded order, so a max_pairs cap samples the whole corpus, not its first directories.
-    docs = list(_curated_docs(curate_dir / "train"))
+    docs = _curated_docs(curate_dir, "train")
     docs = [docs[i] for i in np.random.default_rng(cfg.train.seed).permutation(len(docs))]
     train, bad_train = pairs_from_documents(docs, seen, limit=cfg.max_pairs)
     train, long_train = _fits(tok, train[: cfg.max_pairs], cfg.train.seq_len)
@@ -125,6 +124,7 @@ def _gen_prompts(tok: Tokenizer, heldout: list[Conversation], cfg: SFTConfig, ma
 def run_sft_stage(root: Path, cfg: SFTConfig, out: Path, parallel: ParallelConfig | None = None) -> dict[str, Any]:
     """Fine-tune root/pretrain/final into out/final/; the stage's metrics."""
     checkpoint = root / "pretrain" / "final"
+    main = init_world(parallel or ParallelConfig(), cfg.train.device).is_main  # under torchrun every rank trains
     tok = load_checkpoint_tokenizer(checkpoint)
     counts: dict[str, Any] = {}
     code_prompts: list[str] | None = None
@@ -132,8 +132,9 @@ def run_sft_stage(root: Path, cfg: SFTConfig, out: Path, parallel: ParallelConfi
         train_pairs, heldout_pairs, counts = docstring_pairs(root / "curate", tok, cfg)
         train_convs = [p.conversation() for p in train_pairs]
         heldout_convs = [p.conversation() for p in heldout_pairs]
-        _write_conversations(out / "data" / "train.jsonl", train_convs, [p.id for p in train_pairs])
-        _write_conversations(out / "data" / "heldout.jsonl", heldout_convs, [p.id for p in heldout_pairs])
+        if main:
+            _write_conversations(out / "data" / "train.jsonl", train_convs, [p.id for p in train_pairs])
+            _write_conversations(out / "data" / "heldout.jsonl", heldout_convs, [p.id for p in heldout_pairs])
     else:
         convs, skipped = read_conversations(Path(cfg.data), limit=cfg.limit)
         if not convs:
