@@ -135,8 +135,9 @@ class LoRALinear(nn.Module):
             if name in self.merged:  # already inside base.weight
                 continue
             a, b = self.lora_A[name], self.lora_B[name]
-            h = self.lora_dropout[name](x.to(a.dtype)) @ a.T @ b.T
-            out = out + (h * self.scaling[name]).to(out.dtype)
+            # Scale the rank-r intermediate, not the [.., out_features] result: one full-size temporary less.
+            h = (self.lora_dropout[name](x.to(a.dtype)) @ a.T) * self.scaling[name]
+            out = out + (h @ b.T).to(out.dtype)
         return out
 
     def extra_repr(self) -> str:
