@@ -124,7 +124,8 @@ def _gen_prompts(tok: Tokenizer, heldout: list[Conversation], cfg: SFTConfig, ma
 def run_sft_stage(root: Path, cfg: SFTConfig, out: Path, parallel: ParallelConfig | None = None) -> dict[str, Any]:
     """Fine-tune root/pretrain/final into out/final/; the stage's metrics."""
     checkpoint = root / "pretrain" / "final"
-    main = init_world(parallel or ParallelConfig(), cfg.train.device).is_main  # under torchrun every rank trains
+    world = init_world(parallel or ParallelConfig(), cfg.train.device)  # under torchrun every rank trains
+    main = world.is_main
     tok = load_checkpoint_tokenizer(checkpoint)
     counts: dict[str, Any] = {}
     code_prompts: list[str] | None = None
@@ -143,7 +144,7 @@ def run_sft_stage(root: Path, cfg: SFTConfig, out: Path, parallel: ParallelConfi
         train_convs, heldout_convs = [convs[i] for i in train_idx], [convs[i] for i in val_idx]
         counts = {"skipped_records": skipped.count, "skipped_examples": skipped.examples}
 
-    base, args = load_model(checkpoint)
+    base, args = load_model(checkpoint, device=world.device)
     chosen = _gen_prompts(tok, heldout_convs, cfg, args.max_seq_len)
     prompts = [heldout_convs[i][:-1] for i in chosen]
     if cfg.data == DOCSTRING_PAIRS:
