@@ -28,3 +28,20 @@ def json_package_run(root: Path) -> Path:
                                 "stages=[curate, tokenizer, shards]"])  # fmt: skip
     run_recipe(recipe)
     return root / "d"
+
+
+def make_chain(model, chain: dict[int, int]):
+    """Rewire `model` in place so its greedy choice after token t is chain[t], and return it: both residual
+    branches are zeroed, so the last hidden state is the normalised embedding of the current token, and each
+    lm_head row points at its predecessor's embedding (the model needs init_std large enough to separate them)."""
+    import torch
+
+    with torch.no_grad():
+        for blk in model.model.layers:
+            blk.self_attn.o_proj.weight.zero_()
+            blk.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        emb = model.model.embed_tokens.weight
+        for t, nxt in chain.items():
+            model.lm_head.weight[nxt] += 10 * emb[t] / emb[t].norm()
+    return model

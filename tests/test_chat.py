@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import make_chain
 from lmforge.eval import code as code_eval
 from lmforge.eval.scorer import from_lmforge, generate_until
 from lmforge.eval.suite import run_task
@@ -38,18 +39,8 @@ def make_model(tok: Tokenizer, max_seq_len: int = 48, seed: int = 0, **kw) -> Tr
 
 
 def chain_model(tok: Tokenizer, chain: dict[int, int], max_seq_len: int = 48) -> Transformer:
-    """Greedy choice after token t is chain[t]: both residual branches are zeroed, so the last hidden state is the
-    normalised embedding of the current token, and each lm_head row points at its predecessor's embedding."""
-    m = make_model(tok, max_seq_len)
-    with torch.no_grad():
-        for blk in m.model.layers:
-            blk.self_attn.o_proj.weight.zero_()
-            blk.mlp.down_proj.weight.zero_()
-        m.lm_head.weight.zero_()
-        emb = m.model.embed_tokens.weight
-        for t, nxt in chain.items():
-            m.lm_head.weight[nxt] += 10 * emb[t] / emb[t].norm()
-    return m
+    """Greedy choice after token t is chain[t] (see helpers.make_chain)."""
+    return make_chain(make_model(tok, max_seq_len), chain)
 
 
 def ids(tok: Tokenizer, token: str) -> int:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import make_chain
 from lmforge.infer.engine import KVCache, generate, sample_next, stream_text, stream_tokens
 from lmforge.model.transformer import ModelArgs, Transformer
 from lmforge.tokenizer import Tokenizer, train_tokenizer
@@ -130,18 +131,8 @@ def test_stream_text_joins_to_decoded_generation(tok: Tokenizer):
 
 
 def _bigram_model(tok: Tokenizer, chain: dict[int, int]) -> Transformer:
-    """A model whose greedy choice after token t is chain[t]: both residual branches are zeroed, so the final
-    state is the normalised embedding of the current token, and lm_head rows point at their predecessors."""
-    m = make_model(seed=4, vocab_size=tok.vocab_size, d_model=64, head_dim=16, init_std=1.0)
-    with torch.no_grad():
-        for blk in m.model.layers:
-            blk.self_attn.o_proj.weight.zero_()
-            blk.mlp.down_proj.weight.zero_()
-        m.lm_head.weight.zero_()
-        emb = m.model.embed_tokens.weight
-        for t, nxt in chain.items():
-            m.lm_head.weight[nxt] += 10 * emb[t] / emb[t].norm()
-    return m
+    """A model whose greedy choice after token t is chain[t] (see helpers.make_chain)."""
+    return make_chain(make_model(seed=4, vocab_size=tok.vocab_size, d_model=64, head_dim=16, init_std=1.0), chain)
 
 
 def test_stream_text_emits_multibyte_characters_whole(tok: Tokenizer):
