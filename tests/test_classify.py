@@ -265,3 +265,20 @@ def test_real_labelled_data_beats_the_majority_baseline(tmp_path):
     assert (m["text_field"], m["label_field"], m["labels"], m["n_val"]) == ("query", "gold", [0, 1], 120)
     assert m["skipped_records"] == 0 and m["truncated_texts"] > 0
     assert m["accuracy"]["ci95"][0] > m["majority_baseline"]["accuracy"]["value"]
+
+
+def test_the_sft_command_trains_a_classifier(backbone, separable, tmp_path):
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+
+    out = tmp_path / "cli"
+    result = CliRunner().invoke(app, ["sft", str(backbone), "--task", "classify", "--data", str(separable), "-o",
+                                      str(out), "--epochs", "20"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["pooling"] == "mean" and m["epochs"] == 20
+    assert f"held-out accuracy {m['accuracy']['value']:.3f}" in result.output and "| 'number' |" in result.output
+    bad = CliRunner().invoke(app, ["sft", str(backbone), "--task", "classify", "--data", str(separable), "-o",
+                                   str(out), "train.max_steps=3"])  # fmt: skip
+    assert bad.exit_code == 2 and "takes no train.* settings" in bad.output

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -208,7 +207,13 @@ def sft(
         m = train_classifier(checkpoint, data, out, text_field=text_field, label_field=label_field, pooling=pooling,
                              epochs=epochs, val_fraction=0.2 if val_fraction is None else val_fraction,
                              limit=limit)  # fmt: skip
-        typer.echo(json.dumps({k: v for k, v in m.items() if not isinstance(v, (dict, list))}, indent=2))
+        acc, base = m["accuracy"], m["majority_baseline"]
+        lines = [f"held-out accuracy {acc['value']:.3f} [{acc['ci95'][0]:.3f}, {acc['ci95'][1]:.3f}] on {acc['n']}; "
+                 f"majority baseline {base['accuracy']['value']:.3f} (always {base['label']!r}); "
+                 f"macro-F1 {m['macro_f1']:.3f}", "| label | precision | recall | F1 | support |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {c['label']!r} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1']:.3f} | {c['support']} |"
+                  for c in m["per_class"]]  # fmt: skip
+        typer.echo("\n".join(lines) + f"\nclassifier in {out / 'classifier'}; metrics in {out / 'metrics.json'}")
         return
     if task != "chat":
         _fail(f"--task {task!r}: choose chat or classify", 2)
