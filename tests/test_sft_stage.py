@@ -86,3 +86,30 @@ def test_sft_settings_are_validated(tmp_path):
         _recipe(tmp_path, "sft.method=qlora")
     with pytest.raises(RecipeError, match="unknown key 'sft.train.steps'"):
         _recipe(tmp_path, "sft.train.steps=3")
+
+
+def _curated(root, split_files):
+    """A curate directory whose splits hold the given stdlib files, as plain-JSONL part files."""
+    for split, rels in split_files.items():
+        (root / split).mkdir(parents=True)
+        with open(root / split / "part-00000.jsonl", "w", encoding="utf-8") as f:
+            for rel in rels:
+                text = (stdlib_root() / rel).read_text(encoding="utf-8")
+                f.write(json.dumps({"id": rel, "text": text, "source": rel}) + "\n")
+    return root
+
+
+def test_pairs_fall_back_to_a_share_of_training_pairs_when_validation_has_none(tmp_path, caplog):
+    from lmforge.finetune.stage import docstring_pairs
+    from lmforge.recipe import SFTConfig
+    from lmforge.tokenizer import train_tokenizer
+
+    curate = _curated(tmp_path / "curate", {"train": ["textwrap.py", "shlex.py"], "val": ["this.py"]})
+    tok = train_tokenizer([(stdlib_root() / "textwrap.py").read_text(encoding="utf-8")], vocab_size=400)
+    cfg = SFTConfig(train={"seq_len": 1024}, val_fraction=0.2)
+    train, heldout, counts = docstring_pairs(curate, tok, cfg)
+    assert "holding out" in caplog.text and heldout
+    assert not {p.prompt for p in train} & {p.prompt for p in heldout}
+    assert len(heldout) == round(0.2 * (len(train) + len(heldout)))
+    with pytest.raises(ValueError, match=r"fit sft.train.seq_len=8 tokens \(\d+ were longer\)"):
+        docstring_pairs(curate, tok, SFTConfig(train={"seq_len": 8}))

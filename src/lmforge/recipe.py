@@ -234,6 +234,7 @@ class SFTTrainConfig(TrainConfig):
     """The training settings of the sft stage: TrainConfig with defaults for fine-tuning a pre-trained model
     (shorter, a lower AdamW learning rate, short warm-up). A recipe sets only what it changes (`sft.train.lr`)."""
 
+    seq_len: int | None = Field(None, gt=0)  # None: the pre-trained model's max_seq_len
     max_steps: int = Field(200, gt=0)
     lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(10, ge=0)
@@ -251,7 +252,9 @@ class SFTConfig(Section):
     data: str = "docstring_pairs"
     max_pairs: int | None = Field(None, gt=0)  # docstring_pairs: cap on training pairs (the first found)
     heldout_pairs: int = Field(200, gt=0)  # docstring_pairs: cap on held-out pairs (evenly spread)
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # a data file: share held out
+    # A data file: the share held out. docstring_pairs: the share of training pairs held out when curate/val has
+    # no documented function to hold out.
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     limit: int | None = Field(None, gt=0)  # a data file: read only the first N conversations
     method: Literal["full", "lora", "prefix"] = "full"
     train_on: Literal["assistant", "all", "last"] = "assistant"
@@ -303,7 +306,8 @@ class Recipe(Section):
             raise ValueError(
                 f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )
-        if "sft" in self.stages and self.sft.train.seq_len > self.model.max_seq_len:
+        sft_len = self.sft.train.seq_len
+        if "sft" in self.stages and sft_len is not None and sft_len > self.model.max_seq_len:
             raise ValueError(
                 f"sft.train.seq_len={self.sft.train.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}"
             )

@@ -314,6 +314,8 @@ def finetune_conversations(
         raise ValueError(f"{checkpoint} is prefix-tuned (it has {PREFIX_DIR}/); fine-tune its base model instead, "
                          "the checkpoint the prefix was trained on")  # fmt: skip
     model, args = load_model(checkpoint)
+    if train_cfg.seq_len is None:  # fine-tuning settings leave it to the model
+        train_cfg = train_cfg.model_copy(update={"seq_len": args.max_seq_len})
     if train_cfg.seq_len > args.max_seq_len:
         raise ValueError(f"train.seq_len={train_cfg.seq_len} exceeds the model's max_seq_len={args.max_seq_len}")
     tok = load_checkpoint_tokenizer(checkpoint)

@@ -29,7 +29,7 @@ from lmforge.finetune.prefix import PrefixConfig
 from lmforge.finetune.sft import finetune_conversations, split_heldout
 from lmforge.finetune.template import END, prompt_ids, render
 from lmforge.infer.engine import generate
-from lmforge.model.io import load_checkpoint_tokenizer, load_model
+from lmforge.model.io import load_checkpoint_tokenizer, load_model, read_model_args
 from lmforge.recipe import ParallelConfig, SFTConfig
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.distributed import init_world
@@ -53,6 +53,7 @@ def _fits(tok: Tokenizer, pairs: list[CodePair], seq_len: int) -> tuple[list[Cod
 def docstring_pairs(curate_dir: Path, tok: Tokenizer, cfg: SFTConfig) -> tuple[list[CodePair], list[CodePair], dict]:
     """(training pairs, held-out pairs, counts) from the curated splits; held-out prompts never repeat a
     training prompt."""
+    assert cfg.train.seq_len is not None, "run_sft_stage resolves seq_len"
     seen: set[str] = set()
     # Held-out first: its prompts are then never trained on, even where a training file has a copy.
     heldout, bad_val = pairs_from_documents(_curated_docs(curate_dir, "val"), seen)
@@ -63,10 +64,17 @@ def docstring_pairs(curate_dir: Path, tok: Tokenizer, cfg: SFTConfig) -> tuple[l
     docs = [docs[i] for i in np.random.default_rng(cfg.train.seed).permutation(len(docs))]
     train, bad_train = pairs_from_documents(docs, seen, limit=cfg.max_pairs)
     train, long_train = _fits(tok, train[: cfg.max_pairs], cfg.train.seq_len)
+    if not heldout and len(train) > 1 and cfg.val_fraction > 0:
+        # A small corpus may put no documented function in curate/val: hold out a share of the training pairs.
+        keep, held = split_heldout(len(train), cfg.val_fraction, cfg.train.seed)
+        log.warning("%s/val has no docstring pair that fits; holding out %d of the %d training pairs instead "
+                    "(sft.val_fraction=%g)", curate_dir, len(held), len(train), cfg.val_fraction)  # fmt: skip
+        train, heldout = [train[i] for i in keep], _spread([train[i] for i in held], cfg.heldout_pairs)
     if not train or not heldout:
         raise ValueError(f"{curate_dir}: found {len(train)} training and {len(heldout)} held-out docstring pairs "
-                         "that fit sft.train.seq_len; the curated data needs documented Python functions in both "
-                         "splits (or set sft.data to an instruction file)")  # fmt: skip
+                         f"that fit sft.train.seq_len={cfg.train.seq_len} tokens ({long_train + long_val} were "
+                         "longer); the curated data needs documented Python functions, and rows long enough to hold "
+                         "them (model.max_seq_len), or set sft.data to an instruction file")  # fmt: skip
     counts = {"unparsable_files": bad_train + bad_val, "too_long_pairs": long_train + long_val}
     return train, heldout, counts
 
@@ -124,6 +132,9 @@ def _gen_prompts(tok: Tokenizer, heldout: list[Conversation], cfg: SFTConfig, ma
 def run_sft_stage(root: Path, cfg: SFTConfig, out: Path, parallel: ParallelConfig | None = None) -> dict[str, Any]:
     """Fine-tune root/pretrain/final into out/final/; the stage's metrics."""
     checkpoint = root / "pretrain" / "final"
+    if cfg.train.seq_len is None:  # as long as the pre-trained model allows
+        seq_len = read_model_args(checkpoint).max_seq_len
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seq_len": seq_len})})
     world = init_world(parallel or ParallelConfig(), cfg.train.device)  # under torchrun every rank trains
     main = world.is_main
     tok = load_checkpoint_tokenizer(checkpoint)
