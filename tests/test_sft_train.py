@@ -46,9 +46,10 @@ def _rows(ckpt, n=24):
     return pack([render(tok, c) for c in convs], 128, tok.pad_id)
 
 
-def test_full_sft_with_frozen_blocks_and_embeddings(base, tmp_path):
+def test_full_sft_with_frozen_blocks_and_embeddings(base, tmp_path, caplog):
     out = tmp_path / "full"
     m = finetune(base, DATA, out, _cfg(), freeze_blocks=1, freeze_embeddings=True, limit=LIMIT)
+    assert "may never learn to end its turn" not in caplog.text  # the untied output layer still trains
     assert m["heldout_loss_after"] < m["heldout_loss_before"]
     assert m["steps"] == 30 and m["train_conversations"] + m["heldout_conversations"] == LIMIT
     assert m["heldout_conversations"] == 12 and m["skipped_records"] == 0
@@ -62,10 +63,11 @@ def test_full_sft_with_frozen_blocks_and_embeddings(base, tmp_path):
     load_model(out / "final")  # a complete, loadable checkpoint
 
 
-def test_lora_sft_trains_only_adapters_and_merges(base, tmp_path):
+def test_lora_sft_trains_only_adapters_and_merges(base, tmp_path, caplog):
     out = tmp_path / "lora"
     cfg = LoRAConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"))
     m = finetune(base, DATA, out, _cfg(), method="lora", lora=cfg, limit=LIMIT)
+    assert "may never learn to end its turn" in caplog.text  # lm_head is not among the targets
     base_model, args = load_model(base)
     per_layer = 2 * cfg.rank * (args.d_model + args.n_heads * args.head_dim)  # q and v: A [r, d] + B [out, r] each
     assert m["trainable_params"] == args.n_layers * per_layer
@@ -178,3 +180,36 @@ def test_the_sft_command_fine_tunes_and_reports_held_out_loss(base, tmp_path):
     assert bad.exit_code == 2 and "choose one of full, lora, prefix" in bad.output
     typo = CliRunner().invoke(app, ["sft", str(base), "--data", str(DATA), "-o", str(out), "train.steps=3"])
     assert typo.exit_code == 2 and "unknown key 'train.steps'" in typo.output
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "prefix"])
+def test_a_crashed_run_resumes_to_the_uninterrupted_weights(base, tmp_path, monkeypatch, method):
+    """A crash after the step-6 checkpoint, then the same call again: the run resumes from that checkpoint (adapter
+    or prefix included) and ends with exactly the weights of a run that was never interrupted."""
+    import lmforge.finetune.sft as sft_module
+    from lmforge.finetune.prefix import PrefixConfig
+
+    options = {"lora": {"lora": LoRAConfig(rank=4, alpha=8)}, "prefix": {"prefix": PrefixConfig(length=4)}}
+    cfg = _cfg(max_steps=12, ckpt_every=6, eval_every=6)
+    run = lambda out: finetune(base, DATA, out, cfg, method=method, limit=40, **options.get(method, {}))  # noqa: E731
+    reference = run(tmp_path / "reference")
+    real, calls = sft_module.sft_loss, []
+
+    def crashing(model, batch):
+        calls.append(1)
+        if len(calls) == 9:  # step 9: after the step-6 checkpoint
+            raise RuntimeError("simulated crash")
+        return real(model, batch)
+
+    monkeypatch.setattr(sft_module, "sft_loss", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path / "crashed")
+    monkeypatch.setattr(sft_module, "sft_loss", real)
+    resumed = run(tmp_path / "crashed")
+    assert resumed["resumed_from"] == 6 and resumed["heldout_loss_after"] == reference["heldout_loss_after"]
+    a, b = (load_file(str(tmp_path / d / "final/model.safetensors")) for d in ("reference", "crashed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    extra = {"lora": "adapter/adapter.safetensors", "prefix": "prefix/prefix.safetensors"}.get(method)
+    if extra:
+        a, b = (load_file(str(tmp_path / d / extra)) for d in ("reference", "crashed"))
+        assert all(torch.equal(a[k], b[k]) for k in a)

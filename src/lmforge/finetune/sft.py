@@ -341,6 +341,12 @@ def finetune_conversations(
     trainable, total = trainable_parameters(model)
     if trainable == 0:
         raise ValueError("nothing left to train: every parameter is frozen")
+    head = ("lm_head.", "model.embed_tokens.") if args.tie_embeddings else ("lm_head.",)
+    if not any(p.requires_grad for n, p in model.named_parameters() if n.startswith(head)):
+        # Measured in docs/finetuning.md ("Choosing a method"): without it, no reply ever ended its turn.
+        log.warning("the output layer is frozen (method=%s): a model pre-trained without the chat template has "
+                    "pushed <|end|> down at every step and may never learn to end its turn; with LoRA add lm_head "
+                    "to the targets", method)  # fmt: skip
 
     val_fn = (lambda m: heldout_loss(m, val_rows, train_cfg.batch_size)) if val_rows else None
     before = val_fn(model) if val_fn else None
