@@ -182,7 +182,8 @@ def sft(
     lora_rank: int = typer.Option(8, "--lora-rank", min=1),
     lora_alpha: float = typer.Option(16.0, "--lora-alpha"),
     lora_dropout: float = typer.Option(0.0, "--lora-dropout", min=0.0, max=0.99),
-    lora_targets: str = typer.Option("q_proj,v_proj", "--lora-targets", help="Comma-separated module-name suffixes."),
+    lora_targets: str = typer.Option("q_proj,v_proj", "--lora-targets", help="Comma-separated module-name suffixes; "
+                                     "add lm_head when the base model never saw the chat template."),
     prefix_length: int = typer.Option(16, "--prefix-length", min=1, help="Prefix tuning: virtual tokens per layer."),
     prefix_reparam: bool = typer.Option(False, "--prefix-reparam", help="Prefix tuning: learn through an MLP."),
     text_field: Optional[str] = typer.Option(None, "--text-field", help="classify: the text key (auto-detected)."),
