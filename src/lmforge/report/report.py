@@ -71,8 +71,8 @@ def _sft_section(sft: dict) -> list[str]:
         "## Fine-tuning",
         "",
         f"- method: {sft.get('method')}; data: {sft.get('data')} ({sft.get('train_conversations')} training, "
-        f"{sft.get('heldout_conversations')} held-out conversations); {sft.get('trainable_params')} of "
-        f"{sft.get('total_params')} parameters trained",
+        f"{sft.get('heldout_conversations')} held-out conversations); {sft.get('trainable_params', 0):,} of "
+        f"{sft.get('total_params', 0):,} parameters trained",
         f"- held-out loss on the trained (assistant) tokens: {_fmt(sft.get('heldout_loss_before'))} before, "
         f"{_fmt(sft.get('heldout_loss_after'))} after; {sft.get('steps')} steps in "
         f"{_fmt(sft.get('train_seconds'), '.1f')} s",
