@@ -91,7 +91,7 @@ def _m(*turns):
     return {"messages": [{"role": r, "content": c} for r, c in turns]}
 
 
-def test_bad_records_skipped_with_reason_and_location(tmp_path):
+def test_bad_records_skipped_with_reason_and_location(tmp_path, caplog):
     bad = [
         _m(("user", "ok"), ("assistant", "fine")),  # line 1: valid, fixes the format
         "{not json",  # 2
@@ -120,6 +120,9 @@ def test_bad_records_skipped_with_reason_and_location(tmp_path):
     assert skipped.examples[2].startswith(f"{path}:4: wrong type: messages[0].content")
     assert skipped.examples[3].startswith(f"{path}:5: empty content")
     assert skipped.examples[4] == f"{path}:6: unknown role: messages[1].role = 'robot'"
+    # The run says so: the count, the reasons and the first locations.
+    assert f"{path}: skipped 11 bad records" in caplog.text and "'consecutive same role': 2" in caplog.text
+    assert f"{path}:2: invalid JSON" in caplog.text
 
 
 def test_bad_records_in_json_array_and_other_formats(tmp_path):

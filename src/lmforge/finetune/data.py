@@ -15,10 +15,13 @@ answer, and the template must reproduce the text byte for byte.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+log = logging.getLogger(__name__)
 
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
@@ -191,4 +194,7 @@ def read_conversations(path: str | Path, limit: int | None = None) -> tuple[list
             conversations.append(to_conversation(record, fmt))
         except BadRecord as e:
             skipped.add(location, str(e))
+    if skipped.count:
+        log.warning("%s: skipped %d bad records %s, e.g. %s", path, skipped.count, skipped.by_reason,
+                    "; ".join(skipped.examples[:3]))  # fmt: skip
     return conversations, skipped
