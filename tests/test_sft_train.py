@@ -106,12 +106,8 @@ def test_prefix_sft_keeps_base_weights_and_loads_with_its_prefix(base, tmp_path)
     # The written prefix is the one that was measured: it reproduces the reported held-out loss, one row each.
     tok = load_checkpoint_tokenizer(base)
     convs, _ = read_conversations(DATA, limit=LIMIT)
-    val = [pack([render(tok, convs[i])], 128, tok.pad_id) for i in split_heldout(LIMIT, 0.1, 0)[1]]
-    val_rows = pack([], 128, tok.pad_id)
-    for one in val:
-        val_rows.ids += one.ids
-        val_rows.labels += one.labels
-        val_rows.doc_ids += one.doc_ids
+    val_rows = pack([render(tok, convs[i]) for i in split_heldout(LIMIT, 0.1, 0)[1]], 128, tok.pad_id, one_per_row=True)
+    assert len(val_rows.ids) == m["heldout_conversations"]
     assert heldout_loss(tuned, val_rows, 8) == pytest.approx(m["heldout_loss_after"], rel=1e-5)
     with pytest.raises(ValueError, match="prefix-tuned"):
         finetune(out / "final", DATA, tmp_path / "again", _cfg(), limit=LIMIT)

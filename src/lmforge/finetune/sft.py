@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_model as st_save_model
 from torch import Tensor, nn
 
+from lmforge.data.loader import check_batch_layout
 from lmforge.finetune.data import Conversation, read_conversations
 from lmforge.finetune.lora import (
     LoRAConfig,
@@ -75,9 +76,8 @@ class SFTBatches:
     def __init__(self, packed: Packed, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         if not packed.ids:
             raise ValueError("no packed rows to train on: the training split rendered to nothing")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if batch_size % world_size or not 0 <= rank < world_size:
+        check_batch_layout(len(packed.ids[0]), batch_size, rank, world_size)
+        if batch_size % world_size:
             raise ValueError(f"batch_size={batch_size} must split evenly over {world_size} ranks (rank {rank})")
         self.share = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
         self.shards = world_size
@@ -200,17 +200,7 @@ def freeze(model: Transformer, blocks: int, embeddings: bool) -> None:
 
 def render_pack(tok: Any, convs: list, train_on: TrainOn, seq_len: int, one_per_row: bool = False) -> Packed:
     """Render conversations with the template and pack them into rows of seq_len (one per row if asked)."""
-    rendered = [render(tok, c, train_on) for c in convs]
-    if one_per_row:
-        packed = Packed()
-        for row in rendered:
-            one = pack([row], seq_len, tok.pad_id)
-            packed.ids += one.ids
-            packed.labels += one.labels
-            packed.doc_ids += one.doc_ids
-            packed.truncated += one.truncated
-    else:
-        packed = pack(rendered, seq_len, tok.pad_id)
+    packed = pack([render(tok, c, train_on) for c in convs], seq_len, tok.pad_id, one_per_row)
     if packed.truncated:
         log.warning("%d conversations longer than seq_len=%d were truncated", packed.truncated, seq_len)
     return packed
@@ -233,20 +223,13 @@ def _write_base(model: nn.Module, args: ModelArgs, dest: Path, tokenizer_path: P
         write_model_files(model, args, tmp, tokenizer_path)
 
 
-def _prefix_checkpoint_writer() -> Any:
-    def write(model: nn.Module, directory: Path) -> None:
-        st_save_model(model, str(directory / WEIGHTS), metadata={"format": "pt"})
-        save_prefix(model, directory / PREFIX_DIR)
-
-    return write
-
-
-def _lora_checkpoint_writer() -> Any:
-    """Writes the live wrapped weights (what the loop reloads on resume) and the adapter beside them."""
+def _live_checkpoint_writer(save_tuned: Callable[[nn.Module, Path], Any]) -> Callable[[nn.Module, Path], None]:
+    """LoRA and prefix checkpoints: the live wrapped weights (what the loop reloads on resume), and beside them
+    what `save_tuned(model, directory)` writes (the adapter or the prefix alone)."""
 
     def write(model: nn.Module, directory: Path) -> None:
         st_save_model(model, str(directory / WEIGHTS), metadata={"format": "pt"})
-        save_adapter(model, ADAPTER_NAME, directory / ADAPTER_DIR)
+        save_tuned(model, directory)
 
     return write
 
@@ -264,13 +247,21 @@ def finetune(
 ) -> dict[str, Any]:
     """Fine-tune the checkpoint at `checkpoint` on the conversations in the file `data`, holding a seeded
     `val_fraction` of them out; `options` are finetune_conversations' keywords. Writes `out_dir/final/`."""
+    train_convs, heldout_convs, counts = read_split(data, val_fraction, seed, limit)
+    metrics = finetune_conversations(checkpoint, train_convs, heldout_convs, out_dir, train_cfg, seed=seed, **options)
+    return {**metrics, **counts}
+
+
+def read_split(
+    data: Path, val_fraction: float, seed: int, limit: int | None = None
+) -> tuple[list[Conversation], list[Conversation], dict[str, Any]]:
+    """(training, held-out conversations, skip counts) of an instruction file, `val_fraction` held out by seed."""
     convs, skipped = read_conversations(data, limit=limit)
     if not convs:
         raise ValueError(f"no usable conversations in {data} ({skipped.count} records skipped)")
     train_idx, val_idx = split_heldout(len(convs), val_fraction, seed)
-    metrics = finetune_conversations(checkpoint, [convs[i] for i in train_idx], [convs[i] for i in val_idx],
-                                     out_dir, train_cfg, seed=seed, **options)  # fmt: skip
-    return {**metrics, "skipped_records": skipped.count, "skipped_examples": skipped.examples}
+    counts = {"skipped_records": skipped.count, "skipped_examples": skipped.examples}
+    return [convs[i] for i in train_idx], [convs[i] for i in val_idx], counts
 
 
 def finetune_conversations(
@@ -330,11 +321,11 @@ def finetune_conversations(
     if method == "lora":
         torch.manual_seed(seed)  # the A matrices are drawn at random: the same seed gives the same adapters
         apply_lora(model, lora or LoRAConfig(), ADAPTER_NAME)
-        writer = _lora_checkpoint_writer()
+        writer = _live_checkpoint_writer(lambda m, d: save_adapter(m, ADAPTER_NAME, d / ADAPTER_DIR))
     elif method == "prefix":
         torch.manual_seed(seed)
         apply_prefix(model, prefix or PrefixConfig())
-        writer = _prefix_checkpoint_writer()
+        writer = _live_checkpoint_writer(lambda m, d: save_prefix(m, d / PREFIX_DIR))
     else:
         freeze(model, freeze_blocks, freeze_embeddings)
         writer = lambda m, d: write_model_files(m, args, d, tokenizer_path)  # noqa: E731

@@ -23,11 +23,12 @@ from torch import nn
 from lmforge.data.io import atomic_open
 from lmforge.data.curated import iter_split_records
 from lmforge.finetune.code_pairs import CodePair, completes_function, pairs_from_documents
-from lmforge.finetune.data import Conversation, read_conversations
+from lmforge.finetune.data import Conversation
 from lmforge.finetune.lora import LoRAConfig
 from lmforge.finetune.prefix import PrefixConfig
-from lmforge.finetune.sft import finetune_conversations, split_heldout
-from lmforge.finetune.template import END, prompt_ids, render
+from lmforge.finetune.sft import finetune_conversations, read_split, split_heldout
+from lmforge.finetune.template import prompt_ids, render
+from lmforge.infer.chat import chat_stop_ids
 from lmforge.infer.engine import generate
 from lmforge.model.io import load_checkpoint_tokenizer, load_model, read_model_args
 from lmforge.recipe import ParallelConfig, SFTConfig
@@ -101,13 +102,11 @@ def generation_check(
     """Greedy replies to `prompts` (each the conversation before the reply): the share that end the turn
     (`<|end|>` or EOS) within max_new_tokens, and with `code_prompts` (each prompt's code) the share that complete
     a function that parses. Returns the rates and the replies."""
-    end_id = tok.token_to_id(END)
-    stops = [t for t in (end_id, tok.eos_id) if t is not None]
     ids = [prompt_ids(tok, conv) for conv in prompts]
     was_training = model.training
     model.eval()
     try:
-        outs = generate(model, ids, max_new_tokens, temperature=0.0, stop_ids=stops)
+        outs = generate(model, ids, max_new_tokens, temperature=0.0, stop_ids=chat_stop_ids(tok))
     finally:
         model.train(was_training)
     # A row that stopped early ended its turn; one that used every token ran on (or ended exactly at the limit,
@@ -148,12 +147,7 @@ def run_sft_stage(root: Path, cfg: SFTConfig, out: Path, parallel: ParallelConfi
             _write_conversations(out / "data" / "train.jsonl", train_convs, [p.id for p in train_pairs])
             _write_conversations(out / "data" / "heldout.jsonl", heldout_convs, [p.id for p in heldout_pairs])
     else:
-        convs, skipped = read_conversations(Path(cfg.data), limit=cfg.limit)
-        if not convs:
-            raise ValueError(f"sft.data {cfg.data}: no usable conversations ({skipped.count} records skipped)")
-        train_idx, val_idx = split_heldout(len(convs), cfg.val_fraction, cfg.train.seed)
-        train_convs, heldout_convs = [convs[i] for i in train_idx], [convs[i] for i in val_idx]
-        counts = {"skipped_records": skipped.count, "skipped_examples": skipped.examples}
+        train_convs, heldout_convs, counts = read_split(Path(cfg.data), cfg.val_fraction, cfg.train.seed, cfg.limit)
 
     base, args = load_model(checkpoint, device=world.device)
     chosen = _gen_prompts(tok, heldout_convs, cfg, args.max_seq_len)

@@ -95,11 +95,12 @@ class Packed:
     truncated: int = 0  # conversations longer than seq_len, cut from the right
 
 
-def pack(rows: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> Packed:
+def pack(rows: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int, one_per_row: bool = False) -> Packed:
     """Greedily pack rendered (ids, labels) conversations, in order, into rows of `seq_len`.
 
     A conversation that does not fit in the current row starts a new one (conversations are never split across
-    rows); one longer than seq_len is truncated to its first seq_len tokens and counted in `truncated`.
+    rows); one longer than seq_len is truncated to its first seq_len tokens and counted in `truncated`. With
+    `one_per_row` every conversation starts a new row (padded to seq_len).
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len}")
@@ -123,7 +124,7 @@ def pack(rows: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> 
         if len(ids) > seq_len:
             ids, labels = ids[:seq_len], labels[:seq_len]
             packed.truncated += 1
-        if len(cur_ids) + len(ids) > seq_len:
+        if cur_ids and (one_per_row or len(cur_ids) + len(ids) > seq_len):
             flush()
             cur_ids, cur_labels, cur_docs = [], [], []
         doc = cur_docs[-1] + 1 if cur_docs else 0
