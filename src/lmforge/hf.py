@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import processors
 
-from lmforge.finetune.template import CHAT_TEMPLATE_JINJA
+from lmforge.finetune.template import CHAT_TEMPLATE_JINJA, END
 from lmforge.model.io import TOKENIZER, has_prefix, load_model, staged_dir
 from lmforge.model.transformer import ModelArgs
 
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Fixed by lmforge.tokenizer: the first special tokens always take these ids.
-BOS, EOS, PAD, END = "<|bos|>", "<|eos|>", "<|pad|>", "<|end|>"
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 BOS_ID, EOS_ID, PAD_ID, END_ID = 0, 1, 2, 6
 
 

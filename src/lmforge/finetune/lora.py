@@ -7,7 +7,7 @@ a plain model. Several named adapters can share one base (`set_active`); `merge_
 base weights in place and `unmerge_lora` takes it back out.
 
 Adapters are saved as `adapter.safetensors` (only the adapter's A/B tensors, keys relative to the model) plus
-`adapter.json` (config, wrapped modules, base shape fingerprint), each written to a temp name then `os.replace`d.
+`adapter.json` (config, wrapped modules, base shape fingerprint), each written atomically (data/io.py).
 
 Caveat: merging into a linear whose weight is shared (a tied `lm_head`) also changes the tied tensor.
 """
@@ -22,8 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
+
+from lmforge.data.io import atomic_open, atomic_write_text
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter.json"
@@ -276,16 +278,6 @@ def base_fingerprint(model: nn.Module) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in base_state_dict(model).items()}
 
 
-def _atomic_write(path: Path, write) -> None:  # type: ignore[no-untyped-def]
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def save_adapter(model: nn.Module, name: str, directory: str | os.PathLike[str]) -> Path:
     """Write `adapter.safetensors` and `adapter.json` (written last) into `directory`; return the directory."""
     d = Path(directory)
@@ -303,8 +295,9 @@ def save_adapter(model: nn.Module, name: str, directory: str | os.PathLike[str])
         "modules": list(mods),
         "base_shapes": base_fingerprint(model),
     }
-    _atomic_write(d / ADAPTER_WEIGHTS, lambda p: save_file(tensors, str(p), metadata={"name": name}))
-    _atomic_write(d / ADAPTER_CONFIG, lambda p: p.write_text(json.dumps(meta, indent=2)))
+    with atomic_open(d / ADAPTER_WEIGHTS, "wb") as f:
+        f.write(save(tensors, metadata={"name": name}))
+    atomic_write_text(d / ADAPTER_CONFIG, json.dumps(meta, indent=2))
     return d
 
 
