@@ -26,6 +26,7 @@ from lmforge.eval.code import (
     truncate_completion,
 )
 from lmforge.eval.sandbox import isolation_probe, run_python
+from lmforge.eval.suite import headline, markdown_table
 from lmforge.model.transformer import ModelArgs, Transformer
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 
@@ -246,12 +247,23 @@ def test_evaluate_code_scores_and_interval():
     right, wrong = "    return 1\n", "    return 0\n"
     r = evaluate_code([problem] * 4, [[right, right], [right, wrong], [wrong, wrong], [right, right]], ks=(1, 2, 10))
     assert r["pass@1"] == pytest.approx(0.625) and r["pass@2"] == pytest.approx(0.75) and "pass@10" not in r
-    half = 1.96 * float(torch.tensor([1.0, 0.5, 0.0, 1.0]).std()) / 2
-    assert r["pass@1_ci95"] == pytest.approx([0.625 - half, min(1.0, 0.625 + half)])
+    # Wilson at the estimated rate over 4 problems (worked by hand: centre 0.5638, half-width 0.3443).
+    assert r["pass@1_ci95"] == pytest.approx([0.2194, 0.9081], abs=1e-4)
+    assert r["pass@2_ci95"] == pytest.approx([0.3006, 0.9544], abs=1e-4) and "pass@10_ci95" not in r
     assert (r["n_problems"], r["n_samples"], r["status_counts"]) == (4, 8, {"passed": 5, "failed": 3})
     assert [x["passed"] for x in r["per_problem"]] == [2, 1, 0, 2]
     with pytest.raises(ValueError, match="completions for 1"):
         evaluate_code([problem] * 2, [[right]])
+
+
+def test_pass_at_k_interval_is_wilson_even_when_nothing_passes():
+    """0 of 19 problems passing is not certainty: the upper end is z^2 / (n + z^2), as for any other score."""
+    problem = CodeProblem("t/one", "def one():\n", "def check(candidate):\n    assert candidate() == 1\n", "one")
+    r = evaluate_code([problem] * 19, [["    return 0\n"]] * 19, ks=(1,))
+    assert r["pass@1"] == 0.0
+    assert r["pass@1_ci95"] == pytest.approx([0.0, 1.959964**2 / (19 + 1.959964**2)])  # [0, 0.168]
+    assert "pass@1 0.0000 [0.000, 0.168]" in headline({**r, "n": 19})
+    assert "| stdlib | pass@1 | 0.0000 | [0.000, 0.168] | 19 |" in markdown_table({"stdlib": {**r, "n": 19}})
 
 
 # --- sampling ---

@@ -18,7 +18,6 @@ import doctest
 import hashlib
 import json
 import logging
-import math
 import os
 import sys
 import sysconfig
@@ -34,6 +33,7 @@ import numpy as np
 
 from lmforge.data.io import atomic_write_json
 from lmforge.eval.sandbox import run_python
+from lmforge.eval.tasks import proportion
 from lmforge.infer.chat import chat_stop_ids, user_prompt_ids
 from lmforge.infer.engine import generate
 
@@ -352,14 +352,17 @@ def evaluate_code(
 
 def _summarize(per_problem: list[dict[str, Any]], ks: Iterable[int]) -> dict[str, Any]:
     n_min = min(r["n"] for r in per_problem)
+    n_problems = len(per_problem)
     result: dict[str, Any] = {}
     for k in sorted(set(ks)):
         if k <= n_min:
-            result[f"pass@{k}"] = float(np.mean([pass_at_k(r["n"], r["passed"], k) for r in per_problem]))
-    p1 = np.array([r["passed"] / r["n"] for r in per_problem])
-    half = 1.96 * float(p1.std(ddof=1)) / math.sqrt(len(p1)) if len(p1) > 1 else 0.0
-    result["pass@1_ci95"] = [max(0.0, float(p1.mean()) - half), min(1.0, float(p1.mean()) + half)]
-    result["n_problems"] = len(per_problem)
+            value = float(np.mean([pass_at_k(r["n"], r["passed"], k) for r in per_problem]))
+            result[f"pass@{k}"] = value
+            # Wilson on the problem count at the estimated rate: each problem's estimate lies in [0, 1], so its
+            # variance is at most p(1 - p), the Bernoulli variance Wilson assumes; the interval is never too
+            # narrow, stays sound at 0/P and P/P, and covers the spread between problems and sampling noise alike.
+            result[f"pass@{k}_ci95"] = proportion(value * n_problems, n_problems)["ci95"]
+    result["n_problems"] = n_problems
     result["n_samples"] = sum(r["n"] for r in per_problem)
     result["status_counts"] = dict(Counter(s for r in per_problem for s in r["statuses"]))
     result["per_problem"] = per_problem

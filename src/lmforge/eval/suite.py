@@ -115,7 +115,8 @@ def headline(result: dict[str, Any]) -> str:
             m = result[key]
             parts.append(f"{key} {m['value']:.4f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]")
     for key in sorted(k for k in result if k.startswith("pass@") and not k.endswith("_ci95")):
-        parts.append(f"{key} {result[key]:.4f}")
+        ci = result.get(f"{key}_ci95")
+        parts.append(f"{key} {result[key]:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
     if "perplexity" in result:
         parts.append(f"perplexity {result['perplexity']:.4g}")
     return f"{', '.join(parts)} (n={result['n']})"

@@ -162,9 +162,10 @@ def load_mc(path: Path, delimiter: str = " ", limit: int | None = None) -> tuple
     return load_records(path, lambda rec: mc_example(rec, delimiter), "multiple-choice", limit)
 
 
-def proportion(correct: int, n: int, z: float = 1.959963984540054) -> dict[str, Any]:
+def proportion(correct: float, n: int, z: float = 1.959963984540054) -> dict[str, Any]:
     """An accuracy with its standard error and Wilson interval (95% by default; sound near 0 and 1, unlike
-    mean +- 2 se). The interval is reported as "ci95" whatever z, since that is what callers display."""
+    mean +- 2 se). The interval is reported as "ci95" whatever z, since that is what callers display. `correct`
+    may be fractional: an estimated rate times n (pass@k)."""
     p = correct / n if n else 0.0
     denom = 1 + z * z / n if n else 1.0
     centre = (p + z * z / (2 * n)) / denom if n else 0.0
