@@ -40,6 +40,7 @@ from lmforge.data.io import atomic_write_text
 from lmforge.model.io import staged_dir
 from lmforge.recipe import ParallelConfig, TrainConfig
 from lmforge.train.checkpoint import (
+    CHECKPOINTS,
     ModelWriter,
     TrainerState,
     list_checkpoints,
@@ -73,6 +74,7 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
+OUTPUTS = (CHECKPOINTS, FINAL_DIR, METRICS_FILE)  # everything train() writes in out_dir
 GUARD_WARMUP = 10  # good steps before the spike check starts; the first losses fall too fast to compare against
 GUARD_EMA = 0.9  # weight of the past in the running mean loss
 STEADY_AFTER = 3  # steps per process excluded from throughput (allocator warm-up, compilation)
