@@ -211,3 +211,102 @@ metadata:
     assert results["acc,none"] == pytest.approx(acc / len(docs))
     assert results["acc_norm,none"] == pytest.approx(acc_norm / len(docs))
     assert results["sample_len"] == len(docs)
+
+
+# --- offline datasets and the command's help (issue 13) ---
+
+
+def _invoke(args: list[str]):
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+
+    return CliRunner().invoke(app, ["lm-eval", *args])
+
+
+@pytest.fixture
+def empty_hf_caches(tmp_path, monkeypatch):
+    """Hugging Face caches with nothing in them, whatever this machine has cached."""
+    from datasets import config
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path
+
+
+def test_offline_a_hub_dataset_fails_in_one_line_before_the_model_loads(empty_hf_caches, monkeypatch):
+    loaded = []
+    monkeypatch.setattr(scorer, "load_language_model", lambda *a, **kw: loaded.append(a))
+    result = _invoke(["--model", "lmforge", "--model_args", "checkpoint=/nonexistent", "--tasks", "arc_easy"])
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: lm-eval cannot get dataset 'allenai/ai2_arc' for arc_easy: it is not in the local Hugging Face cache "
+        "and there is no network (or HF_DATASETS_OFFLINE is set). Score local files instead: lmforge eval CHECKPOINT "
+        "--tasks arc_easy --task-dir DIR (docs/evaluation.md lists the files), or run once with network to cache the "
+        "dataset"]  # fmt: skip
+    assert loaded == []
+
+
+def test_groups_and_tags_expand_to_their_datasets_and_caches_count(empty_hf_caches):
+    from lm_eval.tasks._index import Entry, Kind
+
+    from lmforge.eval.lm_eval_adapter import missing_datasets
+
+    def task(name, path, **kw):
+        return Entry(name, Kind.TASK, None, {"task": name, "dataset_path": path, **kw})
+
+    index = {"a": task("a", "org/a"), "b": task("b", "org/b"), "local": task("local", "json"),
+             "tag": Entry("tag", Kind.TAG, None, None, {"a", "local"}),
+             "grp": Entry("grp", Kind.GROUP, None, {"group": "grp", "task": ["tag", "b"]})}  # fmt: skip
+    assert missing_datasets(["grp"], index) == {"a": "org/a", "b": "org/b"}
+    assert missing_datasets(["local", "some/file.yaml"], index) == {}
+    (empty_hf_caches / "hub" / "datasets--org--a").mkdir(parents=True)  # the Hub's cache has a copy
+    (empty_hf_caches / "datasets" / "org___b").mkdir(parents=True)  # datasets' cache has a copy
+    assert missing_datasets(["grp"], index) == {}
+
+
+def test_a_connection_error_lm_eval_runs_into_is_one_line_too(monkeypatch):
+    import lm_eval.__main__
+
+    def unreachable():
+        raise ConnectionError("Couldn't reach 'allenai/ai2_arc' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", unreachable)
+    result = _invoke(["--model", "lmforge", "--tasks", "piqa,mmlu", "--limit", "5"])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: lm-eval cannot get a dataset (Couldn't reach 'allenai/ai2_arc' on the "
+                                    "Hub (LocalEntryNotFoundError)): ")  # fmt: skip
+    assert "lmforge eval CHECKPOINT --tasks piqa --task-dir DIR" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_offline_means_no_network_or_the_offline_settings(monkeypatch):
+    import socket
+
+    from lmforge.eval.lm_eval_adapter import hub_unreachable
+
+    calls = []
+
+    def connect(address, timeout):
+        calls.append(address)
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", connect)
+    assert hub_unreachable() and calls == []  # HF_DATASETS_OFFLINE=1 (set above): no probe at all
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example:8443")
+    assert hub_unreachable() and calls == [("hub.example", 8443)]
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout: socket.socket())
+    assert not hub_unreachable()
+
+
+def test_help_shows_lmforge_usage_then_lm_evals_options():
+    for flag in ("--help", "-h"):
+        result = _invoke([flag])
+        assert result.exit_code == 0
+        assert result.output.startswith("usage: lmforge lm-eval --model lmforge --model_args checkpoint=DIR")
+        assert "--model lmforge --model_args checkpoint=runs/stdlib-code/pretrain/final --tasks arc_easy" in result.output
+        assert "usage: lm-eval run" in result.output and "--model_args" in result.output.split("usage: lm-eval run")[1]

@@ -273,16 +273,38 @@ def eval_(
     log.info("results in %s", out / "results.json")
 
 
+LM_EVAL_USAGE = """\
+usage: lmforge lm-eval --model lmforge --model_args checkpoint=DIR[,device=auto,batch_size=32] --tasks TASK[,TASK]
+                       [lm-eval options]
+
+Runs lm-evaluation-harness with lmforge's model type registered; every option is lm-eval's own (listed below).
+  lmforge lm-eval --model lmforge --model_args checkpoint=runs/stdlib-code/pretrain/final --tasks arc_easy --limit 100
+lm-eval downloads its datasets from the Hugging Face Hub. Offline, score local files with lmforge's own evaluator:
+  lmforge eval runs/stdlib-code/pretrain/final --tasks arc_easy --task-dir DIR   (docs/evaluation.md)
+"""
+
+
 @app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
              add_help_option=False)
 def lm_eval_(ctx: typer.Context) -> None:
     """lm-evaluation-harness with lmforge checkpoints: takes lm_eval's own arguments, e.g.
     `lmforge lm-eval --model lmforge --model_args checkpoint=runs/x/pretrain/final --tasks arc_easy`."""
+    args = list(ctx.args)
+    wants_help = not args or "-h" in args or "--help" in args
+    if wants_help:
+        typer.echo(LM_EVAL_USAGE)
     try:
+        from lmforge.eval.lm_eval_adapter import DatasetUnavailable
         from lmforge.eval.lm_eval_adapter import main as lm_eval_main
     except ImportError as e:
         _fail(f"lmforge lm-eval needs lm-evaluation-harness: pip install lm-eval ({e})")
-    lm_eval_main(list(ctx.args))
+    if wants_help:  # then lm-eval's own options, which this command passes through
+        lm_eval_main(args if args and args[0] in ("run", "ls", "validate") else ["run", "--help"])
+        return
+    try:
+        lm_eval_main(args)
+    except DatasetUnavailable as e:
+        _fail(str(e))
 
 
 @app.command()

@@ -12,16 +12,22 @@ with the log-softmax taken at the continuation positions only. So a checkpoint s
 lm-eval 0.4.13 would otherwise put a second BOS in front of its own prefix token).
 
 lm-eval 0.4.13 discovers no external backends, so `main` registers this one and then hands the arguments to
-lm-eval's own command line.
+lm-eval's own command line. Without network (or with HF_DATASETS_OFFLINE / HF_HUB_OFFLINE set), `main` checks the
+tasks' Hugging Face datasets against the local caches before the model is loaded, and a dataset that cannot be had
+raises DatasetUnavailable: one line naming it and pointing to `lmforge eval --task-dir` with local files.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
+from urllib.parse import urlparse
 
 import torch
 
@@ -34,6 +40,7 @@ except ImportError as e:
     raise ImportError(f"the lm-eval adapter needs lm-evaluation-harness: pip install lm-eval ({e})") from e
 
 from lmforge.eval import scorer
+from lmforge.eval.tasks import TASK_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -219,11 +226,130 @@ def _cut(text: str, until: Sequence[str]) -> str:
     return text[: min(cuts)] if cuts else text
 
 
+class DatasetUnavailable(RuntimeError):
+    """A task's dataset is neither in the local caches nor downloadable; the message says what to do instead."""
+
+
+_TRUE = ("1", "ON", "YES", "TRUE")
+_HUB = "https://huggingface.co"
+
+
+def hub_unreachable(timeout_s: float = 3.0) -> bool:
+    """True when datasets can only come from the local cache: offline mode is set, or the Hub does not answer."""
+    if any(os.environ.get(k, "").upper() in _TRUE for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT") or _HUB)
+    try:
+        socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout_s).close()
+    except OSError:
+        return True
+    return False
+
+
+def _task_datasets(names: Sequence[Any], index: dict[str, Any], seen: set[str] | None = None) -> dict[str, tuple]:
+    """task name -> (dataset_path, dataset_name, cache_dir) for each task the names reach, groups and tags expanded.
+    Names lm-eval does not index (files, inline configs) are left to lm-eval."""
+    seen = set() if seen is None else seen
+    out: dict[str, tuple] = {}
+    for name in names:
+        entry = index.get(name) if isinstance(name, str) and name not in seen else None
+        if entry is None:
+            continue
+        seen.add(name)
+        cfg = entry.cfg or {}
+        if entry.kind.name == "TAG":  # a tag's entry lists its member tasks as its tags
+            out |= _task_datasets(sorted(entry.tags), index, seen)
+        elif entry.kind.name == "GROUP":
+            members = cfg.get("task") or []
+            out |= _task_datasets(members if isinstance(members, list) else [members], index, seen)
+        elif cfg.get("dataset_path"):
+            kwargs = cfg.get("dataset_kwargs") or {}
+            out[name] = (str(cfg["dataset_path"]), cfg.get("dataset_name"), kwargs.get("cache_dir"))
+    return out
+
+
+def _cached(path: str, cache_dir: str | None) -> bool:
+    """Whether a Hub dataset has a copy in datasets' cache or the Hub's (what datasets reads offline)."""
+    from datasets import config
+    from huggingface_hub import constants
+
+    return (Path(cache_dir or config.HF_DATASETS_CACHE) / path.replace("/", "___")).is_dir() or \
+        (Path(constants.HF_HUB_CACHE) / f"datasets--{path.replace('/', '--')}").is_dir()  # fmt: skip
+
+
+def missing_datasets(tasks: Sequence[Any], index: dict[str, Any]) -> dict[str, str]:
+    """task -> Hub dataset, for the tasks whose dataset is neither local (a packaged builder such as json, or a
+    directory) nor in a local cache."""
+    from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
+
+    return {task: path for task, (path, _, cache_dir) in sorted(_task_datasets(tasks, index).items())
+            if path not in _PACKAGED_DATASETS_MODULES and not Path(path).exists() and not _cached(path, cache_dir)}
+
+
+def unavailable_message(needs: str, tasks: Sequence[str]) -> str:
+    """One line: what could not be had, and how to score the same benchmarks from local files."""
+    local = [t for t in tasks if t in TASK_NAMES]
+    instead = (f"lmforge eval CHECKPOINT --tasks {','.join(local)} --task-dir DIR" if local
+               else "lmforge eval CHECKPOINT --tasks NAME=FILE.jsonl")  # fmt: skip
+    return (f"lm-eval cannot get {needs}: it is not in the local Hugging Face cache and there is no network (or "
+            f"HF_DATASETS_OFFLINE is set). Score local files instead: {instead} (docs/evaluation.md lists the "
+            "files), or run once with network to cache the dataset")
+
+
+@contextmanager
+def _datasets_checked_first() -> Iterator[None]:
+    """lm-eval's CLI builds the model before it fetches the tasks' datasets; this puts an offline check of the
+    datasets in front of lm_eval.simple_evaluate (which the CLI imports when it runs), reusing its task index."""
+    import lm_eval
+
+    own = vars(lm_eval).get("simple_evaluate")  # lm_eval serves it lazily, through its module __getattr__
+    real = lm_eval.simple_evaluate
+
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        manager = kwargs.get("task_manager")
+        if manager is not None:
+            missing = missing_datasets(list(kwargs.get("tasks") or []), manager.task_index)
+            if missing:
+                needs = ", ".join(f"dataset {path!r} for {task}" for task, path in missing.items())
+                raise DatasetUnavailable(unavailable_message(needs, list(missing)))
+        return real(*args, **kwargs)
+
+    lm_eval.simple_evaluate = checked
+    try:
+        yield
+    finally:
+        if own is None:
+            del lm_eval.simple_evaluate
+        else:
+            lm_eval.simple_evaluate = own
+
+
+def _arg_tasks(args: Sequence[str]) -> list[str]:
+    """The task names of a `--tasks a,b` / `-t a b` / `--tasks=a,b` argument."""
+    names: list[str] = []
+    taking = False
+    for arg in args:
+        if arg in ("--tasks", "-t") or arg.startswith("--tasks="):
+            taking = True
+            arg = arg.partition("=")[2]
+        elif arg.startswith("-"):
+            taking = False
+        if taking:
+            names += [n for n in arg.split(",") if n]
+    return names
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """lm-eval's command line with the lmforge backend registered: `main(["--model", "lmforge", ...])`.
 
     Takes exactly lm-eval's arguments (`lm_eval --help`); with no subcommand, `run` is assumed, as lm-eval does.
+    Raises DatasetUnavailable when a task's dataset can be neither read from the cache nor downloaded.
     """
+    offline = hub_unreachable()
+    if offline:
+        # Before datasets is imported: offline, a missing dataset fails at once instead of after five retries.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from lm_eval.__main__ import cli_evaluate
 
     # lm-eval's CLI parses sys.argv itself (and inserts `run` there), so the arguments go in through it.
@@ -231,10 +357,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     saved = sys.argv
     sys.argv = ["lm-eval", *args]
     try:
-        cli_evaluate()
+        if offline:
+            with _datasets_checked_first():
+                cli_evaluate()
+        else:
+            cli_evaluate()
+    except ConnectionError as e:  # datasets' own, for a dataset the check could not foresee (a partial cache)
+        raise DatasetUnavailable(unavailable_message(f"a dataset ({e})", _arg_tasks(args))) from e
     finally:
         sys.argv = saved
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except DatasetUnavailable as err:
+        sys.exit(f"error: {err}")
