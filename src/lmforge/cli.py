@@ -250,6 +250,8 @@ def eval_(
                                         "openbook_qa, winogrande, lambada, gsm8k) or NAME=FILE.jsonl."),
     task_dir: Optional[Path] = typer.Option(None, "--task-dir", help="Where the built-in tasks' files are."),
     code: Optional[str] = typer.Option(None, "--code", help="Code execution tasks: humaneval, stdlib (comma-separated)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most N examples per benchmark and N "
+                                        "problems per code task (eval.limit, eval.code_limit)."),
     training_data: Optional[Path] = typer.Option(None, "--training-data", help="The model's training data (a curate "
                                                  "directory or text files): adds each benchmark's contamination."),
     out: Path = typer.Option(Path("eval-out"), "--out", "-o", help="Where results.json, results.md and samples.md go."),
@@ -265,6 +267,8 @@ def eval_(
         extra.append(f"eval.task_dir={task_dir}")
     if code:
         extra.append(f"eval.code=[{', '.join(c.strip() for c in code.split(',') if c.strip())}]")
+    if limit is not None:
+        extra += [f"eval.limit={limit}", f"eval.code_limit={limit}"]
     if text is None and not tasks and not code:
         _fail("nothing to evaluate: give --text, --tasks and/or --code", 2)
     cfg = _sections(extra, {"eval"})

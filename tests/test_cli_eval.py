@@ -1,0 +1,29 @@
+"""`lmforge eval` command-line options (the scoring itself is tested in test_eval_*.py)."""
+
+from __future__ import annotations
+
+from typer.testing import CliRunner
+
+from lmforge.cli import app
+
+
+def test_limit_caps_benchmark_examples_and_code_problems(tmp_path, monkeypatch):
+    import lmforge.eval.run
+
+    seen = []
+
+    def fake_evaluate(checkpoint, text, cfg, out, training_data=None):
+        seen.append(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.md").write_text("| task |\n", encoding="utf-8")
+
+    monkeypatch.setattr(lmforge.eval.run, "evaluate_checkpoint", fake_evaluate)
+    args = ["eval", str(tmp_path / "ckpt"), "--tasks", "arc_easy", "--task-dir", str(tmp_path), "--code", "stdlib",
+            "-o", str(tmp_path / "out")]  # fmt: skip
+    result = CliRunner().invoke(app, [*args, "--limit", "50"])
+    assert result.exit_code == 0, result.output
+    assert (seen[0].limit, seen[0].code_limit) == (50, 50)
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "out2")])
+    assert (seen[1].limit, seen[1].code_limit) == (None, None)  # no --limit: everything
+    bad = CliRunner().invoke(app, [*args, "--limit", "0"])
+    assert bad.exit_code == 2 and "--limit" in bad.output
