@@ -308,5 +308,6 @@ def test_help_shows_lmforge_usage_then_lm_evals_options():
         result = _invoke([flag])
         assert result.exit_code == 0
         assert result.output.startswith("usage: lmforge lm-eval --model lmforge --model_args checkpoint=DIR")
-        assert "--model lmforge --model_args checkpoint=runs/stdlib-code/pretrain/final --tasks arc_easy" in result.output
+        example = "--model lmforge --model_args checkpoint=runs/stdlib-code/pretrain/final --tasks arc_easy"
+        assert example in result.output
         assert "usage: lm-eval run" in result.output and "--model_args" in result.output.split("usage: lm-eval run")[1]
