@@ -31,6 +31,7 @@ def _email_cfg(**kw) -> DataConfig:
     # Small shards so the package's ~40 files make many tasks; near dedup exercises the ordered decide step.
     # One worker unless a test asks for more: starting a process pool costs more than this small input.
     kw.setdefault("workers", 1)
+    kw.setdefault("extensions", [".py"])  # the package's code, not its architecture.rst
     return DataConfig(source=str(EMAIL_PKG), shard_bytes=40_000, near_dedup=True, val_fraction=0.2, plots=False,
                       **kw)  # fmt: skip
 

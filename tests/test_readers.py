@@ -92,9 +92,16 @@ def test_directory_walk_is_recursive_sorted_and_filtered(tmp_path):
         path = tmp_path / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(f"# {rel}\n")
-    ids = [d.id for d in read_documents(tmp_path, extensions=[".py", ".MD"])]
-    assert ids == ["a/notes.md", "a/x.py", "b/y.py", "z.py"]
-    assert [d.id for d in read_documents(tmp_path)] == ["a/x.py", "b/y.py", "z.py"]
+    skipped = ErrorLog()
+    ids = [d.id for d in read_documents(tmp_path, extensions=[".py"], skipped=skipped)]
+    assert ids == ["a/x.py", "b/y.py", "z.py"]
+    assert skipped.reasons == {"directory not entered (hidden or cache)": 2, "extension .bin not in data.extensions": 1,
+                               "extension .md not in data.extensions": 1}  # fmt: skip
+    assert skipped.messages[:2] == [f"{tmp_path / '.hidden'}: directory not entered (hidden or cache)",
+                                    f"{tmp_path / '__pycache__'}: directory not entered (hidden or cache)"]  # fmt: skip
+    assert [d.id for d in read_documents(tmp_path, extensions=[".MD"])] == ["a/notes.md"]
+    # By default, every format the readers know: the .md and .py files, not the .bin one.
+    assert [d.id for d in read_documents(tmp_path)] == ["a/notes.md", "a/x.py", "b/y.py", "z.py"]
 
 
 def test_directory_mixes_text_and_jsonl(tmp_path):
@@ -280,3 +287,31 @@ def test_text_split_paragraph_one_document_per_block(tmp_path):
 def test_text_split_must_be_known(tmp_path):
     with pytest.raises(ValueError, match="text_split"):
         list(read_documents(tmp_path, text_split="line"))
+
+
+# -- csv -----------------------------------------------------------------------------------------------------------
+
+
+def test_csv_rows_become_documents_with_bad_rows_counted(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_bytes(b'\xef\xbb\xbfid,text,lang\r\n1,"hello, world",en\r\n2,"two\nlines ""quoted""",fr\r\n\r\n3\r\n'
+                     b'4,,en\r\n5,caf\xe9\r\n6,ok\r\n')  # fmt: skip
+    errors = ErrorLog()
+    docs = list(read_documents(path, errors=errors))
+    assert [(d.id, d.text, d.meta) for d in docs] == [
+        ("t.csv:2", "hello, world", {"id": "1", "lang": "en"}),
+        ("t.csv:3", 'two\nlines "quoted"', {"id": "2", "lang": "fr"}),
+        ("t.csv:9", "ok", {"id": "6"}),
+    ]
+    assert errors.reasons == {"empty": 1, "malformed csv": 1, "not utf-8": 1}  # the undecodable row counts once
+    assert errors.messages == [f"{path}:6: malformed csv", f"{path}:7: empty", f"{path}:8: not utf-8"]
+
+
+def test_csv_without_the_text_column_names_the_columns_and_the_setting(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("id,body\n1,hello\n")
+    with pytest.raises(ValueError) as info:
+        list(read_documents(path))
+    assert str(info.value) == (f"{path}:1: CSV header has no column 'text' (data.text_field); columns present: "
+                               f"['id', 'body']. Set data.text_field to the column that holds the text.")  # fmt: skip
+    assert [d.text for d in read_documents(path, text_field="body")] == ["hello"]

@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from lmforge.data.files import DEFAULT_EXTENSIONS
+
 STAGES = ("curate", "tokenizer", "shards", "pretrain", "sft", "eval", "export", "report")
 BUILTIN_DIR = Path(__file__).parent / "recipes"
 DEFAULT_RECIPE = "stdlib-code"
@@ -27,17 +29,24 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     # "stdlib" = the .py files of the running interpreter's standard library; otherwise a file or directory of
-    # .txt / .py / .md / .jsonl / .parquet files.
+    # text, code, .jsonl / .csv / .parquet records, WARC or HTML files (docs/curation.md).
     source: str = "stdlib"
-    text_field: str = "text"  # key holding the text in .jsonl / .parquet records
-    text_split: Literal["file", "paragraph"] = "file"  # plain text: one document per file or per blank-line block
-    extensions: list[str] = Field(default_factory=lambda: [".py"])  # used when the source is a directory
+    text_field: str = "text"  # key (.jsonl) or column (.csv / .parquet) holding the text of a record
+    # Plain text: one document per file, or per blank-line block (a block over max_chars: per line); auto = per
+    # file, but per block for a file that is not code and is longer than max_chars.
+    text_split: Literal["auto", "file", "paragraph"] = "auto"
+    # Used when the source is a directory; files with other extensions are skipped and counted in stats.json.
+    extensions: list[str] = Field(default_factory=lambda: list(DEFAULT_EXTENSIONS))
+    follow_symlinks: bool = False  # read links whose target is outside the source directory
     include_tests: bool = True  # stdlib only: whether Lib/test/ and friends are part of the corpus
     val_fraction: float = Field(0.05, gt=0.0, lt=1.0)  # share of files held out, chosen by a hash of the path
     min_chars: int = Field(64, ge=0)
     max_chars: int = Field(200_000, gt=0)
     max_line_chars: int = Field(1000, gt=0)  # longer lines mark minified or generated files
     min_alnum_fraction: float = Field(0.25, ge=0.0, le=1.0)
+    # Which documents the code rules (generated notice, max_line_chars, min_alnum_fraction) judge: those from code
+    # files (by extension; prose has long lines), all of them, or none.
+    code_rules: Literal["code_files", "all", "none"] = "code_files"
     normalize: Literal["NFC", "NFKC", "none"] = "NFC"
     fix_mojibake: bool = True  # ftfy repair of mis-decoded text; code recipes turn it off to keep literals verbatim
     strip_license_headers: bool = False  # drop a leading licence comment block from code files

@@ -23,8 +23,9 @@ order or on which other documents exist. To keep both splits usable, when at lea
 hash leaves one split empty, the last document (in input order) of the other split is moved into it.
 
 Outputs in `out_dir`: `train/`, `val/` (lmforge.data.curated), `stats.json` (documents and bytes in, kept,
-removed per reason with examples, modified per filter, PII found per kind, bad records skipped, split sizes,
-histograms of document signals before and after), `histograms.png`.
+removed per reason with examples, modified per filter, PII found per kind, bad records skipped, source files
+skipped by reason, split sizes, histograms of document signals before and after, warnings naming the setting behind
+a large removal), `histograms.png`.
 """
 
 from __future__ import annotations
@@ -42,12 +43,13 @@ from typing import Any, Literal
 
 import numpy as np
 
+from lmforge.data.curate_advice import curation_warnings, no_survivor_message
 from lmforge.data.curated import PartWriter, iter_part_records, part_name
 from lmforge.data.executor import run_tasks
 from lmforge.data.filters import Filter, build_filters
 from lmforge.data.io import atomic_open, atomic_write_json, atomic_write_text
-from lmforge.data.readers import Document, ErrorLog, read_documents, read_file, source_files, stdlib_root
-from lmforge.data.readers import stdlib_source_files
+from lmforge.data.readers import Document, ErrorLog, check_source, read_documents, read_file, source_files
+from lmforge.data.readers import stdlib_root, stdlib_source_files
 from lmforge.data.web import is_hf_dataset
 from lmforge.recipe import DataConfig
 
@@ -149,21 +151,22 @@ def apply_filters(doc: Document, filters: list[Filter], modified: dict[str, dict
 # -- planning ------------------------------------------------------------------------------------------------------
 
 
-def plan_shards(cfg: DataConfig) -> list[dict[str, Any]]:
+def plan_shards(cfg: DataConfig, skipped: ErrorLog | None = None) -> list[dict[str, Any]]:
     """The input shards: runs of consecutive input files (sorted by path) of about `cfg.shard_bytes` each.
 
-    A single file, or a dataset saved with HF datasets, is one shard.
+    A single file, or a dataset saved with HF datasets, is one shard. The files of a source directory that are not
+    read (their extension, pipes, links out of the source, ...) are counted in `skipped` when given.
     """
     if cfg.source == "stdlib":
         root = stdlib_root()
         files = [(str(p), p.relative_to(root).as_posix()) for p in stdlib_source_files(cfg.include_tests)]
     else:
         src = Path(cfg.source)
-        if not src.exists():
-            raise FileNotFoundError(f"data source {src} does not exist (data.source)")
+        check_source(src)
         if src.is_file() or is_hf_dataset(src):
             return [{"index": 0, "whole": str(src)}]
-        files = [(str(p), p.relative_to(src).as_posix()) for p in source_files(src, cfg.extensions)]
+        paths = source_files(src, cfg.extensions, follow_symlinks=cfg.follow_symlinks, skipped=skipped)
+        files = [(str(p), p.relative_to(src).as_posix()) for p in paths]
     shards: list[dict[str, Any]] = []
     current: list[tuple[str, str]] = []
     size = 0
@@ -183,12 +186,13 @@ def plan_shards(cfg: DataConfig) -> list[dict[str, Any]]:
 
 def _read_shard(cfg: DataConfig, shard: dict[str, Any], errors: ErrorLog):
     if "whole" in shard:
-        yield from read_documents(shard["whole"], text_field=cfg.text_field, extensions=cfg.extensions,
-                                  errors=errors, text_split=cfg.text_split, hf_split=cfg.hf_split)  # fmt: skip
+        yield from read_documents(shard["whole"], text_field=cfg.text_field, errors=errors, text_split=cfg.text_split,
+                                  max_chars=cfg.max_chars, hf_split=cfg.hf_split)  # fmt: skip
         return
     split = "file" if cfg.source == "stdlib" else cfg.text_split
     for path, rel in shard["files"]:
-        yield from read_file(Path(path), rel, text_field=cfg.text_field, text_split=split, errors=errors)
+        yield from read_file(Path(path), rel, text_field=cfg.text_field, text_split=split, max_chars=cfg.max_chars,
+                             errors=errors)  # fmt: skip
 
 
 # -- phase tasks (module level, so process pools and Ray can pickle them by reference) ---------------------------
@@ -472,9 +476,11 @@ class _Progress:
                  f"  {self.docs:,} docs  {rate:,.0f} docs/s  removed: {top or 'none'}" if self.docs else "")  # fmt: skip
 
 
-def _plan(cfg: DataConfig, out_dir: Path, work: Path) -> list[dict[str, Any]]:
-    """The shard plan, reused when `work/plan.json` holds the same settings and input list, else started afresh."""
-    shards = plan_shards(cfg)
+def _plan(cfg: DataConfig, out_dir: Path, work: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The shard plan, reused when `work/plan.json` holds the same settings and input list, else started afresh;
+    and the files of the source left out of it, by reason (`ErrorLog.to_dict`)."""
+    skipped = ErrorLog()
+    shards = plan_shards(cfg, skipped)
     settings = cfg.model_dump(mode="json", exclude={"workers", "executor", "ray_address", "plots"})
     plan = {"version": _PLAN_VERSION, "settings": settings, "shards": shards}
     path = work / "plan.json"
@@ -482,13 +488,13 @@ def _plan(cfg: DataConfig, out_dir: Path, work: Path) -> list[dict[str, Any]]:
     # writer accepts; the escape round-trips it exactly.
     text = json.dumps(plan, indent=1, ensure_ascii=True) + "\n"
     if path.exists() and path.read_text(encoding="utf-8") == text:
-        return shards
+        return shards, skipped.to_dict()
     # A different plan: nothing in work/ or the split directories belongs to it.
     for stale in [work, *(out_dir / s for s in SPLITS)]:
         shutil.rmtree(stale, ignore_errors=True)
     (out_dir / "stats.json").unlink(missing_ok=True)
     atomic_write_text(path, text)
-    return shards
+    return shards, skipped.to_dict()
 
 
 def run_curate(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
@@ -499,7 +505,7 @@ def run_curate(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
     start = time.perf_counter()
     out_dir = Path(out_dir)
     work = out_dir / "work"
-    shards = _plan(cfg, out_dir, work)
+    shards, skipped_files = _plan(cfg, out_dir, work)
     # A killed run leaves its half-written temporary files behind; they never become outputs, so they go.
     for d in (work, *(out_dir / s for s in SPLITS)):
         for tmp in d.rglob("*.tmp-*") if d.exists() else ():
@@ -525,17 +531,17 @@ def run_curate(cfg: DataConfig, out_dir: Path) -> dict[str, Any]:
     decided = _decide(cfg, work, len(shards), signed)
     written = phase("write", write_shard)
     report = _report(cfg, mapped, signs, decided, written, work, boilerplate_lines)
+    report["skipped_files"] = skipped_files
+    report["warnings"] = curation_warnings(report, cfg.extensions)
     atomic_write_json(out_dir / "stats.json", report)
     if cfg.plots:
         _plot(report, out_dir / "histograms.png")
     shutil.rmtree(work, ignore_errors=True)
     _print_summary(report)
     if report["docs_kept"] == 0:
-        raise ValueError(
-            f"no document of {cfg.source!r} survived curation: "
-            f"removed {({r: e['docs'] for r, e in report['removed'].items()})}, "
-            f"bad records {report['skipped_bad']['by_reason']}; see {out_dir / 'stats.json'}"
-        )
+        raise ValueError(no_survivor_message(report, cfg.source, out_dir / "stats.json"))
+    for warning in report["warnings"]:
+        log.warning("curate: %s", warning)
     return _metrics(report, len(shards), time.perf_counter() - start, timings)
 
 
@@ -608,6 +614,7 @@ def _metrics(report: dict[str, Any], n_shards: int, seconds: float, timings: dic
         "bytes_train": report["splits"]["train"]["bytes"],
         "bytes_val": report["splits"]["val"]["bytes"],
         "docs_skipped_bad": report["skipped_bad"]["total"],
+        "files_skipped": report["skipped_files"]["total"],
         "shards": n_shards,
     }
     for reason, entry in sorted(report["removed"].items()):

@@ -316,8 +316,8 @@ def summary_table(stats: Mapping[str, Any]) -> str:
     """A fixed-width table of a curation stats dict (the `stats.json` layout); missing sections are left out.
 
     Rows: documents and bytes read; each removal reason (most documents first) with its share of the input; kept;
-    documents modified in place per reason with the bytes taken out; the train / val splits; bad records skipped
-    per reason. Notes follow when the counts do not add up.
+    documents modified in place per reason with the bytes taken out; the train / val splits; bad records and
+    files skipped per reason. Notes follow when the counts do not add up.
     """
     docs_in, bytes_in = _int(stats.get("docs_in")), _int(stats.get("bytes_in"))
     Row = tuple[str, str, str, str, str]
@@ -357,14 +357,15 @@ def summary_table(stats: Mapping[str, Any]) -> str:
         for name in sorted(splits, key=lambda s: ({"train": 0, "val": 1}.get(s, 2), s)):
             rows.append(row(f"  {name}", _int(splits[name].get("docs")), _int(splits[name].get("bytes"))))
 
-    bad: Mapping[str, Any] = stats.get("skipped_bad") or {}
-    if bad:
-        rows.append(None)
-        by_reason: Mapping[str, int] = bad.get("by_reason") or {}
-        total_bad = _int(bad.get("total", sum(by_reason.values())))
-        rows.append(("bad records skipped", f"{total_bad:,}", "", "", ""))
-        for reason, n in sorted(by_reason.items(), key=lambda kv: (-_int(kv[1]), kv[0])):
-            rows.append((f"  {reason}", f"{_int(n):,}", "", "", ""))
+    for key, label in (("skipped_bad", "bad records skipped"), ("skipped_files", "files skipped")):
+        skipped: Mapping[str, Any] = stats.get(key) or {}
+        if skipped:
+            rows.append(None)
+            by_reason: Mapping[str, int] = skipped.get("by_reason") or {}
+            total = _int(skipped.get("total", sum(by_reason.values())))
+            rows.append((label, f"{total:,}", "", "", ""))
+            for reason, n in sorted(by_reason.items(), key=lambda kv: (-_int(kv[1]), kv[0])):
+                rows.append((f"  {reason}", f"{_int(n):,}", "", "", ""))
 
     header: Row = ("curation", "documents", "% of input", "bytes", "% of input")
     table = [header, *(r for r in rows if r is not None)]

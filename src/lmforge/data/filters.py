@@ -16,6 +16,7 @@ import re
 import unicodedata
 from collections.abc import Callable
 
+from lmforge.data.files import C_COMMENT_SUFFIXES, CODE_SUFFIXES, HASH_COMMENT_SUFFIXES, document_suffix
 from lmforge.data.readers import Document
 from lmforge.recipe import DataConfig
 
@@ -36,12 +37,6 @@ _LICENSE_WORDS = re.compile(
     re.IGNORECASE,
 )
 _ENCODING_LINE = re.compile(r"^[ \t\f]*#.*?coding[:=][ \t]*[-\w.]+")  # PEP 263
-_RECORD_LINE = re.compile(r":\d+$")  # the `:line` a jsonl or parquet record's id ends with
-_HASH_COMMENT_SUFFIXES = frozenset({".py", ".pyi", ".pyx", ".sh", ".bash", ".zsh", ".rb", ".pl", ".pm", ".r", ".jl",
-                                    ".yaml", ".yml", ".toml", ".cmake"})  # fmt: skip
-_C_COMMENT_SUFFIXES = frozenset({".c", ".h", ".cc", ".cpp", ".cxx", ".hpp", ".hh", ".java", ".js", ".mjs", ".cjs",
-                                 ".ts", ".tsx", ".jsx", ".go", ".rs", ".cs", ".swift", ".kt", ".kts", ".scala",
-                                 ".dart", ".css", ".scss"})  # fmt: skip
 _NON_ALNUM = re.compile(r"[\W_]+")
 _WHITESPACE = re.compile(r"\s+")
 
@@ -147,12 +142,10 @@ class LicenseHeaderStripper(Filter):
 
 
 def _comment_style(doc: Document) -> str | None:
-    path = doc.meta.get("path")
-    name = path if isinstance(path, str) else _RECORD_LINE.sub("", doc.id)
-    suffix = name[name.rfind(".") :].lower() if "." in name else ""
-    if suffix in _HASH_COMMENT_SUFFIXES:
+    suffix = document_suffix(doc)
+    if suffix in HASH_COMMENT_SUFFIXES:
         return "hash"
-    if suffix in _C_COMMENT_SUFFIXES:
+    if suffix in C_COMMENT_SUFFIXES:
         return "c"
     return None
 
@@ -237,16 +230,23 @@ class GeneratedFilter(Filter):
     - "long line": any line longer than `max_line_chars`;
     - "low alnum fraction": letters and digits are less than `min_alnum_fraction` of the non-whitespace
       characters (measured without whitespace so that indentation does not penalise code).
+
+    These are code rules: prose kept one paragraph per line has lines far over any code limit. With `code_only`,
+    documents from files that are not code (by extension, `lmforge.data.files.CODE_SUFFIXES`) pass unchecked.
     """
 
     name = "generated"
 
-    def __init__(self, max_line_chars: int, min_alnum_fraction: float, header_lines: int = 5) -> None:
+    def __init__(self, max_line_chars: int, min_alnum_fraction: float, header_lines: int = 5,
+                 code_only: bool = False) -> None:  # fmt: skip
         self.max_line_chars = max_line_chars
         self.min_alnum_fraction = min_alnum_fraction
         self.header_lines = header_lines
+        self.code_only = code_only
 
     def apply(self, doc: Document) -> Document | str:
+        if self.code_only and document_suffix(doc) not in CODE_SUFFIXES:
+            return doc
         text = doc.text
         lines = text.split("\n")
         if _GENERATED_HEADER.search("\n".join(lines[: self.header_lines])):
@@ -295,7 +295,9 @@ def build_filters(cfg: DataConfig, corpus_level: bool = True) -> list[Filter]:
         filters.append(LengthFilter(0, 4 * cfg.max_chars))
         filters.append(Normalize(cfg.normalize, fix_mojibake=cfg.fix_mojibake))
     filters.append(LengthFilter(cfg.min_chars, cfg.max_chars))
-    filters.append(GeneratedFilter(cfg.max_line_chars, cfg.min_alnum_fraction))
+    if cfg.code_rules != "none":
+        filters.append(GeneratedFilter(cfg.max_line_chars, cfg.min_alnum_fraction,
+                                       code_only=cfg.code_rules == "code_files"))  # fmt: skip
     if cfg.strip_license_headers:
         filters.append(LicenseHeaderStripper())
     if cfg.languages:

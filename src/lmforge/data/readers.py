@@ -2,16 +2,20 @@
 
 Supported sources:
 - a text file (`.py`, `.txt`, `.md`, any other extension): one document per file, read as strict UTF-8, or with
-  `text_split="paragraph"` one document per block of non-blank lines (for prose corpora kept as one big file);
+  `text_split="paragraph"` one document per block of non-blank lines (for prose corpora kept as one big file), a
+  block longer than `max_chars` split into one document per line (one article or paragraph per line, as in
+  WikiText). `text_split="auto"` splits that way only a plain-text (not code) file longer than `max_chars`;
 - a `.jsonl` file: one document per non-blank line, the text taken from the `text_field` key;
-- a `.parquet` file: one document per row (needs `pyarrow`, imported only when a parquet file is read);
+- a `.csv` or `.parquet` file: one document per row, the text taken from the `text_field` column (`tables.py`;
+  parquet needs `pyarrow`, imported only when a parquet file is read);
 - a WARC file (`.warc`, `.wet`): one document per HTML response (main content only) or WET text record; an HTML
   file (`.html`, `.htm`): one document of its main content; a directory saved by Hugging Face `datasets`
   (`save_to_disk`): one document per row. `.wat` files hold metadata only and yield nothing. See `web.py`.
-- a directory: every file under it whose extension is listed, walked recursively in sorted order, so two runs
-  over the same tree yield the same documents in the same order. Hidden directories (`.git`, `.venv`),
-  `__pycache__`, `site-packages` and `dist-packages` are not entered. A listed extension also selects its gzip
-  (`.gz`) and zstandard (`.zst`) compressed files (`.jsonl` selects `.jsonl.gz`).
+- a directory: every file under it whose extension is listed (by default `DEFAULT_EXTENSIONS`, every format
+  above), walked recursively in sorted order, so two runs over the same tree yield the same documents in the same
+  order. A listed extension also selects its gzip (`.gz`) and zstandard (`.zst`) compressed files (`.jsonl`
+  selects `.jsonl.gz`). What the walk leaves out (other extensions, pipes and devices, links out of the source,
+  link loops, hidden and cache directories) is counted per reason when a `skipped` log is given (see `files.py`).
 
 Compressed files (`x.jsonl.gz`, `x.txt.zst`, ...) are read as the format under the compression suffix, streamed
 through the decompressor. A truncated or corrupt compressed file keeps the documents read before the damage and
@@ -30,7 +34,6 @@ import gzip
 import itertools
 import json
 import logging
-import os
 import sysconfig
 import zlib
 from collections import Counter
@@ -39,15 +42,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from lmforge.data.files import CODE_SUFFIXES, DEFAULT_EXTENSIONS, format_suffix, walk
+
 log = logging.getLogger(__name__)
 
-_SKIP_DIRS = frozenset({"__pycache__", "site-packages", "dist-packages"})
 _TEST_DIRS = frozenset({"test", "tests"})
-_PARQUET_BATCH_ROWS = 1024
-_COMPRESSED_SUFFIXES = frozenset({".gz", ".zst"})
 _CHUNK_BYTES = 1 << 16  # small enough that a corrupt file loses little of what precedes the damage
-TextSplit = Literal["file", "paragraph"]
-_TEXT_SPLITS = ("file", "paragraph")
+TextSplit = Literal["auto", "file", "paragraph"]
+_TEXT_SPLITS = ("auto", "file", "paragraph")
+# Deleting UTF-8 continuation bytes leaves one byte per character.
+_CONTINUATION_BYTES = bytes(range(0x80, 0xC0))
 
 
 @dataclass
@@ -94,29 +98,6 @@ class ErrorLog:
         """Add another log's `to_dict()` (a worker's): its counts, and its messages while there is room."""
         self._counts.update(other["by_reason"])
         self.messages += other["messages"][: max(0, self.max_messages - len(self.messages))]
-
-
-def _walk(root: Path, keep: Iterable[str]) -> list[Path]:
-    """Files under `root` with one of the extensions `keep`, sorted by path, so every run sees the same order.
-
-    Hidden, cache and site-packages directories are not entered.
-    """
-    suffixes = {s.lower() for s in keep}
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        # Pruning in place stops os.walk from descending into those directories.
-        dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS and not d.startswith(".")]
-        for name in filenames:
-            path = Path(name)
-            if _format_suffix(path) in suffixes or "".join(path.suffixes[-2:]).lower() in suffixes:
-                found.append(Path(dirpath) / name)
-    return sorted(found)
-
-
-def _format_suffix(path: Path) -> str:
-    """The suffix that names the file's format: `.jsonl` for both `a.jsonl` and `a.jsonl.gz`."""
-    suffix = path.suffix.lower()
-    return Path(path.stem).suffix.lower() if suffix in _COMPRESSED_SUFFIXES else suffix
 
 
 class _CorruptCompressed(Exception):
@@ -226,22 +207,66 @@ def _read_text_file(path: Path, doc_id: str, errors: ErrorLog) -> Document | Non
     return _text_document(b"".join(_chunks(path)), path, doc_id, errors)
 
 
-def _read_paragraphs(path: Path, rel: str, errors: ErrorLog) -> Iterator[Document]:
-    """One document per block of non-blank lines, id `rel:first_line`, without the block's final line break."""
-    block: list[bytes] = []
-    start = 0
+def _utf8_chars(data: bytes) -> int:
+    """The number of characters in UTF-8 `data` (exact for valid UTF-8), without decoding it."""
+    return len(data.translate(None, _CONTINUATION_BYTES))
+
+
+def _block_documents(blocks: Iterable[tuple[int, bytes]], path: Path, rel: str, errors: ErrorLog
+                     ) -> Iterator[Document]:  # fmt: skip
+    """Each `(first line, bytes)` block as a document, id `rel:first_line`, without its final line break."""
+    for start, data in blocks:
+        doc = _text_document(data.removesuffix(b"\n").removesuffix(b"\r"), path, f"{rel}:{start}", errors, start)
+        if doc is not None:
+            yield doc
+
+
+def _read_paragraphs(lines: Iterable[bytes], path: Path, rel: str, errors: ErrorLog, max_chars: int | None
+                     ) -> Iterator[Document]:  # fmt: skip
+    """One document per block of non-blank lines, id `rel:first_line`, without the block's final line break.
+
+    A block longer than `max_chars` characters becomes one document per line instead, so that a corpus kept as one
+    paragraph or article per line, without blank lines between them, is not one document dropped as too long;
+    a block is then held in memory only up to `max_chars`.
+    """
+    block: list[tuple[int, bytes]] = []
+    chars, by_line = 0, False
     # The trailing empty line flushes the last block through the same path as every other block.
-    for lineno, line in enumerate(itertools.chain(_lines(_chunks(path)), [b""]), start=1):
+    for lineno, line in enumerate(itertools.chain(lines, [b""]), start=1):
         if line.strip():
-            if not block:
-                start = lineno
-            block.append(line)
-        elif block:
-            data = b"".join(block).removesuffix(b"\n").removesuffix(b"\r")
-            doc = _text_document(data, path, f"{rel}:{start}", errors, start)
-            if doc is not None:
-                yield doc
-            block = []
+            block.append((lineno, line))
+            chars += _utf8_chars(line)
+            by_line = by_line or (max_chars is not None and chars > max_chars)
+            if by_line:
+                yield from _block_documents(block, path, rel, errors)
+                block = []
+        else:
+            if block:
+                yield from _block_documents([(block[0][0], b"".join(data for _, data in block))], path, rel, errors)
+            block, chars, by_line = [], 0, False
+
+
+def _read_text(path: Path, rel: str, text_split: TextSplit, max_chars: int | None, errors: ErrorLog
+               ) -> Iterator[Document]:  # fmt: skip
+    """A text file as one document, or as paragraphs (`paragraph`, or `auto` for plain text over `max_chars`)."""
+    if text_split == "paragraph":
+        yield from _read_paragraphs(_lines(_chunks(path)), path, rel, errors, max_chars)
+        return
+    if text_split == "file" or max_chars is None or format_suffix(path) in CODE_SUFFIXES:
+        doc = _read_text_file(path, rel, errors)
+    else:
+        # auto: read until the text proves longer than max_chars; a shorter file stays one document.
+        lines, head, chars = _lines(_chunks(path)), [], 0
+        for line in lines:
+            head.append(line)
+            chars += _utf8_chars(line)
+            if chars > max_chars:
+                log.debug("%s: over data.max_chars=%d characters: one document per paragraph", path, max_chars)
+                yield from _read_paragraphs(itertools.chain(head, lines), path, rel, errors, max_chars)
+                return
+        doc = _text_document(b"".join(head), path, rel, errors)
+    if doc is not None:
+        yield doc
 
 
 def _missing_field_error(path: Path, line: int, text_field: str, keys: Iterable[str]) -> ValueError:
@@ -296,52 +321,15 @@ def _read_jsonl(path: Path, rel: str, text_field: str, errors: ErrorLog) -> Iter
         yield Document(id=f"{rel}:{lineno}", text=text, source=str(path), meta=meta)
 
 
-def _read_parquet(path: Path, rel: str, text_field: str, errors: ErrorLog) -> Iterator[Document]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as e:
-        raise ImportError(
-            f"reading {path} needs pyarrow, which is not installed: pip install pyarrow"
-        ) from e
-    from pyarrow import ArrowException
-
-    # pyarrow reports a truncated or corrupt file as ArrowInvalid (a ValueError that would pass for the setting
-    # error below and end the run), as OSError (a corrupt page) or as UnicodeDecodeError (a mangled string). From a
-    # file that did open, each ends the file with one "corrupt parquet file" error, as for a corrupt compressed file.
-    corrupt = (ArrowException, OSError, UnicodeDecodeError)
-    with open(path, "rb") as f:  # opened here, so that a file that cannot be opened stays an "unreadable file"
-        try:
-            parquet = pq.ParquetFile(f)
-            names = parquet.schema_arrow.names
-        except corrupt as e:
-            raise _CorruptFile("corrupt parquet file", str(e)) from e
-        if text_field not in names:
-            raise ValueError(
-                f"{path}: parquet file has no column '{text_field}' (data.text_field); columns present: "
-                f"{sorted(names)}. Set data.text_field to the column that holds the text."
-            )
-        row = 0
-        batches = parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[text_field])
-        while True:
-            try:
-                values = next(batches).column(0).to_pylist()
-            except StopIteration:
-                return
-            except corrupt as e:
-                raise _CorruptFile("corrupt parquet file", str(e)) from e
-            for value in values:
-                row += 1
-                text = _checked_text(value, path, row, errors)
-                if text is not None:
-                    yield Document(id=f"{rel}:{row}", text=text, source=str(path))
-
-
-def _read_format(path: Path, rel: str, text_field: str, text_split: TextSplit, errors: ErrorLog) -> Iterator[Document]:
-    suffix = _format_suffix(path)
+def _read_format(path: Path, rel: str, text_field: str, text_split: TextSplit, max_chars: int | None,
+                 errors: ErrorLog) -> Iterator[Document]:  # fmt: skip
+    suffix = format_suffix(path)
     if suffix == ".jsonl":
         yield from _read_jsonl(path, rel, text_field, errors)
-    elif suffix == ".parquet":
-        yield from _read_parquet(path, rel, text_field, errors)
+    elif suffix in (".csv", ".parquet"):
+        from lmforge.data import tables
+
+        yield from (tables.read_csv if suffix == ".csv" else tables.read_parquet)(path, rel, text_field, errors)
     elif suffix in (".warc", ".wet"):
         from lmforge.data.web import read_warc  # imports fastwarc and resiliparse, needed only for web sources
 
@@ -352,12 +340,8 @@ def _read_format(path: Path, rel: str, text_field: str, text_split: TextSplit, e
         yield from read_html(path, rel, errors)
     elif suffix == ".wat":
         log.info("%s: skipped, a WAT file holds metadata, not text", path)
-    elif text_split == "paragraph":
-        yield from _read_paragraphs(path, rel, errors)
     else:
-        doc = _read_text_file(path, rel, errors)
-        if doc is not None:
-            yield doc
+        yield from _read_text(path, rel, text_split, max_chars, errors)
 
 
 def _printable(text: str) -> str:
@@ -365,8 +349,9 @@ def _printable(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-def _read_file(path: Path, rel: str, text_field: str, text_split: TextSplit, errors: ErrorLog) -> Iterator[Document]:
-    docs = _read_format(path, rel, text_field, text_split, errors)
+def _read_file(path: Path, rel: str, text_field: str, text_split: TextSplit, max_chars: int | None,
+               errors: ErrorLog) -> Iterator[Document]:  # fmt: skip
+    docs = _read_format(path, rel, text_field, text_split, max_chars, errors)
     if _printable(str(path)) != str(path):
         # A file name that is not valid UTF-8 reaches Python with its bad bytes as lone surrogates (surrogateescape);
         # in an id or source they crash everything that encodes them downstream (split hashing, JSON output).
@@ -393,17 +378,23 @@ def read_documents(
     source: str | Path,
     *,
     text_field: str = "text",
-    extensions: Iterable[str] = (".py",),
+    extensions: Iterable[str] = DEFAULT_EXTENSIONS,
     errors: ErrorLog | None = None,
     text_split: TextSplit = "file",
+    max_chars: int | None = None,
     hf_split: str | None = None,
+    follow_symlinks: bool = False,
+    skipped: ErrorLog | None = None,
 ) -> Iterator[Document]:
     """Stream the documents of a file or a directory tree (see the module docstring for formats and ids).
 
     `extensions` selects files when `source` is a directory; a single file is read whatever its extension.
-    `text_split` makes each text file one document ("file") or one document per blank-line-separated block
-    ("paragraph"); jsonl and parquet records are unaffected. Skipped records are counted in `errors` when given.
-    `hf_split` reads only that split of a saved `DatasetDict`; by default every split is read.
+    `text_split` makes each text file one document ("file"), one document per blank-line-separated block
+    ("paragraph", a block over `max_chars` characters one per line), or a file over `max_chars` one per block if it
+    is not code ("auto"); jsonl, csv and parquet records are unaffected. Skipped records are counted in `errors`,
+    files the directory walk leaves out in `skipped`, when given. Links whose target is outside a directory source
+    are not read unless `follow_symlinks`. `hf_split` reads only that split of a saved `DatasetDict`; by default
+    every split is read.
     """
     if text_split not in _TEXT_SPLITS:
         raise ValueError(f"text_split = {text_split!r}: allowed values are {list(_TEXT_SPLITS)}")
@@ -416,27 +407,38 @@ def read_documents(
         return
     if hf_split is not None:
         raise ValueError(f"data.hf_split is set, but {root} is not a dataset saved by DatasetDict.save_to_disk")
+    check_source(root)
     if root.is_file():
-        yield from _read_file(root, root.name, text_field, text_split, errors)
+        yield from _read_file(root, root.name, text_field, text_split, max_chars, errors)
         return
-    if not root.is_dir():
-        raise FileNotFoundError(f"data source {root} does not exist (data.source)")
-    for path in _walk(root, extensions):
-        yield from _read_file(path, path.relative_to(root).as_posix(), text_field, text_split, errors)
+    for path in walk(root, extensions, follow_symlinks=follow_symlinks, skipped=skipped):
+        yield from _read_file(path, path.relative_to(root).as_posix(), text_field, text_split, max_chars, errors)
 
 
-def source_files(root: str | Path, extensions: Iterable[str]) -> list[Path]:
+def check_source(source: Path) -> None:
+    """Raise a clear error unless `source` is a regular file or a directory (not a pipe, socket or device)."""
+    if source.is_file() or source.is_dir():
+        return
+    if not source.exists():
+        raise FileNotFoundError(f"data source {source} does not exist (data.source)")
+    raise ValueError(f"data source {source} is not a regular file or a directory (a named pipe, socket or device "
+                     f"cannot be read to its end); point data.source at a file or a directory")  # fmt: skip
+
+
+def source_files(
+    root: str | Path, extensions: Iterable[str], *, follow_symlinks: bool = False, skipped: ErrorLog | None = None
+) -> list[Path]:
     """The files `read_documents` reads under directory `root`, in the order it reads them."""
-    return _walk(Path(root), extensions)
+    return walk(Path(root), extensions, follow_symlinks=follow_symlinks, skipped=skipped)
 
 
 def read_file(
     path: str | Path, rel: str, *, text_field: str = "text", text_split: TextSplit = "file",
-    errors: ErrorLog | None = None,
+    max_chars: int | None = None, errors: ErrorLog | None = None,
 ) -> Iterator[Document]:
     """The documents of one file, with ids under `rel`: what `read_documents` yields for it inside a directory."""
     errors = errors if errors is not None else ErrorLog()
-    yield from _read_file(Path(path), rel, text_field, text_split, errors)
+    yield from _read_file(Path(path), rel, text_field, text_split, max_chars, errors)
 
 
 def stdlib_root() -> Path:
@@ -451,7 +453,7 @@ def stdlib_source_files(include_tests: bool = True) -> list[Path]:
     """
     root = stdlib_root()
     files = []
-    for path in _walk(root, (".py",)):
+    for path in walk(root, (".py",)):
         if not include_tests and _TEST_DIRS.intersection(path.relative_to(root).parts[:-1]):
             continue
         files.append(path)

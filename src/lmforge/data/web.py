@@ -28,7 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lmforge.data.readers import _COMPRESSED_SUFFIXES, Document, ErrorLog, _checked_text, _chunks, _CorruptCompressed
+from lmforge.data.files import COMPRESSED_SUFFIXES
+from lmforge.data.readers import Document, ErrorLog, _checked_text, _chunks, _CorruptCompressed
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +286,7 @@ def read_warc(path: Path, rel: str, errors: ErrorLog) -> Iterator[Document]:
     try:
         yield from _warc_documents(path, rel, errors)
     except _CorruptWarc as e:
-        if path.suffix.lower() in _COMPRESSED_SUFFIXES:
+        if path.suffix.lower() in COMPRESSED_SUFFIXES:
             raise _CorruptCompressed(str(e)) from e
         log.warning("%s: corrupt warc file (%s); kept the documents read before it", path, e)
         errors.add("corrupt warc file", path)
