@@ -88,8 +88,8 @@ def run(
 
 @app.command()
 def curate(
-    source: str = typer.Argument(..., help="'stdlib', or a file or directory of text, code, JSONL, Parquet, "
-                                 "WARC/WET or HTML, or a dataset saved with HF datasets."),
+    source: str = typer.Argument(..., help="'stdlib', or a file or directory of text, code, JSONL, CSV, "
+                                 "Parquet, WARC/WET or HTML, or a dataset saved with HF datasets."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (train/, val/, stats.json, histograms.png)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="data.key=value settings."),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", help="Parallel workers (default: all cores)."),
