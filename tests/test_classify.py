@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -123,15 +124,34 @@ def test_fields_are_detected_or_the_error_names_file_and_fields(tmp_path):
     assert (data.texts, data.labels, data.label_field) == (['"quoted" text'], ["0"], "label")
     assert read_labelled(tsv, label_field="target").labels == ["1"]
 
-    unknown = _write_jsonl(tmp_path / "u.jsonl", [{"body": "a", "y": 1}, {"body": "b", "y": 0}])
+    unknown = _write_jsonl(tmp_path / "u.jsonl", [{"body": "a", "y": 1}, {"body": "b", "y": 0}, {"body": "c", "y": 1}])
     with pytest.raises(ValueError) as err:
         read_labelled(unknown)
-    msg = str(err.value)
-    assert str(unknown) in msg and "no usable labelled record (2 skipped" in msg
-    assert "'text', 'sentence'" in msg and "'label', 'labels'" in msg
-    assert read_labelled(unknown, text_field="body", label_field="y").labels == [1, 0]
-    with pytest.raises(ValueError, match=r"looked for text field 'body' and label field 'nope'"):
+    assert str(err.value) == (f"{unknown}: none of the 3 records read has a text field this can detect (looked for "
+                              "text, sentence, content, prompt, input, query, question); the first has the fields "
+                              "body, y: name them with --text-field and --label-field")  # fmt: skip
+    with pytest.raises(ValueError, match="none of the 2 records read"):  # the limit bounds the search too
+        read_labelled(unknown, limit=2)
+    with pytest.raises(ValueError, match="has a label field this can detect"):
+        read_labelled(unknown, text_field="body")
+    assert read_labelled(unknown, text_field="body", label_field="y").labels == [1, 0, 1]
+    with pytest.raises(ValueError) as err:  # a named field the file lacks: said once, with the fields it has
         read_labelled(unknown, text_field="body", label_field="nope")
+    assert str(err.value) == f"{unknown}:1: no field 'nope'; fields: body, y (set by --label-field)"
+
+
+def test_a_misnamed_label_field_is_one_error_and_the_chosen_fields_are_logged(caplog):
+    if not PII.is_file():
+        pytest.skip(f"{PII} (shared data) is not here")
+    with pytest.raises(ValueError) as err:
+        read_labelled(PII, label_field="labelz")
+    assert str(err.value) == f"{PII}:1: no field 'labelz'; fields: query, choices, gold (set by --label-field)"
+    with caplog.at_level(logging.INFO, logger="lmforge.finetune.labelled"):
+        data = read_labelled(PII, limit=200)
+    counts = Counter(data.labels)
+    assert len(data.labels) == 200 and set(counts) == {0, 1}
+    assert (f"{PII}: text field 'query' (detected), label field 'gold' (detected); 200 records read, 200 kept, "
+            f"0 skipped; 2 labels: 0 ({counts[0]}), 1 ({counts[1]})") in caplog.messages  # fmt: skip
 
 
 def test_stratified_split_keeps_every_class_in_both_parts():

@@ -1,9 +1,11 @@
 import json
+import logging
+from pathlib import Path
 
 import pytest
 
 from lmforge.data.readers import stdlib_root
-from lmforge.finetune.data import Message, Skipped, read_conversations
+from lmforge.finetune.data import FieldMap, Message, Skipped, read_conversations
 from lmforge.finetune.template import CHAT_TEMPLATE_JINJA, IGNORE_INDEX, pack, prompt_ids, render
 from lmforge.tokenizer import train_tokenizer
 
@@ -319,3 +321,92 @@ def test_skipped_keeps_first_examples():
     for i in range(8):
         s.add(f"f:{i}", "empty content: x")
     assert s.count == 8 and len(s.examples) == 5 and s.by_reason == {"empty content": 8}
+
+
+# --- records in other shapes: one error, field mapping (issue 13) ---
+
+GSM8K = f"{INSTRUCT}/gsm8k_test.jsonl"
+needs_gsm8k = pytest.mark.skipif(not Path(GSM8K).is_file(), reason=f"{GSM8K} (shared data) is not here")
+
+
+@needs_gsm8k
+def test_a_file_in_no_known_format_is_one_error_with_each_formats_keys():
+    with pytest.raises(ValueError) as err:
+        read_conversations(GSM8K, limit=50)
+    assert str(err.value) == (
+        f"{GSM8K}: none of the 50 records read is in a known SFT format (the first has keys ['question', 'answer']). "
+        "The formats and their keys: alpaca {instruction, output, input?, system?}; sharegpt {conversations: "
+        "[{from, value}]}; openai {messages: [{role, content}]}; prompt_response {prompt, response}. Map other fields "
+        "with --prompt-field question --response-field answer (recipe: sft.prompt_field, sft.response_field, "
+        "optionally sft.system_field)")  # fmt: skip
+    with pytest.raises(ValueError, match="none of the 1319 records read"):
+        read_conversations(GSM8K)
+
+
+@needs_gsm8k
+def test_fields_map_records_of_any_shape_and_the_run_says_what_it_read(caplog):
+    records = [json.loads(line) for _, line in zip(range(5), open(GSM8K, encoding="utf-8"))]
+    with caplog.at_level(logging.INFO, logger="lmforge.finetune.data"):
+        convs, skipped = read_conversations(GSM8K, limit=5, fields=FieldMap("question", "answer"))
+    assert skipped.count == 0
+    assert convs == [[Message("user", r["question"]), Message("assistant", r["answer"])] for r in records]
+    assert f"{GSM8K}: fields 'question' -> 'answer'; 5 records read, 5 kept, 0 skipped" in caplog.messages
+    with pytest.raises(ValueError) as err:  # a mapped field the file lacks: said once, with the fields it has
+        read_conversations(GSM8K, fields=FieldMap("questionz", "answer"))
+    assert str(err.value) == (f"{GSM8K}:1: no field 'questionz'; fields: question, answer (set by --prompt-field / "
+                              "sft.prompt_field)")  # fmt: skip
+
+
+def test_fields_with_a_system_field_and_bad_records(tmp_path, caplog):
+    path = _write_jsonl(tmp_path / "q.jsonl", [{"q": "1+1?", "a": "2", "sys": "Be brief."}, {"q": "2+2?", "a": "4"},
+                                               {"q": "3+3?"}, {"q": "x", "a": 5, "sys": ""}, {"q": "ok", "a": "fine"}])
+    with caplog.at_level(logging.INFO, logger="lmforge.finetune.data"):
+        convs, skipped = read_conversations(path, fields=FieldMap("q", "a", system="sys"))
+    assert convs == [[Message("system", "Be brief."), Message("user", "1+1?"), Message("assistant", "2")],
+                     [Message("user", "2+2?"), Message("assistant", "4")],
+                     [Message("user", "ok"), Message("assistant", "fine")]]  # fmt: skip
+    assert skipped.examples == [f"{path}:3: missing key: 'a'", f"{path}:4: wrong type: 'a' must be a string, got int"]
+    assert f"{path}: fields 'q' -> 'a' (system 'sys'); 5 records read, 3 kept, 2 skipped" in caplog.messages
+    # A detected format is named too, and the split into training and held-out conversations is logged.
+    from lmforge.finetune.sft import read_split
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        read_split(Path(f"{INSTRUCT}/dolly_hhrlhf_train_small.jsonl"), 0.1, 0, limit=40)
+    assert f"{INSTRUCT}/dolly_hhrlhf_train_small.jsonl: format prompt_response; 40 records read, 40 kept, 0 skipped" \
+        in caplog.messages and "40 conversations: 36 for training, 4 held out" in caplog.messages  # fmt: skip
+
+
+def test_recipe_field_settings_go_together_and_need_a_data_file():
+    from lmforge.recipe import RecipeError, load_recipe
+
+    cfg = load_recipe(None, ["sft.data=q.jsonl", "sft.prompt_field=question", "sft.response_field=answer"])
+    assert (cfg.sft.prompt_field, cfg.sft.response_field, cfg.sft.system_field) == ("question", "answer", None)
+    with pytest.raises(RecipeError, match="sft.prompt_field and sft.response_field go together"):
+        load_recipe(None, ["sft.data=q.jsonl", "sft.prompt_field=question"])
+    with pytest.raises(RecipeError, match="sft.system_field needs both"):
+        load_recipe(None, ["sft.data=q.jsonl", "sft.system_field=sys"])
+    with pytest.raises(RecipeError, match="map the records of a data file: set sft.data"):
+        load_recipe(None, ["sft.prompt_field=question", "sft.response_field=answer"])
+
+
+@needs_gsm8k
+def test_the_sft_command_maps_fields(tok, tmp_path):
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+    from lmforge.model.io import save_model
+    from lmforge.model.transformer import ModelArgs, Transformer
+
+    tok.save(tmp_path / "tokenizer.json")
+    # A context that holds whole GSM8K answers: a truncated one would leave no token to train on.
+    args = ModelArgs(vocab_size=tok.vocab_size, n_layers=1, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8,
+                     mlp_hidden=64, max_seq_len=512)  # fmt: skip
+    ckpt = save_model(tmp_path / "base", Transformer(args), args, tokenizer_path=tmp_path / "tokenizer.json")
+    base = ["sft", str(ckpt), "--data", GSM8K, "--limit", "8"]
+    half = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "x"), "--prompt-field", "question"])
+    assert half.exit_code == 2 and "--prompt-field and --response-field go together" in half.output
+    result = CliRunner().invoke(app, [*base, "-o", str(tmp_path / "out"), "--prompt-field", "question",
+                                      "--response-field", "answer", "train.max_steps=1", "train.batch_size=2"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "final").is_dir()

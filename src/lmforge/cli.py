@@ -170,8 +170,8 @@ def pretrain(
 def sft(
     checkpoint: Path = typer.Argument(..., help="A pre-trained lmforge model directory."),
     data: Path = typer.Option(..., "--data", help="Instruction or chat data: Alpaca, ShareGPT, messages or "
-                              "prompt/response records (.json or .jsonl); with --task classify, labelled text "
-                              "(.jsonl, .json, .csv or .tsv)."),
+                              "prompt/response records (.json or .jsonl), other records with --prompt-field and "
+                              "--response-field; with --task classify, labelled text (.jsonl, .json, .csv or .tsv)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory; re-running it resumes."),
     task: str = typer.Option("chat", "--task", help="chat: instruction tuning with the chat template; classify: a "
                              "new classification head on the frozen model."),
@@ -188,6 +188,12 @@ def sft(
     prefix_reparam: bool = typer.Option(False, "--prefix-reparam", help="Prefix tuning: learn through an MLP."),
     text_field: Optional[str] = typer.Option(None, "--text-field", help="classify: the text key (auto-detected)."),
     label_field: Optional[str] = typer.Option(None, "--label-field", help="classify: the label key (auto-detected)."),
+    prompt_field: Optional[str] = typer.Option(None, "--prompt-field", help="chat: the key of the user turn in "
+                                               "records of no known format (GSM8K: question); with --response-field."),
+    response_field: Optional[str] = typer.Option(None, "--response-field", help="chat: the key of the assistant "
+                                                 "turn (GSM8K: answer)."),
+    system_field: Optional[str] = typer.Option(None, "--system-field", help="chat: the key of an optional system "
+                                               "message."),
     pooling: str = typer.Option("mean", "--pooling", help="classify: mean (over the text's tokens) or last (the "
                                 "final token's state)."),
     epochs: int = typer.Option(30, "--epochs", min=1, help="classify: passes over the cached features."),
@@ -218,12 +224,16 @@ def sft(
         return
     if task != "chat":
         _fail(f"--task {task!r}: choose chat or classify", 2)
+    from lmforge.finetune.data import FieldMap
     from lmforge.finetune.lora import LoRAConfig
     from lmforge.finetune.prefix import PrefixConfig
     from lmforge.finetune.sft import METHODS, finetune
 
     if method not in METHODS:
         _fail(f"--method {method!r}: choose one of {', '.join(METHODS)}", 2)
+    if (prompt_field is None) != (response_field is None) or (system_field and not prompt_field):
+        _fail("--prompt-field and --response-field go together (--system-field needs both)", 2)
+    fields = FieldMap(prompt_field, response_field, system_field) if prompt_field and response_field else None
     cfg = _sections(list(overrides or []), {"train", "parallel"})  # names a bad override as the user wrote it
     # Fine-tuning defaults (sft.train: fewer steps, a lower learning rate), overridden by train.* settings.
     train_cfg = _sections([f"sft.{o}" for o in overrides or [] if o.startswith("train.")], {"sft"}).sft.train
@@ -232,7 +242,7 @@ def sft(
     prefix = PrefixConfig(length=prefix_length, reparam=prefix_reparam) if method == "prefix" else None
     m = finetune(checkpoint, data, out, train_cfg, method=method, train_on=train_on, freeze_blocks=freeze_blocks,
                  freeze_embeddings=freeze_embeddings, lora=lora, prefix=prefix,
-                 val_fraction=0.1 if val_fraction is None else val_fraction, limit=limit,
+                 val_fraction=0.1 if val_fraction is None else val_fraction, limit=limit, fields=fields,
                  parallel=cfg.parallel)  # fmt: skip
     before, after = m.get("heldout_loss_before"), m.get("heldout_loss_after")
     log.info("held-out loss on trained tokens: %s -> %s; %d of %d parameters trained; model in %s",

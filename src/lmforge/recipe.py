@@ -265,6 +265,11 @@ class SFTConfig(Section):
     # no documented function to hold out.
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     limit: int | None = Field(None, gt=0)  # a data file: read only the first N conversations
+    # A data file in no known format: the keys of the user turn, the assistant turn and an optional system message
+    # (GSM8K: prompt_field: question, response_field: answer). prompt_field and response_field go together.
+    prompt_field: str | None = None
+    response_field: str | None = None
+    system_field: str | None = None
     method: Literal["full", "lora", "prefix"] = "full"
     train_on: Literal["assistant", "all", "last"] = "assistant"
     freeze_blocks: int = Field(0, ge=0)  # full: freeze the first k blocks
@@ -281,6 +286,17 @@ class SFTConfig(Section):
     gen_tokens: int = Field(96, gt=0)
     samples: int = Field(3, ge=0)  # of those, shown in the report
     train: SFTTrainConfig = Field(default_factory=SFTTrainConfig)
+
+    @model_validator(mode="after")
+    def _check_fields(self) -> "SFTConfig":
+        paired = (self.prompt_field is None) == (self.response_field is None)
+        if not paired or (self.system_field and not self.prompt_field):
+            raise ValueError("sft.prompt_field and sft.response_field go together (sft.system_field needs both): "
+                             f"got prompt_field={self.prompt_field!r}, response_field={self.response_field!r}")
+        if self.prompt_field and self.data == "docstring_pairs":
+            raise ValueError("sft.prompt_field / sft.response_field map the records of a data file: set sft.data "
+                             "to one")
+        return self
 
 
 class ExportConfig(Section):

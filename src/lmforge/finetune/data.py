@@ -6,6 +6,11 @@ Four record formats are read, auto-detected per file from the first record whose
 - OpenAI-style `{messages: [{role, content}]}`.
 - prompt/response `{prompt, response}` (e.g. dolly_hhrlhf).
 
+Records in any other shape (GSM8K's `{question, answer}`) are read through a `FieldMap` naming the prompt, the
+response and optionally the system field (`--prompt-field question --response-field answer`). A file in which no
+record names a format, or whose first record lacks a mapped field, is one error that lists the keys it has and the
+keys each format needs, instead of one skip per record.
+
 Files are `.json` (one array of records) or `.jsonl` (one record a line). A bad record is never fatal and never
 silently dropped: it is skipped and counted in `Skipped` with its location (`file:line` for JSONL, `file[index]`
 for JSON arrays) and a reason. Content is kept exactly as written (no stripping): whitespace can matter to the
@@ -16,7 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +30,17 @@ log = logging.getLogger(__name__)
 
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
-FORMATS: tuple[str, ...] = ("alpaca", "sharegpt", "openai", "prompt_response")
+# The keys each format reads (`?`: optional), for the error that lists them.
+FORMAT_KEYS: dict[str, str] = {
+    "alpaca": "{instruction, output, input?, system?}",
+    "sharegpt": "{conversations: [{from, value}]}",
+    "openai": "{messages: [{role, content}]}",
+    "prompt_response": "{prompt, response}",
+}
+FORMATS: tuple[str, ...] = tuple(FORMAT_KEYS)
+# Likely prompt and response keys of other data, in order of preference: suggested in the unknown-format error.
+PROMPT_KEYS = ("question", "query", "input", "prompt", "instruction", "text", "problem", "context")
+RESPONSE_KEYS = ("answer", "response", "output", "completion", "solution", "target")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _MAX_EXAMPLES = 5
 
@@ -37,6 +52,19 @@ class Message:
 
 
 Conversation = list[Message]
+
+
+@dataclass(frozen=True)
+class FieldMap:
+    """Where the turns of records in no known format are: user = record[prompt], assistant = record[response],
+    and, when `system` is set and the record's value is non-empty, a system message first."""
+
+    prompt: str
+    response: str
+    system: str | None = None
+
+    def describe(self) -> str:
+        return f"fields {self.prompt!r} -> {self.response!r}" + (f" (system {self.system!r})" if self.system else "")
 
 
 class BadRecord(ValueError):
@@ -58,6 +86,33 @@ class Skipped:
         self.by_reason[key] = self.by_reason.get(key, 0) + 1
         if len(self.examples) < _MAX_EXAMPLES:
             self.examples.append(f"{location}: {reason}")
+
+
+def pick_field(keys: Sequence[Any], candidates: Sequence[str]) -> str | None:
+    """The first candidate among `keys`, compared case-insensitively; the key is returned as the file spells it."""
+    lower: dict[str, Any] = {}
+    for key in keys:
+        lower.setdefault(str(key).lower(), key)
+    return next((lower[c] for c in candidates if c in lower), None)
+
+
+def require_fields(location: str, record: dict[str, Any], wanted: dict[str, str | None]) -> None:
+    """Raise ValueError, once for the file, when the record lacks a field the user named; `wanted` maps the option
+    that named it (e.g. '--label-field') to the field."""
+    for option, name in wanted.items():
+        if name is not None and name not in record:
+            raise ValueError(f"{location}: no field {name!r}; fields: {', '.join(map(str, record))} (set by {option})")
+
+
+def unknown_format(path: Path, read: int, keys: list[Any]) -> str:
+    """The error for a file none of whose records names a format: its keys, each format's, and the mapping flags."""
+    prompt, response = pick_field(keys, PROMPT_KEYS), pick_field(keys, RESPONSE_KEYS)
+    flags = (f"--prompt-field {prompt} --response-field {response}" if prompt and response and prompt != response
+             else "--prompt-field KEY --response-field KEY")  # fmt: skip
+    formats = "; ".join(f"{name} {keys_}" for name, keys_ in FORMAT_KEYS.items())
+    return (f"{path}: none of the {read} records read is in a known SFT format (the first has keys "
+            f"{[str(k) for k in keys]}). The formats and their keys: {formats}. Map other fields with {flags} "
+            "(recipe: sft.prompt_field, sft.response_field, optionally sft.system_field)")
 
 
 def detect_format(record: Any) -> str | None:
@@ -101,14 +156,20 @@ def _turns(record: dict[str, Any], key: str, role_key: str, content_key: str) ->
     return out
 
 
-def to_conversation(record: Any, fmt: str) -> Conversation:
-    """The validated conversation of one record in format `fmt`; raises BadRecord with the reason."""
+def to_conversation(record: Any, fmt: str, fields: FieldMap | None = None) -> Conversation:
+    """The validated conversation of one record in format `fmt`, or read through `fields` when given; raises
+    BadRecord with the reason."""
     if not isinstance(record, dict):
         raise BadRecord(f"wrong type: record must be an object, got {type(record).__name__}")
-    if detect_format(record) != fmt:
+    if fields is None and detect_format(record) != fmt:
         raise BadRecord(f"wrong format: keys {sorted(record)[:6]} do not match the file's format {fmt!r}")
     messages: Conversation = []
-    if fmt == "alpaca":
+    if fields is not None:
+        system = _text(record, fields.system, required=False) if fields.system else ""
+        messages = [Message("system", system)] if system else []
+        messages += [Message("user", _text(record, fields.prompt)),
+                     Message("assistant", _text(record, fields.response))]  # fmt: skip
+    elif fmt == "alpaca":
         system = _text(record, "system", required=False)
         user, extra = _text(record, "instruction"), _text(record, "input", required=False)
         # An empty system / input is the format's way of saying "none".
@@ -173,27 +234,42 @@ def iter_records(path: Path, skipped: Skipped) -> Iterator[tuple[str, Any]]:
         raise ValueError(f"{path}: unsupported extension {path.suffix!r}; expected .json or .jsonl")
 
 
-def read_conversations(path: str | Path, limit: int | None = None) -> tuple[list[Conversation], Skipped]:
-    """Every valid conversation in `path` (at most `limit`), and the records skipped with where and why."""
+def read_conversations(
+    path: str | Path, limit: int | None = None, fields: FieldMap | None = None
+) -> tuple[list[Conversation], Skipped]:
+    """Every valid conversation in `path` (at most `limit`), and the records skipped with where and why; with
+    `fields`, records are read through that mapping instead of a detected format."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"instruction data file {path} does not exist")
     skipped = Skipped()
     conversations: list[Conversation] = []
-    fmt: str | None = None
+    fmt: str | None = "fields" if fields is not None else None
+    first_keys: list[Any] | None = None
     for location, record in iter_records(path, skipped):
-        if limit is not None and len(conversations) >= limit:
+        # While no record has named a format, every record read counts against the limit.
+        if limit is not None and (len(conversations) >= limit or (fmt is None and skipped.count >= limit)):
             break
+        if first_keys is None and isinstance(record, dict):
+            first_keys = list(record)
+            if fields is not None:
+                require_fields(location, record, {"--prompt-field / sft.prompt_field": fields.prompt,
+                                                  "--response-field / sft.response_field": fields.response,
+                                                  "--system-field / sft.system_field": fields.system})  # fmt: skip
         if fmt is None:
             fmt = detect_format(record)
             if fmt is None:
-                keys = sorted(record)[:6] if isinstance(record, dict) else type(record).__name__
-                skipped.add(location, f"unknown format: {keys} name none of {list(FORMATS)}")
+                skipped.add(location, "unknown format: the record's keys name no format")
                 continue
         try:
-            conversations.append(to_conversation(record, fmt))
+            conversations.append(to_conversation(record, fmt, fields))
         except BadRecord as e:
             skipped.add(location, str(e))
+    if fmt is None and first_keys is not None:
+        raise ValueError(unknown_format(path, skipped.count, first_keys))
+    log.info("%s: %s; %d records read, %d kept, %d skipped", path,
+             fields.describe() if fields is not None else f"format {fmt}", len(conversations) + skipped.count,
+             len(conversations), skipped.count)  # fmt: skip
     if skipped.count:
         log.warning("%s: skipped %d bad records %s, e.g. %s", path, skipped.count, skipped.by_reason,
                     "; ".join(skipped.examples[:3]))  # fmt: skip

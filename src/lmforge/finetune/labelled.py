@@ -5,6 +5,8 @@ are `text_field` / `label_field`, or, when not given, the first name of each lis
 hold (case-insensitive; a record holding neither is skipped and the next one asked):
     text:  text, sentence, content, prompt, input, query, question
     label: label, labels, category, class, target, gold
+A named field the first record lacks, or no record (of the first `limit`) holding a detectable one, is a single
+error listing the record's fields. The fields chosen and the label counts are logged.
 Labels are strings, integers or booleans, one kind per file; the label
 vocabulary is their sorted set. A bad record (unparsable, a missing / empty / mistyped field, a list or float label)
 is skipped and counted with `file:line` (`file[i]` in a JSON array) and its reason; a file with no usable record
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.finetune.data import BadRecord, Skipped, iter_records
+from lmforge.finetune.data import BadRecord, Skipped, iter_records, pick_field, require_fields
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +73,6 @@ def _rows(path: Path, skipped: Skipped) -> Iterator[tuple[str, Any]]:
     return _delimited(path, skipped) if path.suffix in (".csv", ".tsv") else iter_records(path, skipped)
 
 
-def _pick(keys: Sequence[str], candidates: Sequence[str]) -> str | None:
-    """The first candidate among `keys`, compared case-insensitively; the key is returned as the file spells it."""
-    lower: dict[str, str] = {}
-    for key in keys:
-        lower.setdefault(str(key).lower(), key)
-    return next((lower[c] for c in candidates if c in lower), None)
-
-
 def _kind(label: Label) -> str:
     return type(label).__name__  # keeps bool and int apart: True == 1 would merge two classes
 
@@ -112,17 +107,22 @@ def read_labelled(path: str | Path, text_field: str | None = None, label_field: 
     texts: list[str] = []
     labels: list[Label] = []
     fields: tuple[str, str] | None = None
+    first_keys: list[str] | None = None
     for where, record in _rows(path, skipped):
-        if limit is not None and len(texts) >= limit:
+        # While no record has shown the fields, every record read counts against the limit.
+        if limit is not None and (len(texts) >= limit or (fields is None and skipped.count >= limit)):
             break
         if not isinstance(record, dict):
             skipped.add(where, f"wrong type: record must be an object, got {type(record).__name__}")
             continue
+        if first_keys is None:
+            first_keys = list(record)
+            require_fields(where, record, {"--text-field": text_field, "--label-field": label_field})
         if fields is None:
-            t, y = text_field or _pick(list(record), TEXT_FIELDS), label_field or _pick(list(record), LABEL_FIELDS)
+            t = text_field or pick_field(list(record), TEXT_FIELDS)
+            y = label_field or pick_field(list(record), LABEL_FIELDS)
             if t is None or y is None:
-                skipped.add(where, f"no {'text' if t is None else 'label'} field: keys {sorted(record)[:8]} name "
-                                   f"none of {list(TEXT_FIELDS if t is None else LABEL_FIELDS)}")  # fmt: skip
+                skipped.add(where, f"no {'text' if t is None else 'label'} field")
                 continue
             fields = (t, y)
         try:
@@ -135,14 +135,31 @@ def read_labelled(path: str | Path, text_field: str | None = None, label_field: 
             continue
         texts.append(text)
         labels.append(label)
+    if fields is None and first_keys is not None:
+        missing = "text" if text_field is None and pick_field(first_keys, TEXT_FIELDS) is None else "label"
+        raise ValueError(f"{path}: none of the {skipped.count} records read has a {missing} field this can detect "
+                         f"(looked for {', '.join(TEXT_FIELDS if missing == 'text' else LABEL_FIELDS)}); the first "
+                         f"has the fields {', '.join(map(str, first_keys))}: name them with --text-field and "
+                         "--label-field")  # fmt: skip
     if not texts:
         raise ValueError(f"{path}: no usable labelled record ({skipped.count} skipped, e.g. {skipped.examples[:3]}); "
                          f"looked for text field {text_field or TEXT_FIELDS!r} and label field "
                          f"{label_field or LABEL_FIELDS!r}; pass text_field= / label_field=")  # fmt: skip
+    assert fields is not None
+    _log_summary(path, fields, (text_field, label_field), labels, skipped)
+    return Labelled(texts, labels, fields[0], fields[1], skipped)
+
+
+def _log_summary(path: Path, fields: tuple[str, str], given: tuple[str | None, str | None], labels: list[Label],
+                 skipped: Skipped) -> None:  # fmt: skip
+    """What was read: the fields (and whether they were detected), the counts, and each label's count."""
+    how = ["given" if g is not None else "detected" for g in given]
+    counts = Counter(labels)
+    log.info("%s: text field %r (%s), label field %r (%s); %d records read, %d kept, %d skipped; %d labels: %s",
+             path, fields[0], how[0], fields[1], how[1], len(labels) + skipped.count, len(labels), skipped.count,
+             len(counts), ", ".join(f"{y!r} ({counts[y]})" for y in label_vocab(labels)))  # fmt: skip
     if skipped.count:
         log.warning("%s: skipped %d records %s, e.g. %s", path, skipped.count, skipped.by_reason, skipped.examples[0])
-    assert fields is not None
-    return Labelled(texts, labels, fields[0], fields[1], skipped)
 
 
 def label_vocab(labels: Sequence[Label]) -> list[Label]:

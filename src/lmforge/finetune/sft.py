@@ -30,7 +30,7 @@ from safetensors.torch import save_model as st_save_model
 from torch import Tensor, nn
 
 from lmforge.data.loader import check_batch_layout
-from lmforge.finetune.data import Conversation, read_conversations
+from lmforge.finetune.data import Conversation, FieldMap, read_conversations
 from lmforge.finetune.lora import (
     LoRAConfig,
     apply_lora,
@@ -243,23 +243,26 @@ def finetune(
     val_fraction: float = 0.1,
     seed: int = 0,
     limit: int | None = None,
+    fields: FieldMap | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Fine-tune the checkpoint at `checkpoint` on the conversations in the file `data`, holding a seeded
     `val_fraction` of them out; `options` are finetune_conversations' keywords. Writes `out_dir/final/`."""
-    train_convs, heldout_convs, counts = read_split(data, val_fraction, seed, limit)
+    train_convs, heldout_convs, counts = read_split(data, val_fraction, seed, limit, fields)
     metrics = finetune_conversations(checkpoint, train_convs, heldout_convs, out_dir, train_cfg, seed=seed, **options)
     return {**metrics, **counts}
 
 
 def read_split(
-    data: Path, val_fraction: float, seed: int, limit: int | None = None
+    data: Path, val_fraction: float, seed: int, limit: int | None = None, fields: FieldMap | None = None
 ) -> tuple[list[Conversation], list[Conversation], dict[str, Any]]:
-    """(training, held-out conversations, skip counts) of an instruction file, `val_fraction` held out by seed."""
-    convs, skipped = read_conversations(data, limit=limit)
+    """(training, held-out conversations, skip counts) of an instruction file, `val_fraction` held out by seed;
+    `fields` maps records in no known format (lmforge.finetune.data.FieldMap)."""
+    convs, skipped = read_conversations(data, limit=limit, fields=fields)
     if not convs:
         raise ValueError(f"no usable conversations in {data} ({skipped.count} records skipped)")
     train_idx, val_idx = split_heldout(len(convs), val_fraction, seed)
+    log.info("%d conversations: %d for training, %d held out", len(convs), len(train_idx), len(val_idx))
     counts = {"skipped_records": skipped.count, "skipped_examples": skipped.examples}
     return [convs[i] for i in train_idx], [convs[i] for i in val_idx], counts
 

@@ -23,7 +23,7 @@ from torch import nn
 from lmforge.data.io import atomic_open
 from lmforge.data.curated import iter_split_records
 from lmforge.finetune.code_pairs import CodePair, completes_function, pairs_from_documents
-from lmforge.finetune.data import Conversation
+from lmforge.finetune.data import Conversation, FieldMap
 from lmforge.finetune.lora import LoRAConfig
 from lmforge.finetune.prefix import PrefixConfig
 from lmforge.finetune.sft import finetune_conversations, read_split, split_heldout
@@ -147,7 +147,9 @@ def run_sft_stage(root: Path, cfg: SFTConfig, out: Path, parallel: ParallelConfi
             _write_conversations(out / "data" / "train.jsonl", train_convs, [p.id for p in train_pairs])
             _write_conversations(out / "data" / "heldout.jsonl", heldout_convs, [p.id for p in heldout_pairs])
     else:
-        train_convs, heldout_convs, counts = read_split(Path(cfg.data), cfg.val_fraction, cfg.train.seed, cfg.limit)
+        fields = FieldMap(cfg.prompt_field, cfg.response_field, cfg.system_field) if cfg.prompt_field else None
+        train_convs, heldout_convs, counts = read_split(Path(cfg.data), cfg.val_fraction, cfg.train.seed, cfg.limit,
+                                                        fields)  # fmt: skip
 
     base, args = load_model(checkpoint, device=world.device)
     chosen = _gen_prompts(tok, heldout_convs, cfg, args.max_seq_len)
