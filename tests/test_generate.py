@@ -94,6 +94,9 @@ def test_invalid_requests_raise():
     m = make_model()
     with pytest.raises(ValueError, match="max_seq_len=48"):
         generate(m, [[0] * 40], 9)
+    with pytest.raises(ValueError, match="^the prompt alone has 48 tokens and the model's context is 48 tokens: "
+                       "shorten the prompt$"):  # fmt: skip
+        generate(m, [[0] * 48], 1)
     assert len(generate(m, [[0] * 40], 8, temperature=0)[0]) == 8
     with pytest.raises(ValueError, match="empty"):
         generate(m, [[]], 3)

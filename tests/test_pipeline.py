@@ -161,6 +161,5 @@ def test_console_entry_turns_user_errors_into_one_line(tmp_path):
     cmd = [sys.executable, "-m", "lmforge.cli", "eval", str(tmp_path / "nowhere"), "--text", str(tmp_path)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 1
-    assert result.stderr.strip() == (f"error: {tmp_path / 'nowhere'} is neither an lmforge checkpoint (model.json) "
-                                     "nor a transformers model directory (config.json) (run with --verbose for the "
-                                     "traceback)")  # fmt: skip
+    assert result.stderr.strip() == (f"error: checkpoint {tmp_path / 'nowhere'} does not exist (run with --verbose "
+                                     "for the traceback)")  # fmt: skip

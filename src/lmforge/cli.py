@@ -323,9 +323,11 @@ def lm_eval_(ctx: typer.Context) -> None:
 
 @app.command()
 def generate(
-    checkpoint: Path = typer.Argument(..., help="A model directory."),
+    checkpoint: Path = typer.Argument(..., help="An lmforge model directory (runs/NAME/pretrain/final, "
+                                      "runs/NAME/sft/final) or the folder `lmforge export` wrote."),
     prompt: str = typer.Option("", "--prompt", "-p", help="Text to continue (with --chat: the user's message)."),
-    max_tokens: int = typer.Option(200, "--max-tokens", "-n", min=1),
+    max_tokens: int = typer.Option(200, "--max-tokens", "-n", min=1, help="At most this many new tokens (fewer, "
+                                   "with a notice, when the prompt leaves less room in the model's context)."),
     temperature: float = typer.Option(0.8, min=0.0, help="0 = greedy."),
     top_k: Optional[int] = typer.Option(50, min=1),
     top_p: Optional[float] = typer.Option(None, min=0.0, max=1.0),
@@ -333,28 +335,28 @@ def generate(
     chat: bool = typer.Option(False, "--chat", help="Send the prompt as a user message through the chat template "
                               "and print the assistant's reply (stops at <|end|>)."),
     system: Optional[str] = typer.Option(None, "--system", help="With --chat: a system message."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Continue a prompt, streaming the text to the terminal (stops at end-of-sequence); with --chat, reply to it
     as the assistant of a fine-tuned model."""
+    from lmforge.infer.chat import chat_once
     from lmforge.infer.engine import stream_text
-    from lmforge.model.io import load_checkpoint_tokenizer, load_model
+    from lmforge.infer.loading import load_for_generation
 
-    model, _ = load_model(checkpoint)
-    tok = load_checkpoint_tokenizer(checkpoint)
-    if chat:
-        from lmforge.infer.chat import chat_once
-
-        try:
+    if system is not None and not chat:
+        _fail("--system goes with --chat", 2)
+    try:
+        model, tok = load_for_generation(checkpoint, device)
+        # Both check the prompt on the call, so a prompt that fills the context is reported before any output.
+        if chat:
             pieces = chat_once(model, tok, prompt, system=system, max_new_tokens=max_tokens,
                                temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)  # fmt: skip
-        except ValueError as e:  # prompt + max_tokens beyond max_seq_len
-            _fail(str(e), 2)
-    else:
-        if system is not None:
-            _fail("--system goes with --chat", 2)
-        sys.stdout.write(prompt)  # plain continuation echoes the prompt it continues
-        pieces = stream_text(model, tok, prompt, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                             seed=seed)  # fmt: skip
+        else:
+            pieces = stream_text(model, tok, prompt, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                 seed=seed)  # fmt: skip
+            sys.stdout.write(prompt)  # plain continuation echoes the prompt it continues
+    except (FileNotFoundError, ValueError) as e:  # no such checkpoint; the prompt alone fills the context
+        _fail(str(e), 2)
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
@@ -363,9 +365,12 @@ def generate(
 
 @app.command()
 def chat(
-    checkpoint: Path = typer.Argument(..., help="A model directory (a fine-tuned one: runs/NAME/sft/final)."),
+    checkpoint: Path = typer.Argument(..., help="A model directory (a fine-tuned one: runs/NAME/sft/final, or the "
+                                      "folder `lmforge export` wrote from it)."),
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System message."),
-    max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="At most this many tokens per reply."),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="At most this many tokens per reply "
+                                   "(capped, with a notice, to half the model's context: the rest holds the "
+                                   "conversation)."),
     temperature: float = typer.Option(0.8, min=0.0, help="0 = greedy."),
     top_k: Optional[int] = typer.Option(50, min=1),
     top_p: Optional[float] = typer.Option(None, min=0.0, max=1.0),
@@ -383,7 +388,7 @@ def chat(
     try:
         session = load_chat(checkpoint, device=device, system=system, max_new_tokens=max_tokens,
                             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)  # fmt: skip
-    except (FileNotFoundError, ValueError) as e:  # e.g. max_tokens >= the model's max_seq_len
+    except (FileNotFoundError, ValueError) as e:  # e.g. no such checkpoint, an unknown device
         _fail(str(e), 2)
     run_chat(session)
 

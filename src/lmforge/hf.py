@@ -38,7 +38,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import processors
 
 from lmforge.finetune.template import CHAT_TEMPLATE_JINJA, END
-from lmforge.model.io import TOKENIZER, has_prefix, load_model, staged_dir
+from lmforge.model.io import TOKENIZER, has_prefix, load_model, require_checkpoint, staged_dir
 from lmforge.model.transformer import ModelArgs
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ def export_hf(checkpoint_dir: Path, out_dir: Path, dtype: str = "float32") -> Pa
     """Write `out_dir` (atomically) so that `AutoModelForCausalLM.from_pretrained(out_dir)` loads the model."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; choose one of {sorted(DTYPES)}")
-    checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
+    checkpoint_dir, out_dir = require_checkpoint(checkpoint_dir), Path(out_dir)
     tokenizer_src = checkpoint_dir / TOKENIZER
     if not tokenizer_src.is_file():
         raise FileNotFoundError(f"{checkpoint_dir} has no {TOKENIZER}; an export needs the model's tokenizer")
@@ -253,3 +253,14 @@ def export_hf(checkpoint_dir: Path, out_dir: Path, dtype: str = "float32") -> Pa
         _write_tokenizer(tokenizer_src, tmp, args.max_seq_len)
     log.info("exported %s to %s (Hugging Face %s, %s)", checkpoint_dir, out_dir, config["architectures"][0], dtype)
     return out_dir
+
+
+def load_causal_lm(path: Path, device: torch.device) -> torch.nn.Module:
+    """A transformers causal-LM directory (an export, or any model transformers loads) in float32 on `device`,
+    in eval mode: what evaluation scores and what generate and chat run for an export."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError as e:
+        raise RuntimeError(f"reading a transformers model directory needs transformers: pip install transformers "
+                           f"({e})") from e  # fmt: skip
+    return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).to(device).eval()

@@ -12,7 +12,7 @@ import torch
 from lmforge.data.io import atomic_write_json, atomic_write_text
 from lmforge.data.readers import read_documents
 from lmforge.eval.perplexity import XzMeter, score_texts
-from lmforge.infer.engine import generate
+from lmforge.infer.engine import cap_new_tokens, generate
 from lmforge.model.io import load_checkpoint_tokenizer, load_model
 from lmforge.recipe import EvalConfig
 from lmforge.train.host import keep_freed_memory
@@ -135,15 +135,17 @@ def _score_card(metrics: dict, tasks: dict, table) -> str:  # noqa: ANN001
 
 
 def sample_generations(model, tokenizer, cfg: EvalConfig, device: torch.device) -> list[dict]:
-    """`cfg.samples` generations, cycling through the prompts, reproducible (seeded by index)."""
+    """`cfg.samples` generations, cycling through the prompts, reproducible (seeded by index); each at most
+    cfg.sample_tokens long, or what the longest prompt leaves of the model's context (logged once)."""
+    prompts = [cfg.prompts[i % len(cfg.prompts)] if cfg.prompts else "" for i in range(cfg.samples)]
+    encoded = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+    if not encoded:
+        return []
+    n = cap_new_tokens(cfg.sample_tokens, model.args.max_seq_len, max(map(len, encoded)), setting="eval.sample_tokens")
     out = []
-    for i in range(cfg.samples):
-        prompt = cfg.prompts[i % len(cfg.prompts)] if cfg.prompts else ""
-        ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
-        new = generate(
-            model, [ids], cfg.sample_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-            eos_id=tokenizer.eos_id, seed=i,
-        )[0]  # fmt: skip
+    for i, (prompt, ids) in enumerate(zip(prompts, encoded)):
+        new = generate(model, [ids], n, temperature=cfg.temperature, top_k=cfg.top_k, eos_id=tokenizer.eos_id,
+                       seed=i)[0]  # fmt: skip
         out.append({"prompt": prompt, "completion": tokenizer.decode(new)})
     return out
 

@@ -63,8 +63,9 @@ def load_language_model(path: Path, device: str = "auto") -> LanguageModel:
         return _lmforge_model(path, dev)
     if (path / "config.json").is_file():
         return _hf_model(path, dev)
-    raise FileNotFoundError(f"{path} is neither an lmforge checkpoint (model.json) nor a transformers model "
-                            "directory (config.json)")  # fmt: skip
+    from lmforge.model.io import not_a_checkpoint
+
+    raise not_a_checkpoint(path, transformers_too=True)
 
 
 def _lmforge_model(path: Path, device: torch.device) -> LanguageModel:
@@ -88,12 +89,11 @@ def from_lmforge(model: torch.nn.Module, tokenizer, name: str = "model") -> Lang
 
 
 def _hf_model(path: Path, device: torch.device) -> LanguageModel:
-    try:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError as e:
-        raise RuntimeError(f"scoring a transformers model directory needs transformers: pip install transformers "
-                           f"({e})") from e  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).to(device).eval()
+    from lmforge.hf import load_causal_lm
+
+    model = load_causal_lm(path, device)
+    from transformers import AutoTokenizer  # present: load_causal_lm needed it
+
     tok = AutoTokenizer.from_pretrained(path)
     bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
 
@@ -330,6 +330,10 @@ def generate_until(
     if chat and lm.chat_prompt is None:
         raise ValueError(f"{lm.name} has no chat template (its tokenizer sets no chat_template), so it cannot be "
                          "prompted with chat messages; set eval.chat_template=false")  # fmt: skip
+    from lmforge.infer.engine import cap_new_tokens
+
+    # Prompts are cut from the start to fit, so half the context stays theirs.
+    max_new_tokens = cap_new_tokens(max_new_tokens, lm.max_len, setting=f"{label}: max_new_tokens")
     encode = lm.chat_prompt if chat else lambda p: lm.prefix + lm.encode(p)
     stops = lm.chat_stop_ids if chat else ()
     outputs: list[str] = []

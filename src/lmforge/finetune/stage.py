@@ -29,7 +29,7 @@ from lmforge.finetune.prefix import PrefixConfig
 from lmforge.finetune.sft import finetune_conversations, read_split, split_heldout
 from lmforge.finetune.template import prompt_ids, render
 from lmforge.infer.chat import chat_stop_ids
-from lmforge.infer.engine import generate
+from lmforge.infer.engine import cap_new_tokens, generate
 from lmforge.model.io import load_checkpoint_tokenizer, load_model, read_model_args
 from lmforge.recipe import ParallelConfig, SFTConfig
 from lmforge.tokenizer import Tokenizer
@@ -121,10 +121,11 @@ def generation_check(
     return result
 
 
-def _gen_prompts(tok: Tokenizer, heldout: list[Conversation], cfg: SFTConfig, max_seq_len: int) -> list[int]:
+def _gen_prompts(tok: Tokenizer, heldout: list[Conversation], cfg: SFTConfig, gen_tokens: int,
+                 max_seq_len: int) -> list[int]:  # fmt: skip
     """Indices of held-out conversations to decode from: their prompt leaves room for gen_tokens."""
     room = [i for i, c in enumerate(heldout)
-            if c[-1].role == "assistant" and len(prompt_ids(tok, c[:-1])) + cfg.gen_tokens <= max_seq_len]  # fmt: skip
+            if c[-1].role == "assistant" and len(prompt_ids(tok, c[:-1])) + gen_tokens <= max_seq_len]  # fmt: skip
     return _spread(room, cfg.gen_prompts)
 
 
@@ -152,17 +153,19 @@ def run_sft_stage(root: Path, cfg: SFTConfig, out: Path, parallel: ParallelConfi
                                                         fields)  # fmt: skip
 
     base, args = load_model(checkpoint, device=world.device)
-    chosen = _gen_prompts(tok, heldout_convs, cfg, args.max_seq_len)
+    # A small model's context may not hold sft.gen_tokens: half of it stays for the prompts.
+    gen_tokens = cap_new_tokens(cfg.gen_tokens, args.max_seq_len, setting="sft.gen_tokens")
+    chosen = _gen_prompts(tok, heldout_convs, cfg, gen_tokens, args.max_seq_len)
     prompts = [heldout_convs[i][:-1] for i in chosen]
     if cfg.data == DOCSTRING_PAIRS:
         code_prompts = [heldout_pairs[i].prompt for i in chosen]
-    before = generation_check(base, tok, prompts, cfg.gen_tokens, code_prompts) if prompts else None
+    before = generation_check(base, tok, prompts, gen_tokens, code_prompts) if prompts else None
     del base
 
     def after_training(model: nn.Module) -> dict[str, Any]:
         if not prompts:
             return {}
-        after = generation_check(model, tok, prompts, cfg.gen_tokens, code_prompts)
+        after = generation_check(model, tok, prompts, gen_tokens, code_prompts)
         return {"generation_before": _rates(before), "generation_after": _rates(after),
                 "samples": [{"prompt": _last_user(p), "before": b, "after": a}
                             for p, b, a in zip(prompts[: cfg.samples], before["replies"], after["replies"])]}  # fmt: skip

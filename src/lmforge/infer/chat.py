@@ -9,8 +9,10 @@ after the longest common prefix are run: a turn costs its own tokens, not the wh
 prefix is compared by id, because a reply re-encoded from its text may not be the ids that were sampled.)
 
 When the conversation and `max_new_tokens` no longer fit the model's context, the oldest user/assistant turns
-are dropped (the system message is kept) and the reply says how many; a message that does not fit on its own
-raises ValueError.
+are dropped (the system message is kept) and the reply says how many; a message too long to leave
+`max_new_tokens` even then gets a shorter reply (logged), and one that leaves no room at all raises ValueError.
+`load_chat` caps `max_new_tokens` to half the context, so that a conversation keeps the other half; `chat_once`
+(one message) caps it to what the prompt leaves.
 
     session = load_chat("runs/x/sft/final", system="Answer briefly.", temperature=0.7)
     run_chat(session)  # /reset, /system TEXT, /history, /exit; EOF or Ctrl-C at the prompt ends it
@@ -25,7 +27,7 @@ from typing import Any
 
 from lmforge.finetune.data import Conversation, Message
 from lmforge.finetune.template import END, prompt_ids
-from lmforge.infer.engine import KVCache, check_sampling, decode_stream, make_generator, stream_tokens
+from lmforge.infer.engine import KVCache, cap_new_tokens, check_sampling, decode_stream, make_generator, stream_tokens
 from lmforge.model.transformer import Transformer
 from lmforge.tokenizer import Tokenizer
 
@@ -57,14 +59,17 @@ class Reply:
     """One assistant reply, streaming: iterate it for the text pieces as they are generated.
 
     `prompt_ids` is the prompt it answers, `reused` how many of those came from the session's cache, `dropped`
-    how many old turns were dropped to fit. The reply joins the session's history (with the user message) when
+    how many old turns were dropped to fit, `max_new_tokens` its length limit (the session's, or less when the
+    prompt leaves less room). The reply joins the session's history (with the user message) when
     the iteration ends, at `<|end|>` or EOS (`finish_reason` "stop") or after max_new_tokens ("length"), or when
     it is closed early ("interrupted", keeping the text generated so far). `text` is then the whole reply.
     """
 
-    def __init__(self, session: ChatSession, user: Message, prompt: list[int], keep_from: int, dropped: int) -> None:
+    def __init__(self, session: ChatSession, user: Message, prompt: list[int], keep_from: int, dropped: int,
+                 max_new_tokens: int) -> None:  # fmt: skip
         self.prompt_ids = prompt
         self.dropped = dropped
+        self.max_new_tokens = max_new_tokens
         self.reused = session._reuse(prompt)
         self.tokens: list[int] = []
         self.text = ""
@@ -88,12 +93,12 @@ class Reply:
 
     def _run(self, s: ChatSession, user: Message, keep_from: int) -> Iterator[str]:
         tokens = stream_tokens(
-            s.model, self.prompt_ids, s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+            s.model, self.prompt_ids, self.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
             stop_ids=chat_stop_ids(s.tokenizer), generator=s._generator, cache=s._cache,
         )  # fmt: skip
         try:
             yield from decode_stream(s.tokenizer, self._collect(tokens))
-            self.finish_reason = "length" if len(self.tokens) == s.max_new_tokens else "stop"
+            self.finish_reason = "length" if len(self.tokens) == self.max_new_tokens else "stop"
         except (GeneratorExit, KeyboardInterrupt):
             self.finish_reason = "interrupted"
             raise
@@ -163,13 +168,9 @@ class ChatSession:
         while len(ids) > limit and keep_from < len(self._turns):
             keep_from += 2  # a user message and its reply
             ids = prompt_ids(self.tokenizer, _with_system(self.system, self._turns[keep_from:] + [user]))
-        if len(ids) > limit:
-            raise ValueError(
-                f"this message needs a {len(ids)}-token prompt{' with the system message' if self.system else ''}; "
-                f"with max_new_tokens={self.max_new_tokens} that exceeds the model's max_seq_len="
-                f"{self.model.args.max_seq_len}. Shorten it, or ask for fewer new tokens."
-            )
-        self._reply = Reply(self, user, ids, keep_from, keep_from // 2)
+        # Raises when the prompt alone fills the context; a shorter reply is logged.
+        max_new = cap_new_tokens(self.max_new_tokens, self.model.args.max_seq_len, len(ids))
+        self._reply = Reply(self, user, ids, keep_from, keep_from // 2, max_new)
         return self._reply
 
     def _finish_reply(self) -> None:
@@ -190,19 +191,26 @@ class ChatSession:
         return n
 
 
-def chat_once(model: Transformer, tokenizer: Tokenizer, prompt: str, **settings: Any) -> Reply:
-    """The streaming reply to `prompt` as a single user message (`lmforge generate --chat`). `settings` are
-    ChatSession's: system, max_new_tokens, temperature, top_k, top_p, seed."""
-    return ChatSession(model, tokenizer, **settings).send(prompt)
+def chat_once(model: Transformer, tokenizer: Tokenizer, prompt: str, *, max_new_tokens: int = 256,
+              system: str | None = None, **settings: Any) -> Reply:  # fmt: skip
+    """The streaming reply to `prompt` as a single user message (`lmforge generate --chat`), at most
+    max_new_tokens long or what the prompt leaves of the context (logged). `settings` are ChatSession's:
+    temperature, top_k, top_p, seed. A prompt that fills the context raises ValueError."""
+    ids = prompt_ids(tokenizer, _with_system(system, [Message("user", prompt)]))
+    max_new = cap_new_tokens(max_new_tokens, model.args.max_seq_len, len(ids))
+    return ChatSession(model, tokenizer, system=system, max_new_tokens=max_new, **settings).send(prompt)
 
 
-def load_chat(checkpoint: str | Path, *, device: str = "auto", **settings: Any) -> ChatSession:
-    """A ChatSession with the model and tokenizer of a checkpoint directory; `settings` are ChatSession's."""
-    from lmforge.model.io import load_checkpoint_tokenizer, load_model
-    from lmforge.train.precision import resolve_device
+def load_chat(checkpoint: str | Path, *, device: str = "auto", max_new_tokens: int = 256,
+              **settings: Any) -> ChatSession:  # fmt: skip
+    """A ChatSession with the model and tokenizer of an lmforge checkpoint or its Hugging Face export; replies of
+    at most max_new_tokens or half the model's context (logged), the rest kept for the conversation. `settings`
+    are ChatSession's."""
+    from lmforge.infer.loading import load_for_generation
 
-    model, _ = load_model(Path(checkpoint), device=resolve_device(device))
-    return ChatSession(model, load_checkpoint_tokenizer(Path(checkpoint)), **settings)
+    model, tokenizer = load_for_generation(Path(checkpoint), device)
+    max_new = cap_new_tokens(max_new_tokens, model.args.max_seq_len)
+    return ChatSession(model, tokenizer, max_new_tokens=max_new, **settings)
 
 
 def _write_stdout(text: str) -> None:

@@ -1,8 +1,10 @@
 """Generation: a preallocated KV cache, temperature / top-k / top-p sampling and streaming text.
 
 Prompts are token ids used as given by `generate`; `stream_text` encodes text and prepends BOS, because every
-training document starts with BOS. A prompt plus its new tokens must fit in the model's context: a longer request
-raises ValueError instead of silently dropping the start of the prompt.
+training document starts with BOS. A prompt plus its new tokens must fit in the model's context: `generate` raises
+ValueError for a longer request instead of silently dropping the start of the prompt. Callers that take a length
+from a user or a setting pass it through `cap_new_tokens` first, which lowers it to what fits (saying so once) and
+raises only when the prompt alone fills the context; `stream_text` does this itself.
 
 Generation stops before EOS (`eos_id`) and before any of `stop_ids` (a chat reply also ends at `<|end|>`); the stop
 token is never returned, streamed or fed back to the model. `stream_tokens` continues one prompt token by token and
@@ -15,6 +17,7 @@ time. Sampling draws from one generator seeded by `seed`, so a given batch of pr
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -24,6 +27,8 @@ from lmforge.model.transformer import Transformer
 
 if TYPE_CHECKING:
     from lmforge.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 class KVCache:
@@ -50,8 +55,10 @@ class KVCache:
     def for_model(cls, model: Transformer, batch_size: int, max_len: int | None = None) -> KVCache:
         """A cache in the model's parameter dtype and device, by default as long as its context."""
         a = model.args
-        p = next(model.parameters())
         length = max_len if max_len is not None else a.max_seq_len
+        if hasattr(model, "new_cache"):  # a model that keeps its own cache (lmforge.infer.loading's transformers one)
+            return model.new_cache(batch_size, length)
+        p = next(model.parameters())
         return cls(a.n_layers, batch_size, a.n_kv_heads, length, a.head_dim, device=p.device, dtype=p.dtype)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,6 +146,32 @@ def _decode_group(
             logits = model(seq)[:, -1]
 
 
+def prompt_too_long(prompt_tokens: int, max_seq_len: int) -> ValueError:
+    """The one error for a prompt that leaves no room in the context for a new token."""
+    return ValueError(f"the prompt alone has {prompt_tokens} tokens and the model's context is {max_seq_len} tokens: "
+                      "shorten the prompt")  # fmt: skip
+
+
+def cap_new_tokens(requested: int, max_seq_len: int, prompt_tokens: int | None = None, *,
+                   setting: str = "max_new_tokens") -> int:  # fmt: skip
+    """`requested` new tokens, or as many as fit in the model's context, logging the cap (naming `setting`).
+
+    After a known prompt, everything the prompt leaves fits (ValueError when it leaves nothing). Before the prompt
+    is known (a chat's turns, a batch of task prompts cut to fit), half the context is kept for the prompt.
+    """
+    if prompt_tokens is None:
+        room, why = max(max_seq_len // 2, 1), "keeping half of it for the prompt"
+    elif prompt_tokens >= max_seq_len:
+        raise prompt_too_long(prompt_tokens, max_seq_len)
+    else:
+        room, why = max_seq_len - prompt_tokens, f"after the {prompt_tokens}-token prompt"
+    if requested <= room:
+        return requested
+    log.warning("%s=%d does not fit the model's %d-token context %s: generating at most %d new tokens",
+                setting, requested, max_seq_len, why, room)  # fmt: skip
+    return room
+
+
 def _validate_prompts(model: Transformer, prompts: list[list[int]], max_new_tokens: int) -> None:
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -147,6 +180,8 @@ def _validate_prompts(model: Transformer, prompts: list[list[int]], max_new_toke
         if not p:
             raise ValueError(f"prompt {i} is empty; start it with the BOS token")
         if len(p) + max_new_tokens > limit:
+            if len(p) >= limit:
+                raise prompt_too_long(len(p), limit)
             raise ValueError(
                 f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that exceeds the model's "
                 f"max_seq_len={limit}. Shorten the prompt or ask for fewer tokens."
@@ -287,10 +322,15 @@ def stream_text(
     add_bos: bool = True,
     stop_ids: Iterable[int] = (),
 ) -> Iterator[str]:
-    """Yield the continuation of `prompt` piece by piece (see `decode_stream`); it stops before the tokenizer's
-    EOS and before any of `stop_ids`, whose text is never emitted. The pieces join to the decode of all new tokens.
+    """The continuation of `prompt`, piece by piece (see `decode_stream`); it stops before the tokenizer's EOS
+    and before any of `stop_ids`, whose text is never emitted. The pieces join to the decode of all new tokens.
+
+    `max_new_tokens` is capped to what fits after the prompt (see `cap_new_tokens`). The checks run on the call,
+    before any piece is asked for, so a caller can report a prompt that is too long before printing anything.
     """
     ids = ([tokenizer.bos_id] if add_bos else []) + tokenizer.encode(prompt)
+    max_new_tokens = cap_new_tokens(max_new_tokens, model.args.max_seq_len, len(ids))
+    check_sampling(temperature, top_k, top_p)
     tokens = stream_tokens(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                            stop_ids=_stop_set(tokenizer.eos_id, stop_ids), seed=seed)  # fmt: skip
-    yield from decode_stream(tokenizer, tokens)
+    return decode_stream(tokenizer, tokens)

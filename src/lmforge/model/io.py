@@ -83,10 +83,44 @@ def save_model(dir: Path, model: Transformer, args: ModelArgs, tokenizer_path: P
     return dir
 
 
+def _checkpoints_inside(dir: Path) -> list[Path]:
+    """The checkpoints a run folder (runs/NAME: */final) or a stage folder (runs/NAME/pretrain: final) holds,
+    the newest first (fine-tuned after pre-trained)."""
+    found = [d for d in [dir / "final", *sorted(dir.glob("*/final"))] if (d / META).is_file()]
+    return sorted(found, key=lambda d: (d / META).stat().st_mtime, reverse=True)
+
+
+def not_a_checkpoint(dir: Path, *, transformers_too: bool = False) -> FileNotFoundError:
+    """Why `dir` is no lmforge checkpoint, naming the checkpoint the user probably meant. `transformers_too`: the
+    caller also reads transformers model directories (and found no config.json either)."""
+    dir = Path(dir)
+    if not dir.exists():
+        return FileNotFoundError(f"checkpoint {dir} does not exist")
+    inside = _checkpoints_inside(dir) if dir.is_dir() else []
+    if inside:
+        others = f" (the newest; also {', '.join(map(str, inside[1:]))})" if len(inside) > 1 else ""
+        return FileNotFoundError(f"{dir} is not a model checkpoint but holds one: give {inside[0]}{others}")
+    if transformers_too:
+        return FileNotFoundError(f"{dir} is neither an lmforge checkpoint ({META}) nor a transformers model "
+                                 "directory (config.json)")  # fmt: skip
+    if (dir / "config.json").is_file():
+        return FileNotFoundError(f"{dir} is a Hugging Face model directory, not an lmforge checkpoint (no {META}); "
+                                 "this command reads lmforge checkpoints such as runs/NAME/sft/final")  # fmt: skip
+    return FileNotFoundError(f"{dir} is not an lmforge model checkpoint: missing {META}")
+
+
+def require_checkpoint(dir: Path) -> Path:
+    """`dir`, when it is an lmforge checkpoint (it has model.json); else `not_a_checkpoint`'s error."""
+    dir = Path(dir)
+    if not (dir / META).is_file():
+        raise not_a_checkpoint(dir)
+    return dir
+
+
 def _require(dir: Path, name: str) -> Path:
-    path = dir / name
+    path = require_checkpoint(dir) / name
     if not path.is_file():
-        raise FileNotFoundError(f"{dir} is not an lmforge model checkpoint: missing {name}")
+        raise FileNotFoundError(f"{dir} is not a complete lmforge model checkpoint: missing {name}")
     return path
 
 
