@@ -1,8 +1,12 @@
 """Recipe validation: every mistake is caught before work starts, with a message naming key, value and choices."""
 
+import re
+
 import pytest
 
+from lmforge import recipe as recipe_module
 from lmforge.recipe import (
+    BUILTIN_DIR,
     DEFAULT_RECIPE,
     RecipeError,
     apply_overrides,
@@ -98,3 +102,84 @@ def test_validate_recipe_reports_every_error_at_once():
         validate_recipe({"train": {"lr": 0, "batch_size": 0}, "colour": "red"})
     msg = str(e.value)
     assert "train.lr = 0" in msg and "train.batch_size = 0" in msg and "unknown key 'colour'" in msg
+
+
+def test_a_recipe_file_without_name_is_named_after_the_file_and_says_where_its_defaults_come_from(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    mine = tmp_path / "my-recipe.yaml"
+    mine.write_text("data:\n  source: /some/dir\n")
+    r = load_recipe(str(mine))
+    assert (r.name, str(r.run_path), r.data.source) == ("my-recipe", "runs/my-recipe", "/some/dir")
+    # No base: every other setting is the schema's default, and the run says so at its start.
+    assert (r.model.depth, r.train.max_steps) == (4, 1000)
+    assert r.describe_origin() == (f"recipe {mine} -> runs/my-recipe; settings it does not give take the schema "
+                                   f"defaults in {recipe_module.__file__} (it names no base: recipe)")  # fmt: skip
+    assert load_recipe(str(empty)).name == "empty"
+    assert load_recipe(str(empty), ["name=other"]).name == "other"
+    assert r.origin == str(mine.resolve()) and load_recipe().origin == "built-in recipe stdlib-code"
+
+
+def test_base_recipe_fills_the_settings_a_recipe_leaves_unset(tmp_path):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("base: stdlib-code\ndata:\n  source: /my/text\ntrain:\n  max_steps: 40\n")
+    r = load_recipe(str(mine), ["train.lr=0.001"])
+    builtin = load_recipe()
+    assert r.name == "mine", "a base's name is never inherited: its run directory is its own"
+    assert (r.data.source, r.train.max_steps, r.train.lr) == ("/my/text", 40, 0.001)
+    # Sections merge key by key: the base's other data, model and train settings stay.
+    assert r.data.fix_mojibake is False and r.data.near_dedup is True and r.model.depth == 3
+    assert r.train.optimizer == "muon" and r.stages == builtin.stages and r.sft == builtin.sft
+    assert r.describe_origin() == (f"recipe {mine} -> runs/mine; settings it does not give come from base recipe "
+                                   f"{BUILTIN_DIR / 'stdlib-code.yaml'}, then the schema defaults in "
+                                   f"{recipe_module.__file__}")  # fmt: skip
+    # A base file is found beside the recipe; a mixture of objectives is a value, replaced rather than merged.
+    (tmp_path / "mix.yaml").write_text("pretrain:\n  objective: {clm: 1, mlm: 1}\n")
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "child.yaml"
+    child.write_text("base: ../mix.yaml\npretrain:\n  objective: {span: 1}\n")
+    assert load_recipe(str(child)).pretrain.objective == {"span": 1.0}
+
+
+def test_base_mistakes_are_named(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("base: b.yaml\n")
+    b.write_text("base: a.yaml\n")
+    with pytest.raises(RecipeError, match=f"^{re.escape(f'{b}: base: {a} is already a recipe in this chain')}; "
+                                          "bases must not form a loop$"):  # fmt: skip
+        load_recipe(str(a))
+    a.write_text("base: nope\n")
+    with pytest.raises(RecipeError, match=f"^{re.escape(str(a))}: base: no recipe file or built-in recipe named"):
+        load_recipe(str(a))
+    with pytest.raises(RecipeError, match=r"^override 'base=web': the base recipe is named in a recipe file"):
+        load_recipe(None, ["base=web"])
+
+
+def test_a_typo_is_blamed_where_it_was_typed_with_the_closest_key():
+    with pytest.raises(RecipeError) as e:
+        load_recipe(None, ["train.schedul=linear"])
+    lines = str(e.value).splitlines()
+    assert lines[0] == "invalid settings:"
+    assert lines[1].startswith("  override 'train.schedul=linear': unknown key 'train.schedul' (did you mean "
+                               "'train.schedule'?); allowed keys here: activation_checkpointing, batch_size,")
+    assert "stdlib-code.yaml" not in str(e.value)
+    with pytest.raises(RecipeError, match=r"override 'bse=x': unknown key 'bse' \(did you mean 'base'\?\)"):
+        load_recipe(None, ["bse=x"])
+    with pytest.raises(RecipeError, match=r"override 'model.n_kv_heads=2': model: n_heads=3 must be divisible"):
+        load_recipe(None, ["model.n_kv_heads=2"])
+
+
+def test_a_typo_in_the_recipe_file_blames_the_file(tmp_path):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("data:\n  sorce: /x\ntrain:\n  lr: 1\n")
+    with pytest.raises(RecipeError) as e:
+        load_recipe(str(mine), ["train.lr=-1"])
+    lines = str(e.value).splitlines()
+    assert lines[1].startswith(f"  {mine}: unknown key 'data.sorce' (did you mean 'data.source'?); allowed keys here:")
+    assert lines[2] == "  override 'train.lr=-1': train.lr = -1: Input should be greater than 0"
+    # A setting the base gives is blamed on the base file.
+    mine.write_text(f"base: {tmp_path / 'base.yaml'}\n")
+    (tmp_path / "base.yaml").write_text("eval:\n  top_k: 0\n")
+    base_typo = f"  {tmp_path / 'base.yaml'}: eval.top_k = 0: Input should be greater than 0"
+    with pytest.raises(RecipeError, match=re.escape(base_typo)):
+        load_recipe(str(mine))

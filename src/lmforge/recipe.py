@@ -1,16 +1,19 @@
-"""Recipes: pydantic schemas for every stage's settings, YAML loading and dotted overrides.
+"""Recipes: pydantic schemas for every stage's settings, YAML loading, base recipes and dotted overrides.
 
 A recipe is validated completely before any stage runs: an unknown key or a bad value raises
-`RecipeError` naming the key, the value given and what is allowed.
+`RecipeError` naming where it was given (recipe file or command-line override), the key, the value given and
+what is allowed.
 """
 
 from __future__ import annotations
 
+import copy
+import difflib
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from lmforge.data.files import DEFAULT_EXTENSIONS
 
@@ -305,7 +308,9 @@ class ExportConfig(Section):
 
 
 class Recipe(Section):
-    name: str = "stdlib-code"
+    # The run's folder under run_dir. A recipe file without `name:` is named after the file (my-recipe.yaml ->
+    # my-recipe); `base:` (a built-in recipe or another file) is read by load_recipe, and its name is never inherited.
+    name: str = "run"
     run_dir: str = "runs"
     # Every stage but sft by default: a recipe adds "sft" to fine-tune the pre-trained model.
     stages: list[Literal["curate", "tokenizer", "shards", "pretrain", "sft", "eval", "export", "report"]] = Field(
@@ -338,35 +343,98 @@ class Recipe(Section):
             )
         return self
 
+    # Set by load_recipe: the recipe file, and the base recipes its unset settings come from (nearest first).
+    _file: Path | None = PrivateAttr(None)
+    _bases: list[str] = PrivateAttr(default_factory=list)
+
     @property
     def run_path(self) -> Path:
         return Path(self.run_dir) / self.name
 
+    @property
+    def origin(self) -> str:
+        """The recipe a run directory records as its maker: a built-in recipe by name (its path moves with the
+        installation), a file by absolute path; "<dict>" for a recipe built in Python."""
+        if self._file is None:
+            return "<dict>"
+        if self._file.resolve().parent == BUILTIN_DIR.resolve():
+            return f"built-in recipe {self._file.stem}"
+        return str(self._file.resolve())
 
-def _format_error(err: ValidationError, source: str) -> str:
-    lines = [f"invalid recipe {source}:"]
+    def describe_origin(self) -> str:
+        """One line for the start of a run: the recipe, its run directory, and where unset settings come from."""
+        where = "a recipe built in Python" if self._file is None else f"recipe {self._file}"
+        defaults = f"the schema defaults in {Path(__file__)}"
+        if self._bases:
+            chain = ", then ".join(f"base recipe {b}" for b in self._bases)
+            return f"{where} -> {self.run_path}; settings it does not give come from {chain}, then {defaults}"
+        return f"{where} -> {self.run_path}; settings it does not give take {defaults} (it names no base: recipe)"
+
+
+Layer = tuple[str, dict]  # where settings were given (a recipe file, a command-line override), and those settings
+BASE_KEY = "base"  # a recipe file's key naming the recipe its unset settings come from
+
+
+def _format_error(err: ValidationError, layers: list[Layer]) -> str:
+    """One line per error, led by where the setting was given, so a typo is blamed where it was typed."""
+    lines = ["invalid settings:"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        loc = e["loc"]
+        key = ".".join(str(p) for p in loc) or "(top level)"
         if e["type"] == "extra_forbidden":
-            parent = e["loc"][:-1]
-            allowed = _allowed_keys(parent)
-            lines.append(f"  unknown key '{key}'; allowed keys here: {', '.join(allowed)}")
+            allowed = _allowed_keys(loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)" if close else ""
+            text = f"unknown key '{key}'{hint}; allowed keys here: {', '.join(allowed)}"
+        elif isinstance(e.get("input"), dict):  # a check across a section's keys: its message names them
+            text = e["msg"].removeprefix("Value error, ")
+            text = f"{key}: {text}" if loc else text
         else:
-            value = e.get("input")
-            shown = repr(value) if not isinstance(value, dict) else "{...}"
-            lines.append(f"  {key} = {shown}: {e['msg']}")
+            text = f"{key} = {e.get('input')!r}: {e['msg']}"
+        lines.append(f"  {_blame(loc, layers)}: {text}")
     return "\n".join(lines)
 
 
+def _blame(loc: tuple, layers: list[Layer]) -> str:
+    """Where the setting at `loc` was given: the layer reaching deepest into it, the latest on a tie."""
+    if not loc:  # a check across sections: every layer had a part in it
+        return " + ".join(label for label, _ in layers)
+
+    def depth(data: Any) -> int:
+        for n, part in enumerate(loc):
+            if not isinstance(data, dict) or part not in data:
+                return n
+            data = data[part]
+        return len(loc)
+
+    return max(reversed(layers), key=lambda layer: depth(layer[1]))[0]
+
+
+def _section_model(model: type[BaseModel], key: Any) -> type[BaseModel] | None:
+    """The settings class of `model`'s section `key`, or None when `key` holds a value."""
+    field = model.model_fields.get(str(key))
+    ann = field.annotation if field else None
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
 def _allowed_keys(loc: tuple) -> list[str]:
-    model: type[BaseModel] = Recipe
+    model: type[BaseModel] | None = Recipe
     for part in loc:
-        field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None) if field else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+        model = _section_model(model, part)
+        if model is None:
             return []
-        model = ann
-    return sorted(model.model_fields)
+    return sorted([*model.model_fields, *([BASE_KEY] if not loc else [])])
+
+
+def _merge(under: dict, over: dict, model: type[BaseModel] = Recipe) -> dict:
+    """`over`'s settings on top of `under`'s: sections merge key by key; values, lists and mixtures are replaced."""
+    out = dict(under)
+    for key, value in over.items():
+        section = _section_model(model, key)
+        if section and isinstance(value, dict) and isinstance(out.get(key), dict):
+            value = _merge(out[key], value, section)
+        out[key] = value
+    return out
 
 
 def _parse_value(text: str) -> Any:
@@ -395,11 +463,13 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def resolve_recipe_path(name_or_path: str | None) -> Path:
-    """A path to a YAML file, or the name of a built-in recipe."""
+def resolve_recipe_path(name_or_path: str | None, folder: Path | None = None) -> Path:
+    """A path to a YAML file (relative to `folder` when given), or the name of a built-in recipe."""
     if name_or_path is None:
         name_or_path = DEFAULT_RECIPE
     path = Path(name_or_path)
+    if folder is not None and not path.is_absolute():
+        path = folder / path
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.exists():
             raise RecipeError(f"recipe file {path} does not exist")
@@ -411,21 +481,67 @@ def resolve_recipe_path(name_or_path: str | None) -> Path:
     raise RecipeError(f"no recipe file or built-in recipe named '{name_or_path}'; built-in recipes: {names}")
 
 
-def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = None) -> Recipe:
-    """Load, override and validate a recipe. Raises RecipeError before any work starts."""
-    path = resolve_recipe_path(name_or_path)
+def _read_recipe_file(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise RecipeError(f"recipe {path} is not valid YAML: {e}") from e
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {path} must be a mapping of sections, got {type(data).__name__}")
-    data = apply_overrides(data, list(overrides or []))
-    return validate_recipe(data, source=str(path))
+    return data
 
 
-def validate_recipe(data: dict, source: str = "<dict>") -> Recipe:
+def _with_bases(data: dict, label: str, folder: Path, seen: tuple[Path, ...]) -> list[Layer]:
+    """The recipe's layers, the furthest base first: `base:` names the recipe whose settings fill the ones unset."""
+    data = dict(data)
+    base = data.pop(BASE_KEY, None)
+    if base is None:
+        return [(label, data)]
+    if not isinstance(base, str):
+        raise RecipeError(f"{label}: base = {base!r}: give a built-in recipe's name or a YAML file")
     try:
-        return Recipe.model_validate(data)
+        path = resolve_recipe_path(base, folder)
+    except RecipeError as e:
+        raise RecipeError(f"{label}: base: {e}") from None
+    if path.resolve() in seen:
+        raise RecipeError(f"{label}: base: {path} is already a recipe in this chain; bases must not form a loop")
+    base_data = _read_recipe_file(path)
+    base_data.pop("name", None)  # a run's name is its recipe's own: an inherited one would share the base's folder
+    return _with_bases(base_data, str(path), path.parent, (*seen, path.resolve())) + [(label, data)]
+
+
+def _build(data: dict, label: str, folder: Path, overrides: list[str], seen: tuple[Path, ...] = ()) -> Recipe:
+    """Bases, then the recipe's own settings, then the overrides, validated; errors blame where each was given."""
+    for item in overrides:
+        if item.split("=", 1)[0].strip() == BASE_KEY:
+            raise RecipeError(f"override '{item}': the base recipe is named in a recipe file (base: NAME), not on "
+                              "the command line")  # fmt: skip
+    layers = _with_bases(data, label, folder, seen)
+    merged = {}
+    for _, settings in layers:
+        merged = _merge(merged, settings)
+    merged = apply_overrides(copy.deepcopy(merged), overrides)
+    bases = [name for name, _ in reversed(layers[:-1])]
+    layers += [(f"override '{item}'", apply_overrides({}, [item])) for item in overrides]
+    try:
+        recipe = Recipe.model_validate(merged)
     except ValidationError as e:
-        raise RecipeError(_format_error(e, source)) from None
+        raise RecipeError(_format_error(e, layers)) from None
+    recipe._bases = bases
+    return recipe
+
+
+def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = None) -> Recipe:
+    """Load a recipe file (a path or a built-in name), with its bases and overrides, and validate it. A file
+    without `name:` is named after itself. Raises RecipeError before any work starts."""
+    path = resolve_recipe_path(name_or_path)
+    data = _read_recipe_file(path)
+    data.setdefault("name", path.stem)
+    recipe = _build(data, str(path), path.parent, list(overrides or []), (path.resolve(),))
+    recipe._file = path
+    return recipe
+
+
+def validate_recipe(data: dict, source: str = "<dict>", overrides: list[str] | None = None) -> Recipe:
+    """Validate recipe settings given as a dict (a `base:` is found from the working directory), then overrides."""
+    return _build(data, source, Path.cwd(), list(overrides or []))
