@@ -290,3 +290,12 @@ def test_real_wikipedia_file_one_article_per_line_is_kept(tmp_path):
     stats = _curate(SHARED / "web" / "wiki" / "llamafactory_wiki_demo.txt", tmp_path / "out")
     assert stats["docs_in"] == stats["docs_kept"] == 30
     assert stats["removed"] == {} and stats["warnings"] == []
+
+
+def test_summary_table_lists_skipped_files_by_reason():
+    from lmforge.data.curate_report import summary_table
+
+    table = summary_table({"docs_in": 1, "docs_kept": 1, "bytes_in": 9, "bytes_kept": 9,
+                           "skipped_files": {"total": 3, "by_reason": {"not a regular file": 1, "symlink loop": 2}}})
+    assert table.splitlines()[-3:] == ["files skipped                 3", "  symlink loop                2",
+                                       "  not a regular file          1"]  # fmt: skip
