@@ -1,6 +1,7 @@
 """The whole recipe end to end on a small slice of real data: stages run, skip, re-run downstream, and report."""
 
 import json
+import re
 import sysconfig
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lmforge.cli import app
-from lmforge.pipeline import run_recipe
+from lmforge.pipeline import RunDirError, run_recipe
 from lmforge.recipe import load_recipe
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -163,3 +164,44 @@ def test_console_entry_turns_user_errors_into_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip() == (f"error: checkpoint {tmp_path / 'nowhere'} does not exist (run with --verbose "
                                      "for the traceback)")  # fmt: skip
+
+
+def test_a_run_directory_belongs_to_the_recipe_that_made_it(tmp_path):
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    for f in (first, second):
+        f.write_text(f"name: shared\nrun_dir: {tmp_path / 'runs'}\nstages: []\n")
+    root = tmp_path / "runs" / "shared"
+    run_recipe(load_recipe(str(first)))
+    assert json.loads((root / "run.json").read_text()) == {"recipe": str(first.resolve()), "name": "shared"}
+    run_recipe(load_recipe(str(first)))  # the same recipe again
+    recorded = load_recipe(str(root / "recipe.yaml"))  # every setting the run used: it re-runs the run
+    assert recorded.model_dump() == load_recipe(str(first)).model_dump()
+    run_recipe(recorded)
+    with pytest.raises(RunDirError) as e:
+        run_recipe(load_recipe(str(second)))
+    assert str(e.value) == (
+        f"{root} holds the run of {first.resolve()}, and this is {second.resolve()}: running it there would "
+        "overwrite that run's stages. Give this recipe a name of its own (name: in the file, or name=NEW on the "
+        f"command line), or delete {root} to start over"
+    )
+    with pytest.raises(RunDirError, match=re.escape(f"holds the run of {first.resolve()}, and this is built-in "
+                                                    "recipe stdlib-code:")):  # fmt: skip
+        run_recipe(load_recipe(None, [f"run_dir={tmp_path / 'runs'}", "name=shared", "stages=[]"]))
+    notes = tmp_path / "runs" / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    with pytest.raises(RunDirError, match=f"^{re.escape(str(notes))} is not empty and is not a run directory"):
+        run_recipe(load_recipe(str(first), ["name=notes"]))
+    assert sorted(p.name for p in notes.iterdir()) == ["todo.txt"]
+
+
+def test_cli_run_says_where_settings_come_from_and_refuses_another_recipes_run(tmp_path):
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(f"run_dir: {tmp_path}\nstages: []\n")
+    runner = CliRunner()
+    result = runner.invoke(app, ["run", str(mine)])
+    assert result.exit_code == 0, result.output
+    assert "settings it does not give take the schema defaults in" in " ".join(result.output.split())
+    assert json.loads((tmp_path / "mine" / "run.json").read_text())["recipe"] == str(mine.resolve())
+    result = runner.invoke(app, ["run", "name=mine", f"run_dir={tmp_path}", "stages=[]"])
+    assert result.exit_code == 2 and f"error: {tmp_path / 'mine'} holds the run of {mine.resolve()}" in result.output

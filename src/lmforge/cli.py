@@ -7,11 +7,32 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+import click
 import typer
+from typer.core import TyperGroup
 
-from lmforge.recipe import RecipeError, apply_overrides, load_recipe, validate_recipe
+from lmforge.recipe import RecipeError, load_recipe, validate_recipe
+
+VERBOSE_FLAGS = ("-v", "--verbose")
+
+
+class _Verbs(TyperGroup):
+    """The verb group, taking -v/--verbose after the verb too (`lmforge run -v`): it is moved before the verb.
+    `lmforge lm-eval` keeps its arguments as given: they are lm-eval's own (where -v is --verbosity)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        verb = next((i for i, a in enumerate(args) if not a.startswith("-")), None)
+        if verb is not None and args[verb] != "lm-eval":
+            rest = args[verb + 1 :]
+            end = rest.index("--") if "--" in rest else len(rest)  # after `--` every word is an argument
+            if any(a in VERBOSE_FLAGS for a in rest[:end]):
+                kept = [a for a in rest[:end] if a not in VERBOSE_FLAGS]
+                args = [*args[:verb], "--verbose", args[verb], *kept, *rest[end:]]
+        return super().parse_args(ctx, args)
+
 
 app = typer.Typer(
+    cls=_Verbs,
     help="lmforge: curate data, train a tokenizer, pre-train, evaluate, generate, export and report - "
     "the whole language-model lifecycle on a laptop CPU.",
     no_args_is_help=True,
@@ -42,8 +63,23 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        import torch
+
+        from lmforge import __version__
+
+        typer.echo(f"lmforge {__version__} (torch {torch.__version__})")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+def main(
+    verbose: bool = typer.Option(False, *VERBOSE_FLAGS, help="Debug logging, and the traceback of an error "
+                                 "(before or after the verb)."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the lmforge and torch versions and exit."),
+) -> None:
     _setup_logging(verbose)
 
 
@@ -59,18 +95,20 @@ def _sections(overrides: list[str], allowed: set[str]):
         if section not in allowed:
             _fail(f"override '{item}': this command takes settings under {sorted(allowed)}", 2)
     try:
-        return validate_recipe(apply_overrides({}, overrides), source="command line")
+        return validate_recipe({}, source="command line", overrides=overrides)
     except RecipeError as e:
         _fail(str(e), 2)
 
 
 @app.command()
 def run(
-    recipe: Optional[str] = typer.Argument(None, help="Recipe YAML file or built-in name (default: stdlib-code)."),
+    recipe: Optional[str] = typer.Argument(None, help="Recipe YAML file or built-in name (default: stdlib-code). "
+                                           "A file without name: runs in runs/<its file name>; its unset settings "
+                                           "take the defaults in lmforge/recipe.py, or those of its base: recipe."),
     overrides: Optional[List[str]] = typer.Argument(None, help=OVERRIDES_HELP),
 ) -> None:
     """Run a whole recipe: every stage in order, skipping the ones already up to date."""
-    from lmforge.pipeline import run_recipe
+    from lmforge.pipeline import RunDirError, check_run_dir, run_recipe
 
     overrides = list(overrides or [])
     if recipe and "=" in recipe:  # `lmforge run train.max_steps=10`: an override, not a recipe name
@@ -79,6 +117,11 @@ def run(
     try:
         cfg = load_recipe(recipe, overrides)
     except RecipeError as e:
+        _fail(str(e), 2)
+    log.info("%s", cfg.describe_origin())
+    try:
+        check_run_dir(cfg)
+    except RunDirError as e:
         _fail(str(e), 2)
     outcomes = run_recipe(cfg)
     for o in outcomes:
@@ -468,9 +511,10 @@ def report(run_dir: Path = typer.Argument(..., help="A run directory, e.g. runs/
     from lmforge.pipeline import existing_stages
     from lmforge.report.report import build_report
 
-    if not run_dir.is_dir():
-        _fail(f"{run_dir} is not a run directory")
-    build_report(run_dir, existing_stages(run_dir), run_dir / "report")
+    try:
+        build_report(run_dir, existing_stages(run_dir), run_dir / "report")
+    except FileNotFoundError as e:  # not a run directory
+        _fail(str(e))
 
 
 def entrypoint() -> None:

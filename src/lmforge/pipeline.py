@@ -8,15 +8,16 @@ one when the recipe has an sft stage (the model a user chats with), else the pre
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Callable
 
 import yaml
 
-from lmforge.data.io import atomic_write_text
+from lmforge.data.io import atomic_write_json, atomic_write_text
 from lmforge.recipe import Recipe
-from lmforge.runs import StageOutcome, files_fingerprint, fingerprint, read_manifest, run_stage
+from lmforge.runs import MANIFEST, StageOutcome, files_fingerprint, fingerprint, read_manifest, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,11 @@ UPSTREAM = {
 }
 # Settings that change how fast or how often, never what a stage produces: they do not invalidate it.
 NON_SEMANTIC = {"data": {"workers", "executor", "ray_address", "plots"}, "shards": {"workers"}, "train": {"threads", "ckpt_every", "keep_last"}}
+RUN_RECORD = "run.json"  # the recipe that made a run directory: no other recipe writes into it
 
+
+class RunDirError(ValueError):
+    """A run directory this recipe must not write into; the message says whose it is and what to do."""
 
 def _settings(recipe: Recipe, section: str) -> dict:
     data = getattr(recipe, section).model_dump(mode="json")
@@ -84,8 +89,8 @@ def upstream(recipe: Recipe, stage: str) -> list[str]:
 
 
 def existing_stages(root: Path) -> list[str]:
-    """The stages a run directory holds, in lifecycle order: what a report covers."""
-    return [s for s in UPSTREAM["report"] if (root / s).exists()]
+    """The stages a run directory holds (those with a manifest), in lifecycle order: what a report covers."""
+    return [s for s in UPSTREAM["report"] if (root / s / MANIFEST).is_file()]
 
 
 def _stage_fn(recipe: Recipe, stage: str, root: Path) -> Callable[[Path], dict]:
@@ -140,11 +145,10 @@ def run_recipe(recipe: Recipe) -> list[StageOutcome]:
     """
     from lmforge.train.distributed import launched_world_size
 
+    check_run_dir(recipe)  # on every rank, before any of them starts
     if launched_world_size() > 1:
         return _DistributedStages(recipe).run()
-    root = recipe.run_path
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(root / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    root = _start_run_dir(recipe)
     fps: dict[str, str] = {}
     outcomes = []
     for stage in recipe.stages:
@@ -153,6 +157,39 @@ def run_recipe(recipe: Recipe) -> list[StageOutcome]:
         fps[stage] = outcome.fingerprint
         outcomes.append(outcome)
     return outcomes
+
+
+def check_run_dir(recipe: Recipe) -> None:
+    """Refuse a run directory that another recipe made (this one would overwrite its stages), or a folder with
+    files that is not a run directory at all. Raises RunDirError."""
+    root = recipe.run_path
+    record_path = root / RUN_RECORD
+    if not record_path.is_file():
+        if root.is_dir() and any(root.iterdir()) and not (root / "recipe.yaml").is_file():
+            raise RunDirError(f"{root} is not empty and is not a run directory (it has no {RUN_RECORD} or "
+                              "recipe.yaml); `lmforge run` would write its stage folders into it: give the recipe "
+                              "another name (name=NEW) or run_dir, or move those files away")  # fmt: skip
+        return  # a new run directory, or one made before run directories recorded their recipe
+    made_by = json.loads(record_path.read_text(encoding="utf-8")).get("recipe")
+    if recipe.origin in (made_by, str((root / "recipe.yaml").resolve())):  # its own recipe.yaml re-runs it
+        return
+    raise RunDirError(
+        f"{root} holds the run of {made_by}, and this is {recipe.origin}: running it there would overwrite that "
+        f"run's stages. Give this recipe a name of its own (name: in the file, or name=NEW on the command line), "
+        f"or delete {root} to start over"
+    )
+
+
+def _start_run_dir(recipe: Recipe) -> Path:
+    """Create the run directory, recording the recipe that made it (once) and every setting this run uses."""
+    root = recipe.run_path
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / RUN_RECORD).is_file():
+        atomic_write_json(root / RUN_RECORD, {"recipe": recipe.origin, "name": recipe.name})
+    header = (f"# Every setting of run {recipe.name}: its recipe, bases and overrides, with the defaults filled in.\n"
+              f"# `lmforge run {root / 'recipe.yaml'}` runs it again.\n")  # fmt: skip
+    atomic_write_text(root / "recipe.yaml", header + yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+    return root
 
 
 def _stage_inputs(recipe: Recipe, stage: str, fps: dict[str, str]) -> dict[str, str]:
@@ -204,8 +241,7 @@ class _DistributedStages:
     def run(self) -> list[StageOutcome]:
         recipe, root, main = self.recipe, self.recipe.run_path, self.world.is_main
         if main:
-            root.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(root / "recipe.yaml", yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+            _start_run_dir(recipe)
         fps: dict[str, str] = {}
         outcomes = []
         for stage in recipe.stages:
@@ -233,4 +269,5 @@ class _DistributedStages:
         return outcomes
 
 
-__all__ = ["run_recipe", "stage_config", "source_fingerprint", "existing_stages", "fingerprint"]
+__all__ = ["run_recipe", "check_run_dir", "RunDirError", "stage_config", "source_fingerprint", "existing_stages",
+           "fingerprint"]

@@ -51,6 +51,8 @@ def _fmt(value, spec: str = ".4g") -> str:
         return "—"
     if isinstance(value, float):
         return format(value, spec)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"  # counts of documents, bytes, tokens, parameters
     return str(value)
 
 
@@ -91,8 +93,27 @@ def _sft_section(sft: dict) -> list[str]:
     return lines
 
 
+def _removed_table(cur: dict) -> list[str]:
+    """The curate stage's removals by reason (its `removed_<reason>` metrics), largest first."""
+    removed = sorted(((k[len("removed_"):], v) for k, v in cur.items() if k.startswith("removed_") and v),
+                     key=lambda kv: (-kv[1], kv[0]))  # fmt: skip
+    if not removed:
+        return ["No document was removed.", ""]
+    read = cur.get("docs_in") or 0
+    lines = ["| reason | documents removed | share of documents read |", "|---|---:|---:|"]
+    for reason, n in removed:
+        lines.append(f"| {reason.replace('_', ' ')} | {n:,} | {_fmt(n / read if read else None, '.1%')} |")
+    return [*lines, ""]
+
+
 def build_report(run_path: Path, stages: list[str], out_dir: Path) -> dict:
     """Write `run_path/report.md` (with the training curve in `out_dir`) and return headline metrics."""
+    if not stages:
+        raise FileNotFoundError(
+            f"{run_path} is not a run directory: a run directory, made by `lmforge run`, holds a recipe.yaml and a "
+            "folder per stage (curate/, tokenizer/, shards/, pretrain/, ...) with a manifest.json, and there is no "
+            "stage there to report on"
+        )
     m = {s: (read_manifest(run_path / s) or {}).get("metrics", {}) for s in stages}
     cur, tok, sh, pre, ev = (m.get(k, {}) for k in ("curate", "tokenizer", "shards", "pretrain", "eval"))
     curve = plot_training_curve(run_path / "pretrain" / "metrics.jsonl", out_dir / "loss.png")
@@ -112,29 +133,30 @@ def build_report(run_path: Path, stages: list[str], out_dir: Path) -> dict:
         ]
     lines += ["## Stages", "", *_stage_table(run_path, stages), "", f"Total stage time: {total_s:.1f} s.", ""]
     if cur:
-        removed = {k: v for k, v in cur.items() if k.startswith("removed_")}
         lines += [
             "## Data",
             "",
-            f"- documents read: {cur.get('docs_in')}, kept: {cur.get('docs_kept')} "
-            f"(train {cur.get('docs_train')}, validation {cur.get('docs_val')}); bad records skipped: "
-            f"{cur.get('docs_skipped_bad', 0)}",
-            f"- bytes: train {cur.get('bytes_train')}, validation {cur.get('bytes_val')}",
-            f"- removed by reason: {removed or 'none'}",
+            f"- documents read: {_fmt(cur.get('docs_in'))}, kept: {_fmt(cur.get('docs_kept'))} "
+            f"(train {_fmt(cur.get('docs_train'))}, validation {_fmt(cur.get('docs_val'))}); bad records skipped: "
+            f"{_fmt(cur.get('docs_skipped_bad', 0))}",
+            f"- bytes: train {_fmt(cur.get('bytes_train'))}, validation {_fmt(cur.get('bytes_val'))}",
             "",
+            *_removed_table(cur),
         ]
     if tok:
-        lines += ["## Tokenizer", "", f"- vocabulary: {tok.get('vocab_size')} tokens; "
+        lines += ["## Tokenizer", "", f"- vocabulary: {_fmt(tok.get('vocab_size'))} tokens; "
                   f"{_fmt(tok.get('bytes_per_token'), '.3f')} bytes per token on held-out text", ""]  # fmt: skip
     if sh:
-        lines += ["## Token shards", "", f"- train tokens: {sh.get('train_tokens')}, validation tokens: "
-                  f"{sh.get('val_tokens')}; tokenized at {_fmt(sh.get('tokens_per_s'), '.3g')} tokens/s", ""]  # fmt: skip
+        lines += ["## Token shards", "", f"- train tokens: {_fmt(sh.get('train_tokens'))}, validation tokens: "
+                  f"{_fmt(sh.get('val_tokens'))}; tokenized at {_fmt(sh.get('tokens_per_s'), '.3g')} tokens/s",
+                  ""]  # fmt: skip
     if pre:
         lines += [
             "## Pre-training",
             "",
-            f"- parameters: {pre.get('params')} ({pre.get('non_embedding_params')} non-embedding)",
-            f"- steps: {pre.get('steps')}, tokens: {pre.get('tokens')} ({_fmt(pre.get('epochs'), '.2f')} epochs)",
+            f"- parameters: {_fmt(pre.get('params'))} ({_fmt(pre.get('non_embedding_params'))} non-embedding)",
+            f"- steps: {_fmt(pre.get('steps'))}, tokens: {_fmt(pre.get('tokens'))} "
+            f"({_fmt(pre.get('epochs'), '.2f')} epochs)",
             f"- throughput: {_fmt(pre.get('tokens_per_s'), '.4g')} tokens/s, MFU {_fmt(pre.get('mfu'), '.1%')} of a "
             f"measured peak of {_fmt((pre.get('peak_flops') or 0) / 1e9, '.1f')} GFLOP/s",
             f"- final train loss {_fmt(pre.get('final_loss'))}, validation loss {_fmt(pre.get('final_val_loss'))}",
@@ -149,8 +171,8 @@ def build_report(run_path: Path, stages: list[str], out_dir: Path) -> dict:
         lines += [
             "## Evaluation",
             "",
-            f"- held-out loss {_fmt(ev.get('val_loss'))} nats/token over {ev.get('val_tokens')} tokens "
-            f"({ev.get('val_bytes')} bytes)",
+            f"- held-out loss {_fmt(ev.get('val_loss'))} nats/token over {_fmt(ev.get('val_tokens'))} tokens "
+            f"({_fmt(ev.get('val_bytes'))} bytes)",
             f"- bits per byte {_fmt(ev.get('val_bpb'))}; xz -9e {_fmt(ev.get('xz_bpb'))} per file, "
             f"{_fmt(ev.get('xz_concat_bpb'))} concatenated",
             f"- scored at {_fmt(ev.get('eval_tokens_per_s'), '.4g')} tokens/s",
