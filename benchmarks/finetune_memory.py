@@ -4,6 +4,7 @@
     python benchmarks/finetune_memory.py --checkpoint runs/stdlib-code/pretrain/final --steps 30
     python benchmarks/finetune_memory.py --depth 8 --batch-size 8 --steps 5  # a larger random-init model
     python benchmarks/finetune_memory.py --device cuda                     # GPU: peak from the CUDA allocator
+    python benchmarks/finetune_memory.py --smoke                           # seconds: a tiny model, 2 steps each
 
 Every method trains the same packed rows (Alpaca records from ../shared/data/instruct, or --data FILE) with the
 same loss, batch and AdamW, on the checkpoint given (without one, a random-init model of the default recipe's
@@ -15,6 +16,10 @@ memory is its own:
 - "peak MB": on CPU the growth of the process's peak resident memory over the loaded model (parameters,
   gradients, optimizer state and activations together, plus allocator slack); on CUDA max_memory_allocated;
 - "step ms": median time of a training step (forward, backward, AdamW) after warm-up steps.
+
+The last line sums up as key=value pairs. --smoke checks that every method still runs: unless --checkpoint is
+given, a random-init depth-2 model with a 512-token vocabulary; batch 2 x 64, 2 steps after 1 warm-up, one thread
+(its figures mean nothing).
 """
 
 from __future__ import annotations
@@ -33,34 +38,40 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "instruct" / "alpaca_data_sample2000.json"
+# "key" names the method in the summary line.
 METHODS = {
-    "full": {"method": "full"},
-    "full, first 2 blocks + embeddings frozen": {"method": "full", "freeze_blocks": 2, "freeze_embeddings": True},
-    "LoRA r=8 on q,v": {"method": "lora", "rank": 8, "targets": ["q_proj", "v_proj"]},
-    "LoRA r=8 on every linear": {"method": "lora", "rank": 8,
+    "full": {"key": "full", "method": "full"},
+    "full, first 2 blocks + embeddings frozen": {"key": "full_frozen", "method": "full", "freeze_blocks": 2,
+                                                 "freeze_embeddings": True},  # fmt: skip
+    "LoRA r=8 on q,v": {"key": "lora_qv", "method": "lora", "rank": 8, "targets": ["q_proj", "v_proj"]},
+    "LoRA r=8 on every linear": {"key": "lora_all", "method": "lora", "rank": 8,
                                  "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                              "down_proj"]},  # fmt: skip
-    "prefix, 16 tokens": {"method": "prefix", "length": 16},
-    "prefix, 16 tokens through an MLP": {"method": "prefix", "length": 16, "reparam": True},
+    "prefix, 16 tokens": {"key": "prefix", "method": "prefix", "length": 16},
+    "prefix, 16 tokens through an MLP": {"key": "prefix_mlp", "method": "prefix", "length": 16, "reparam": True},
 }
+# --smoke: (depth, vocabulary, batch size, sequence length, steps, warm-up steps, threads); depth 2 because one
+# method freezes the first 2 blocks, one thread because a smoke run shares the machine with the test suite.
+SMOKE = (2, 512, 2, 64, 2, 1, 1)
 
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _default_model(path: Path, depth: int | None) -> Path:
+def _default_model(path: Path, data: Path, depth: int | None, vocab_size: int | None = None) -> Path:
     """A random-init model of the default recipe's shape (or of `depth` on the recipe's depth dial), with a
-    tokenizer trained on the data (the chat tokens are reserved by every lmforge tokenizer)."""
+    tokenizer trained on the data (the chat tokens are reserved by every lmforge tokenizer) of the recipe's
+    vocabulary size unless `vocab_size` is given."""
     from lmforge.model.io import save_model
     from lmforge.model.transformer import ModelArgs, Transformer
     from lmforge.recipe import load_recipe
     from lmforge.tokenizer import train_tokenizer
 
     recipe = load_recipe()
-    records = json.loads(DATA.read_text(encoding="utf-8"))
+    records = json.loads(data.read_text(encoding="utf-8"))
     texts = [" ".join(str(r.get(k, "")) for k in ("instruction", "input", "output")) for r in records]
-    tok = train_tokenizer(iter(texts), vocab_size=recipe.tokenizer.vocab_size)
+    tok = train_tokenizer(iter(texts), vocab_size=vocab_size or recipe.tokenizer.vocab_size)
     tok.save(path / "tokenizer.json")
     model_cfg = recipe.model.model_copy(update={"depth": depth}) if depth else recipe.model
     args = ModelArgs.from_config(model_cfg, tok.vocab_size)
@@ -100,7 +111,8 @@ def run_one(name: str, checkpoint: Path, data: Path, steps: int, warmup: int, ba
     base_rss = _rss_mb()
     times = []
     for step in range(warmup + steps):
-        batch_t = {k: v.to(device) for k, v in next(batches).items()}
+        # SFT batches also carry plain numbers (the global target count, the shard count) for the loss.
+        batch_t = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in next(batches).items()}
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -117,7 +129,7 @@ def run_one(name: str, checkpoint: Path, data: Path, steps: int, warmup: int, ba
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb() - base_rss
     return {"method": name, "trainable": trainable, "total": total, "trainable_pct": 100.0 * trainable / total,
             "state_mb": state_bytes / 2**20, "peak_mb": peak, "step_ms": 1000 * statistics.median(times),
-            "loss": float(loss)}  # fmt: skip
+            "loss": float(loss.detach())}  # fmt: skip
 
 
 def main() -> None:
@@ -133,8 +145,13 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="CPU threads; 0 = all cores.")
+    ap.add_argument("--smoke", action="store_true", help="a few seconds on a tiny random-init model: does it run?")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # a child process measuring one method
     a = ap.parse_args()
+    vocab = None  # the recipe's
+    if a.smoke:
+        depth, vocab, a.batch_size, a.seq_len, a.steps, a.warmup, a.threads = SMOKE
+        a.depth = a.depth or (None if a.checkpoint else depth)  # a checkpoint given is used as it is
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.one:
@@ -145,10 +162,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = a.checkpoint
         if a.depth:
-            ckpt = _default_model(Path(tmp), a.depth)
+            ckpt = _default_model(Path(tmp), a.data, a.depth, vocab)
         elif ckpt is None:
             default = ROOT / "runs" / "stdlib-code" / "pretrain" / "final"
-            ckpt = default if default.exists() else _default_model(Path(tmp), None)
+            ckpt = default if default.exists() else _default_model(Path(tmp), a.data, None)
         print(f"model {ckpt}; data {a.data}; batch {a.batch_size} x {a.seq_len}; {a.steps} steps after "
               f"{a.warmup} warm-up; device {a.device}; torch threads {a.threads or torch.get_num_threads()}")
         rows = []
@@ -156,7 +173,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--one", name, "--checkpoint", str(ckpt), "--data", str(a.data),
                    "--steps", str(a.steps), "--warmup", str(a.warmup), "--batch-size", str(a.batch_size),
                    "--seq-len", str(a.seq_len), "--device", a.device, "--threads", str(a.threads)]  # fmt: skip
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout  # errors show
             rows.append(json.loads(out.strip().splitlines()[-1]))
     full = rows[0]
     print("\n| method | trainable params | % of model | state MB | peak MB | step ms | vs full |")
@@ -164,6 +181,12 @@ def main() -> None:
     for r in rows:
         print(f"| {r['method']} | {r['trainable']:,} | {r['trainable_pct']:.2f}% | {r['state_mb']:.1f} | "
               f"{r['peak_mb']:.0f} | {r['step_ms']:.0f} | {r['step_ms'] / full['step_ms']:.2f}x |")
+    summary = [f"params={full['total']}"]
+    for r in rows:
+        key = METHODS[r["method"]]["key"]
+        summary += [f"{key}_trainable={r['trainable']}", f"{key}_state_mb={r['state_mb']:.1f}",
+                    f"{key}_peak_mb={r['peak_mb']:.0f}", f"{key}_step_ms={r['step_ms']:.0f}"]  # fmt: skip
+    print(" ".join(summary))
 
 
 if __name__ == "__main__":
