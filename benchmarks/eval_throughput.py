@@ -1,6 +1,7 @@
 """Multiple-choice scoring speed: lmforge's scorer against lm-eval's Hugging Face backend, same model, same requests.
 
     python benchmarks/eval_throughput.py [--checkpoint runs/stdlib-code/pretrain/final] [--n-arc 500] [--repeats 3]
+    python benchmarks/eval_throughput.py --smoke     # seconds: a tiny random-init model, 8 questions, one pass
 
 The checkpoint is exported with lmforge.hf.export_hf to a temporary directory, which lm-eval's HFLM loads; both
 score every choice of the first N ARC-Easy questions and the HellaSwag-format file from shared/data/eval as
@@ -14,12 +15,18 @@ pass is reported: this machine is shared, and the fastest pass is the least dist
 fresh processes: with glibc's default malloc, and with lmforge.train.host.keep_freed_memory (which lmforge's eval
 stage and lm-eval adapter apply; it spares re-faulting the big logits tensors on every batch). Printed: a Markdown
 table (examples/s, requests/s, time relative to the scorer, max |log-prob difference| against the scorer, acc and
-acc_norm per data set) and the speed-up against the fastest HFLM setting.
+acc_norm per data set) and the speed-up against the fastest HFLM setting; the last line sums it up as key=value
+pairs. Without lm-eval installed only lmforge's scorer is measured (a note says so).
+
+--smoke checks that the benchmark still runs: unless --checkpoint is given, a random-initialised depth-1 model
+with a BPE-512 tokenizer trained on a few standard-library files, 8 ARC-Easy questions, one pass, HFLM at batch 4,
+one thread.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -46,7 +53,13 @@ ROOT = Path(__file__).resolve().parents[1]
 EVAL = ROOT.parent / "shared" / "data" / "eval"
 RUN = ROOT / "runs" / "stdlib-code"
 BATCH = 32
-THREADS = 2
+# The default recipe's size (speed does not depend on the weights), and the --smoke model.
+DEFAULT_SIZE = ModelArgs(vocab_size=8192, n_layers=3, d_model=192, n_heads=3, n_kv_heads=3, head_dim=64,
+                         mlp_hidden=512, max_seq_len=256, qk_norm=True, zero_init_out=False)  # fmt: skip
+SMOKE_SIZE = ModelArgs(vocab_size=512, n_layers=1, d_model=64, n_heads=1, n_kv_heads=1, head_dim=64, mlp_hidden=128,
+                       max_seq_len=256, qk_norm=True, zero_init_out=False)  # fmt: skip
+SMOKE_TOKENIZER_FILES = 20
+HAVE_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
 
 Pair = tuple[str, str]
 
@@ -78,11 +91,30 @@ def accuracy(docs: list[dict], lls: list[float]) -> tuple[float, float]:
     return acc / len(docs), norm / len(docs)
 
 
-def checkpoint(tmp: Path, path: Path) -> tuple[Path, str]:
-    """The trained checkpoint when it loads; else a random-initialised model of its size, which scores as fast."""
-    from lmforge.model.io import load_checkpoint_tokenizer
-    from lmforge.tokenizer import Tokenizer, train_tokenizer
+def stdlib_tokenizer(tmp: Path, vocab_size: int, n_files: int | None = None) -> Path:
+    """A BPE tokenizer trained on the standard library's top-level modules (the first `n_files` of them)."""
+    from lmforge.tokenizer import train_tokenizer
 
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:n_files]
+    tok = train_tokenizer([f.read_text(encoding="utf-8", errors="replace") for f in files], vocab_size)
+    tok.save(tmp / "tokenizer.json")
+    return tmp / "tokenizer.json"
+
+
+def random_model(tmp: Path, args: ModelArgs, tok_file: Path) -> Path:
+    torch.manual_seed(0)
+    return save_model(tmp / "ckpt", Transformer(args).eval(), args, tok_file)
+
+
+def checkpoint(tmp: Path, path: Path | None) -> tuple[Path, str]:
+    """The trained checkpoint when it loads; else a random-initialised model of its size, which scores as fast.
+    No path (--smoke): a tiny random-initialised model."""
+    from lmforge.model.io import load_checkpoint_tokenizer
+    from lmforge.tokenizer import Tokenizer
+
+    if path is None:
+        tok_file = stdlib_tokenizer(tmp, SMOKE_SIZE.vocab_size, SMOKE_TOKENIZER_FILES)
+        return random_model(tmp, SMOKE_SIZE, tok_file), "random-init depth-1 smoke-test model"
     try:
         load_checkpoint_tokenizer(path)
         return path, str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
@@ -93,41 +125,48 @@ def checkpoint(tmp: Path, path: Path) -> tuple[Path, str]:
         Tokenizer.from_file(tok_file)
     except (FileNotFoundError, ValueError):
         # The default recipe's corpus is Python source; a BPE of its size trained on the stdlib (~2 s) stands in.
-        files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-        tok_file, tok_label = tmp / "tokenizer.json", "a BPE-8192 tokenizer trained here on the stdlib"
-        train_tokenizer([f.read_text(encoding="utf-8", errors="replace") for f in files], 8192).save(tok_file)
-    args = ModelArgs(vocab_size=8192, n_layers=3, d_model=192, n_heads=3, n_kv_heads=3, head_dim=64, mlp_hidden=512,
-                     max_seq_len=256, qk_norm=True, zero_init_out=False)  # fmt: skip
-    torch.manual_seed(0)
-    ckpt = save_model(tmp / "ckpt", Transformer(args).eval(), args, tok_file)
+        tok_file = stdlib_tokenizer(tmp, DEFAULT_SIZE.vocab_size)
+        tok_label = "a BPE-8192 tokenizer trained here on the stdlib"
+    ckpt = random_model(tmp, DEFAULT_SIZE, tok_file)
     return ckpt, f"random-init default-size model with {tok_label} ({path} unusable: {why})"
 
 
-def measure(ckpt: Path, export: Path, sets: dict[str, list[dict]], repeats: int, hf_batch_sizes: list[int]) -> dict:
-    """One process's measurements: the scorer, the adapter and HFLM at each batch size."""
+Row = tuple[str, Callable[[list], list], list]
+
+
+def lm_eval_rows(ckpt: Path, export: Path, pairs: list[Pair], hf_batch_sizes: list[int]) -> list[Row]:
+    """The lm-eval side: lmforge through its lm-eval adapter, and HFLM at each batch size."""
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
     from lmforge.eval.lm_eval_adapter import LmforgeLM
 
-    torch.set_num_threads(THREADS)
-    docs = [d for ds in sets.values() for d in ds]
-    pairs = pairs_of(docs)
     instances = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
-    # Every backend sorts longest first, so warming up on the longest batch brings the allocator to its peak.
-    longest = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0] + pairs[i][1]))[:BATCH]
-    lm = scorer.load_language_model(ckpt, device="cpu")
     adapter = LmforgeLM(checkpoint=str(ckpt), device="cpu", batch_size=BATCH)
     hfs = {bs: HFLM(pretrained=str(export), device="cpu", batch_size=bs) for bs in hf_batch_sizes}
-    rows: list[tuple[str, Callable[[list], list], list]] = [
-        (f"lmforge scorer (batch {BATCH})", lambda p: scorer.loglikelihood(lm, p, batch_size=BATCH, progress=False),
-         pairs),
+    return [
         (f"lmforge via the lm-eval adapter (batch {BATCH})", lambda p: adapter.loglikelihood(p, disable_tqdm=True),
          instances),
         *((f"lm-eval HFLM (batch {bs}{', its default' if bs == 1 else ''})",
            lambda p, hf=hf: hf.loglikelihood(p, disable_tqdm=True), instances) for bs, hf in hfs.items()),
     ]  # fmt: skip
-    timed = rows
+
+
+def measure(ckpt: Path, export: Path, sets: dict[str, list[dict]], repeats: int, hf_batch_sizes: list[int],
+            threads: int) -> dict:  # fmt: skip
+    """One process's measurements: the scorer, and (with lm-eval installed) the adapter and HFLM at each batch size."""
+    torch.set_num_threads(threads)
+    docs = [d for ds in sets.values() for d in ds]
+    pairs = pairs_of(docs)
+    # Every backend sorts longest first, so warming up on the longest batch brings the allocator to its peak.
+    longest = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0] + pairs[i][1]))[:BATCH]
+    lm = scorer.load_language_model(ckpt, device="cpu")
+    timed: list[Row] = [
+        (f"lmforge scorer (batch {BATCH})", lambda p: scorer.loglikelihood(lm, p, batch_size=BATCH, progress=False),
+         pairs),
+    ]  # fmt: skip
+    if HAVE_LM_EVAL:
+        timed += lm_eval_rows(ckpt, export, pairs, hf_batch_sizes)
     for _, fn, inputs in timed:
         fn([inputs[i] for i in longest])
     best = [float("inf")] * len(timed)
@@ -145,7 +184,6 @@ def report(results: dict[str, dict], sets: dict[str, list[dict]]) -> None:
     docs = [d for ds in sets.values() for d in ds]
     n_req = sum(len(d["choices"]) for d in docs)
     ref_name, ref_sec, ref = results["default malloc"]["rows"][0]
-    hf_best = min(sec for r in results.values() for name, sec, _ in r["rows"] if name.startswith("lm-eval"))
     print("\n| backend | malloc | examples/s | requests/s | time vs lmforge scorer (default malloc) | max abs "
           "log-prob diff | " + " | ".join(f"{k} acc / acc_norm" for k in sets) + " |")  # fmt: skip
     print("|---|---|---:|---:|---:|---:|" + "---:|" * len(sets))
@@ -159,11 +197,35 @@ def report(results: dict[str, dict], sets: dict[str, list[dict]]) -> None:
             diff = max(abs(x - y) for x, y in zip(lls, ref))
             print(f"| {name} | {malloc} | {len(docs) / sec:.1f} | {n_req / sec:.0f} | {sec / ref_sec:.2f}x | "
                   f"{diff:.1e} | " + " | ".join(accs) + " |")  # fmt: skip
+    if not HAVE_LM_EVAL:
+        return
+    hf_best = min(sec for r in results.values() for name, sec, _ in r["rows"] if name.startswith("lm-eval"))
     for malloc, r in results.items():
         ours = r["rows"][0][1]
         hf = min(sec for name, sec, _ in r["rows"] if name.startswith("lm-eval"))
         print(f"\n{malloc}: lmforge scorer {hf / ours:.2f}x the fastest HFLM setting in the same process; "
               f"{hf_best / ours:.2f}x the fastest HFLM overall")  # fmt: skip
+
+
+def summary(results: dict[str, dict], sets: dict[str, list[dict]]) -> str:
+    """The key=value line: examples/s per backend and the scorer's speed-up over the fastest HFLM, per malloc."""
+    docs = [d for ds in sets.values() for d in ds]
+    ref = results["default malloc"]["rows"][0][2]
+    out = {"examples": len(docs), "requests": sum(len(d["choices"]) for d in docs)}
+    for malloc, suffix in (("default malloc", ""), ("keep_freed_memory", "_tuned")):
+        rows = results[malloc]["rows"]
+        ours = rows[0][1]
+        out[f"lmforge_examples_per_s{suffix}"] = f"{len(docs) / ours:.1f}"
+        for name, sec, _ in rows:
+            if name.startswith("lmforge via"):
+                out[f"adapter_examples_per_s{suffix}"] = f"{len(docs) / sec:.1f}"
+        hf = [sec for name, sec, _ in rows if name.startswith("lm-eval")]
+        if hf:
+            out[f"hflm_examples_per_s{suffix}"] = f"{len(docs) / min(hf):.1f}"
+            out[f"speedup{suffix}"] = f"{min(hf) / ours:.2f}"
+    diff = max(abs(x - y) for r in results.values() for _, _, lls in r["rows"] for x, y in zip(lls, ref))
+    out["max_logprob_diff"] = f"{diff:.1e}"
+    return " ".join(f"{k}={v}" for k, v in out.items())
 
 
 def token_counts(ckpt: Path, sets: dict[str, list[dict]]) -> str:
@@ -178,13 +240,21 @@ def token_counts(ckpt: Path, sets: dict[str, list[dict]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", type=Path, default=RUN / "pretrain" / "final")
+    ap.add_argument("--checkpoint", type=Path, default=None, help="default: runs/stdlib-code/pretrain/final "
+                    "(with --smoke: a tiny random-initialised model)")  # fmt: skip
     ap.add_argument("--n-arc", type=int, default=500)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hf-batch-sizes", default="1,32,64", help="HFLM batch sizes to try (1 is its default)")
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--phase", choices=("default", "tuned"), help=argparse.SUPPRESS)  # internal: one measurement
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true", help="a few seconds on a tiny model: does it still run?")
     a = ap.parse_args()
+    if a.smoke:
+        # One thread: a smoke run shares the machine with the test suite.
+        a.n_arc, a.repeats, a.hf_batch_sizes, a.threads = 8, 1, "4", 1
+    elif a.checkpoint is None:
+        a.checkpoint = RUN / "pretrain" / "final"
     sets = load_docs(a.n_arc)
     batch_sizes = [int(b) for b in a.hf_batch_sizes.split(",")]
     if a.phase:
@@ -192,7 +262,7 @@ def main() -> None:
             from lmforge.train.host import keep_freed_memory
 
             keep_freed_memory()
-        out = measure(a.work / "ckpt", a.work / "hf", sets, a.repeats, batch_sizes)
+        out = measure(a.work / "ckpt", a.work / "hf", sets, a.repeats, batch_sizes, a.threads)
         (a.work / f"{a.phase}.json").write_text(json.dumps(out), encoding="utf-8")
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -204,17 +274,21 @@ def main() -> None:
         n_params = Transformer(read_model_args(work / "ckpt")).num_params()
         print(f"model: {label}, {n_params:,} parameters; {sum(map(len, sets.values()))} questions "
               f"({', '.join(f'{k} {len(v)}' for k, v in sets.items())}), {len(pairs_of(sum(sets.values(), [])))} "
-              f"requests; {THREADS} threads; fastest of {a.repeats} passes")  # fmt: skip
+              f"requests; {a.threads} threads; fastest of {a.repeats} passes")  # fmt: skip
         print(token_counts(work / "ckpt", sets))
+        if not HAVE_LM_EVAL:
+            print("lm-eval is not installed: only lmforge's scorer is measured (pip install -e '.[eval]' to compare)")
         # glibc's malloc setting cannot be undone in a process, so each setting is measured in a fresh one.
         results = {}
         for phase, malloc in (("default", "default malloc"), ("tuned", "keep_freed_memory")):
             env = os.environ | ({"LMFORGE_MALLOC_TUNING": "0"} if phase == "default" else {})
             cmd = [sys.executable, __file__, "--phase", phase, "--work", str(work), "--n-arc", str(a.n_arc),
-                   "--repeats", str(a.repeats), "--hf-batch-sizes", a.hf_batch_sizes]  # fmt: skip
+                   "--repeats", str(a.repeats), "--hf-batch-sizes", a.hf_batch_sizes,
+                   "--threads", str(a.threads)]  # fmt: skip
             subprocess.run(cmd, env=env, check=True)
             results[malloc] = json.loads((work / f"{phase}.json").read_text(encoding="utf-8"))
         report(results, sets)
+        print(summary(results, sets))
 
 
 if __name__ == "__main__":
