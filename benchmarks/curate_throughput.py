@@ -1,6 +1,7 @@
 """Curation filter throughput and agreement: lmforge against datatrove on the same documents, one core each.
 
     python benchmarks/curate_throughput.py [--verbose] [--per-source N] [--sources web,wiki] [--no-datatrove]
+    python benchmarks/curate_throughput.py --smoke     # seconds: 30 documents per source
 
 Both sides run the same pipeline, in this order: Gopher quality, Gopher repetition, C4, FineWeb, MinHash near-dedup
 (word 5-grams, 14 bands x 8 rows). lmforge drives its `Filter`s in-process, one document at a time through the list
@@ -70,7 +71,8 @@ citation marks before the end check, dropping lines with a word over 1000 charac
 and the curly bracket only to lines that pass the end-mark and word-count checks. Its sentence count no longer
 ends a sentence at an initial ("Ulysses S. Grant").
 
-The last line sums up as key=value pairs.
+The last line sums up as key=value pairs. --smoke checks that the benchmark still runs, on 30 documents per source
+(datatrove too when it is installed).
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 STAGES = ("gopher_quality", "gopher_repetition", "c4", "fineweb", "minhash")
 KEPT = "kept"
 SHOW_EXAMPLES = 3
+SMOKE_PER_SOURCE = 30
 # The wiki demo file holds one article per line with its paragraphs run together ("...socialism.Humans lived"):
 # a sentence end glued to a capitalised word is where a paragraph break was.
 _GLUED_PARAGRAPH = re.compile(r"(?<=[a-z][.!?])(?=[A-Z][a-z])")
@@ -369,7 +372,10 @@ def main() -> None:
     )
     parser.add_argument("--no-datatrove", action="store_true", help="run the lmforge side only")
     parser.add_argument("-v", "--verbose", action="store_true", help="list disagreeing documents with both reasons")
+    parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_PER_SOURCE} documents per source: does it run?")
     opts = parser.parse_args()
+    if opts.smoke:
+        opts.per_source = SMOKE_PER_SOURCE
 
     pinned = _pin_to_one_core()
     records = load_corpus(opts.per_source)

@@ -1,6 +1,7 @@
 """Accuracy, throughput and memory of near-duplicate detection (`lmforge.data.minhash.MinHashDedup`).
 
     python benchmarks/dedup_accuracy.py
+    python benchmarks/dedup_accuracy.py --smoke    # seconds: 20 documents per source
 
 Real documents (C4 and Wikipedia text from ../shared/data/web when that folder exists, plus Python standard
 library files) are first made mutually dissimilar (a MinHash pass at threshold 0.5 removes any that resemble an
@@ -10,11 +11,13 @@ word-5-gram Jaccard of every (original, copy) pair is computed from the full shi
 duplicate when it is at least 0.8. The stream (all originals, then the copies in shuffled order) runs through a
 fresh `MinHashDedup()` with default settings, and its decisions on the copies are scored against that truth.
 Throughput is over the whole stream; memory per kept document is the filter's state as traced by tracemalloc.
-The last line sums up as key=value pairs.
+The last line sums up as key=value pairs. --smoke checks that the benchmark still runs, on at most 20 documents
+from each source.
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import random
@@ -38,20 +41,23 @@ BOILERPLATE = (
     "all rights reserved contact the editors follow us terms of service sponsored links related posts"
 ).split()
 EDITS = ("replace", "delete", "insert", "swap paragraphs", "boilerplate")
+SMOKE_PER_SOURCE = 20
 
 
-def source_documents() -> list[Document]:
+def source_documents(per_source: int | None = None) -> list[Document]:
+    """The C4, Wikipedia and standard-library documents, at most `per_source` from each (None: all C4 and
+    Wikipedia documents and STDLIB_DOCS standard-library files)."""
     docs: list[Document] = []
     web = SHARED / "web"
     if web.is_dir():
         with open(web / "cc_text" / "llamafactory_c4_demo.jsonl", encoding="utf-8") as f:
-            docs += [Document(f"c4:{i}", json.loads(line)["text"], "c4") for i, line in enumerate(f)]
+            docs += [Document(f"c4:{i}", json.loads(line)["text"], "c4") for i, line in enumerate(f)][:per_source]
         wiki = (web / "wiki" / "llamafactory_wiki_demo.txt").read_text(encoding="utf-8").splitlines()
-        docs += [Document(f"wiki:{i}", line, "wiki") for i, line in enumerate(wiki) if line.strip()]
+        docs += [Document(f"wiki:{i}", line, "wiki") for i, line in enumerate(wiki) if line.strip()][:per_source]
     else:
         print(f"{SHARED / 'web'} not found: using standard library files only")
     stdlib = [d for d in read_stdlib(include_tests=False) if len(d.text.split()) >= MIN_WORDS]
-    docs += random.Random(SEED).sample(stdlib, STDLIB_DOCS)
+    docs += random.Random(SEED).sample(stdlib, min(STDLIB_DOCS, per_source or STDLIB_DOCS))
     return [d for d in docs if len(d.text.split()) >= MIN_WORDS]
 
 
@@ -121,7 +127,10 @@ def state_bytes_per_doc(docs: list[Document]) -> float:
 
 
 def main() -> None:
-    originals = mutually_dissimilar(source_documents())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_PER_SOURCE} documents per source: does it run?")
+    opts = parser.parse_args()
+    originals = mutually_dissimilar(source_documents(SMOKE_PER_SOURCE if opts.smoke else None))
     copies, kinds, truth = make_pairs(originals)
     stream = originals + copies
     dropped, seconds, kept = run_stream(stream)

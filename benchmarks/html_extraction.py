@@ -12,7 +12,8 @@ shared / truth tokens, counting repeated tokens as often as both sides have them
 gives the mean over pages. Speed is pages per second of extraction (decoding excluded), best of `--repeat` passes.
 
 The data is read from `../shared/data/web/html/article-extraction-benchmark` next to the repository; the script
-exits with a message when it is absent. It prints a table and ends with one `key=value` line.
+exits with a message when it is absent. It prints a table and ends with one `key=value` line. `--smoke` checks that
+it still runs: the first 10 pages, one pass (trafilatura too when it is installed).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from lmforge.data.web import decode_html, extract_main_text
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "web" / "html" / "article-extraction-benchmark"
 TOKEN = re.compile(r"\w+")
+SMOKE_PAGES = 10
 
 
 def _whole_page(html: str) -> str:
@@ -56,11 +58,11 @@ def extractors() -> dict[str, Callable[[str], str]]:
     return found
 
 
-def load_pages() -> list[tuple[str, str]]:
-    """(page, expected article text) for every benchmark page, in file-name order."""
+def load_pages(limit: int | None = None) -> list[tuple[str, str]]:
+    """(page, expected article text) for every benchmark page (the first `limit`), in file-name order."""
     truth = json.loads((DATA / "ground-truth.json").read_text(encoding="utf-8"))
     pages = []
-    for key in sorted(truth):
+    for key in sorted(truth)[:limit]:
         html = decode_html(gzip.decompress((DATA / "html" / f"{key}.html.gz").read_bytes()))
         if html is None:
             raise ValueError(f"{key}: page not decodable")
@@ -91,11 +93,14 @@ def run(extract: Callable[[str], str], pages: list[tuple[str, str]], repeat: int
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="timed passes per extractor; the best counts")
+    parser.add_argument("--smoke", action="store_true", help=f"the first {SMOKE_PAGES} pages, one pass: does it run?")
     args = parser.parse_args()
     if not DATA.is_dir():
         print(f"skipped: article-extraction benchmark not found at {DATA}")
         return 0
-    pages = load_pages()
+    if args.smoke:
+        args.repeat = 1
+    pages = load_pages(SMOKE_PAGES if args.smoke else None)
     chosen = extractors()
     print(f"{len(pages)} pages, token-level scores against articleBody (mean over pages)\n")
     print(f"| {'extractor':<24} | {'precision':>9} | {'recall':>6} | {'F1':>5} | {'empty':>5} | {'pages/s':>7} |")

@@ -1,4 +1,4 @@
-"""PII redaction accuracy and speed: `python benchmarks/pii_accuracy.py` (no arguments).
+"""PII redaction accuracy and speed: `python benchmarks/pii_accuracy.py` (`--smoke`: a few seconds' check it runs).
 
 Measures `lmforge.data.pii.find_pii` against labelled spans:
 - Presidio's synthetic set (`presidio_synth_dataset_v2.json`: texts with `spans` of `entity_type`, start, end);
@@ -13,11 +13,13 @@ prediction overlapping one counts as a false positive. Throughput is `redact` ov
 (the enterprise PII classification set, the Dolma pages and the Presidio texts).
 
 The data is read at run time from `../shared/data/pii` next to the repository; the script exits with a message
-when it is absent. It prints a table and ends with one `key=value` line.
+when it is absent. It prints a table and ends with one `key=value` line. `--smoke` scores the first 150 Presidio
+texts and times `redact` over the first 150 texts of each file.
 """
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import sys
@@ -40,6 +42,7 @@ PRESIDIO_LABELS = {
 TARGETS = ("EMAIL", "PHONE", "CREDIT_CARD", "IP_ADDRESS", "US_SSN")
 MIN_GOLD_SCORE = 0.5
 SHOW_ERRORS = 4
+SMOKE_TEXTS = 150
 
 
 class Tally:
@@ -84,8 +87,8 @@ def _context(text: str, span: Span) -> str:
     return repr(f"{before}[{text[span.start : span.end]}]{text[span.end : span.end + 10]}")
 
 
-def _presidio() -> tuple[Tally, list[str]]:
-    records = json.loads((DATA / "presidio_synth_dataset_v2.json").read_text(encoding="utf-8"))
+def _presidio(limit: int | None) -> tuple[Tally, list[str]]:
+    records = json.loads((DATA / "presidio_synth_dataset_v2.json").read_text(encoding="utf-8"))[:limit]
     tally = Tally()
     texts = []
     for rec in records:
@@ -105,8 +108,8 @@ def _read_jsonl_gz(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _dolma() -> tuple[Tally, list[str]]:
-    docs = _read_jsonl_gz(DATA / "dolma_cc_documents_000.json.gz")
+def _dolma(limit: int | None) -> tuple[Tally, list[str]]:
+    docs = _read_jsonl_gz(DATA / "dolma_cc_documents_000.json.gz")[:limit]
     expected = {r["id"]: r for r in _read_jsonl_gz(DATA / "dolma_cc_email-spans_expected.json.gz")}
     tally = Tally()
     texts = []
@@ -119,10 +122,10 @@ def _dolma() -> tuple[Tally, list[str]]:
     return tally, texts
 
 
-def _enterprise_texts() -> list[str]:
+def _enterprise_texts(limit: int | None) -> list[str]:
     path = DATA / "enterprise_pii_classification.jsonl"
     with path.open(encoding="utf-8") as f:
-        return [json.loads(line)["query"] for line in f if line.strip()]
+        return [json.loads(line)["query"] for line in f if line.strip()][:limit]
 
 
 def _throughput(texts: list[str]) -> tuple[float, float]:
@@ -147,14 +150,17 @@ def _report(title: str, tally: Tally, kinds: Iterable[str]) -> None:
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help=f"{SMOKE_TEXTS} texts per file: does it still run?")
+    limit = SMOKE_TEXTS if parser.parse_args().smoke else None
     if not DATA.is_dir():
         print(f"skipped: PII data not found at {DATA}")
         return 0
-    presidio, presidio_texts = _presidio()
-    dolma, dolma_texts = _dolma()
+    presidio, presidio_texts = _presidio(limit)
+    dolma, dolma_texts = _dolma(limit)
     _report("Presidio synthetic v2 (span overlap, same type)", presidio, PRESIDIO_LABELS.values())
     _report("Dolma CC e-mail spans (gold score >= 0.5)", dolma, ["EMAIL"])
-    size_mb, mb_s = _throughput(_enterprise_texts() + dolma_texts + presidio_texts)
+    size_mb, mb_s = _throughput(_enterprise_texts(limit) + dolma_texts + presidio_texts)
     print(f"\nthroughput: redact over {size_mb:.2f} MB of real text: {mb_s:.2f} MB/s")
     summary = {}
     for kind in PRESIDIO_LABELS.values():

@@ -3,6 +3,7 @@
     python benchmarks/train_throughput.py                 # the default recipe's model, batch and seq_len
     python benchmarks/train_throughput.py --sweep         # a table over depth, width, seq_len and batch size
     python benchmarks/train_throughput.py --depth 6 --batch-size 32 --seq-len 512 --steps 40
+    python benchmarks/train_throughput.py --smoke         # seconds: a tiny eager model, to check the script runs
 
 Each configuration runs the real loop (`lmforge.train.loop.train`: forward, backward, clipping, fused AdamW,
 metrics) on random token ids, which cost the same FLOPs as text. Throughput is the loop's steady-state figure
@@ -10,7 +11,8 @@ metrics) on random token ids, which cost the same FLOPs as text. Throughput is t
 process. tokens/s is the median step's (a neighbour's burst on a shared machine slows a few steps a lot);
 (mean) is the loop's own steady-state figure. "Mtok/6min" is how many tokens six minutes of training reach,
 "recipe min" how long the recipe's max_steps take at that batch size. The last line sums up the first
-configuration as key=value pairs.
+configuration as key=value pairs. --smoke: depth 1, width 64, seq 32, batch 2, 6 steps, eager, one thread, a 0.3 s
+peak measurement (its figures mean nothing).
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ SWEEP = [
     (4, 384, 256, 16),
     (4, 512, 256, 16),
 ]
+# --smoke: (depth, d_model, seq_len, batch_size), steps, settings, seconds of peak measurement
+# (one thread: a smoke run shares the machine with the test suite, and tiny ops on oversubscribed threads crawl)
+SMOKE = ((1, 64, 32, 2), 6, ["train.compile=false", "train.threads=1"], 0.3)
 
 
 class RandomTokens:
@@ -77,10 +82,11 @@ class Result:
         return self.achieved / self.peak
 
 
-def measure(depth: int, d_model: int | None, seq_len: int, batch_size: int, steps: int) -> Result:
+def measure(depth: int, d_model: int | None, seq_len: int, batch_size: int, steps: int,
+            settings: tuple[str, ...] = ()) -> Result:  # fmt: skip
     recipe = load_recipe(overrides=[f"model.depth={depth}", f"model.max_seq_len={max(seq_len, 256)}",
                                     f"train.seq_len={seq_len}", f"train.batch_size={batch_size}",
-                                    *([f"model.d_model={d_model}"] if d_model else [])])  # fmt: skip
+                                    *([f"model.d_model={d_model}"] if d_model else []), *settings])  # fmt: skip
     args = ModelArgs.from_config(recipe.model, VOCAB)
     torch.manual_seed(0)
     model = Transformer(args)
@@ -121,22 +127,25 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, help="default: the recipe's")
     parser.add_argument("--steps", type=int, help="training steps per configuration (default 40, 12 in a sweep)")
     parser.add_argument("-v", "--verbose", action="store_true", help="show the training loop's log")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds on a tiny model: does it still run?")
     opts = parser.parse_args()
+    smoke_config, smoke_steps, settings, peak_seconds = SMOKE if opts.smoke else (None, None, [], 2.0)
     logging.basicConfig(level=logging.INFO if opts.verbose else logging.WARNING, format="%(message)s")
 
-    recipe = load_recipe()
+    recipe = load_recipe(overrides=settings)
     set_threads(recipe.train.threads)
     device = resolve_device(recipe.train.device)
-    peak = measure_peak_flops(device, torch.float32, seconds=2.0)
+    peak = measure_peak_flops(device, torch.float32, seconds=peak_seconds)
     print(f"device {device}, {torch.get_num_threads()} threads, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s, "
           f"recipe max_steps {recipe.train.max_steps}")  # fmt: skip
     default = (opts.depth or recipe.model.depth, opts.d_model or recipe.model.d_model,
                opts.seq_len or recipe.train.seq_len, opts.batch_size or recipe.train.batch_size)  # fmt: skip
+    default = smoke_config or default
     configs = [default] + [c for c in SWEEP if c != default] if opts.sweep else [default]
-    steps = opts.steps or (12 if opts.sweep else 40)
+    steps = opts.steps or smoke_steps or (12 if opts.sweep else 40)
     results = []
     for config in configs:
-        results.append(measure(*config, steps=steps))
+        results.append(measure(*config, steps=steps, settings=tuple(settings)))
         if opts.sweep:
             print_table(results[-1:])
     if opts.sweep:
