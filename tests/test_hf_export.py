@@ -18,6 +18,7 @@ from lmforge.hf import export_hf
 from lmforge.infer.engine import generate
 from lmforge.model.io import load_model, save_model
 from lmforge.model.transformer import ModelArgs, Transformer
+from lmforge.outdir import OutputDirError
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 
 transformers = pytest.importorskip("transformers", reason="transformers is needed to check that an export loads")
@@ -102,7 +103,7 @@ def test_export_files_and_tied_weights(tmp_path: Path, tokenizer_file: Path):
     ckpt, model = checkpoint(tmp_path, tokenizer_file, tie_embeddings=True, n_kv_heads=2)
     out = export_hf(ckpt, tmp_path / "hf", dtype="bfloat16")
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json",
+        ".lmforge", "config.json", "generation_config.json", "model.safetensors", "special_tokens_map.json", "tokenizer.json",
         "tokenizer_config.json",
     ]
     cfg = json.loads((out / "config.json").read_text())
@@ -214,13 +215,18 @@ def test_chat_through_the_export_matches_lmforge_and_stops_at_end(tmp_path: Path
         generate_until(load_language_model(out, "cpu"), [question], max_new_tokens=8, chat=True, progress=False)
 
 
-def test_export_replaces_old_dir_atomically_and_needs_a_tokenizer(tmp_path: Path, tokenizer_file: Path):
+def test_export_replaces_an_old_export_atomically_and_needs_a_tokenizer(tmp_path: Path, tokenizer_file: Path):
     ckpt, _ = checkpoint(tmp_path, tokenizer_file)
     stale = tmp_path / "hf"
     stale.mkdir()
-    (stale / "old.bin").write_text("stale")
+    (stale / "config.json").write_text("stale")  # an export's own file, with or without the marker
     export_hf(ckpt, stale)
-    assert not (stale / "old.bin").exists() and (stale / "config.json").is_file()
+    assert json.loads((stale / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    (stale / "old.bin").write_text("not the export's")
+    with pytest.raises(OutputDirError, match=r"hf holds files `lmforge export` did not write \(old.bin\)"):
+        export_hf(ckpt, stale)
+    assert (stale / "old.bin").read_text() == "not the export's"
+    (stale / "old.bin").unlink()
     (ckpt / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         export_hf(ckpt, tmp_path / "hf2")

@@ -1,7 +1,5 @@
 """SFT end to end on a tiny model: full (with freezing) and LoRA fine-tuning, the loss mask, resumable batches."""
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,27 +9,18 @@ from lmforge.finetune.data import read_conversations
 from lmforge.finetune.lora import LoRAConfig
 from lmforge.finetune.sft import SFTBatches, finetune, heldout_loss, sft_loss, split_heldout
 from lmforge.finetune.template import IGNORE_INDEX, pack, render
-from lmforge.model.io import load_checkpoint_tokenizer, load_model, save_model
-from lmforge.model.transformer import ModelArgs, Transformer
+from lmforge.model.io import load_checkpoint_tokenizer, load_model
 from lmforge.recipe import TrainConfig
-from lmforge.tokenizer import train_tokenizer
 
-DATA = "/work/shared/data/instruct/alpaca_data_first200.json"
+from helpers import INSTRUCT_DATA, tiny_chat_model
+
+DATA = INSTRUCT_DATA
 LIMIT = 120
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """A tiny untied 2-block model with a tokenizer trained on the instruction data itself."""
-    tmp = tmp_path_factory.mktemp("base")
-    records = json.loads(open(DATA, encoding="utf-8").read())
-    texts = [" ".join(r[k] for k in ("instruction", "input", "output")) for r in records]
-    tok = train_tokenizer(iter(texts), vocab_size=512)
-    tok.save(tmp / "tok.json")
-    args = ModelArgs(vocab_size=tok.vocab_size, n_layers=2, d_model=64, n_heads=4, n_kv_heads=4, head_dim=16,
-                     mlp_hidden=128, max_seq_len=128)  # fmt: skip
-    torch.manual_seed(0)
-    return save_model(tmp / "ckpt", Transformer(args), args, tmp / "tok.json")
+    return tiny_chat_model(tmp_path_factory.mktemp("base"))
 
 
 def _cfg(**kw):
@@ -68,6 +57,8 @@ def test_lora_sft_trains_only_adapters_and_merges(base, tmp_path, caplog):
     cfg = LoRAConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"))
     m = finetune(base, DATA, out, _cfg(), method="lora", lora=cfg, limit=LIMIT)
     assert "may never learn to end its turn" in caplog.text  # lm_head is not among the targets
+    hint = "pass --lora-targets q_proj,v_proj,lm_head (in a recipe: sft.lora_targets: [q_proj, v_proj, lm_head])"
+    assert hint in caplog.text
     base_model, args = load_model(base)
     per_layer = 2 * cfg.rank * (args.d_model + args.n_heads * args.head_dim)  # q and v: A [r, d] + B [out, r] each
     assert m["trainable_params"] == args.n_layers * per_layer

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -88,6 +90,25 @@ def _fail(message: str, code: int = 1) -> None:
     raise typer.Exit(code)
 
 
+@contextmanager
+def _output_checked() -> Iterator[None]:
+    """A refused output folder or file (lmforge.outdir: not empty and not lmforge's) is a usage error."""
+    from lmforge.outdir import OutputDirError
+
+    try:
+        yield
+    except OutputDirError as e:
+        _fail(str(e), 2)
+
+
+def _claim(out: Path, verb: str) -> None:
+    """Check `out` before any work: lmforge writes only into a new, empty or earlier lmforge folder."""
+    from lmforge.outdir import claim_output_dir
+
+    with _output_checked():
+        claim_output_dir(out, verb)
+
+
 def _sections(overrides: list[str], allowed: set[str]):
     """Validate `section.key=value` overrides against the recipe schema, for verbs that run a single stage."""
     for item in overrides:
@@ -157,6 +178,7 @@ def curate(
             cfg = load_recipe(recipe, settings)
         except RecipeError as e:
             _fail(str(e), 2)
+    _claim(out, "curate")
     metrics = run_curate(cfg.data, out)
     log.info("kept %s of %s documents -> %s", metrics["docs_kept"], metrics["docs_in"], out)
 
@@ -171,6 +193,7 @@ def tokenizer(
     from lmforge.tokenizer import run_tokenizer
 
     cfg = _sections(list(overrides or []), {"tokenizer"})
+    _claim(out, "tokenizer")
     metrics = run_tokenizer(curated, cfg.tokenizer, out)
     log.info("vocabulary %s, %.3f bytes/token -> %s", metrics["vocab_size"], metrics["bytes_per_token"], out)
 
@@ -186,6 +209,7 @@ def shards(
     from lmforge.data.shards import run_shards
 
     cfg = _sections(list(overrides or []), {"shards"})
+    _claim(out, "shards")
     metrics = run_shards(curated, tokenizer_path, cfg.shards, out)
     log.info("%s train / %s validation tokens -> %s", metrics["train_tokens"], metrics["val_tokens"], out)
 
@@ -194,28 +218,64 @@ def shards(
 def pretrain(
     shards_dir: Path = typer.Argument(..., help="A shards directory (index.json, *.bin)."),
     tokenizer_path: Path = typer.Option(..., "--tokenizer", "-t", help="tokenizer.json"),
-    out: Path = typer.Option(..., "--out", "-o", help="Output directory; re-running it resumes."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory; re-running the same job resumes, a "
+                             "changed setting or input starts it over."),
     overrides: Optional[List[str]] = typer.Argument(None, help="model.*, train.*, pretrain.* and parallel.* "
                                                     "settings (e.g. pretrain.objective=mlm parallel.data=fsdp)."),
 ) -> None:
-    """Pre-train a model from scratch with a chosen objective (resumes from the last checkpoint in --out).
+    """Pre-train a model from scratch with a chosen objective (the same job resumes from its last checkpoint in
+    --out; a changed setting, shards or tokenizer starts over, replacing lmforge's earlier outputs there).
 
     Launched with torchrun it trains on every process: see docs/distributed.md.
     """
     from lmforge.pretrain import pretrain as run_pretrain
 
     cfg = _sections(list(overrides or []), {"model", "train", "pretrain", "parallel"})
-    metrics = run_pretrain(shards_dir, tokenizer_path, cfg.model, cfg.train, out, cfg.pretrain, cfg.parallel)
+    with _output_checked():
+        metrics = run_pretrain(shards_dir, tokenizer_path, cfg.model, cfg.train, out, cfg.pretrain, cfg.parallel)
     log.info("final validation loss %.4f; model in %s", metrics.get("final_val_loss") or float("nan"), out / "final")
+
+
+# Options of `lmforge sft` that only one task or method uses: {parameter: (--task, --method or None for any)}.
+SFT_OPTION_SCOPE = {
+    "method": ("chat", None), "train_on": ("chat", None),
+    "freeze_blocks": ("chat", "full"), "freeze_embeddings": ("chat", "full"),
+    "lora_rank": ("chat", "lora"), "lora_alpha": ("chat", "lora"), "lora_dropout": ("chat", "lora"),
+    "lora_targets": ("chat", "lora"), "prefix_length": ("chat", "prefix"), "prefix_reparam": ("chat", "prefix"),
+    "text_field": ("classify", None), "label_field": ("classify", None), "pooling": ("classify", None),
+    "epochs": ("classify", None),
+    "prompt_field": ("chat", None), "response_field": ("chat", None), "system_field": ("chat", None),
+}  # fmt: skip
+
+
+def _misplaced_sft_option(ctx: typer.Context, task: str, method: str) -> str | None:
+    """The first option the user set that this --task / --method ignores, as an error message (None if none).
+    Typer fills in every default, so only options set on the command line count."""
+    for param in ctx.command.params:
+        scope = SFT_OPTION_SCOPE.get(param.name or "")
+        source = ctx.get_parameter_source(param.name or "")
+        # By name: typer vendors its own click, whose ParameterSource is not click's.
+        if scope is None or source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
+            continue
+        flag, (want_task, want_method) = param.opts[0], scope
+        if task != want_task:
+            return (f"{flag} is a --task {want_task} option, and this run is --task {task}: drop {flag} or add "
+                    f"--task {want_task}")  # fmt: skip
+        if want_method is not None and method != want_method:
+            return (f"{flag} is a --method {want_method} option, and this run is --method {method}: drop {flag} or "
+                    f"add --method {want_method}")  # fmt: skip
+    return None
 
 
 @app.command()
 def sft(
+    ctx: typer.Context,
     checkpoint: Path = typer.Argument(..., help="A pre-trained lmforge model directory."),
     data: Path = typer.Option(..., "--data", help="Instruction or chat data: Alpaca, ShareGPT, messages or "
                               "prompt/response records (.json or .jsonl), other records with --prompt-field and "
                               "--response-field; with --task classify, labelled text (.jsonl, .json, .csv or .tsv)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output directory; re-running it resumes."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory; re-running the same job resumes, a "
+                             "changed setting, data file or checkpoint starts it over."),
     task: str = typer.Option("chat", "--task", help="chat: instruction tuning with the chat template; classify: a "
                              "new classification head on the frozen model."),
     method: str = typer.Option("full", "--method", help="chat: full, lora or prefix."),
@@ -249,14 +309,20 @@ def sft(
     """Fine-tune a pre-trained model: instruction tuning (full, optionally with frozen layers; LoRA; prefix
     tuning), reporting held-out loss on the assistant tokens before and after; or, with --task classify, a
     classification head on the frozen model, reporting held-out accuracy."""
+    if task not in ("chat", "classify"):
+        _fail(f"--task {task!r}: choose chat or classify", 2)
+    misplaced = _misplaced_sft_option(ctx, task, method)
+    if misplaced:
+        _fail(misplaced, 2)
     if task == "classify":
         from lmforge.finetune.classify import train_classifier
 
         if overrides:
             _fail("--task classify takes no train.* settings; use --epochs", 2)
-        m = train_classifier(checkpoint, data, out, text_field=text_field, label_field=label_field, pooling=pooling,
-                             epochs=epochs, val_fraction=0.2 if val_fraction is None else val_fraction,
-                             limit=limit)  # fmt: skip
+        with _output_checked():
+            m = train_classifier(checkpoint, data, out, text_field=text_field, label_field=label_field,
+                                 pooling=pooling, epochs=epochs, limit=limit,
+                                 val_fraction=0.2 if val_fraction is None else val_fraction)  # fmt: skip
         acc, base = m["accuracy"], m["majority_baseline"]
         lines = [f"held-out accuracy {acc['value']:.3f} [{acc['ci95'][0]:.3f}, {acc['ci95'][1]:.3f}] on {acc['n']}; "
                  f"majority baseline {base['accuracy']['value']:.3f} (always {base['label']!r}); "
@@ -265,8 +331,6 @@ def sft(
                   for c in m["per_class"]]  # fmt: skip
         typer.echo("\n".join(lines) + f"\nclassifier in {out / 'classifier'}; metrics in {out / 'metrics.json'}")
         return
-    if task != "chat":
-        _fail(f"--task {task!r}: choose chat or classify", 2)
     from lmforge.finetune.data import FieldMap
     from lmforge.finetune.lora import LoRAConfig
     from lmforge.finetune.prefix import PrefixConfig
@@ -283,10 +347,11 @@ def sft(
     targets = tuple(t.strip() for t in lora_targets.split(",") if t.strip())
     lora = LoRAConfig(rank=lora_rank, alpha=lora_alpha, dropout=lora_dropout, targets=targets) if method == "lora" else None
     prefix = PrefixConfig(length=prefix_length, reparam=prefix_reparam) if method == "prefix" else None
-    m = finetune(checkpoint, data, out, train_cfg, method=method, train_on=train_on, freeze_blocks=freeze_blocks,
-                 freeze_embeddings=freeze_embeddings, lora=lora, prefix=prefix,
-                 val_fraction=0.1 if val_fraction is None else val_fraction, limit=limit, fields=fields,
-                 parallel=cfg.parallel)  # fmt: skip
+    with _output_checked():
+        m = finetune(checkpoint, data, out, train_cfg, method=method, train_on=train_on, freeze_blocks=freeze_blocks,
+                     freeze_embeddings=freeze_embeddings, lora=lora, prefix=prefix,
+                     val_fraction=0.1 if val_fraction is None else val_fraction, limit=limit, fields=fields,
+                     parallel=cfg.parallel)  # fmt: skip
     before, after = m.get("heldout_loss_before"), m.get("heldout_loss_after")
     log.info("held-out loss on trained tokens: %s -> %s; %d of %d parameters trained; model in %s",
              f"{before:.4f}" if before is not None else "n/a", f"{after:.4f}" if after is not None else "n/a",
@@ -325,6 +390,7 @@ def eval_(
     if text is None and not tasks and not code:
         _fail("nothing to evaluate: give --text, --tasks and/or --code", 2)
     cfg = _sections(extra, {"eval"})
+    _claim(out, "eval")
     evaluate_checkpoint(checkpoint, text, cfg.eval, out, training_data=training_data)
     typer.echo((out / "results.md").read_text(encoding="utf-8"))
     log.info("results in %s", out / "results.json")
@@ -452,9 +518,10 @@ def embed(
 ) -> None:
     """Mean-pooled, L2-normalised text embeddings (bidirectional attention), or a retrieval score."""
     from lmforge.data.readers import read_documents
-    from lmforge.embed import embed_texts, finetune_on_pairs, pairs_recall, stdlib_pairs, write_embeddings
+    from lmforge.embed import IDS_SUFFIX, embed_texts, finetune_on_pairs, pairs_recall, stdlib_pairs, write_embeddings
     from lmforge.eval.run import TEXT_EXTENSIONS
     from lmforge.model.io import load_checkpoint_tokenizer, load_model
+    from lmforge.outdir import claim_output_file
 
     from lmforge.train.distributed import launched_world_size
 
@@ -469,9 +536,13 @@ def embed(
         _fail(f"--pairs {pairs!r} is not supported; allowed: stdlib", 2)
     if finetune_steps and (pairs is None or finetune_out is None):
         _fail("--finetune-steps needs --pairs stdlib and --finetune-out DIR", 2)
+    if text is not None:
+        with _output_checked():
+            claim_output_file(out, IDS_SUFFIX)
     if finetune_steps:
-        finetune_on_pairs(checkpoint, finetune_out, steps=finetune_steps, batch_size=batch_size,
-                          max_len=max_len or 256)  # fmt: skip
+        with _output_checked():
+            finetune_on_pairs(checkpoint, finetune_out, steps=finetune_steps, batch_size=batch_size,
+                              max_len=max_len or 256)  # fmt: skip
         checkpoint = finetune_out / "final"
     model, args = load_model(checkpoint)
     tok = load_checkpoint_tokenizer(checkpoint)
@@ -492,16 +563,19 @@ def embed(
 @app.command()
 def export(
     checkpoint: Path = typer.Argument(..., help="A model directory."),
-    out: Path = typer.Argument(..., help="Output directory."),
+    out: Path = typer.Argument(..., help="Output directory: new, empty, or an earlier export (which it replaces)."),
     fmt: str = typer.Option("hf", "--format", help="Only 'hf' (Hugging Face transformers) for now."),
     dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
 ) -> None:
-    """Export a checkpoint to a Hugging Face transformers directory (LlamaForCausalLM + tokenizer)."""
+    """Export a checkpoint to a Hugging Face transformers directory, with its tokenizer and chat template. The
+    architecture follows the model: LlamaForCausalLM; Qwen3ForCausalLM for a model with qk_norm (the default
+    recipe's; needs transformers >= 4.51); GPT2LMHeadModel for model.arch=gpt2."""
     from lmforge.hf import export_hf
 
     if fmt != "hf":
         _fail(f"--format {fmt!r} is not supported; allowed: hf", 2)
-    path = export_hf(checkpoint, out, dtype=dtype)
+    with _output_checked():
+        path = export_hf(checkpoint, out, dtype=dtype)
     log.info("exported to %s; load with AutoModelForCausalLM.from_pretrained(%r)", path, str(path))
 
 

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 TEST_PERCENT = 10  # share of stdlib files in the held-out split
 MIN_QUERY_WORDS = 4
 MIN_CODE_LINES = 3  # the def line and at least two lines of body
+IDS_SUFFIX = ".ids.txt"  # beside OUT.npy: one document id per row
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,7 @@ def write_embeddings(path: Path, emb: np.ndarray, ids: Sequence[str]) -> None:
     """`path` (.npy) and, beside it, `<path>.ids.txt` naming each row's document, both written atomically."""
     with atomic_open(path, "wb") as f:
         np.save(f, emb)
-    atomic_write_text(Path(f"{path}.ids.txt"), "".join(f"{i}\n" for i in ids))
+    atomic_write_text(Path(f"{path}{IDS_SUFFIX}"), "".join(f"{i}\n" for i in ids))
 
 
 class PairBatches:
@@ -225,11 +226,15 @@ def finetune_on_pairs(
     from lmforge.model.io import load_model, write_model_files
     from lmforge.objectives import contrastive_loss
     from lmforge.recipe import TrainConfig
-    from lmforge.train.loop import train
+    from lmforge.outdir import inputs_fingerprint, start_job
+    from lmforge.train.loop import OUTPUTS, train
 
     from lmforge.model.io import load_checkpoint_tokenizer
 
     checkpoint = Path(checkpoint)
+    settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "temperature": temperature, "max_len": max_len,
+                "seed": seed}  # fmt: skip
+    start_job(out_dir, "embed --finetune-steps", settings, {"checkpoint": inputs_fingerprint(checkpoint)}, OUTPUTS)
     model, args = load_model(checkpoint)
     tokenizer = load_checkpoint_tokenizer(checkpoint)
     max_len = min(max_len, args.max_seq_len)

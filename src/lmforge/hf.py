@@ -40,6 +40,7 @@ from tokenizers import processors
 from lmforge.finetune.template import CHAT_TEMPLATE_JINJA, END
 from lmforge.model.io import TOKENIZER, has_prefix, load_model, require_checkpoint, staged_dir
 from lmforge.model.transformer import ModelArgs
+from lmforge.outdir import claim_output_dir, write_marker
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Fixed by lmforge.tokenizer: the first special tokens always take these ids.
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 BOS_ID, EOS_ID, PAD_ID, END_ID = 0, 1, 2, 6
+FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+         "special_tokens_map.json")  # everything an export writes (and its lmforge.outdir marker)
 
 
 def hf_architecture(args: ModelArgs) -> str:
@@ -220,7 +223,10 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 
 
 def export_hf(checkpoint_dir: Path, out_dir: Path, dtype: str = "float32") -> Path:
-    """Write `out_dir` (atomically) so that `AutoModelForCausalLM.from_pretrained(out_dir)` loads the model."""
+    """Write `out_dir` (atomically) so that `AutoModelForCausalLM.from_pretrained(out_dir)` loads the model.
+
+    The new folder replaces the old one as a whole, so `out_dir` must be new, empty or an earlier export holding
+    nothing but the export's FILES (else lmforge.outdir.OutputDirError, naming the other files)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; choose one of {sorted(DTYPES)}")
     checkpoint_dir, out_dir = require_checkpoint(checkpoint_dir), Path(out_dir)
@@ -233,6 +239,7 @@ def export_hf(checkpoint_dir: Path, out_dir: Path, dtype: str = "float32") -> Pa
                          "a full or LoRA fine-tune (LoRA is merged into the weights) instead")  # fmt: skip
     model, args = load_model(checkpoint_dir)
     arch = hf_architecture(args)
+    claim_output_dir(out_dir, "export", replaces=FILES)  # the swap below replaces the whole folder
     state = {
         name: t.to(DTYPES[dtype]).contiguous()
         for name, t in model.state_dict().items()
@@ -251,6 +258,7 @@ def export_hf(checkpoint_dir: Path, out_dir: Path, dtype: str = "float32") -> Pa
         generation = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, END_ID], "pad_token_id": PAD_ID}
         _write_json(tmp / "generation_config.json", generation)
         _write_tokenizer(tokenizer_src, tmp, args.max_seq_len)
+        write_marker(tmp, "export")
     log.info("exported %s to %s (Hugging Face %s, %s)", checkpoint_dir, out_dir, config["architectures"][0], dtype)
     return out_dir
 

@@ -20,11 +20,12 @@ from lmforge.data.loader import BatchLoader
 from lmforge.data.shards import open_split
 from lmforge.model.io import write_model_files
 from lmforge.model.transformer import ModelArgs, Transformer
+from lmforge.outdir import inputs_fingerprint, job_settings, start_job
 from lmforge.objectives import IGNORE_INDEX, clm_loss, mlm_accuracy, objective_batch, objective_loss
 from lmforge.recipe import ModelConfig, ParallelConfig, PretrainConfig, TrainConfig
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.distributed import check_batch, init_world
-from lmforge.train.loop import train
+from lmforge.train.loop import OUTPUTS, train
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +205,9 @@ def pretrain(
     parallel_cfg: ParallelConfig | None = None,
 ) -> dict:
     """Train a model from scratch on `shards_dir` with `pretrain_cfg`'s objective; the final model lands in
-    `out_dir/final/`. Re-running on the same `out_dir` resumes from its last checkpoint. Under torchrun, every
-    rank calls this; `parallel_cfg` says how they split the work.
+    `out_dir/final/`. Re-running the same job (settings, shards and tokenizer) on the same `out_dir` resumes from
+    its last checkpoint; a different one starts over (lmforge.outdir.start_job). Under torchrun, every rank calls
+    this; `parallel_cfg` says how they split the work.
     """
     pretrain_cfg = pretrain_cfg or PretrainConfig()
     parallel_cfg = parallel_cfg or ParallelConfig()
@@ -223,6 +225,10 @@ def pretrain(
                          " needs pretrain.packing=window")  # fmt: skip
     if pretrain_cfg.document_masking and pretrain_cfg.packing != "best_fit":
         raise ValueError("pretrain.document_masking needs pretrain.packing=best_fit (rows of whole documents)")
+    settings = {"model": job_settings("model", model_cfg), "train": job_settings("train", train_cfg),
+                "pretrain": job_settings("pretrain", pretrain_cfg)}  # fmt: skip
+    inputs = {"shards": inputs_fingerprint(shards_dir), "tokenizer": inputs_fingerprint(tokenizer_path)}
+    start_job(out_dir, "pretrain", settings, inputs, OUTPUTS, world)
     tokenizer = Tokenizer.from_file(tokenizer_path)
     args = ModelArgs.from_config(model_cfg, tokenizer.vocab_size)
     torch.manual_seed(train_cfg.seed)

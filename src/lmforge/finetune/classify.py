@@ -52,12 +52,15 @@ from lmforge.eval.tasks import proportion
 from lmforge.finetune.labelled import Label, label_vocab, read_labelled, stratified_split
 from lmforge.model.io import WEIGHTS, load_checkpoint_tokenizer, load_model, staged_dir
 from lmforge.model.transformer import Transformer
+from lmforge.outdir import inputs_fingerprint, start_job
 from lmforge.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 POOLINGS = ("last", "mean")
 CLASSIFIER_DIR = "classifier"
+METRICS_FILE = "metrics.json"
+OUTPUTS = (CLASSIFIER_DIR, METRICS_FILE)  # what a job writes in its folder
 HEAD_WEIGHTS = "head.safetensors"
 HEAD_META = "classifier.json"
 FORMAT = 1
@@ -232,6 +235,11 @@ def train_classifier(
     index = {label: i for i, label in enumerate(labels)}
     y = torch.tensor([index[label] for label in data_set.labels])
     train_idx, val_idx = stratified_split(data_set.labels, val_fraction, seed)
+    settings = {"text_field": text_field, "label_field": label_field, "pooling": pooling, "epochs": epochs, "lr": lr,
+                "batch_size": batch_size, "val_fraction": val_fraction, "seed": seed, "limit": limit,
+                "class_weighting": class_weighting}  # fmt: skip
+    inputs = {"checkpoint": inputs_fingerprint(checkpoint), "data": inputs_fingerprint(data)}
+    start_job(out_dir, "sft --task classify", settings, inputs, OUTPUTS)
 
     model, args = load_model(checkpoint, device)
     model.requires_grad_(False)
@@ -266,7 +274,7 @@ def train_classifier(
     with staged_dir(out_dir / CLASSIFIER_DIR) as tmp:
         st_save_model(head.cpu(), str(tmp / HEAD_WEIGHTS), metadata={"format": "pt"})
         (tmp / HEAD_META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    atomic_write_json(out_dir / "metrics.json", metrics)
+    atomic_write_json(out_dir / METRICS_FILE, metrics)
     acc, base = metrics["accuracy"], metrics["majority_baseline"]["accuracy"]
     log.info("held-out accuracy %.3f [%.3f, %.3f] on %d (majority baseline %.3f), macro-F1 %.3f, %.1f s",
              acc["value"], *acc["ci95"], acc["n"], base["value"], metrics["macro_f1"], metrics["seconds"])  # fmt: skip

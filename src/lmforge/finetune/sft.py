@@ -20,6 +20,7 @@ loads strictly when it resumes; only `final/` is converted to a plain model.
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -52,9 +53,11 @@ from lmforge.model.io import (
     write_model_files,
 )
 from lmforge.model.transformer import ModelArgs, Transformer
+from lmforge.outdir import inputs_fingerprint, job_settings, start_job
 from lmforge.recipe import ParallelConfig, TrainConfig
 from lmforge.train.distributed import check_batch, init_world
 from lmforge.train.loop import FINAL_DIR, train
+from lmforge.train.loop import OUTPUTS as LOOP_OUTPUTS
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,8 @@ Method = Literal["full", "lora", "prefix"]
 METHODS: tuple[str, ...] = ("full", "lora", "prefix")
 ADAPTER_NAME = "default"
 ADAPTER_DIR = "adapter"
+OUTPUTS = (*LOOP_OUTPUTS, ADAPTER_DIR, PREFIX_DIR)  # what a job writes in its folder
+RUNTIME_OPTIONS = ("parallel", "after_training")  # how a job runs, not what it computes: not in its fingerprint
 
 
 class SFTBatches:
@@ -234,6 +239,16 @@ def _live_checkpoint_writer(save_tuned: Callable[[nn.Module, Path], Any]) -> Cal
     return write
 
 
+def _unfreeze_head_hint(method: str, lora: LoRAConfig | None) -> str:
+    """The exact option that lets the output layer train, for the frozen-output-layer warning."""
+    if method == "lora":
+        targets = ",".join((*(lora or LoRAConfig()).targets, "lm_head"))
+        return f"pass --lora-targets {targets} (in a recipe: sft.lora_targets: [{targets.replace(',', ', ')}])"
+    if method == "prefix":
+        return "prefix tuning cannot train it: use --method lora --lora-targets q_proj,v_proj,lm_head, or --method full"
+    return "drop --freeze-embeddings: the output layer is tied to the embeddings and freezes with them"
+
+
 def finetune(
     checkpoint: Path,
     data: Path,
@@ -247,8 +262,17 @@ def finetune(
     **options: Any,
 ) -> dict[str, Any]:
     """Fine-tune the checkpoint at `checkpoint` on the conversations in the file `data`, holding a seeded
-    `val_fraction` of them out; `options` are finetune_conversations' keywords. Writes `out_dir/final/`."""
+    `val_fraction` of them out; `options` are finetune_conversations' keywords. Writes `out_dir/final/`.
+
+    Re-running into the same `out_dir` resumes the same job; a changed setting, data file or checkpoint starts
+    over, replacing the outputs of the earlier job (lmforge.outdir.start_job)."""
     train_convs, heldout_convs, counts = read_split(data, val_fraction, seed, limit, fields)
+    settings = {"train": job_settings("train", train_cfg), "val_fraction": val_fraction, "seed": seed, "limit": limit,
+                "fields": asdict(fields) if fields is not None else None,
+                **{k: asdict(v) if is_dataclass(v) else v for k, v in options.items() if k not in RUNTIME_OPTIONS}}
+    inputs = {"checkpoint": inputs_fingerprint(checkpoint), "data": inputs_fingerprint(data)}
+    world = init_world(options.get("parallel") or ParallelConfig(), train_cfg.device)
+    start_job(out_dir, "sft", settings, inputs, OUTPUTS, world)
     metrics = finetune_conversations(checkpoint, train_convs, heldout_convs, out_dir, train_cfg, seed=seed, **options)
     return {**metrics, **counts}
 
@@ -339,8 +363,8 @@ def finetune_conversations(
     if not any(p.requires_grad for n, p in model.named_parameters() if n.startswith(head)):
         # Measured in docs/finetuning.md ("Choosing a method"): without it, no reply ever ended its turn.
         log.warning("the output layer is frozen (method=%s): a model pre-trained without the chat template has "
-                    "pushed <|end|> down at every step and may never learn to end its turn; with LoRA add lm_head "
-                    "to the targets", method)  # fmt: skip
+                    "pushed <|end|> down at every step and may never learn to end its turn; %s", method,
+                    _unfreeze_head_hint(method, lora))  # fmt: skip
 
     val_fn = (lambda m: heldout_loss(m, val_rows, train_cfg.batch_size)) if val_rows else None
     before = val_fn(model) if val_fn else None
