@@ -151,7 +151,8 @@ def run_recipe(recipe: Recipe) -> list[StageOutcome]:
     root = _start_run_dir(recipe)
     fps: dict[str, str] = {}
     outcomes = []
-    for stage in recipe.stages:
+    for i, stage in enumerate(recipe.stages, 1):
+        log.info("stage %d/%d: %s", i, len(recipe.stages), stage)
         outcome = run_stage(stage, root / stage, stage_config(recipe, stage), _stage_inputs(recipe, stage, fps),
                             _stage_fn(recipe, stage, root))  # fmt: skip
         fps[stage] = outcome.fingerprint

@@ -271,6 +271,7 @@ def pretrain(
         write_model_files=lambda m, d: write_model_files(m, args, d, tokenizer_path),
         parallel=parallel_cfg,
         pipeline_io=pipeline_batch,
+        val_batches=-(-len(windows) // val_rows),
     )
     metrics["val_objective"] = val_objective
     if "mlm" in weights:

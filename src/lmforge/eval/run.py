@@ -57,6 +57,8 @@ def evaluate_checkpoint(
         lm = load_language_model(checkpoint_dir, device)
     metrics: dict = {}
     if text_source is not None:
+        xz = " (and compressing each document with xz -9e, the reference)" if cfg.xz_reference and lmforge_dir else ""
+        log.info("held-out: scoring the text in %s%s...", text_source, xz)
         texts = (d.text for d in read_documents(text_source, text_field=text_field, extensions=TEXT_EXTENSIONS))
         metrics.update(_held_out(model, tokenizer, args, texts, cfg, dev) if lmforge_dir
                        else _held_out_rolling(lm, texts, cfg))  # fmt: skip
@@ -66,6 +68,8 @@ def evaluate_checkpoint(
             if key in r:
                 metrics[f"{name}/{key}"] = r[key]["value"]
         metrics.update({f"{name}/{k}": v for k, v in r.items() if k.startswith("pass@") and not k.endswith("ci95")})
+    if lmforge_dir and cfg.samples:
+        log.info("sample generations: %d of up to %d tokens...", cfg.samples, cfg.sample_tokens)
     samples = sample_generations(model, tokenizer, cfg, dev) if lmforge_dir else []
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out_dir / "results.json", {"metrics": metrics, "tasks": tasks, "samples": samples})

@@ -89,19 +89,24 @@ def run_suite(lm: LanguageModel, cfg: EvalConfig, training_texts: Iterable[str] 
     contamination_texts: dict[str, list[list[str]]] = {}
     for spec in cfg.tasks:
         name, path = parse_task(spec, cfg.task_dir)
+        log.info("%s: scoring %s...", name, path)
         results[name], contamination_texts[name] = run_task(lm, name, path, cfg)
         log.info("%s: %s", name, headline(results[name]))
     for code_task in cfg.code:
         from lmforge.eval.code_tasks import run_code_task
 
+        log.info("%s: generating %d completion(s) per problem and running them in the sandbox...", code_task,
+                 cfg.code_samples)  # fmt: skip
         results[code_task], contamination_texts[code_task] = run_code_task(lm, code_task, cfg, code_files)
         log.info("%s: %s", code_task, headline(results[code_task]))
     if cfg.contamination and training_texts is not None and contamination_texts:
         from lmforge.eval.contamination import ContaminationIndex
 
+        log.info("contamination: scanning the training data for the examples of %s...", ", ".join(contamination_texts))
         report = ContaminationIndex.build(contamination_texts).scan(training_texts)
         for name, c in report.items():
             results[name]["contamination"] = c
+            log.info("contamination: %s: %d of %d examples seen in training", name, c["contaminated"], c["examples"])
     return results
 
 

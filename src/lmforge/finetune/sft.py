@@ -367,10 +367,15 @@ def finetune_conversations(
                     _unfreeze_head_hint(method, lora))  # fmt: skip
 
     val_fn = (lambda m: heldout_loss(m, val_rows, train_cfg.batch_size)) if val_rows else None
+    val_batches = -(-len(val_rows.ids) // train_cfg.batch_size) if val_rows else None
+    if val_fn:
+        log.info("held-out loss before fine-tuning, on %d batches...", val_batches)
     before = val_fn(model) if val_fn else None
     metrics = train(model, sft_loss, loader, train_cfg, out_dir,
                     tokens_per_batch=train_cfg.batch_size * train_cfg.seq_len * train_cfg.grad_accum,
-                    val_fn=val_fn, write_model_files=writer, parallel=parallel)  # fmt: skip
+                    val_fn=val_fn, write_model_files=writer, parallel=parallel, val_batches=val_batches)  # fmt: skip
+    if val_fn:
+        log.info("held-out loss after fine-tuning, on %d batches...", val_batches)
     after = val_fn(model) if val_fn else None
     extra = after_training(model) if after_training else {}
     # Rank 0 writes, as the loop does: it replaces the loop's wrapped final/ by a plain checkpoint.

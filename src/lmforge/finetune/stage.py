@@ -102,6 +102,7 @@ def generation_check(
     """Greedy replies to `prompts` (each the conversation before the reply): the share that end the turn
     (`<|end|>` or EOS) within max_new_tokens, and with `code_prompts` (each prompt's code) the share that complete
     a function that parses. Returns the rates and the replies."""
+    log.info("generating greedy replies to %d held-out prompts, up to %d tokens each...", len(prompts), max_new_tokens)
     ids = [prompt_ids(tok, conv) for conv in prompts]
     was_training = model.training
     model.eval()
@@ -141,6 +142,7 @@ def run_sft_stage(root: Path, cfg: SFTConfig, out: Path, parallel: ParallelConfi
     counts: dict[str, Any] = {}
     code_prompts: list[str] | None = None
     if cfg.data == DOCSTRING_PAIRS:
+        log.info("deriving signature + docstring -> body pairs from the functions in %s...", root / "curate")
         train_pairs, heldout_pairs, counts = docstring_pairs(root / "curate", tok, cfg)
         train_convs = [p.conversation() for p in train_pairs]
         heldout_convs = [p.conversation() for p in heldout_pairs]

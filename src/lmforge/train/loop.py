@@ -23,17 +23,14 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 import contextlib
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor, nn
 
 from lmforge.data.io import atomic_write_text
@@ -61,6 +58,7 @@ from lmforge.train.distributed import Parallelized, World, collective_errors, in
 from lmforge.train.flops import measure_peak_flops, mfu
 from lmforge.train.optim import build_optimizer, lr_at
 from lmforge.train.host import keep_freed_memory
+from lmforge.train.progress import TrainingInterrupted, TrainingProgress, stop_at_step_boundary
 from lmforge.train.precision import (
     autocast_context,
     available_cores,
@@ -196,18 +194,6 @@ def _record_bad(state: TrainerState, loss: float) -> None:
     state.bad_losses.append(loss)
 
 
-@contextmanager
-def _progress(total: int, start: int, show: bool = True) -> Iterator[Callable[[int, str], None]]:
-    """A rich progress bar on an interactive terminal (rank 0 only); nothing otherwise (the logger carries the
-    updates)."""
-    console = Console(stderr=True)
-    columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-               TimeRemainingColumn())  # fmt: skip
-    with Progress(*columns, console=console, disable=not (show and console.is_terminal)) as progress:
-        task = progress.add_task("train", total=total, completed=start, info="")
-        yield lambda step, info: progress.update(task, completed=step, info=info)
-
-
 def _evaluate(model: nn.Module, val_fn: Callable[[nn.Module], float], autocast: Any) -> float:
     was_training = model.training
     model.eval()
@@ -245,6 +231,7 @@ def train(
     write_model_files: ModelWriter | None = None,
     parallel: ParallelConfig | None = None,
     pipeline_io: Callable[[Any], tuple[Tensor, Tensor]] | None = None,
+    val_batches: int | None = None,
 ) -> dict:
     """Train `model` for `cfg.max_steps` optimizer steps of `cfg.grad_accum` micro-batches from `loader`.
 
@@ -252,10 +239,14 @@ def train(
     `state_dict()` / `load_state_dict()`; under several ranks it yields this rank's share of each global batch.
     `tokens_per_batch` is the tokens one optimizer step consumes over all ranks (all micro-batches together);
     when omitted it is counted from the first tensor of each batch. `flops_per_token` (training FLOPs, forward
-    and backward) turns throughput into MFU. `val_fn(model)` returns a held-out loss. `write_model_files(model,
-    dir)` writes the model files of checkpoints and of `out_dir/final/`; without it only model.safetensors is
-    written. `parallel` says how a torchrun job splits the work; `pipeline_io(batch) -> (input_ids, targets)`
-    lets a causal-LM stage run pipeline parallel. Returns the run's metrics.
+    and backward) turns throughput into MFU. `val_fn(model)` returns a held-out loss (over `val_batches` batches,
+    which the progress log names). `write_model_files(model, dir)` writes the model files of checkpoints and of
+    `out_dir/final/`; without it only model.safetensors is written. `parallel` says how a torchrun job splits the
+    work; `pipeline_io(batch) -> (input_ids, targets)` lets a causal-LM stage run pipeline parallel. Returns the
+    run's metrics.
+
+    In a single process, Ctrl-C stops training at the end of the current step, saves a checkpoint of it and raises
+    TrainingInterrupted (a KeyboardInterrupt); training again into `out_dir` resumes from it bit for bit.
     """
     out_dir = Path(out_dir)
     parallel = parallel or ParallelConfig()
@@ -311,20 +302,31 @@ def train(
     peak = measure_peak_flops(device, compute_dtype(device, cfg.precision)) if flops_per_token else None
     if peak:
         peak *= world.world_size  # every rank measured its own device, under the same load
-    log_every = max(1, cfg.max_steps // 20)
     start_step, process_start = state.step, time.perf_counter()
     seconds_before = state.train_seconds
 
     run = _Run(par, forward_model, loss_fn, loader, autocast, cfg, tokens_per_batch, scaler, optimizer, val_fn, peak,
-               flops_per_token, log_every, start_step, out_dir)  # fmt: skip
+               flops_per_token, start_step, out_dir, val_batches)  # fmt: skip
+    progress = TrainingProgress(cfg.max_steps, start_step, process_start - seconds_before, peak=peak,
+                                flops_per_token=flops_per_token, compiled=compiled, bar=world.is_main)  # fmt: skip
     metrics_file = _open_metrics(out_dir / METRICS_FILE, state.step) if world.is_main else open(os.devnull, "w")
-    with metrics_file, _progress(cfg.max_steps, state.step, world.is_main) as show:
+    with metrics_file, progress, stop_at_step_boundary(not world.distributed) as stop:
         for step in range(state.step, cfg.max_steps):
             with collective_errors(f"training step {step + 1}", world):
-                run.step(step, state, metrics_file, show)
+                run.step(step, state, metrics_file, progress)
                 state.train_seconds = seconds_before + time.perf_counter() - process_start
-                if state.step % cfg.ckpt_every == 0 or state.step == cfg.max_steps:
+                # Read once: a Ctrl-C landing between two reads would stop without this step's checkpoint.
+                stopping = stop.requested and state.step < cfg.max_steps
+                if stopping:
+                    logger.warning("Ctrl-C: saving a checkpoint of step %d, then stopping (Ctrl-C again stops at "
+                                   "once)", state.step)  # fmt: skip
+                if state.step % cfg.ckpt_every == 0 or state.step == cfg.max_steps or stopping:
                     _save_checkpoint(out_dir, state, par, optimizer, loader, cfg, skeleton, write_model_files)
+            if stopping:
+                raise TrainingInterrupted(
+                    f"training stopped by Ctrl-C after step {state.step} of {cfg.max_steps}; checkpoint saved in "
+                    f"{list_checkpoints(out_dir)[-1][1]}; training again into {out_dir} resumes from it"
+                )
 
     state.train_seconds = seconds_before + time.perf_counter() - process_start
     final_dir = out_dir / FINAL_DIR
@@ -393,11 +395,11 @@ class _Run:
     val_fn: Callable[[nn.Module], float] | None
     peak: float | None
     flops_per_token: float | None
-    log_every: int
     start_step: int
     out_dir: Path
+    val_batches: int | None
 
-    def step(self, step: int, state: TrainerState, metrics_file: TextIO, show: Callable[[int, str], None]) -> None:
+    def step(self, step: int, state: TrainerState, metrics_file: TextIO, progress: TrainingProgress) -> None:
         """One optimizer step with its guard, record, validation and progress line."""
         t0 = time.perf_counter()
         lr = lr_at(step, self.cfg)
@@ -451,18 +453,12 @@ class _Run:
         if state.bad_in_row >= self.cfg.max_bad_steps:
             metrics_file.write(json.dumps(record) + "\n")
             _raise_diverged(self.out_dir, state, self.cfg)
+        progress.step_done(state.step, dt, step_tokens, loss_val, lr)
         if self.val_fn is not None and (state.step % self.cfg.eval_every == 0 or state.step == self.cfg.max_steps):
-            state.val_loss = self.par.agree(_evaluate(self.par.eval_module, self.val_fn, self.autocast))
+            state.val_loss = progress.evaluate(state.step, self.val_batches, lambda: self.par.agree(
+                _evaluate(self.par.eval_module, self.val_fn, self.autocast)))  # fmt: skip
             record["val_loss"] = state.val_loss
-            logger.info("step %d: val_loss %.4f", state.step, state.val_loss)
         metrics_file.write(json.dumps(record) + "\n")
-
-        info = f"loss {loss_val:.4f}  {tokens_per_s:,.0f} tok/s"
-        if record["mfu"] is not None:
-            info += f"  MFU {record['mfu']:.1%}"
-        show(state.step, info)
-        if state.step % self.log_every == 0 or state.step == self.cfg.max_steps:
-            logger.info("step %d/%d: %s  lr %.3g", state.step, self.cfg.max_steps, info, lr)
 
 
 def _raise_diverged(out_dir: Path, state: TrainerState, cfg: TrainConfig) -> NoReturn:
