@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import click
 import typer
@@ -49,6 +49,7 @@ OVERRIDES_HELP = "Settings as section.key=value (e.g. train.max_steps=200 model.
 def _setup_logging(verbose: bool) -> None:
     import os
 
+    from rich.console import Console
     from rich.logging import RichHandler
 
     # Under torchrun only rank 0 reports progress; the other ranks speak up for warnings and errors, named.
@@ -56,13 +57,16 @@ def _setup_logging(verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.INFO
     if rank:
         level = max(level, logging.WARNING)
-    logging.basicConfig(
-        level=level,
-        format="%(message)s" if rank is None else f"[rank {rank}] %(message)s",
-        datefmt="[%X]",
-        handlers=[RichHandler(show_path=False, rich_tracebacks=False, markup=False)],
-        force=True,
-    )
+    fmt = "%(message)s" if rank is None else f"[rank {rank}] %(message)s"
+    console = Console()  # where rich logs: standard output
+    if console.is_terminal:
+        handler: logging.Handler = RichHandler(console=console, show_path=False, rich_tracebacks=False, markup=False)
+    else:
+        # A file or a pipe: rich would wrap at 80 columns, splitting numbers, and leave repeated times blank;
+        # plain lines keep one record per line, each with its time, in rich's layout.
+        handler = logging.StreamHandler(sys.stdout)
+        fmt = "%(asctime)s %(levelname)-8s " + fmt
+    logging.basicConfig(level=level, format=fmt, datefmt="[%X]", handlers=[handler], force=True)
 
 
 def _print_version(value: bool) -> None:
@@ -88,6 +92,24 @@ def main(
 def _fail(message: str, code: int = 1) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def _resumable(command: Callable[..., None]) -> Callable[..., None]:
+    """A verb whose work resumes (run, pretrain, sft): Ctrl-C ends with what was saved and the command that
+    continues, which is the same command line. Exits 130, as a shell reports SIGINT."""
+    import functools
+    import shlex
+
+    @functools.wraps(command)
+    def resumable(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except KeyboardInterrupt as e:  # the training loop's TrainingInterrupted names the checkpoint it saved
+            typer.echo(f"{e or 'interrupted'}\nto resume, run the same command again: {shlex.join(sys.argv)}",
+                       err=True)  # fmt: skip
+            raise typer.Exit(130) from None
+
+    return resumable
 
 
 @contextmanager
@@ -122,6 +144,7 @@ def _sections(overrides: list[str], allowed: set[str]):
 
 
 @app.command()
+@_resumable
 def run(
     recipe: Optional[str] = typer.Argument(None, help="Recipe YAML file or built-in name (default: stdlib-code). "
                                            "A file without name: runs in runs/<its file name>; its unset settings "
@@ -215,6 +238,7 @@ def shards(
 
 
 @app.command()
+@_resumable
 def pretrain(
     shards_dir: Path = typer.Argument(..., help="A shards directory (index.json, *.bin)."),
     tokenizer_path: Path = typer.Option(..., "--tokenizer", "-t", help="tokenizer.json"),
@@ -268,6 +292,7 @@ def _misplaced_sft_option(ctx: typer.Context, task: str, method: str) -> str | N
 
 
 @app.command()
+@_resumable
 def sft(
     ctx: typer.Context,
     checkpoint: Path = typer.Argument(..., help="A pre-trained lmforge model directory."),
@@ -282,9 +307,12 @@ def sft(
     train_on: str = typer.Option("assistant", "--train-on", help="assistant, last or all: the tokens the loss counts."),
     freeze_blocks: int = typer.Option(0, "--freeze-blocks", min=0, help="Full fine-tuning: freeze the first k blocks."),
     freeze_embeddings: bool = typer.Option(False, "--freeze-embeddings", help="Full fine-tuning: freeze embeddings."),
-    lora_rank: int = typer.Option(8, "--lora-rank", min=1),
-    lora_alpha: float = typer.Option(16.0, "--lora-alpha"),
-    lora_dropout: float = typer.Option(0.0, "--lora-dropout", min=0.0, max=0.99),
+    lora_rank: int = typer.Option(8, "--lora-rank", min=1, help="LoRA: rank r of each adapter's A and B matrices "
+                                  "(more trainable parameters as it grows)."),
+    lora_alpha: float = typer.Option(16.0, "--lora-alpha", help="LoRA: scale; the adapters' output is multiplied by "
+                                     "alpha / rank."),
+    lora_dropout: float = typer.Option(0.0, "--lora-dropout", min=0.0, max=0.99, help="LoRA: dropout on the "
+                                       "adapters' input during training."),
     lora_targets: str = typer.Option("q_proj,v_proj", "--lora-targets", help="Comma-separated module-name suffixes; "
                                      "add lm_head when the base model never saw the chat template."),
     prefix_length: int = typer.Option(16, "--prefix-length", min=1, help="Prefix tuning: virtual tokens per layer."),
@@ -438,9 +466,11 @@ def generate(
     max_tokens: int = typer.Option(200, "--max-tokens", "-n", min=1, help="At most this many new tokens (fewer, "
                                    "with a notice, when the prompt leaves less room in the model's context)."),
     temperature: float = typer.Option(0.8, min=0.0, help="0 = greedy."),
-    top_k: Optional[int] = typer.Option(50, min=1),
-    top_p: Optional[float] = typer.Option(None, min=0.0, max=1.0),
-    seed: Optional[int] = typer.Option(None),
+    top_k: Optional[int] = typer.Option(50, min=1, help="Sample only among the K most likely next tokens."),
+    top_p: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Sample only among the most likely next "
+                                          "tokens whose probabilities add up to P (nucleus sampling; default off)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the sampling generator: the same seed and settings give "
+                                       "the same text."),
     chat: bool = typer.Option(False, "--chat", help="Send the prompt as a user message through the chat template "
                               "and print the assistant's reply (stops at <|end|>)."),
     system: Optional[str] = typer.Option(None, "--system", help="With --chat: a system message."),
@@ -481,9 +511,11 @@ def chat(
                                    "(capped, with a notice, to half the model's context: the rest holds the "
                                    "conversation)."),
     temperature: float = typer.Option(0.8, min=0.0, help="0 = greedy."),
-    top_k: Optional[int] = typer.Option(50, min=1),
-    top_p: Optional[float] = typer.Option(None, min=0.0, max=1.0),
-    seed: Optional[int] = typer.Option(None),
+    top_k: Optional[int] = typer.Option(50, min=1, help="Sample only among the K most likely next tokens."),
+    top_p: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Sample only among the most likely next "
+                                          "tokens whose probabilities add up to P (nucleus sampling; default off)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the sampling generator: the same seed and settings give "
+                                       "the same text."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Chat with a model in the terminal through its chat template: replies stream as they are generated and the
@@ -510,7 +542,8 @@ def embed(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="OUT.npy for --text (row ids in OUT.npy.ids.txt)."),
     pairs: Optional[str] = typer.Option(None, "--pairs", help="'stdlib': print recall@1/@10 of docstring -> code "
                                         "retrieval on the held-out standard-library functions."),
-    batch_size: int = typer.Option(32, min=1),
+    batch_size: int = typer.Option(32, min=1, help="Texts per forward pass; with --finetune-steps, pairs per "
+                                   "training step (the other pairs of a batch are each one's negatives)."),
     max_len: Optional[int] = typer.Option(None, min=2, help="Tokens per text (default: the model's max_seq_len)."),
     finetune_steps: int = typer.Option(0, "--finetune-steps", min=0, help="With --pairs: first fine-tune "
                                        "contrastively for this many steps on the training split's pairs."),
