@@ -228,6 +228,25 @@ def test_pipeline_eval_and_sft_announce_their_long_phases(json_data, tmp_path, c
         "held-out loss before fine-tuning, on 2 batches...", "held-out loss after fine-tuning, on 2 batches..."]
 
 
+@pytest.mark.parametrize("raised,said", [
+    (TrainingInterrupted("training stopped by Ctrl-C after step 3 of 9; checkpoint saved in X"),
+     "training stopped by Ctrl-C after step 3 of 9; checkpoint saved in X"),
+    (KeyboardInterrupt(), "interrupted"),  # before training, e.g. while curating
+])  # fmt: skip
+def test_ctrl_c_in_lmforge_run_says_how_to_resume(tmp_path, monkeypatch, raised, said):
+    from typer.testing import CliRunner
+
+    def interrupted(recipe):
+        raise raised
+
+    monkeypatch.setattr("lmforge.pipeline.run_recipe", interrupted)
+    argv = ["lmforge", "run", f"run_dir={tmp_path}", "train.max_steps=9"]
+    monkeypatch.setattr(sys, "argv", argv)
+    result = CliRunner().invoke(app, argv[1:])
+    assert result.exit_code == 130
+    assert result.stderr.splitlines() == [said, f"to resume, run the same command again: {' '.join(argv)}"]
+
+
 def test_log_records_written_to_a_pipe_stay_on_one_line():
     message = "step 140/560: " + "loss 4.1234  6,012 tok/s  MFU 65.0%  " * 5 + "12,345,678"
     assert len(message) > 200

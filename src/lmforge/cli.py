@@ -105,7 +105,7 @@ def _resumable(command: Callable[..., None]) -> Callable[..., None]:
         try:
             command(*args, **kwargs)
         except KeyboardInterrupt as e:  # the training loop's TrainingInterrupted names the checkpoint it saved
-            typer.echo(f"{e or 'interrupted'}\nto resume, run the same command again: {shlex.join(sys.argv)}",
+            typer.echo(f"{str(e) or 'interrupted'}\nto resume, run the same command again: {shlex.join(sys.argv)}",
                        err=True)  # fmt: skip
             raise typer.Exit(130) from None
 
