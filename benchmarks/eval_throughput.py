@@ -36,6 +36,7 @@ import sysconfig
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -59,6 +60,7 @@ DEFAULT_SIZE = ModelArgs(vocab_size=8192, n_layers=3, d_model=192, n_heads=3, n_
 SMOKE_SIZE = ModelArgs(vocab_size=512, n_layers=1, d_model=64, n_heads=1, n_kv_heads=1, head_dim=64, mlp_hidden=128,
                        max_seq_len=256, qk_norm=True, zero_init_out=False)  # fmt: skip
 SMOKE_TOKENIZER_FILES = 20
+PHASES = {"default": "default malloc", "tuned": "keep_freed_memory"}
 HAVE_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
 
 Pair = tuple[str, str]
@@ -238,6 +240,15 @@ def token_counts(ckpt: Path, sets: dict[str, list[dict]]) -> str:
             f"{n_ctx} + {n_cont} = {n_ctx + n_cont} ({n_tok / (n_ctx + n_cont):.2f}x fewer)")  # fmt: skip
 
 
+def run_phase(phase: str, work: Path, a: argparse.Namespace) -> dict:
+    """measure() in a fresh process, with glibc's default malloc ("default") or with freed memory kept ("tuned")."""
+    env = os.environ | ({"LMFORGE_MALLOC_TUNING": "0"} if phase == "default" else {})
+    cmd = [sys.executable, __file__, "--phase", phase, "--work", str(work), "--n-arc", str(a.n_arc),
+           "--repeats", str(a.repeats), "--hf-batch-sizes", a.hf_batch_sizes, "--threads", str(a.threads)]  # fmt: skip
+    subprocess.run(cmd, env=env, check=True)
+    return json.loads((work / f"{phase}.json").read_text(encoding="utf-8"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", type=Path, default=None, help="default: runs/stdlib-code/pretrain/final "
@@ -246,7 +257,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--hf-batch-sizes", default="1,32,64", help="HFLM batch sizes to try (1 is its default)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--phase", choices=("default", "tuned"), help=argparse.SUPPRESS)  # internal: one measurement
+    ap.add_argument("--phase", choices=tuple(PHASES), help=argparse.SUPPRESS)  # internal: one measurement
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--smoke", action="store_true", help="a few seconds on a tiny model: does it still run?")
     a = ap.parse_args()
@@ -278,15 +289,11 @@ def main() -> None:
         print(token_counts(work / "ckpt", sets))
         if not HAVE_LM_EVAL:
             print("lm-eval is not installed: only lmforge's scorer is measured (pip install -e '.[eval]' to compare)")
-        # glibc's malloc setting cannot be undone in a process, so each setting is measured in a fresh one.
-        results = {}
-        for phase, malloc in (("default", "default malloc"), ("tuned", "keep_freed_memory")):
-            env = os.environ | ({"LMFORGE_MALLOC_TUNING": "0"} if phase == "default" else {})
-            cmd = [sys.executable, __file__, "--phase", phase, "--work", str(work), "--n-arc", str(a.n_arc),
-                   "--repeats", str(a.repeats), "--hf-batch-sizes", a.hf_batch_sizes,
-                   "--threads", str(a.threads)]  # fmt: skip
-            subprocess.run(cmd, env=env, check=True)
-            results[malloc] = json.loads((work / f"{phase}.json").read_text(encoding="utf-8"))
+        # glibc's malloc setting cannot be undone in a process, so each setting is measured in a fresh one: one
+        # after the other, except in a smoke run, whose one-thread figures mean nothing.
+        with ThreadPoolExecutor(2 if a.smoke else 1) as pool:
+            measured = pool.map(lambda phase: run_phase(phase, work, a), PHASES)
+            results = dict(zip(PHASES.values(), measured))
         report(results, sets)
         print(summary(results, sets))
 

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -132,6 +133,13 @@ def run_one(name: str, checkpoint: Path, data: Path, steps: int, warmup: int, ba
             "loss": float(loss.detach())}  # fmt: skip
 
 
+def _measure_in_child(name: str, args: list[str]) -> dict:
+    """run_one for method `name` in a fresh process, so that its peak memory is its own."""
+    cmd = [sys.executable, __file__, "--one", name, *args]
+    out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout  # its errors show on stderr
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", type=Path, default=None, help="Default: runs/stdlib-code/pretrain/final if it "
@@ -168,13 +176,13 @@ def main() -> None:
             ckpt = default if default.exists() else _default_model(Path(tmp), a.data, None)
         print(f"model {ckpt}; data {a.data}; batch {a.batch_size} x {a.seq_len}; {a.steps} steps after "
               f"{a.warmup} warm-up; device {a.device}; torch threads {a.threads or torch.get_num_threads()}")
-        rows = []
-        for name in METHODS:
-            cmd = [sys.executable, __file__, "--one", name, "--checkpoint", str(ckpt), "--data", str(a.data),
-                   "--steps", str(a.steps), "--warmup", str(a.warmup), "--batch-size", str(a.batch_size),
-                   "--seq-len", str(a.seq_len), "--device", a.device, "--threads", str(a.threads)]  # fmt: skip
-            out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout  # errors show
-            rows.append(json.loads(out.strip().splitlines()[-1]))
+        common = ["--checkpoint", str(ckpt), "--data", str(a.data), "--steps", str(a.steps), "--warmup",
+                  str(a.warmup), "--batch-size", str(a.batch_size), "--seq-len", str(a.seq_len), "--device", a.device,
+                  "--threads", str(a.threads)]  # fmt: skip
+        # Measured one at a time, so no method's step time shares the cores; a smoke run's one-thread methods
+        # run two at a time, as its figures mean nothing.
+        with ThreadPoolExecutor(2 if a.smoke else 1) as pool:
+            rows = list(pool.map(lambda name: _measure_in_child(name, common), METHODS))
     full = rows[0]
     print("\n| method | trainable params | % of model | state MB | peak MB | step ms | vs full |")
     print("|---|---:|---:|---:|---:|---:|---:|")
