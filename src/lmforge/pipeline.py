@@ -40,6 +40,7 @@ RUN_RECORD = "run.json"  # the recipe that made a run directory: no other recipe
 class RunDirError(ValueError):
     """A run directory this recipe must not write into; the message says whose it is and what to do."""
 
+
 def _settings(recipe: Recipe, section: str) -> dict:
     data = getattr(recipe, section).model_dump(mode="json")
     return {k: v for k, v in data.items() if k not in NON_SEMANTIC.get(section, set())}
