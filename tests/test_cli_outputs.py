@@ -66,7 +66,10 @@ def _verbs(ckpt: Path, labelled: Path) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("verb", ["curate", "tokenizer", "shards", "pretrain", "sft", "classify", "eval", "embed",
                                   "export"])  # fmt: skip
-def test_every_verb_refuses_a_folder_lmforge_did_not_write(ckpt, labelled, tmp_path, verb):
+def test_every_verb_refuses_a_folder_lmforge_did_not_write(ckpt, labelled, tmp_path, monkeypatch, verb):
+    monkeypatch.chdir(tmp_path)  # the inputs named in _verbs exist (pretrain checks them before its folder)
+    (tmp_path / "shards").mkdir()
+    (tmp_path / "tok.json").write_text("{}", encoding="utf-8")
     folder = _foreign(tmp_path / "mine")
     result = CliRunner().invoke(app, [*_verbs(ckpt, labelled)[verb], str(folder)])
     assert result.exit_code == 2, result.output
@@ -182,3 +185,22 @@ def test_sft_refuses_options_of_another_method_or_task(tmp_path, options, messag
     result = CliRunner().invoke(app, ["sft", "ckpt", "--data", "data.jsonl", "-o", str(tmp_path / "o"), *options])
     assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv", [["curate", "nope"], ["tokenizer", "nope"], ["shards", "nope", "-t", "nope.json"],
+                                  ["pretrain", "nope", "-t", "nope.json"], ["sft", "nope", "--data", "nope.json"],
+                                  ["sft", "nope", "--task", "classify", "--data", "nope.json"],
+                                  ["eval", "nope", "--text", "nope"]])  # fmt: skip
+def test_a_verb_given_a_missing_input_leaves_no_output_folder(tmp_path, monkeypatch, argv):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, [*argv, "-o", "out"])
+    assert result.exit_code != 0
+    assert "does not exist" in str(result.exception) + result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_verb_keeps_a_folder_that_already_existed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    result = CliRunner().invoke(app, ["tokenizer", "nope", "-o", "out"])
+    assert result.exit_code != 0 and (tmp_path / "out").is_dir()

@@ -123,12 +123,17 @@ def _output_checked() -> Iterator[None]:
         _fail(str(e), 2)
 
 
-def _claim(out: Path, verb: str) -> None:
-    """Check `out` before any work: lmforge writes only into a new, empty or earlier lmforge folder."""
-    from lmforge.outdir import claim_output_dir
+@contextmanager
+def _claimed(out: Path, verb: str) -> Iterator[None]:
+    """Check `out` before any work (lmforge writes only into a new, empty or earlier lmforge folder) and remove
+    the folder again if the verb fails before writing into it."""
+    from lmforge.outdir import OutputDirError, claimed_output_dir
 
-    with _output_checked():
-        claim_output_dir(out, verb)
+    try:
+        with claimed_output_dir(out, verb):
+            yield
+    except OutputDirError as e:
+        _fail(str(e), 2)
 
 
 def _sections(overrides: list[str], allowed: set[str]):
@@ -201,8 +206,8 @@ def curate(
             cfg = load_recipe(recipe, settings)
         except RecipeError as e:
             _fail(str(e), 2)
-    _claim(out, "curate")
-    metrics = run_curate(cfg.data, out)
+    with _claimed(out, "curate"):
+        metrics = run_curate(cfg.data, out)
     log.info("kept %s of %s documents -> %s", metrics["docs_kept"], metrics["docs_in"], out)
 
 
@@ -216,8 +221,8 @@ def tokenizer(
     from lmforge.tokenizer import run_tokenizer
 
     cfg = _sections(list(overrides or []), {"tokenizer"})
-    _claim(out, "tokenizer")
-    metrics = run_tokenizer(curated, cfg.tokenizer, out)
+    with _claimed(out, "tokenizer"):
+        metrics = run_tokenizer(curated, cfg.tokenizer, out)
     log.info("vocabulary %s, %.3f bytes/token -> %s", metrics["vocab_size"], metrics["bytes_per_token"], out)
 
 
@@ -232,8 +237,8 @@ def shards(
     from lmforge.data.shards import run_shards
 
     cfg = _sections(list(overrides or []), {"shards"})
-    _claim(out, "shards")
-    metrics = run_shards(curated, tokenizer_path, cfg.shards, out)
+    with _claimed(out, "shards"):
+        metrics = run_shards(curated, tokenizer_path, cfg.shards, out)
     log.info("%s train / %s validation tokens -> %s", metrics["train_tokens"], metrics["val_tokens"], out)
 
 
@@ -405,6 +410,7 @@ def eval_(
 ) -> None:
     """Score a checkpoint: held-out bits per byte, benchmarks with intervals and contamination, pass@k."""
     from lmforge.eval.run import evaluate_checkpoint
+    from lmforge.model.io import require_model_dir
 
     extra = list(overrides or [])
     if tasks:
@@ -418,8 +424,9 @@ def eval_(
     if text is None and not tasks and not code:
         _fail("nothing to evaluate: give --text, --tasks and/or --code", 2)
     cfg = _sections(extra, {"eval"})
-    _claim(out, "eval")
-    evaluate_checkpoint(checkpoint, text, cfg.eval, out, training_data=training_data)
+    require_model_dir(checkpoint)  # a wrong path fails before the output folder is made
+    with _claimed(out, "eval"):
+        evaluate_checkpoint(checkpoint, text, cfg.eval, out, training_data=training_data)
     typer.echo((out / "results.md").read_text(encoding="utf-8"))
     log.info("results in %s", out / "results.json")
 

@@ -229,9 +229,9 @@ def finetune_on_pairs(
     from lmforge.outdir import inputs_fingerprint, start_job
     from lmforge.train.loop import OUTPUTS, train
 
-    from lmforge.model.io import load_checkpoint_tokenizer
+    from lmforge.model.io import load_checkpoint_tokenizer, require_checkpoint
 
-    checkpoint = Path(checkpoint)
+    checkpoint = require_checkpoint(checkpoint)  # before the output folder is made
     settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "temperature": temperature, "max_len": max_len,
                 "seed": seed}  # fmt: skip
     start_job(out_dir, "embed --finetune-steps", settings, {"checkpoint": inputs_fingerprint(checkpoint)}, OUTPUTS)

@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,21 @@ def claim_output_dir(directory: Path, verb: str, *, replaces: Collection[str] | 
     return marker or {}
 
 
+@contextmanager
+def claimed_output_dir(directory: Path, verb: str) -> Iterator[dict[str, Any]]:
+    """`claim_output_dir` around a verb's work: a folder the claim created is removed again when the verb fails
+    before writing anything into it, so a mistyped input leaves no empty folder behind."""
+    directory = Path(directory)
+    created = not directory.exists()
+    marker = claim_output_dir(directory, verb)
+    try:
+        yield marker
+    except BaseException:
+        if created and directory.is_dir() and [p.name for p in directory.iterdir()] == [MARKER]:
+            shutil.rmtree(directory)
+        raise
+
+
 def write_marker(directory: Path, verb: str, job: dict[str, Any] | None = None) -> None:
     """Mark `directory` as written by `lmforge VERB` (creating it), with the training job it holds if any."""
     marker: dict[str, Any] = {"verb": verb, "lmforge_version": __version__}
@@ -116,6 +132,8 @@ def inputs_fingerprint(path: Path) -> str:
     """A file's, or a folder's files', fingerprint (names relative to it, sizes, modification times); the marker
     and manifest of a folder lmforge wrote do not count."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
     if path.is_file():
         return files_fingerprint([path], path.parent)
     files = [p for p in path.rglob("*") if p.is_file() and p.name not in (MARKER, MANIFEST)]

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from lmforge.data.io import atomic_write_json
 from lmforge.eval.tasks import proportion
 from lmforge.finetune.labelled import Label, label_vocab, read_labelled, stratified_split
-from lmforge.model.io import WEIGHTS, load_checkpoint_tokenizer, load_model, staged_dir
+from lmforge.model.io import WEIGHTS, load_checkpoint_tokenizer, load_model, require_checkpoint, staged_dir
 from lmforge.model.transformer import Transformer
 from lmforge.outdir import inputs_fingerprint, start_job
 from lmforge.tokenizer import Tokenizer
@@ -223,7 +223,7 @@ def train_classifier(
     write `out_dir/classifier/` and `out_dir/metrics.json`; return the metrics. `batch_size` is the number of texts
     per backbone forward pass and per head step."""
     t0 = time.perf_counter()
-    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    checkpoint, out_dir = require_checkpoint(checkpoint), Path(out_dir)
     if pooling not in POOLINGS:
         raise ValueError(f"pooling={pooling!r}; choose one of {list(POOLINGS)}")
     if epochs < 1 or batch_size < 1 or lr <= 0:

@@ -49,6 +49,7 @@ from lmforge.model.io import (
     has_prefix,
     load_checkpoint_tokenizer,
     load_model,
+    require_checkpoint,
     staged_dir,
     write_model_files,
 )
@@ -266,6 +267,7 @@ def finetune(
 
     Re-running into the same `out_dir` resumes the same job; a changed setting, data file or checkpoint starts
     over, replacing the outputs of the earlier job (lmforge.outdir.start_job)."""
+    checkpoint = require_checkpoint(checkpoint)  # before the output folder is made
     train_convs, heldout_convs, counts = read_split(data, val_fraction, seed, limit, fields)
     settings = {"train": job_settings("train", train_cfg), "val_fraction": val_fraction, "seed": seed, "limit": limit,
                 "fields": asdict(fields) if fields is not None else None,

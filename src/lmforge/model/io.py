@@ -117,6 +117,15 @@ def require_checkpoint(dir: Path) -> Path:
     return dir
 
 
+def require_model_dir(dir: Path) -> Path:
+    """`dir`, when it is an lmforge checkpoint or a transformers model directory (config.json), for the verbs that
+    read either; else `not_a_checkpoint`'s error. Checked before a verb creates its output folder."""
+    dir = Path(dir)
+    if not (dir / META).is_file() and not (dir / "config.json").is_file():
+        raise not_a_checkpoint(dir, transformers_too=True)
+    return dir
+
+
 def _require(dir: Path, name: str) -> Path:
     path = require_checkpoint(dir) / name
     if not path.is_file():
