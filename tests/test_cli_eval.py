@@ -18,6 +18,8 @@ def test_limit_caps_benchmark_examples_and_code_problems(tmp_path, monkeypatch):
         (out / "results.md").write_text("| task |\n", encoding="utf-8")
 
     monkeypatch.setattr(lmforge.eval.run, "evaluate_checkpoint", fake_evaluate)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "model.json").write_text("{}", encoding="utf-8")  # eval checks the path is a model first
     args = ["eval", str(tmp_path / "ckpt"), "--tasks", "arc_easy", "--task-dir", str(tmp_path), "--code", "stdlib",
             "-o", str(tmp_path / "out")]  # fmt: skip
     result = CliRunner().invoke(app, [*args, "--limit", "50"])

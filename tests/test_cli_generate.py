@@ -98,6 +98,7 @@ def test_generate_asking_for_more_than_the_context_holds_generates_what_fits(run
     result = invoke("generate", str(run_dir / "pretrain" / "final"), "-n", "256", "--temperature", "0")
     assert result.exit_code == 0, result.output
     assert last_line(result) == "xy" * 23 + "x"  # BOS + 47 new tokens fill the 48-token context
+    assert result.stdout == "xy" * 23 + "x\n"  # the notice is a log line on stderr: `generate > out.txt` holds the text
     assert "max_new_tokens=256 does not fit the model's 48-token context after the 1-token prompt: generating at " \
            "most 47 new tokens" in words(result)  # fmt: skip
     result = invoke("generate", str(run_dir / "sft" / "final"), "--chat", "-p", "hi", "-n", "256", "--temperature", "0")

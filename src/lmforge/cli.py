@@ -58,13 +58,14 @@ def _setup_logging(verbose: bool) -> None:
     if rank:
         level = max(level, logging.WARNING)
     fmt = "%(message)s" if rank is None else f"[rank {rank}] %(message)s"
-    console = Console()  # where rich logs: standard output
+    # Logs go to standard error, so standard output carries only what a verb produces (`generate > out.txt`).
+    console = Console(stderr=True)
     if console.is_terminal:
         handler: logging.Handler = RichHandler(console=console, show_path=False, rich_tracebacks=False, markup=False)
     else:
         # A file or a pipe: rich would wrap at 80 columns, splitting numbers, and leave repeated times blank;
         # plain lines keep one record per line, each with its time, in rich's layout.
-        handler = logging.StreamHandler(sys.stdout)
+        handler = logging.StreamHandler(sys.stderr)
         fmt = "%(asctime)s %(levelname)-8s " + fmt
     logging.basicConfig(level=level, format=fmt, datefmt="[%X]", handlers=[handler], force=True)
 
