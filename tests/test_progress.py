@@ -72,6 +72,21 @@ def test_logged_throughput_and_eta_count_training_time_only(tmp_path, monkeypatc
     ]
 
 
+def test_a_log_file_hears_from_training_at_least_every_ten_seconds(monkeypatch, caplog):
+    """Lines every max_steps // 20 steps, and one after 10 s without, so a slow run is never silent for long."""
+    clock = FakeTime()
+    monkeypatch.setattr(progress_module, "time", clock)
+    progress = TrainingProgress(100, 0, clock.now, bar=False)  # regular lines every 5 steps
+    logged = []
+    with caplog.at_level("INFO", logger="lmforge.train.progress"), progress:
+        for step, seconds in enumerate([1.0] * 6 + [4.0] * 4, start=1):
+            clock.now += seconds
+            n = len(caplog.records)
+            progress.step_done(step, seconds, 256, 2.0, 1e-3)
+            logged += [step] * (len(caplog.records) - n)
+    assert logged == [5, 9, 10]  # 5 and 10 (regular); 9: 13 s after step 5 (step 8 was 9 s after it)
+
+
 def test_pace_leaves_out_the_first_step_once_a_later_one_is_known():
     pace = Pace(window=3)
     pace.add(50.0, 100)  # compilation

@@ -24,6 +24,7 @@ from lmforge.train.flops import mfu
 logger = logging.getLogger(__name__)
 
 RECENT_STEPS = 20  # steps the throughput and ETA average over: smooths the noise of one step, follows changes
+QUIET_S = 10.0  # a progress line at least this often, even between the regular every-5% lines (logs to a file)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -71,7 +72,8 @@ class Pace:
 
 class TrainingProgress:
     """The progress display of one `train` call: a rich bar on an interactive terminal (rank 0 only), and every
-    `max_steps // 20` steps a progress line (the logger's, so it reaches files and pipes too).
+    `max_steps // 20` steps, or after QUIET_S seconds without one, a progress line (the logger's, so it reaches
+    files and pipes too).
 
     `clock_start` is the perf_counter() reading at which training would have started had it all run in this
     process (earlier runs' seconds subtracted), for the elapsed time. `peak` and `flops_per_token` turn
@@ -84,6 +86,7 @@ class TrainingProgress:
         self.peak, self.flops_per_token, self.compiled = peak, flops_per_token, compiled
         self.log_every = max(1, max_steps // 20)
         self.pace = Pace()
+        self._last_line = clock_start
         console = Console(stderr=True)
         columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"))
         # The text carries our ETA: rich's own would come from wall time, evaluations included.
@@ -111,8 +114,10 @@ class TrainingProgress:
             info += f"  MFU {mfu(tokens_per_s, self.flops_per_token, self.peak):.1%}"
         eta = f"ETA {duration(self.pace.eta(self.max_steps - step))}"
         self._bar.update(self._task, completed=step, info=f"{info}  {eta}")
-        if step % self.log_every == 0 or step == self.max_steps:
-            elapsed = duration(time.perf_counter() - self.clock_start)
+        now = time.perf_counter()
+        if step % self.log_every == 0 or step == self.max_steps or now - self._last_line >= QUIET_S:
+            self._last_line = now
+            elapsed = duration(now - self.clock_start)
             logger.info("step %d/%d: %s  lr %.3g  elapsed %s  %s", step, self.max_steps, info, lr, elapsed, eta)
 
     def evaluate(self, step: int, batches: int | None, validate: Callable[[], float]) -> float:
