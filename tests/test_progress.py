@@ -285,3 +285,30 @@ def test_every_cli_option_and_argument_has_help():
     walk(root, "lmforge")
     assert missing == []
     assert len(root.list_commands(ctx)) > 10  # the walk reached the verbs
+
+
+def test_held_out_scoring_says_it_is_still_working(monkeypatch, caplog):
+    """A long held-out scoring logs a line after every 10 s without one, so the eval stage is never silent."""
+    import torch
+
+    import lmforge.eval.perplexity as perplexity
+
+    clock = FakeTime()
+    monkeypatch.setattr(progress_module, "time", clock)
+
+    def slow_nll(model, xs, ys):
+        clock.now += 4.0  # each batch of windows takes 4 s
+        return torch.ones(ys.shape)
+
+    monkeypatch.setattr(perplexity, "token_nll", slow_nll)
+
+    class Tok:
+        bos_id, pad_id = 0, 0
+
+        def encode(self, text):
+            return [1 + ord(c) % 50 for c in text]
+
+    with caplog.at_level("INFO", logger="lmforge.eval.perplexity"):
+        perplexity.score_texts(torch.nn.Identity(), Tok(), ["some text " * 40] * 10, seq_len=16, batch_size=4)
+    beats = [r.getMessage() for r in caplog.records]
+    assert len(beats) >= 3 and all(b.startswith("held-out: ") and b.endswith("scored so far...") for b in beats)

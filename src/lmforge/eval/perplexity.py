@@ -10,6 +10,7 @@ and every token after the first window sees at least seq_len - stride tokens of 
 
 from __future__ import annotations
 
+import logging
 import lzma
 import math
 from dataclasses import asdict, dataclass
@@ -18,7 +19,9 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from lmforge.objectives import token_nll
+from lmforge.train.progress import Heartbeat
 
+log = logging.getLogger(__name__)
 IGNORE = -100
 
 
@@ -129,11 +132,13 @@ def score_texts(
         stats.tokens += int((ys != IGNORE).sum())
         batch.clear()
 
+    heartbeat = Heartbeat(log)
     stream = _token_stream(texts, tokenizer, max_tokens, sink)
     for window in _windows(stream, seq_len, tokenizer.bos_id, stats, stride):
         batch.append(window)
         if len(batch) == batch_size:
             flush()
+            heartbeat.beat(lambda: f"held-out: {stats.tokens:,} tokens of {stats.docs:,} documents scored so far...")
     if batch:
         flush()
     return stats

@@ -70,6 +70,20 @@ class Pace:
         return steps_left * sum(s for s, _ in steps) / len(steps) if steps else 0.0
 
 
+class Heartbeat:
+    """Says a long loop is still working: `beat()` logs its message when QUIET_S seconds have passed since the
+    last one (or since the start), so a log never goes silent for long on a phase without a progress line."""
+
+    def __init__(self, log: logging.Logger) -> None:
+        self.log, self._last = log, time.perf_counter()
+
+    def beat(self, message: Callable[[], str]) -> None:
+        now = time.perf_counter()
+        if now - self._last >= QUIET_S:
+            self._last = now
+            self.log.info("%s", message())
+
+
 class TrainingProgress:
     """The progress display of one `train` call: a rich bar on an interactive terminal (rank 0 only), and every
     `max_steps // 20` steps, or after QUIET_S seconds without one, a progress line (the logger's, so it reaches
