@@ -8,10 +8,16 @@ from lmforge.pipeline import run_recipe
 from lmforge.recipe import load_recipe
 
 
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """The default recipe, run once for the tests of this file: (its run directory's parent, the outcomes)."""
+    root = tmp_path_factory.mktemp("runs")
+    return root, run_recipe(load_recipe(None, [f"run_dir={root}"]))
+
+
 @pytest.mark.slow
-def test_default_recipe_beats_xz_and_writes_a_report(tmp_path):
-    recipe = load_recipe(None, [f"run_dir={tmp_path}"])
-    outcomes = run_recipe(recipe)
+def test_default_recipe_beats_xz_and_writes_a_report(default_run):
+    tmp_path, outcomes = default_run
     assert [o.action for o in outcomes] == ["ran"] * 8
     ev = json.loads((tmp_path / "stdlib-code" / "eval" / "manifest.json").read_text())["metrics"]
     assert ev["val_bpb"] < ev["xz_bpb"], f"model {ev['val_bpb']:.3f} bits/byte vs xz {ev['xz_bpb']:.3f}"
@@ -26,3 +32,25 @@ def test_default_recipe_beats_xz_and_writes_a_report(tmp_path):
     assert sft["heldout_loss_after"] < sft["heldout_loss_before"] - 0.5
     assert sft["generation_after"]["ended_turn"] >= sft["generation_before"]["ended_turn"] + 0.25
     assert sft["generation_after"]["completes_function"] > sft["generation_before"]["completes_function"]
+
+
+@pytest.mark.slow
+def test_default_run_matches_the_figures_the_readme_quotes(default_run):
+    """A fresh default run lands on the figures recorded in docs/default-run.json (which the README renders):
+    the data the same to the file, quality within a small tolerance (floating-point order differs across CPUs)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "readme_figures.py"
+    spec = importlib.util.spec_from_file_location("readme_figures", path)
+    figures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figures)
+    fresh = figures.record(default_run[0] / "stdlib-code", wall_seconds=None)
+    recorded = json.loads(figures.RECORD.read_text(encoding="utf-8"))
+    for key in ("docs_in", "docs_kept", "bytes_train", "bytes_val", "removed", "vocab_size", "params", "tokens",
+                "sft_pairs", "code_problems", "code_contaminated"):  # fmt: skip
+        assert fresh[key] == recorded[key], key
+    for key in ("val_bpb", "xz_bpb", "sft_loss_before", "sft_loss_after"):
+        assert abs(fresh[key] - recorded[key]) < 0.03 * recorded[key], (key, fresh[key], recorded[key])
+    for key in ("ended_after", "parses_after"):  # shares of 24 greedy replies: a few replies either way
+        assert abs(fresh[key] - recorded[key]) <= 0.15, (key, fresh[key], recorded[key])
