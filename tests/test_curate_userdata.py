@@ -133,6 +133,18 @@ def test_named_pipe_and_socket_are_skipped_and_counted_not_read(tmp_path):
                                                   f"{src / 's.txt'}: not a regular file"]  # fmt: skip
 
 
+def test_a_pipe_is_counted_as_what_it_is_whatever_its_name(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text(PROSE)
+    os.mkfifo(src / "pipe")  # no extension: still reported as a pipe, not as an unselected extension
+    (src / "link.txt").symlink_to(src / "pipe")
+    skipped = ErrorLog()
+    with _deadline(10):
+        assert [d.id for d in read_documents(src, extensions=[".txt"], skipped=skipped)] == ["a.txt"]
+    assert skipped.reasons == {"not a regular file": 2}
+
+
 def test_a_named_pipe_as_the_source_is_a_clear_error(tmp_path):
     os.mkfifo(tmp_path / "pipe.txt")
     with pytest.raises(ValueError, match="is not a regular file or a directory"):

@@ -71,10 +71,13 @@ def _skipped_files(stats: Mapping[str, Any], extensions: list[str]) -> list[str]
     by_extension = {r[len(_EXTENSION_PREFIX) : -len(_EXTENSION_SUFFIX)]: n for r, n in by_reason.items()
                     if r.startswith(_EXTENSION_PREFIX) and r.endswith(_EXTENSION_SUFFIX)}  # fmt: skip
     if by_extension:
-        found.append(f"{sum(by_extension.values()):,} files skipped for their extension ({_counts(by_extension)}): "
+        n = sum(by_extension.values())
+        found.append(f"{n:,} file{'s' if n != 1 else ''} skipped for their extension ({_counts(by_extension)}): "
                      f"data.extensions is {extensions}; add an extension there to read those files")  # fmt: skip
     if by_reason.get(OUTSIDE):
-        found.append(f"{by_reason[OUTSIDE]:,} symbolic links point outside the source and were not read; "
+        n = by_reason[OUTSIDE]
+        links = "symbolic links point" if n != 1 else "symbolic link points"
+        found.append(f"{n:,} {links} outside the source and {'were' if n != 1 else 'was'} not read; "
                      f"data.follow_symlinks: true reads them")  # fmt: skip
     return found
 

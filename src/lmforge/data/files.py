@@ -100,10 +100,10 @@ class _Walk:
                 self.link(child, ancestors)
             elif entry.is_dir(follow_symlinks=False):
                 self.subdirectory(child, os.path.realpath(child), ancestors)
+            elif not entry.is_file(follow_symlinks=False):  # what it is matters more than its name
+                self.skip(NOT_REGULAR, child)
             elif not _selected(child, self.suffixes):
                 self.skip(extension_reason(child), child)
-            elif not entry.is_file(follow_symlinks=False):
-                self.skip(NOT_REGULAR, child)
             else:
                 self.files.append(child)
 
@@ -132,12 +132,12 @@ class _Walk:
                 self.skip(OUTSIDE, path)
             else:
                 self.subdirectory(path, real, ancestors)
-        elif not _selected(path, self.suffixes):
-            self.skip(extension_reason(path), path)
         elif not self.follow and not _inside(real, self.root):
             self.skip(OUTSIDE, path)
         elif not stat.S_ISREG(mode):
             self.skip(NOT_REGULAR, path)
+        elif not _selected(path, self.suffixes):
+            self.skip(extension_reason(path), path)
         else:
             self.files.append(path)
 
