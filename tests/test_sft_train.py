@@ -200,3 +200,18 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_weights(base, tmp_path, monk
     if extra:
         a, b = (load_file(str(tmp_path / d / extra)) for d in ("reference", "crashed"))
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_truncation_warning_names_the_split_and_the_share(base, caplog):
+    from lmforge.finetune.sft import render_pack
+
+    tok = load_checkpoint_tokenizer(base)
+    convs = read_conversations(INSTRUCT_DATA, limit=10)[0]
+    lengths = [len(render(tok, c, "assistant")[0]) for c in convs]
+    seq_len = sorted(lengths)[5]  # about half of them are longer
+    with caplog.at_level("WARNING", logger="lmforge.finetune.sft"):
+        render_pack(tok, convs, "assistant", seq_len, split="held-out")
+    longer = sum(n > seq_len for n in lengths)
+    said = [r.getMessage() for r in caplog.records if r.name == "lmforge.finetune.sft"]
+    assert said == [f"held-out: {longer} of 10 conversations are longer than seq_len={seq_len} tokens "
+                               "and lose their end"]  # fmt: skip

@@ -204,11 +204,13 @@ def freeze(model: Transformer, blocks: int, embeddings: bool) -> None:
             model.model.embed_positions.requires_grad_(False)
 
 
-def render_pack(tok: Any, convs: list, train_on: TrainOn, seq_len: int, one_per_row: bool = False) -> Packed:
+def render_pack(tok: Any, convs: list, train_on: TrainOn, seq_len: int, one_per_row: bool = False,
+                split: str = "training") -> Packed:  # fmt: skip
     """Render conversations with the template and pack them into rows of seq_len (one per row if asked)."""
     packed = pack([render(tok, c, train_on) for c in convs], seq_len, tok.pad_id, one_per_row)
     if packed.truncated:
-        log.warning("%d conversations longer than seq_len=%d were truncated", packed.truncated, seq_len)
+        log.warning("%s: %d of %d conversations are longer than seq_len=%d tokens and lose their end",
+                    split, packed.truncated, len(convs), seq_len)  # fmt: skip
     return packed
 
 
@@ -344,7 +346,8 @@ def finetune_conversations(
     # (positions are absolute and prefix keys carry none): prefix tuning trains one conversation per row.
     one_per_row = method == "prefix"
     train_rows = render_pack(tok, train_convs, train_on, train_cfg.seq_len, one_per_row)
-    val_rows = render_pack(tok, heldout_convs, train_on, train_cfg.seq_len, one_per_row) if heldout_convs else None
+    val_rows = (render_pack(tok, heldout_convs, train_on, train_cfg.seq_len, one_per_row, split="held-out")
+                if heldout_convs else None)  # fmt: skip
     loader = SFTBatches(train_rows, train_cfg.batch_size, seed, rank=world.dp_rank, world_size=world.dp_size)
 
     if method == "lora":
