@@ -33,7 +33,7 @@ from lmforge.objectives import clm_loss
 from lmforge.recipe import load_recipe
 from lmforge.train.flops import measure_peak_flops
 from lmforge.train.loop import METRICS_FILE, STEADY_AFTER, train
-from lmforge.train.precision import resolve_device, set_threads
+from lmforge.device import resolve_device, set_threads
 
 VOCAB = load_recipe().tokenizer.vocab_size
 

@@ -18,6 +18,7 @@ from lmforge.model.io import save_model
 from lmforge.model.transformer import ModelArgs, Transformer
 from lmforge.pretrain import pretrain
 from lmforge.recipe import EvalConfig, ModelConfig, TrainConfig
+from lmforge.stats import proportion
 
 EVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
 
@@ -78,7 +79,7 @@ def test_a_random_model_scores_at_chance_on_every_multiple_choice_task(random_mo
     for name, (_, delimiter) in T.MC_TASKS.items():
         examples, _ = T.load_mc(T.find_task_file(name, EVAL), delimiter, limit=300)
         r = T.score_mc(random_model, examples, progress=False)
-        low, high = T.proportion(round(r["acc_norm"]["value"] * r["n"]), r["n"], z=z)["ci95"]
+        low, high = proportion(round(r["acc_norm"]["value"] * r["n"]), r["n"], z=z)["ci95"]
         assert low <= r["chance"] <= high, (name, r["acc_norm"], r["chance"])
 
 
@@ -200,9 +201,9 @@ def test_generation_task_scores_exact_and_normalized_matches(monkeypatch, tmp_pa
 
 
 def test_wilson_interval_values():
-    r = T.proportion(50, 100)
+    r = proportion(50, 100)
     assert r["value"] == 0.5 and r["ci95"] == pytest.approx([0.4038, 0.5962], abs=1e-4)
-    assert T.proportion(0, 20)["ci95"][0] == 0.0 and T.proportion(0, 20)["ci95"][1] == pytest.approx(0.1611, abs=1e-4)
+    assert proportion(0, 20)["ci95"][0] == 0.0 and proportion(0, 20)["ci95"][1] == pytest.approx(0.1611, abs=1e-4)
 
 
 def test_contamination_finds_planted_examples_only():

@@ -173,7 +173,8 @@ def test_model_files_writer_is_used_for_checkpoints_and_final(tmp_path):
 
 def test_device_precision_and_mfu_helpers(caplog):
     from lmforge.train.flops import measure_peak_flops, mfu
-    from lmforge.train.precision import autocast_context, compute_dtype, resolve_device
+    from lmforge.device import resolve_device
+    from lmforge.train.precision import autocast_context, compute_dtype
 
     assert resolve_device("cpu") == torch.device("cpu")
     if not torch.cuda.is_available():

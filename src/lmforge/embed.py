@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmforge.data.io import atomic_open, atomic_write_text
+from lmforge.io import atomic_open, atomic_write_text
 from lmforge.data.readers import stdlib_root, stdlib_source_files
 from lmforge.objectives import pooled_embeddings
 from lmforge.tokenizer import Tokenizer

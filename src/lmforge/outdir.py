@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge import __version__
-from lmforge.data.io import atomic_write_json
+from lmforge.io import atomic_write_json
 from lmforge.runs import MANIFEST, _changed_keys, files_fingerprint, fingerprint, read_manifest
 
 log = logging.getLogger(__name__)

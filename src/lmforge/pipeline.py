@@ -15,7 +15,7 @@ from typing import Callable
 
 import yaml
 
-from lmforge.data.io import atomic_write_json, atomic_write_text
+from lmforge.io import atomic_write_json, atomic_write_text
 from lmforge.recipe import Recipe
 from lmforge.runs import MANIFEST, StageOutcome, files_fingerprint, fingerprint, read_manifest, run_stage
 

@@ -30,7 +30,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lmforge.data.curated import iter_split_texts
-from lmforge.data.io import atomic_write_text
+from lmforge.io import atomic_write_text
 from lmforge.recipe import TokenizerConfig
 
 log = logging.getLogger(__name__)

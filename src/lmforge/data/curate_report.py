@@ -21,7 +21,7 @@ from itertools import repeat
 from pathlib import Path
 from typing import Any, Literal
 
-from lmforge.data.io import atomic_open
+from lmforge.io import atomic_open
 
 # -- signals -------------------------------------------------------------------------------------------------------
 

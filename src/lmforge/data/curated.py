@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
-from lmforge.data.io import atomic_open
+from lmforge.io import atomic_open
 
 OutputFormat = Literal["jsonl.zst", "jsonl", "parquet"]
 OUTPUT_FORMATS = ("jsonl.zst", "jsonl", "parquet")

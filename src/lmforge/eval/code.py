@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lmforge.data.io import atomic_write_json
+from lmforge.io import atomic_write_json
 from lmforge.eval.sandbox import run_python
-from lmforge.eval.tasks import proportion
+from lmforge.stats import proportion
 from lmforge.infer.chat import chat_stop_ids, user_prompt_ids
 from lmforge.infer.engine import generate
 

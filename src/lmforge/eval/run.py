@@ -9,14 +9,14 @@ from pathlib import Path
 
 import torch
 
-from lmforge.data.io import atomic_write_json, atomic_write_text
+from lmforge.io import atomic_write_json, atomic_write_text
 from lmforge.data.readers import read_documents
 from lmforge.eval.perplexity import XzMeter, score_texts
 from lmforge.infer.engine import cap_new_tokens, generate
 from lmforge.model.io import load_checkpoint_tokenizer, load_model
 from lmforge.recipe import EvalConfig
 from lmforge.train.host import keep_freed_memory
-from lmforge.train.precision import resolve_device
+from lmforge.device import resolve_device
 
 log = logging.getLogger(__name__)
 

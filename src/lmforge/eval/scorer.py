@@ -55,7 +55,7 @@ class LanguageModel:
 
 def load_language_model(path: Path, device: str = "auto") -> LanguageModel:
     """An lmforge checkpoint directory (model.json) or a transformers model directory (config.json)."""
-    from lmforge.train.precision import resolve_device
+    from lmforge.device import resolve_device
 
     path = Path(path)
     dev = resolve_device(device)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from lmforge.eval.scorer import LanguageModel, generate_until, loglikelihood
+from lmforge.stats import proportion
 
 log = logging.getLogger(__name__)
 T_ = TypeVar("T_")
@@ -160,18 +161,6 @@ def load_records(path: Path, parse: Callable[[dict], T_], what: str,
 
 def load_mc(path: Path, delimiter: str = " ", limit: int | None = None) -> tuple[list[MCExample], Skipped]:
     return load_records(path, lambda rec: mc_example(rec, delimiter), "multiple-choice", limit)
-
-
-def proportion(correct: float, n: int, z: float = 1.959963984540054) -> dict[str, Any]:
-    """An accuracy with its standard error and Wilson interval (95% by default; sound near 0 and 1, unlike
-    mean +- 2 se). The interval is reported as "ci95" whatever z, since that is what callers display. `correct`
-    may be fractional: an estimated rate times n (pass@k)."""
-    p = correct / n if n else 0.0
-    denom = 1 + z * z / n if n else 1.0
-    centre = (p + z * z / (2 * n)) / denom if n else 0.0
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom if n else 0.0
-    return {"value": p, "n": n, "stderr": math.sqrt(p * (1 - p) / max(n - 1, 1)),
-            "ci95": [max(0.0, centre - half), min(1.0, centre + half)]}  # fmt: skip
 
 
 def score_mc(lm: LanguageModel, examples: list[MCExample], *, batch_size: int = 32, label: str = "mc",

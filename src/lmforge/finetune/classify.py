@@ -47,8 +47,8 @@ from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 from torch import Tensor, nn
 
-from lmforge.data.io import atomic_write_json
-from lmforge.eval.tasks import proportion
+from lmforge.io import atomic_write_json
+from lmforge.stats import proportion
 from lmforge.finetune.labelled import Label, label_vocab, read_labelled, stratified_split
 from lmforge.model.io import WEIGHTS, load_checkpoint_tokenizer, load_model, require_checkpoint, staged_dir
 from lmforge.model.transformer import Transformer

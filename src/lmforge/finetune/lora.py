@@ -7,7 +7,7 @@ a plain model. Several named adapters can share one base (`set_active`); `merge_
 base weights in place and `unmerge_lora` takes it back out.
 
 Adapters are saved as `adapter.safetensors` (only the adapter's A/B tensors, keys relative to the model) plus
-`adapter.json` (config, wrapped modules, base shape fingerprint), each written atomically (data/io.py).
+`adapter.json` (config, wrapped modules, base shape fingerprint), each written atomically (lmforge/io.py).
 
 Caveat: merging into a linear whose weight is shared (a tied `lm_head`) also changes the tied tensor.
 """
@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from lmforge.data.io import atomic_open, atomic_write_text
+from lmforge.io import atomic_open, atomic_write_text
 
 ADAPTER_WEIGHTS = "adapter.safetensors"
 ADAPTER_CONFIG = "adapter.json"

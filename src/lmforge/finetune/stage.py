@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from lmforge.data.io import atomic_open
+from lmforge.io import atomic_open
 from lmforge.data.curated import iter_split_records
 from lmforge.finetune.code_pairs import CodePair, completes_function, pairs_from_documents
 from lmforge.finetune.data import Conversation, FieldMap

@@ -21,7 +21,7 @@ from torch import nn
 
 from lmforge.model.io import META, TOKENIZER, load_checkpoint_tokenizer, load_model, not_a_checkpoint
 from lmforge.tokenizer import Tokenizer
-from lmforge.train.precision import resolve_device
+from lmforge.device import resolve_device
 
 HF_CONFIG = "config.json"
 

@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from lmforge.data.io import atomic_open, atomic_write_text
+from lmforge.io import atomic_open, atomic_write_text
 from lmforge.runs import read_manifest
 
 log = logging.getLogger(__name__)

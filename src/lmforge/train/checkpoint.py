@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from lmforge.data.io import atomic_write_text, fsync_dir
+from lmforge.io import atomic_write_text, fsync_dir
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmforge.data.io import fsync_dir
+from lmforge.io import fsync_dir
 from lmforge.train.checkpoint import (
     RNG_FILE,
     STATE_FILE,

@@ -38,7 +38,8 @@ from torch import Tensor, nn
 
 from lmforge.model.transformer import Block
 from lmforge.recipe import ParallelConfig, TrainConfig
-from lmforge.train.precision import compute_dtype, resolve_device
+from lmforge.device import resolve_device
+from lmforge.train.precision import compute_dtype
 
 logger = logging.getLogger(__name__)
 

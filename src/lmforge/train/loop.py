@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lmforge.data.io import atomic_write_text
+from lmforge.device import available_cores, set_threads
+from lmforge.io import atomic_write_text
 from lmforge.model.io import staged_dir
 from lmforge.recipe import ParallelConfig, TrainConfig
 from lmforge.train.checkpoint import (
@@ -59,14 +60,7 @@ from lmforge.train.flops import measure_peak_flops, mfu
 from lmforge.train.optim import build_optimizer, lr_at
 from lmforge.train.host import keep_freed_memory
 from lmforge.train.progress import TrainingInterrupted, TrainingProgress, stop_at_step_boundary
-from lmforge.train.precision import (
-    autocast_context,
-    available_cores,
-    compute_dtype,
-    grad_scaler,
-    set_threads,
-    use_compile,
-)
+from lmforge.train.precision import autocast_context, compute_dtype, grad_scaler, use_compile
 
 logger = logging.getLogger(__name__)
 

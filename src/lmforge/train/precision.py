@@ -1,34 +1,17 @@
-"""Device, numeric precision and CPU threads, chosen from settings and applied around an unmodified model."""
+"""Numeric precision and compilation, chosen from settings and applied around an unmodified model.
+
+Device and thread choice live in lmforge.device, since inference and evaluation need them too."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when available, else CPU; `cpu`, `cuda` and `cuda:N` are taken as given."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as e:
-        raise ValueError(f"device={name!r} is not a device; use auto, cpu, cuda or cuda:N") from e
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={name!r} asked for CUDA, but this torch build sees no CUDA device")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"device={name!r}: only {torch.cuda.device_count()} CUDA device(s) present")
-    elif device.type != "cpu":
-        raise ValueError(f"device={name!r} is not supported; use auto, cpu, cuda or cuda:N")
-    return device
 
 
 def compute_dtype(device: torch.device, precision: str) -> torch.dtype:
@@ -65,21 +48,6 @@ def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | 
     if compute_dtype(device, precision) != torch.float16:
         return None
     return torch.amp.GradScaler(device.type)
-
-
-def available_cores() -> int:
-    """The cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def set_threads(n: int) -> int:
-    """Use `n` CPU threads for torch ops (0 = every core this process may run on); returns the count set."""
-    if n < 0:
-        raise ValueError(f"threads must be >= 0, got {n}")
-    if n == 0:
-        n = available_cores()
-    torch.set_num_threads(n)
-    return n
 
 
 def use_compile(setting: bool | str, device: torch.device) -> bool:
