@@ -89,7 +89,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge.data.filters import Filter
+from lmforge.data.base_filter import Filter
 from lmforge.data.minhash import MinHashDedup
 from lmforge.data.quality import (
     FINEWEB_END_PUNCTUATION,
@@ -98,7 +98,7 @@ from lmforge.data.quality import (
     GopherQuality,
     GopherRepetition,
 )
-from lmforge.data.readers import Document
+from lmforge.data.base_reader import Document
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 STAGES = ("gopher_quality", "gopher_repetition", "c4", "fineweb", "minhash")

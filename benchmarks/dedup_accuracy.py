@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from lmforge.data.minhash import MinHashDedup, exact_jaccard, shingles
-from lmforge.data.readers import Document, read_stdlib
+from lmforge.data.base_reader import Document
+from lmforge.data.readers import read_stdlib
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SEED = 0

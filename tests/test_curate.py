@@ -10,7 +10,8 @@ from lmforge.data.curate import CurationStats, apply_filters, run_curate, split_
 from lmforge.data.curated import iter_split_records, iter_split_texts
 from lmforge.data.filters import ExactDedup, GeneratedFilter, LengthFilter, Normalize, build_filters
 from lmforge.io import atomic_open, atomic_write_json, atomic_write_text
-from lmforge.data.readers import Document, stdlib_root
+from lmforge.data.base_reader import Document
+from lmforge.data.readers import stdlib_root
 from lmforge.recipe import DataConfig
 
 JSON_DIR = stdlib_root() / "json"

@@ -18,7 +18,8 @@ import pytest
 import zstandard
 
 from lmforge.data.curate import run_curate
-from lmforge.data.readers import ErrorLog, read_documents
+from lmforge.data.base_reader import ErrorLog
+from lmforge.data.readers import read_documents
 from lmforge.recipe import DataConfig
 
 # In-process and without plots: faster, and tracemalloc then sees the whole run. Only settings the recipe has.

@@ -12,7 +12,8 @@ import pytest
 
 from lmforge.data.curate import run_curate
 from lmforge.data.curated import iter_split_records
-from lmforge.data.readers import ErrorLog, read_documents
+from lmforge.data.base_reader import ErrorLog
+from lmforge.data.readers import read_documents
 from lmforge.recipe import DataConfig
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"

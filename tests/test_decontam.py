@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from lmforge.data.decontam import Decontaminator
-from lmforge.data.readers import Document, stdlib_root
+from lmforge.data.base_reader import Document
+from lmforge.data.readers import stdlib_root
 
 EVAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eval"
 ARC = EVAL / "mc" / "arc_challenge.jsonl"

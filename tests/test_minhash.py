@@ -13,7 +13,8 @@ from lmforge.data.minhash import (
     normalized_words,
     shingles,
 )
-from lmforge.data.readers import Document, stdlib_root
+from lmforge.data.base_reader import Document
+from lmforge.data.readers import stdlib_root
 
 # Real, unrelated standard-library modules of a few hundred to a few thousand words each.
 REAL_FILES = ("textwrap.py", "json/decoder.py", "colorsys.py", "bisect.py", "fnmatch.py", "shlex.py")

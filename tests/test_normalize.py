@@ -3,7 +3,8 @@ import re
 import pytest
 
 from lmforge.data.filters import LicenseHeaderStripper, Normalize
-from lmforge.data.readers import Document, read_stdlib, stdlib_root
+from lmforge.data.base_reader import Document
+from lmforge.data.readers import read_stdlib, stdlib_root
 
 
 def _doc(text, id="d.py", meta=None):

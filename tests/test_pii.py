@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lmforge.data.pii import PIIRedactor, Span, find_pii, iban_ok, luhn_ok, redact
-from lmforge.data.readers import Document
+from lmforge.data.base_reader import Document
 
 # A valid test card (Visa test range), an IBAN from the ISO example and a valid-range SSN.
 VISA = "4111 1111 1111 1111"

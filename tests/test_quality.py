@@ -12,7 +12,7 @@ from lmforge.data.quality import (
     GopherRepetition,
     build_quality_filters,
 )
-from lmforge.data.readers import Document
+from lmforge.data.base_reader import Document
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 C4_DEMO = DATA / "web" / "cc_text" / "llamafactory_c4_demo.jsonl"

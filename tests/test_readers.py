@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from lmforge.data.base_reader import Document, ErrorLog
 from lmforge.data.readers import (
-    Document,
-    ErrorLog,
     read_documents,
     read_stdlib,
     stdlib_root,

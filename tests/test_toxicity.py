@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.data.readers import Document
+from lmforge.data.base_reader import Document
 from lmforge.data.toxicity import ToxicityFilter, default_word_list, load_word_list
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

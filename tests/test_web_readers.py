@@ -7,7 +7,8 @@ import pytest
 pytest.importorskip("fastwarc")
 pytest.importorskip("resiliparse")
 
-from lmforge.data.readers import ErrorLog, read_documents  # noqa: E402
+from lmforge.data.base_reader import ErrorLog  # noqa: E402
+from lmforge.data.readers import read_documents  # noqa: E402
 from lmforge.data.web import decode_html  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

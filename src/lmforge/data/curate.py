@@ -46,9 +46,11 @@ import numpy as np
 from lmforge.data.curate_advice import curation_warnings, no_survivor_message
 from lmforge.data.curated import PartWriter, iter_part_records, part_name
 from lmforge.data.executor import run_tasks
-from lmforge.data.filters import Filter, build_filters
+from lmforge.data.base_filter import Filter
+from lmforge.data.filters import build_filters
 from lmforge.io import atomic_open, atomic_write_json, atomic_write_text
-from lmforge.data.readers import Document, ErrorLog, check_source, read_documents, read_file, source_files
+from lmforge.data.base_reader import Document, ErrorLog
+from lmforge.data.readers import check_source, read_documents, read_file, source_files
 from lmforge.data.readers import stdlib_root, stdlib_source_files
 from lmforge.data.web import is_hf_dataset
 from lmforge.recipe import DataConfig

@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from lmforge.data.filters import Filter
+from lmforge.data.base_filter import Filter
 from lmforge.data.minhash import ngram_hashes, normalized_words, word_hashes
-from lmforge.data.readers import Document
+from lmforge.data.base_reader import Document
 
 log = logging.getLogger(__name__)
 

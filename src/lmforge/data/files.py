@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lmforge.data.readers import Document, ErrorLog
+    from lmforge.data.base_reader import Document, ErrorLog
 
 # Every format the readers know by its extension: what a directory source reads unless told otherwise.
 DEFAULT_EXTENSIONS = (".txt", ".md", ".rst", ".py", ".jsonl", ".csv", ".parquet", ".warc", ".wet", ".html", ".htm")

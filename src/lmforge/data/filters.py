@@ -1,14 +1,12 @@
 """Filters: the pluggable steps of curation.
 
-A filter looks at one document and either returns a document to keep (the same one, or a transformed copy) or a
-short reason string to drop it. Curation applies filters in order and counts every drop under its reason, so a new
-step (language id, quality rules, PII scrubbing, near-duplicate removal) is one more `Filter` subclass added to
-the list `build_filters` returns.
+The built-in text rules (normalisation, length, generated code, license headers, exact duplicates) and
+`build_filters`, which assembles the steps a recipe asks for. The `Filter` base class lives apart, in
+base_filter.py, so the filter modules (langid, quality, pii, ...) import it without importing this list.
 """
 
 from __future__ import annotations
 
-import abc
 import dataclasses
 import functools
 import hashlib
@@ -16,8 +14,9 @@ import re
 import unicodedata
 from collections.abc import Callable
 
+from lmforge.data.base_filter import Filter
 from lmforge.data.files import C_COMMENT_SUFFIXES, CODE_SUFFIXES, HASH_COMMENT_SUFFIXES, document_suffix
-from lmforge.data.readers import Document
+from lmforge.data.base_reader import Document
 from lmforge.recipe import DataConfig
 
 _NORMAL_FORMS = ("NFC", "NFKC")
@@ -39,16 +38,6 @@ _LICENSE_WORDS = re.compile(
 _ENCODING_LINE = re.compile(r"^[ \t\f]*#.*?coding[:=][ \t]*[-\w.]+")  # PEP 263
 _NON_ALNUM = re.compile(r"[\W_]+")
 _WHITESPACE = re.compile(r"\s+")
-
-
-class Filter(abc.ABC):
-    """One curation step. `name` identifies it in logs; drop reasons are the strings `apply` returns."""
-
-    name: str = "filter"
-
-    @abc.abstractmethod
-    def apply(self, doc: Document) -> Document | str:
-        """Return the document to keep (possibly transformed), or a short reason to drop it."""
 
 
 class Normalize(Filter):
@@ -300,6 +289,8 @@ def build_filters(cfg: DataConfig, corpus_level: bool = True) -> list[Filter]:
                                        code_only=cfg.code_rules == "code_files"))  # fmt: skip
     if cfg.strip_license_headers:
         filters.append(LicenseHeaderStripper())
+    # The other steps are imported only when asked for: some load a model or a word list (py3langid,
+    # better-profanity) that a run without them should not pay for.
     if cfg.languages:
         from lmforge.data.langid import LanguageFilter
 

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 from py3langid.langid import MODEL_FILE, LanguageIdentifier
 
-from lmforge.data.filters import Filter
-from lmforge.data.readers import Document
+from lmforge.data.base_filter import Filter
+from lmforge.data.base_reader import Document
 
 
 @functools.cache

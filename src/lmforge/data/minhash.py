@@ -23,8 +23,8 @@ import re
 
 import numpy as np
 
-from lmforge.data.filters import Filter
-from lmforge.data.readers import Document
+from lmforge.data.base_filter import Filter
+from lmforge.data.base_reader import Document
 
 MERSENNE_61 = np.uint64((1 << 61) - 1)
 _LOW_31 = np.uint64((1 << 31) - 1)

@@ -29,8 +29,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import NamedTuple
 
-from lmforge.data.filters import Filter
-from lmforge.data.readers import Document
+from lmforge.data.base_filter import Filter
+from lmforge.data.base_reader import Document
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from lmforge.data.filters import Filter
-from lmforge.data.readers import Document
+from lmforge.data.base_filter import Filter
+from lmforge.data.base_reader import Document
 
 log = logging.getLogger(__name__)
 

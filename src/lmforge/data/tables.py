@@ -17,7 +17,7 @@ import csv
 from collections.abc import Iterator
 from pathlib import Path
 
-from lmforge.data.readers import Document, ErrorLog, _checked_text, _chunks, _CorruptFile, _lines
+from lmforge.data.base_reader import Document, ErrorLog, _checked_text, _chunks, _CorruptFile, _lines
 
 _PARQUET_BATCH_ROWS = 1024
 

@@ -34,8 +34,8 @@ import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from lmforge.data.filters import Filter
-from lmforge.data.readers import Document
+from lmforge.data.base_filter import Filter
+from lmforge.data.base_reader import Document
 
 _DEFAULT_PACKAGE = "better_profanity"
 _DEFAULT_FILE = "profanity_wordlist.txt"

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.data.files import COMPRESSED_SUFFIXES
-from lmforge.data.readers import Document, ErrorLog, _checked_text, _chunks, _CorruptCompressed
+from lmforge.data.base_reader import Document, ErrorLog, _checked_text, _chunks, _CorruptCompressed
 
 log = logging.getLogger(__name__)
 
