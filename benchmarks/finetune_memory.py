@@ -84,8 +84,8 @@ def run_one(name: str, checkpoint: Path, data: Path, steps: int, warmup: int, ba
             device: str) -> dict:  # fmt: skip
     """Train one method in this process and measure it."""
     from lmforge.finetune.data import read_conversations
-    from lmforge.finetune.lora import LoRAConfig, apply_lora, trainable_parameters
-    from lmforge.finetune.prefix import PrefixConfig, apply_prefix
+    from lmforge.model.lora import LoRAConfig, apply_lora, trainable_parameters
+    from lmforge.model.prefix import PrefixConfig, apply_prefix
     from lmforge.finetune.sft import SFTBatches, render_pack, freeze, sft_loss
     from lmforge.model.io import load_checkpoint_tokenizer, load_model
 

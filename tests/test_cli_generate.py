@@ -190,7 +190,7 @@ def test_generate_takes_a_device(run_dir):
 def test_the_export_caches_like_recomputing(tmp_path, tok):
     pytest.importorskip("transformers")
     from lmforge.hf import export_hf
-    from lmforge.infer.engine import KVCache
+    from lmforge.model.kv_cache import KVCache
 
     model = make_model(tok, 48, init_std=0.3)
     tok.save(tmp_path / "tokenizer.json")

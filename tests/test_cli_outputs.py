@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lmforge.cli import app
-from lmforge.finetune.lora import LoRAConfig
+from lmforge.model.lora import LoRAConfig
 from lmforge.finetune.sft import finetune
 from lmforge.outdir import MARKER, OutputDirError, claim_output_dir
 from lmforge.recipe import ModelConfig, TrainConfig

@@ -154,7 +154,6 @@ def test_no_import_cycles():
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 14: model/io and model/transformer climb layers")
 def test_layer_rule():
     violations = layer_violations(import_graph())
     assert not violations, "layer rule broken:\n" + "\n".join(violations)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from helpers import make_chain
-from lmforge.infer.engine import KVCache, generate, sample_next, stream_text, stream_tokens
+from lmforge.infer.engine import generate, sample_next, stream_text, stream_tokens
+from lmforge.model.kv_cache import KVCache
 from lmforge.model.transformer import ModelArgs, Transformer
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 

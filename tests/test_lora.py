@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.finetune.lora import (
+from lmforge.model.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     LoRAConfig,

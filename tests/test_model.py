@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from lmforge.model import io
-from lmforge.model.io import load_model, save_model, staged_dir, write_model_files
+from lmforge.io import staged_dir
+from lmforge.model.io import load_model, save_model, write_model_files
 from lmforge.model.transformer import ModelArgs, Transformer
 from lmforge.objectives import clm_loss, token_nll
 from lmforge.recipe import ModelConfig

@@ -138,7 +138,7 @@ def test_attention_mask_shapes_and_errors():
 
 
 def test_cache_refuses_non_causal_attention():
-    from lmforge.infer.engine import KVCache
+    from lmforge.model.kv_cache import KVCache
 
     m = build()
     cache = KVCache.for_model(m, 1)

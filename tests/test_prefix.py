@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.finetune.lora import trainable_parameters
-from lmforge.finetune.prefix import (
+from lmforge.model.lora import trainable_parameters
+from lmforge.model.prefix import (
     PREFIX_CONFIG,
     PREFIX_WEIGHTS,
     PrefixConfig,
@@ -18,7 +18,8 @@ from lmforge.finetune.prefix import (
     remove_prefix,
     save_prefix,
 )
-from lmforge.infer.engine import KVCache, generate
+from lmforge.infer.engine import generate
+from lmforge.model.kv_cache import KVCache
 from lmforge.model.transformer import ModelArgs, Transformer, apply_rope, attention_mask
 
 # n_kv_heads < n_heads: every test runs with grouped-query attention unless it says otherwise.

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from lmforge.finetune.data import read_conversations
-from lmforge.finetune.lora import LoRAConfig
+from lmforge.model.lora import LoRAConfig
 from lmforge.finetune.sft import SFTBatches, finetune, heldout_loss, sft_loss, split_heldout
 from lmforge.finetune.template import IGNORE_INDEX, pack, render
 from lmforge.model.io import load_checkpoint_tokenizer, load_model
@@ -78,7 +78,7 @@ def test_lora_sft_trains_only_adapters_and_merges(base, tmp_path, caplog):
 
 
 def test_prefix_sft_keeps_base_weights_and_loads_with_its_prefix(base, tmp_path):
-    from lmforge.finetune.prefix import PrefixConfig
+    from lmforge.model.prefix import PrefixConfig
 
     out = tmp_path / "prefix"
     m = finetune(base, DATA, out, _cfg(lr=1e-2), method="prefix", prefix=PrefixConfig(length=4, reparam=True),
@@ -174,7 +174,7 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_weights(base, tmp_path, monk
     """A crash after the step-6 checkpoint, then the same call again: the run resumes from that checkpoint (adapter
     or prefix included) and ends with exactly the weights of a run that was never interrupted."""
     import lmforge.finetune.sft as sft_module
-    from lmforge.finetune.prefix import PrefixConfig
+    from lmforge.model.prefix import PrefixConfig
 
     options = {"lora": {"lora": LoRAConfig(rank=4, alpha=8)}, "prefix": {"prefix": PrefixConfig(length=4)}}
     cfg = _cfg(max_steps=12, ckpt_every=6, eval_every=6)

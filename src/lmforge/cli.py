@@ -366,8 +366,8 @@ def sft(
         typer.echo("\n".join(lines) + f"\nclassifier in {out / 'classifier'}; metrics in {out / 'metrics.json'}")
         return
     from lmforge.finetune.data import FieldMap
-    from lmforge.finetune.lora import LoRAConfig
-    from lmforge.finetune.prefix import PrefixConfig
+    from lmforge.model.lora import LoRAConfig
+    from lmforge.model.prefix import PrefixConfig
     from lmforge.finetune.sft import METHODS, finetune
 
     if method not in METHODS:

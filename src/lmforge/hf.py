@@ -38,7 +38,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import processors
 
 from lmforge.finetune.template import CHAT_TEMPLATE_JINJA, END
-from lmforge.model.io import TOKENIZER, has_prefix, load_model, require_checkpoint, staged_dir
+from lmforge.io import staged_dir
+from lmforge.model.io import TOKENIZER, has_prefix, load_model, require_checkpoint
 from lmforge.model.transformer import ModelArgs
 from lmforge.outdir import claim_output_dir, write_marker
 

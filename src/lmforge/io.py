@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,3 +71,31 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Write `obj` as indented JSON (keys in their given order, trailing newline) to `path` atomically."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
+
+
+@contextmanager
+def staged_dir(dest: Path) -> Iterator[Path]:
+    """Yield an empty staging directory next to `dest`; on success it replaces `dest`, on failure it is removed."""
+    dest = Path(dest)
+    tmp = dest.parent / f"{dest.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # A directory cannot be renamed over a non-empty one, so the old version steps aside for the swap.
+    old = dest.parent / f"{dest.name}.old-{os.getpid()}"
+    if dest.exists():
+        dest.rename(old)
+    try:
+        tmp.rename(dest)
+    except BaseException:
+        if old.exists():
+            old.rename(dest)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old.exists():
+        shutil.rmtree(old)

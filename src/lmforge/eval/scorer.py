@@ -249,7 +249,7 @@ def _context_chunks(shared: dict[tuple[int, ...], list[int]], pairs: Sequence[tu
 def _shared_context(lm: LanguageModel, chunk: list[tuple[tuple[int, ...], list[int]]],
                     pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[int, tuple[float, bool]]]:  # fmt: skip
     """Run each context once with a KV cache, copy the cache to its continuations' rows, then run those."""
-    from lmforge.infer.engine import KVCache
+    from lmforge.model.kv_cache import KVCache
 
     model = lm.module
     conts = [pairs[i][1] for _, idx in chunk for i in idx]

@@ -50,7 +50,8 @@ from torch import Tensor, nn
 from lmforge.io import atomic_write_json
 from lmforge.stats import proportion
 from lmforge.finetune.labelled import Label, label_vocab, read_labelled, stratified_split
-from lmforge.model.io import WEIGHTS, load_checkpoint_tokenizer, load_model, require_checkpoint, staged_dir
+from lmforge.io import staged_dir
+from lmforge.model.io import WEIGHTS, load_checkpoint_tokenizer, load_model, require_checkpoint
 from lmforge.model.transformer import Transformer
 from lmforge.outdir import inputs_fingerprint, start_job
 from lmforge.tokenizer import Tokenizer

@@ -2,8 +2,8 @@
 
 `finetune_conversations` renders and packs the training conversations into rows of `seq_len` and trains one of
 - "full": the whole model, optionally with the first blocks and/or the embeddings frozen;
-- "lora": low-rank adapters on chosen linear layers only (lmforge.finetune.lora);
-- "prefix": learned key/value prefixes for every layer only (lmforge.finetune.prefix).
+- "lora": low-rank adapters on chosen linear layers only (lmforge.model.lora);
+- "prefix": learned key/value prefixes for every layer only (lmforge.model.prefix).
 The loss counts only the tokens the template marks as targets (`labels != -100`). `finetune` does the same for a
 file of records, holding a seeded share out.
 
@@ -32,16 +32,8 @@ from torch import Tensor, nn
 
 from lmforge.data.loader import check_batch_layout
 from lmforge.finetune.data import Conversation, FieldMap, read_conversations
-from lmforge.finetune.lora import (
-    LoRAConfig,
-    apply_lora,
-    base_state_dict,
-    merge_lora,
-    save_adapter,
-    trainable_parameters,
-)
-from lmforge.finetune.prefix import PrefixConfig, apply_prefix, remove_prefix, save_prefix
 from lmforge.finetune.template import IGNORE_INDEX, Packed, TrainOn, pack, render
+from lmforge.io import staged_dir
 from lmforge.model.io import (
     PREFIX_DIR,
     TOKENIZER,
@@ -50,9 +42,17 @@ from lmforge.model.io import (
     load_checkpoint_tokenizer,
     load_model,
     require_checkpoint,
-    staged_dir,
     write_model_files,
 )
+from lmforge.model.lora import (
+    LoRAConfig,
+    apply_lora,
+    base_state_dict,
+    merge_lora,
+    save_adapter,
+    trainable_parameters,
+)
+from lmforge.model.prefix import PrefixConfig, apply_prefix, remove_prefix, save_prefix
 from lmforge.model.transformer import ModelArgs, Transformer
 from lmforge.outdir import inputs_fingerprint, job_settings, start_job
 from lmforge.recipe import ParallelConfig, TrainConfig

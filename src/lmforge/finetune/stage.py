@@ -24,8 +24,8 @@ from lmforge.io import atomic_open
 from lmforge.data.curated import iter_split_records
 from lmforge.finetune.code_pairs import CodePair, completes_function, pairs_from_documents
 from lmforge.finetune.data import Conversation, FieldMap
-from lmforge.finetune.lora import LoRAConfig
-from lmforge.finetune.prefix import PrefixConfig
+from lmforge.model.lora import LoRAConfig
+from lmforge.model.prefix import PrefixConfig
 from lmforge.finetune.sft import finetune_conversations, read_split, split_heldout
 from lmforge.finetune.template import prompt_ids, render
 from lmforge.infer.chat import chat_stop_ids

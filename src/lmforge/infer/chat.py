@@ -27,7 +27,8 @@ from typing import Any
 
 from lmforge.finetune.data import Conversation, Message
 from lmforge.finetune.template import END, prompt_ids
-from lmforge.infer.engine import KVCache, cap_new_tokens, check_sampling, decode_stream, make_generator, stream_tokens
+from lmforge.infer.engine import cap_new_tokens, check_sampling, decode_stream, make_generator, stream_tokens
+from lmforge.model.kv_cache import KVCache
 from lmforge.model.transformer import Transformer
 from lmforge.tokenizer import Tokenizer
 

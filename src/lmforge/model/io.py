@@ -3,7 +3,7 @@
     model.safetensors   weights (a tied lm_head is stored once)
     model.json          {"args": ModelArgs.to_dict(), "format": 1}
     tokenizer.json      the tokenizer the model was trained with
-    prefix/             optional: a tuned key/value prefix (lmforge.finetune.prefix), attached on load
+    prefix/             optional: a tuned key/value prefix (lmforge.model.prefix), attached on load
 
 Directories are written into a staging sibling and renamed into place, so a reader never sees half a checkpoint.
 """
@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +20,8 @@ import torch
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
+from lmforge.io import staged_dir
+from lmforge.model.prefix import load_prefix
 from lmforge.model.transformer import ModelArgs, Transformer
 
 if TYPE_CHECKING:
@@ -35,34 +34,6 @@ WEIGHTS = "model.safetensors"
 META = "model.json"
 TOKENIZER = "tokenizer.json"
 PREFIX_DIR = "prefix"
-
-
-@contextmanager
-def staged_dir(dest: Path) -> Iterator[Path]:
-    """Yield an empty staging directory next to `dest`; on success it replaces `dest`, on failure it is removed."""
-    dest = Path(dest)
-    tmp = dest.parent / f"{dest.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    # A directory cannot be renamed over a non-empty one, so the old version steps aside for the swap.
-    old = dest.parent / f"{dest.name}.old-{os.getpid()}"
-    if dest.exists():
-        dest.rename(old)
-    try:
-        tmp.rename(dest)
-    except BaseException:
-        if old.exists():
-            old.rename(dest)
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def write_model_files(model: Transformer, args: ModelArgs, dir: Path, tokenizer_path: Path | None) -> None:
@@ -157,8 +128,6 @@ def load_model(dir: Path, device: str | torch.device = "cpu", *, prefix: bool = 
         model = Transformer(args)
     st_load_model(model, str(weights), strict=True, device=str(device))
     if prefix and has_prefix(dir):
-        from lmforge.finetune.prefix import load_prefix
-
         load_prefix(model, dir / PREFIX_DIR)
     return model, args
 

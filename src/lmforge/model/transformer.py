@@ -18,11 +18,11 @@ each optionally restricted to tokens of the same document (`doc_ids`, for packed
 the absolute row positions 0..T-1: document masking does not restart rotary or learned positions.
 
 The model knows nothing of parallelism, precision, activation checkpointing or compilation; those are applied from
-outside (see `lmforge.train.checkpointing`). A `KVCache` (see `lmforge.infer.engine`) may be passed to `forward`
+outside (see `lmforge.train.checkpointing`). A `KVCache` (see `lmforge.model.kv_cache`) may be passed to `forward`
 for incremental decoding (causal attention only).
 
 Prefix tuning hooks in through one plain attribute: when `Attention.prefix_kv` is set (by
-`lmforge.finetune.prefix`), its P learned keys/values are prepended on every call and every query sees them, under
+`lmforge.model.prefix`), its P learned keys/values are prepended on every call and every query sees them, under
 any attention kind, document mask or cache path. They are not rotated and not stored in the cache.
 """
 
@@ -39,7 +39,7 @@ from torch import nn
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from lmforge.infer.engine import KVCache
+    from lmforge.model.kv_cache import KVCache
     from lmforge.recipe import ModelConfig
 
 

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from lmforge.device import available_cores, set_threads
 from lmforge.io import atomic_write_text
-from lmforge.model.io import staged_dir
+from lmforge.io import staged_dir
 from lmforge.recipe import ParallelConfig, TrainConfig
 from lmforge.train.checkpoint import (
     CHECKPOINTS,

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmforge.finetune.lora import trainable_parameters
-from lmforge.infer.engine import KVCache
-from lmforge.model.io import staged_dir
+from lmforge.io import staged_dir
+from lmforge.model.kv_cache import KVCache
+from lmforge.model.lora import trainable_parameters
 from lmforge.model.transformer import ModelArgs, Transformer
 
 log = logging.getLogger(__name__)
