@@ -17,7 +17,15 @@ import yaml
 
 from lmforge.io import atomic_write_json, atomic_write_text
 from lmforge.recipe import Recipe
-from lmforge.runs import MANIFEST, StageOutcome, files_fingerprint, fingerprint, read_manifest, run_stage
+from lmforge.runs import (
+    MANIFEST,
+    NON_SEMANTIC,
+    StageOutcome,
+    files_fingerprint,
+    fingerprint,
+    read_manifest,
+    run_stage,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +40,6 @@ UPSTREAM = {
     "export": ["pretrain"],
     "report": ["curate", "tokenizer", "shards", "pretrain", "sft", "eval", "export"],
 }
-# Settings that change how fast or how often, never what a stage produces: they do not invalidate it.
-NON_SEMANTIC = {"data": {"workers", "executor", "ray_address", "plots"}, "shards": {"workers"}, "train": {"threads", "ckpt_every", "keep_last"}}
 RUN_RECORD = "run.json"  # the recipe that made a run directory: no other recipe writes into it
 
 
