@@ -12,7 +12,7 @@ import torch
 from lmforge.infer.engine import generate
 from lmforge.model.transformer import ModelArgs, Transformer, attention_mask
 from lmforge.recipe import ModelConfig
-from lmforge.train.checkpointing import apply_activation_checkpointing
+from lmforge.train.activation_checkpointing import apply_activation_checkpointing
 
 V = 61
 GPT2 = dict(arch="gpt2", mlp="gelu", tie_embeddings=True)

@@ -18,8 +18,8 @@ each optionally restricted to tokens of the same document (`doc_ids`, for packed
 the absolute row positions 0..T-1: document masking does not restart rotary or learned positions.
 
 The model knows nothing of parallelism, precision, activation checkpointing or compilation; those are applied from
-outside (see `lmforge.train.checkpointing`). A `KVCache` (see `lmforge.model.kv_cache`) may be passed to `forward`
-for incremental decoding (causal attention only).
+outside (see `lmforge.train.activation_checkpointing`). A `KVCache` (see `lmforge.model.kv_cache`) may be passed
+to `forward` for incremental decoding (causal attention only).
 
 Prefix tuning hooks in through one plain attribute: when `Attention.prefix_kv` is set (by
 `lmforge.model.prefix`), its P learned keys/values are prepended on every call and every query sees them, under

@@ -269,7 +269,7 @@ def train(
         skeleton = model_skeleton(model, world.is_main)
     model.to(device)
     if cfg.activation_checkpointing:
-        from lmforge.train.checkpointing import apply_activation_checkpointing
+        from lmforge.train.activation_checkpointing import apply_activation_checkpointing
 
         wrapped = apply_activation_checkpointing(model, cfg.activation_checkpointing)
         logger.info("activation checkpointing on %d blocks (every %d)", wrapped, cfg.activation_checkpointing)
