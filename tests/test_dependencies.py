@@ -59,7 +59,7 @@ def import_graph() -> dict[str, set[str]]:
             else:
                 continue
             for name in names:
-                # `import lmforge.data.io` names a module; `from lmforge.x import func` resolves to lmforge.x
+                # `import lmforge.model.io` names a module; `from lmforge.x import func` resolves to lmforge.x
                 while name and name not in files:
                     name = name.rpartition(".")[0]
                 if name.startswith(PACKAGE) and name != module:
