@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lmforge.io import atomic_open, atomic_write_text
+from lmforge.model.modes import evaluating
 from lmforge.data.readers import stdlib_root, stdlib_source_files
 from lmforge.objectives import pooled_embeddings
 from lmforge.tokenizer import Tokenizer
@@ -53,13 +54,11 @@ def embed_texts(
     start in training; texts of similar length are batched together so little padding is computed."""
     if max_len < 2:
         raise ValueError(f"max_len must be at least 2, got {max_len}")
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     ids = [[tokenizer.bos_id] + t[: max_len - 1] for t in tokenizer.encode_batch(list(texts))]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: np.ndarray | None = None
-    try:
+    with evaluating(model):
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             width = max(len(ids[i]) for i in chunk)
@@ -72,8 +71,6 @@ def embed_texts(
             if out is None:
                 out = np.empty((len(ids), emb.shape[1]), dtype=np.float32)
             out[chunk] = emb
-    finally:
-        model.train(was_training)
     return out if out is not None else np.empty((0, 0), dtype=np.float32)
 
 

@@ -19,6 +19,7 @@ import torch
 from lmforge.data.loader import BatchLoader
 from lmforge.data.shards import open_split
 from lmforge.model.io import write_model_files
+from lmforge.model.modes import evaluating
 from lmforge.model.transformer import ModelArgs, Transformer
 from lmforge.outdir import inputs_fingerprint, job_settings, start_job
 from lmforge.objectives import IGNORE_INDEX, clm_loss, mlm_accuracy, objective_batch, objective_loss
@@ -43,7 +44,7 @@ def validation_windows(split, seq_len: int, n_windows: int, bos_id: int) -> list
     for s in starts:
         chunk = torch.from_numpy(split.slice(int(s), int(s) + seq_len + 1))
         x, y = chunk[:-1].clone(), chunk[1:].clone()
-        y[y == bos_id] = -100
+        y[y == bos_id] = IGNORE_INDEX
         windows.append((x, y))
     return windows
 
@@ -53,17 +54,15 @@ def make_val_fn(windows: list[tuple[torch.Tensor, torch.Tensor]], batch_size: in
 
     @torch.no_grad()
     def val_fn(model: torch.nn.Module) -> float:
-        was_training = model.training
-        model.eval()
         device = next(model.parameters()).device
         total, count = 0.0, 0
-        for i in range(0, len(windows), batch_size):
-            xs = torch.stack([w[0] for w in windows[i : i + batch_size]]).to(device)
-            ys = torch.stack([w[1] for w in windows[i : i + batch_size]]).to(device)
-            n = int((ys != -100).sum())
-            total += float(clm_loss(model, (xs, ys))) * n
-            count += n
-        model.train(was_training)
+        with evaluating(model):
+            for i in range(0, len(windows), batch_size):
+                xs = torch.stack([w[0] for w in windows[i : i + batch_size]]).to(device)
+                ys = torch.stack([w[1] for w in windows[i : i + batch_size]]).to(device)
+                n = int((ys != IGNORE_INDEX).sum())
+                total += float(clm_loss(model, (xs, ys))) * n
+                count += n
         return total / max(count, 1)
 
     return val_fn
@@ -163,22 +162,21 @@ def objective_val_fn(windows, batch_size: int, cfg: PretrainConfig, tokenizer: T
 
     @torch.no_grad()
     def val_fn(model: torch.nn.Module) -> float:
-        was_training = model.training
-        model.eval()
         device = next(model.parameters()).device
         g = torch.Generator()
         g.manual_seed(seed)
         total, count = 0.0, 0
-        for i in range(0, len(windows), batch_size):
-            xs = torch.stack([w[0] for w in windows[i : i + batch_size]])
-            ys = torch.stack([w[1] for w in windows[i : i + batch_size]])
-            # validation_windows hides BOS targets from the causal loss; the objective builders want the raw tokens.
-            ys = torch.where(ys == IGNORE_INDEX, tokenizer.bos_id, ys)
-            batch = objective_batch(main, xs, ys, cfg, tokenizer, g)
-            batch = {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else batch
-            total += float(loss(model, batch)) * len(xs)
-            count += len(xs)
-        model.train(was_training)
+        with evaluating(model):
+            for i in range(0, len(windows), batch_size):
+                xs = torch.stack([w[0] for w in windows[i : i + batch_size]])
+                ys = torch.stack([w[1] for w in windows[i : i + batch_size]])
+                # validation_windows hides BOS targets from the causal loss; the objective builders want the raw
+                # tokens.
+                ys = torch.where(ys == IGNORE_INDEX, tokenizer.bos_id, ys)
+                batch = objective_batch(main, xs, ys, cfg, tokenizer, g)
+                batch = {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else batch
+                total += float(loss(model, batch)) * len(xs)
+                count += len(xs)
         return total / max(count, 1)
 
     return val_fn, main

@@ -52,6 +52,7 @@ from lmforge.stats import proportion
 from lmforge.finetune.labelled import Label, label_vocab, read_labelled, stratified_split
 from lmforge.io import staged_dir
 from lmforge.model.io import WEIGHTS, load_checkpoint_tokenizer, load_model, require_checkpoint
+from lmforge.model.modes import evaluating
 from lmforge.model.transformer import Transformer
 from lmforge.outdir import inputs_fingerprint, start_job
 from lmforge.tokenizer import Tokenizer
@@ -95,9 +96,7 @@ def extract_features(model: Transformer, tokenizer: Tokenizer, texts: Sequence[s
     device = next(model.parameters()).device
     out = torch.empty(len(ids), model.args.d_model)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             lengths = torch.tensor([len(ids[i]) for i in chunk])
@@ -106,8 +105,6 @@ def extract_features(model: Transformer, tokenizer: Tokenizer, texts: Sequence[s
                 batch[row, : len(ids[i])] = torch.tensor(ids[i])
             hidden = model(batch.to(device), return_hidden=True).float()
             out[chunk] = pool(hidden, lengths.to(device), pooling).cpu()
-    finally:
-        model.train(was_training)
     seconds = time.perf_counter() - start_time
     tokens = sum(len(x) for x in ids)
     return out, {"tokens": tokens, "truncated_texts": truncated, "seconds": seconds,

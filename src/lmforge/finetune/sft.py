@@ -52,6 +52,7 @@ from lmforge.model.lora import (
     save_adapter,
     trainable_parameters,
 )
+from lmforge.model.modes import evaluating
 from lmforge.model.prefix import PrefixConfig, apply_prefix, remove_prefix, save_prefix
 from lmforge.model.transformer import ModelArgs, Transformer
 from lmforge.outdir import inputs_fingerprint, job_settings, start_job
@@ -161,19 +162,14 @@ def heldout_loss(model: nn.Module, rows: Packed, batch_size: int) -> float:
     if not rows.ids:
         raise ValueError("held-out set is empty")
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    try:
-        with torch.no_grad():
-            for start in range(0, len(rows.ids), batch_size):
-                sl = slice(start, start + batch_size)
-                batch = {k: torch.tensor(getattr(rows, f)[sl], dtype=torch.long, device=device)
-                         for k, f in (("input_ids", "ids"), ("labels", "labels"), ("doc_ids", "doc_ids"))}  # fmt: skip
-                s, n = _loss_sum(model, batch)
-                total, count = total + float(s), count + int(n)
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad():
+        for start in range(0, len(rows.ids), batch_size):
+            sl = slice(start, start + batch_size)
+            batch = {k: torch.tensor(getattr(rows, f)[sl], dtype=torch.long, device=device)
+                     for k, f in (("input_ids", "ids"), ("labels", "labels"), ("doc_ids", "doc_ids"))}  # fmt: skip
+            s, n = _loss_sum(model, batch)
+            total, count = total + float(s), count + int(n)
     if count == 0:
         raise ValueError("held-out set has no trained tokens (every label is -100)")
     return total / count

@@ -31,6 +31,7 @@ from lmforge.finetune.template import prompt_ids, render
 from lmforge.infer.chat import chat_stop_ids
 from lmforge.infer.engine import cap_new_tokens, generate
 from lmforge.model.io import load_checkpoint_tokenizer, load_model, read_model_args
+from lmforge.model.modes import evaluating
 from lmforge.recipe import ParallelConfig, SFTConfig
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.distributed import init_world
@@ -104,12 +105,8 @@ def generation_check(
     a function that parses. Returns the rates and the replies."""
     log.info("generating greedy replies to %d held-out prompts, up to %d tokens each...", len(prompts), max_new_tokens)
     ids = [prompt_ids(tok, conv) for conv in prompts]
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         outs = generate(model, ids, max_new_tokens, temperature=0.0, stop_ids=chat_stop_ids(tok))
-    finally:
-        model.train(was_training)
     # A row that stopped early ended its turn; one that used every token ran on (or ended exactly at the limit,
     # which generate cannot tell apart and which counts against it).
     ended = [len(o) < max_new_tokens for o in outs]

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from lmforge.device import available_cores, set_threads
 from lmforge.io import atomic_write_text
 from lmforge.io import staged_dir
+from lmforge.model.modes import evaluating
 from lmforge.recipe import ParallelConfig, TrainConfig
 from lmforge.train.checkpoint import (
     CHECKPOINTS,
@@ -189,13 +190,8 @@ def _record_bad(state: TrainerState, loss: float) -> None:
 
 
 def _evaluate(model: nn.Module, val_fn: Callable[[nn.Module], float], autocast: Any) -> float:
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), autocast:
-            return float(val_fn(model))
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad(), autocast:
+        return float(val_fn(model))
 
 
 def _write_final(model: nn.Module, out_dir: Path, write_model_files: ModelWriter | None) -> Path:
