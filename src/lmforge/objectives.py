@@ -25,11 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.tokenizer import IGNORE_INDEX
+
 if TYPE_CHECKING:
     from lmforge.recipe import PretrainConfig
     from lmforge.tokenizer import Tokenizer
 
-IGNORE_INDEX = -100
 # Contrastive views (see `contrastive_views`): each view keeps a random 30-70% crop of the row, then drops 10% of
 # its tokens. The backbone has no dropout, so SimCSE's "same text twice through dropout" gives identical views.
 CROP_RANGE = (0.3, 0.7)

@@ -41,6 +41,9 @@ SENTINELS = [f"<|sentinel_{i}|>" for i in range(N_SENTINELS)]
 SPECIAL_TOKENS = ["<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", MASK,
                   *SENTINELS]  # fmt: skip
 BOS, EOS, PAD = SPECIAL_TOKENS[0], SPECIAL_TOKENS[1], SPECIAL_TOKENS[2]
+# The label of a position no loss counts (torch's cross_entropy default): every batch builder and every loss
+# uses this one value, next to the token ids it stands apart from.
+IGNORE_INDEX = -100
 _BPT_SAMPLE_BYTES = 4_000_000  # enough val text for a stable bytes-per-token figure
 _ENCODE_CHUNK_DOCS = 256
 

@@ -71,9 +71,8 @@ import numpy as np
 import torch
 
 from lmforge.data.loader import check_batch_layout
-from lmforge.tokenizer import PAD, SPECIAL_TOKENS
+from lmforge.tokenizer import IGNORE_INDEX, PAD, SPECIAL_TOKENS
 
-IGNORE_INDEX = -100
 DEFAULT_PAD_ID = SPECIAL_TOKENS.index(PAD)
 _ROW_STREAM = 0x524F5753  # separates the per-chunk row shuffles from the per-epoch document order
 _AFTER = float("inf")  # sorts after any sequence number: (n, _AFTER) follows every buffer entry of size n

@@ -19,10 +19,10 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from lmforge.objectives import token_nll
+from lmforge.tokenizer import IGNORE_INDEX
 from lmforge.train.progress import Heartbeat
 
 log = logging.getLogger(__name__)
-IGNORE = -100
 
 
 @dataclass
@@ -97,7 +97,7 @@ def _windows(stream: Iterator[tuple[list[int], int]], seq_len: int, bos_id: int,
 
 def _window(chunk: list[int], bos_id: int, skip: int = 0) -> tuple[list[int], list[int]]:
     x = chunk[:-1]
-    y = [IGNORE if i < skip or t == bos_id else t for i, t in enumerate(chunk[1:])]
+    y = [IGNORE_INDEX if i < skip or t == bos_id else t for i, t in enumerate(chunk[1:])]
     return x, y
 
 
@@ -123,13 +123,13 @@ def score_texts(
     def flush() -> None:
         width = max(len(x) for x, _ in batch)
         xs = torch.full((len(batch), width), tokenizer.pad_id, dtype=torch.long)
-        ys = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+        ys = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
         for i, (x, y) in enumerate(batch):
             xs[i, : len(x)] = torch.tensor(x)
             ys[i, : len(y)] = torch.tensor(y)
         nll = token_nll(model, xs.to(device), ys.to(device))
         stats.nll_nats += float(nll.double().sum())
-        stats.tokens += int((ys != IGNORE).sum())
+        stats.tokens += int((ys != IGNORE_INDEX).sum())
         batch.clear()
 
     heartbeat = Heartbeat(log)

@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from lmforge.finetune.data import Conversation
-from lmforge.tokenizer import Tokenizer
+from lmforge.tokenizer import IGNORE_INDEX, Tokenizer
 
-IGNORE_INDEX = -100
 TrainOn = Literal["assistant", "all", "last"]
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 END = "<|end|>"
