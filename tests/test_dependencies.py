@@ -20,6 +20,11 @@ FORBIDDEN: list[tuple[str, tuple[str, ...]]] = [
     ("lmforge.data", ("lmforge.model", "lmforge.train", "lmforge.finetune", "lmforge.infer", "lmforge.eval")),
     # model knows nothing of training, fine-tuning, serving, evaluation or data
     ("lmforge.model", ("lmforge.train", "lmforge.finetune", "lmforge.infer", "lmforge.eval", "lmforge.data")),
+    # train knows models and batches, not the stages that use it (nor the verbs, the run directory or the report)
+    ("lmforge.train", ("lmforge.finetune", "lmforge.infer", "lmforge.eval", "lmforge.pipeline", "lmforge.pretrain",
+                       "lmforge.embed", "lmforge.report", "lmforge.hf", "lmforge.outdir")),
+    # the shared utilities every package may use stand on nothing of lmforge's
+    *[(shared, ("lmforge",)) for shared in ("lmforge.io", "lmforge.device", "lmforge.stats")],
     # cli is the top: nothing imports it
     ("lmforge", ("lmforge.cli",)),
 ]
@@ -154,3 +159,15 @@ def test_no_import_cycles():
 def test_layer_rule():
     violations = layer_violations(import_graph())
     assert not violations, "layer rule broken:\n" + "\n".join(violations)
+
+
+def test_the_checks_catch_a_cycle_and_a_climb():
+    """On a made-up graph: the checks above can fail, and name what to cut."""
+    graph = {"lmforge.a": {"lmforge.b"}, "lmforge.b": {"lmforge.c"}, "lmforge.c": {"lmforge.a"},
+             "lmforge.train.loop": {"lmforge.finetune.sft"}, "lmforge.io": {"lmforge.recipe"},
+             "lmforge.data.readers": {"lmforge.model.io"}, "lmforge.finetune.sft": set(), "lmforge.recipe": set(),
+             "lmforge.model.io": set()}  # fmt: skip
+    assert find_cycles(graph) == [["lmforge.a", "lmforge.b", "lmforge.c", "lmforge.a"]]
+    assert layer_violations(graph) == ["lmforge.data.readers imports lmforge.model.io",
+                                       "lmforge.io imports lmforge.recipe",
+                                       "lmforge.train.loop imports lmforge.finetune.sft"]  # fmt: skip
