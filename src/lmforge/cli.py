@@ -128,13 +128,10 @@ def _output_checked() -> Iterator[None]:
 def _claimed(out: Path, verb: str) -> Iterator[None]:
     """Check `out` before any work (lmforge writes only into a new, empty or earlier lmforge folder) and remove
     the folder again if the verb fails before writing into it."""
-    from lmforge.outdir import OutputDirError, claimed_output_dir
+    from lmforge.outdir import claimed_output_dir
 
-    try:
-        with claimed_output_dir(out, verb):
-            yield
-    except OutputDirError as e:
-        _fail(str(e), 2)
+    with _output_checked(), claimed_output_dir(out, verb):
+        yield
 
 
 def _sections(overrides: list[str], allowed: set[str]):

@@ -48,9 +48,8 @@ def read_marker(directory: Path) -> dict[str, Any] | None:
     return marker if isinstance(marker, dict) else {}
 
 
-def _owner(directory: Path) -> str | None:
-    """The verb that wrote `directory` (from its marker or its run manifest), "" for an unreadable marker."""
-    marker = read_marker(directory)
+def _owner(directory: Path, marker: dict[str, Any] | None) -> str | None:
+    """The verb that wrote `directory` (from its `marker` or its run manifest), "" for an unreadable marker."""
     if marker is not None:
         return str(marker.get("verb", ""))
     manifest = read_manifest(directory) if (directory / MANIFEST).is_file() else None
@@ -71,7 +70,8 @@ def claim_output_dir(directory: Path, verb: str, *, replaces: Collection[str] | 
     if directory.exists() and not directory.is_dir():
         raise OutputDirError(f"{directory} is a file; `lmforge {verb}` writes a folder: give it a folder name")
     entries = sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
-    owner = _owner(directory)
+    marker = read_marker(directory)
+    owner = _owner(directory, marker)
     if replaces is not None:
         foreign = [n for n in entries if n not in replaces and n != MARKER]
         if foreign:
@@ -88,7 +88,6 @@ def claim_output_dir(directory: Path, verb: str, *, replaces: Collection[str] | 
     if owner and owner != verb:
         raise OutputDirError(f"{directory} holds the output of `lmforge {owner}`; give `lmforge {verb}` a folder of "
                              "its own (a new or empty one)")  # fmt: skip
-    marker = read_marker(directory)
     if marker is None:
         write_marker(directory, verb)
     return marker or {}
