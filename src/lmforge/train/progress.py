@@ -74,13 +74,21 @@ class Heartbeat:
     """Says a long loop is still working: `beat()` logs its message when QUIET_S seconds have passed since the
     last one (or since the start), so a log never goes silent for long on a phase without a progress line."""
 
-    def __init__(self, log: logging.Logger) -> None:
-        self.log, self._last = log, time.perf_counter()
+    def __init__(self, log: logging.Logger, start: float | None = None) -> None:
+        self.log = log
+        self._last = time.perf_counter() if start is None else start  # the quiet time counts from here
+
+    def due(self, anyway: bool = False) -> bool:
+        """Whether a line is owed now: QUIET_S seconds without one, or `anyway` (a regular line); it restarts the
+        quiet time when it says yes."""
+        now = time.perf_counter()
+        if anyway or now - self._last >= QUIET_S:
+            self._last = now
+            return True
+        return False
 
     def beat(self, message: Callable[[], str]) -> None:
-        now = time.perf_counter()
-        if now - self._last >= QUIET_S:
-            self._last = now
+        if self.due():
             self.log.info("%s", message())
 
 
@@ -100,7 +108,7 @@ class TrainingProgress:
         self.peak, self.flops_per_token, self.compiled = peak, flops_per_token, compiled
         self.log_every = max(1, max_steps // 20)
         self.pace = Pace()
-        self._last_line = clock_start
+        self._quiet = Heartbeat(logger, start=clock_start)
         console = Console(stderr=True)
         columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"))
         # The text carries our ETA: rich's own would come from wall time, evaluations included.
@@ -128,10 +136,8 @@ class TrainingProgress:
             info += f"  MFU {mfu(tokens_per_s, self.flops_per_token, self.peak):.1%}"
         eta = f"ETA {duration(self.pace.eta(self.max_steps - step))}"
         self._bar.update(self._task, completed=step, info=f"{info}  {eta}")
-        now = time.perf_counter()
-        if step % self.log_every == 0 or step == self.max_steps or now - self._last_line >= QUIET_S:
-            self._last_line = now
-            elapsed = duration(now - self.clock_start)
+        if self._quiet.due(anyway=step % self.log_every == 0 or step == self.max_steps):
+            elapsed = duration(time.perf_counter() - self.clock_start)
             logger.info("step %d/%d: %s  lr %.3g  elapsed %s  %s", step, self.max_steps, info, lr, elapsed, eta)
 
     def evaluate(self, step: int, batches: int | None, validate: Callable[[], float]) -> float:
