@@ -70,6 +70,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 
+from lmforge.data.batches import count_labels
 from lmforge.data.loader import check_batch_layout
 from lmforge.tokenizer import IGNORE_INDEX, PAD, SPECIAL_TOKENS
 
@@ -204,7 +205,8 @@ def pack_documents(
 
 
 class PackedLoader:
-    """Endless iterator of `(x, y, doc_ids)` int64 tensors of shape [batch_size, seq_len] from packed documents.
+    """Endless iterator of `(x, y, doc_ids)` int64 tensors of shape [batch_size, seq_len] from packed documents; a
+    batch source (lmforge.data.batches.BatchSource) with a cursor of its own.
 
     `y` is `x` shifted by one with -100 at targets that start a segment or are padding; `doc_ids` numbers the
     segments (documents or document pieces) of each row from 0. See the module docstring for the policies.
@@ -380,6 +382,10 @@ class PackedLoader:
             f"{self.batch_size * self.world_size} packed rows, epoch {epoch} packs {self.n_docs} documents "
             f"(n_tokens={int(self.split.n_tokens)}) into {rows} rows at seq_len={self.seq_len}"
         )
+
+    def loss_tokens(self, batch: tuple[torch.Tensor, ...]) -> int:
+        """The targets of a batch that are trained (not segment starts, not padding)."""
+        return count_labels(batch)
 
     def state_dict(self) -> dict[str, Any]:
         return {
