@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from lmforge.losses import cross_entropy
 
 log = logging.getLogger(__name__)
 
@@ -189,20 +190,21 @@ def loglikelihood_tokens(
     return out
 
 
-def _head_logprobs(lm: LanguageModel, hidden: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities from final hidden states [N, d] of an lmforge model: head, soft-cap, log-softmax."""
+def _head_logits(lm: LanguageModel, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits from final hidden states [N, d] of an lmforge model: the head and the soft-cap, as its forward."""
     logits = lm.module.lm_head(hidden)
     cap = lm.module.args.logit_softcap
     if cap is not None:
         logits = cap * torch.tanh(logits.float() / cap)
-    return F.log_softmax(logits.float(), dim=-1)
+    return logits
 
 
-def _pick(logp: torch.Tensor, targets: list[int], lengths: list[int]) -> list[tuple[float, bool]]:
-    """Per span of `lengths` consecutive positions: summed target log-probability and whether all are argmax."""
-    target = torch.tensor(targets, device=logp.device)
-    picked = logp.gather(1, target[:, None]).squeeze(1).double().cpu()
-    hit = (logp.argmax(-1) == target).cpu()
+def _pick(logits: torch.Tensor, targets: list[int], lengths: list[int]) -> list[tuple[float, bool]]:
+    """Per span of `lengths` consecutive positions: summed target log-probability (minus the one cross-entropy)
+    and whether every target is the argmax."""
+    target = torch.tensor(targets, device=logits.device)
+    picked = (-cross_entropy(logits, target, reduction="none")).double().cpu()
+    hit = (logits.float().argmax(-1) == target).cpu()
     out, k = [], 0
     for n in lengths:
         out.append((float(picked[k : k + n].sum()), bool(hit[k : k + n].all())))
@@ -224,10 +226,10 @@ def _score_rows(lm: LanguageModel, batch: list[_Row]) -> list[tuple[float, bool]
     ids = ids.to(lm.device)
     where = (torch.tensor(rows_idx, device=lm.device), torch.tensor(pos_idx, device=lm.device))
     if lm.module is not None:
-        logp = _head_logprobs(lm, lm.module(ids, return_hidden=True)[where])
+        logits = _head_logits(lm, lm.module(ids, return_hidden=True)[where])
     else:
-        logp = F.log_softmax(lm.forward(ids)[where].float(), dim=-1)
-    return _pick(logp, targets, [r.n_cont for r in batch])
+        logits = lm.forward(ids)[where]
+    return _pick(logits, targets, [r.n_cont for r in batch])
 
 
 def _context_chunks(shared: dict[tuple[int, ...], list[int]], pairs: Sequence[tuple[list[int], list[int]]],
@@ -268,8 +270,7 @@ def _shared_context(lm: LanguageModel, chunk: list[tuple[tuple[int, ...], list[i
         hidden = torch.cat([hidden, model(ids.to(lm.device), cache=cache, return_hidden=True)], dim=1)
     rows_idx = torch.tensor([j for j, x in enumerate(conts) for _ in x], device=lm.device)
     pos_idx = torch.tensor([p for x in conts for p in range(len(x))], device=lm.device)
-    logp = _head_logprobs(lm, hidden[rows_idx, pos_idx])
-    results = _pick(logp, [t for x in conts for t in x], [len(x) for x in conts])
+    results = _pick(_head_logits(lm, hidden[rows_idx, pos_idx]), [t for x in conts for t in x], [len(x) for x in conts])
     return list(zip([i for _, idx in chunk for i in idx], results))
 
 
