@@ -112,12 +112,11 @@ def run_one(name: str, checkpoint: Path, data: Path, steps: int, warmup: int, ba
     base_rss = _rss_mb()
     times = []
     for step in range(warmup + steps):
-        # SFT batches also carry plain numbers (the global target count, the shard count) for the loss.
-        batch_t = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in next(batches).items()}
+        batch_t = {k: v.to(device) for k, v in next(batches).items()}
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = sft_loss(model, batch_t)
+        loss, _ = sft_loss(model, batch_t)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

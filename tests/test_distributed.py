@@ -276,6 +276,22 @@ def test_pipeline_stages_chained_compute_exactly_the_model(arch):
     assert names == {n for n, _ in model.named_parameters(remove_duplicate=False)}
 
 
+def test_parallelize_applies_activation_checkpointing_then_the_layout_then_compile():
+    from lmforge.train.distributed import parallelize
+
+    args = ModelArgs(vocab_size=97, n_layers=3, d_model=32, n_heads=2, n_kv_heads=2, head_dim=16, mlp_hidden=64,
+                     max_seq_len=16)  # fmt: skip
+    model = Transformer(args)
+    world = World(device=torch.device("cpu"))
+    par = parallelize(model, world, ParallelConfig(), TrainConfig(activation_checkpointing=2, compile=True))
+    # The loss is given the compiled model; optimizer, checkpoints and evaluation use the plain one, whose every
+    # second block recomputes its activations.
+    assert par.compiled and par.module._orig_mod is model and par.state_module is par.eval_module is model
+    assert [getattr(b, "_lmforge_activation_checkpointing", False) for b in model.model.layers] == [True, False, True]
+    plain = parallelize(Transformer(args), world, ParallelConfig(), TrainConfig(compile=False))
+    assert not plain.compiled and plain.module is plain.state_module
+
+
 def test_pipeline_refuses_tied_embeddings():
     args = ModelArgs(vocab_size=97, n_layers=2, d_model=32, n_heads=2, n_kv_heads=2, head_dim=16, mlp_hidden=64,
                      max_seq_len=16, tie_embeddings=True)  # fmt: skip

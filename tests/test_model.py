@@ -151,7 +151,7 @@ def test_clm_loss_and_token_nll():
     y[0, :4] = -100
     with torch.no_grad():
         logits = m(x).float()
-        loss = clm_loss(m, (x, y))
+        loss, metrics = clm_loss(m, (x, y))
         nll = token_nll(m, x, y)
     logp = logits.log_softmax(-1)
     mask = y != -100
@@ -161,12 +161,13 @@ def test_clm_loss_and_token_nll():
     torch.testing.assert_close(nll[mask], manual[mask], rtol=0, atol=1e-5)
     torch.testing.assert_close(loss, manual[mask].mean(), rtol=0, atol=1e-5)
     torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 1), y.flatten()), rtol=0, atol=1e-6)
+    assert metrics == {}
 
 
 def test_clm_loss_is_fp32_for_bf16_models():
     m = build().to(torch.bfloat16)
     x = torch.randint(0, V, (1, 8))
-    loss = clm_loss(m, (x, x))
+    loss, _ = clm_loss(m, (x, x))
     assert loss.dtype == torch.float32
     loss.backward()
     assert m.model.embed_tokens.weight.grad is not None

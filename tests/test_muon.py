@@ -116,7 +116,7 @@ def test_muon_updates_are_orthogonal_on_2d_weights():
     cfg = muon_cfg(lr=1e-3, muon_lr=0.02, warmup_steps=0, weight_decay=0.0)
     opt = build_optimizer(model, cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    clm_loss(model, text_batch()).backward()
+    clm_loss(model, text_batch())[0].backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     opt.step()
     checked = 0
@@ -244,7 +244,7 @@ def test_non_matrix_params_get_exactly_plain_adamw():
     opt_b = build_optimizer(b, muon_cfg(warmup_steps=0, optimizer="adamw"))
     for step in range(3):
         for model, opt in ((a, opt_a), (b, opt_b)):
-            clm_loss(model, text_batch(offset=step * 300)).backward()
+            clm_loss(model, text_batch(offset=step * 300))[0].backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         # Once the hidden weights differ, so do the gradients; compare only after the first step.
@@ -273,7 +273,7 @@ def test_loop_lr_writes_reach_both_halves_through_lr_scale():
     muon.param_groups[0]["weight_decay"] = 0.0
     p = model.model.layers[0].mlp.down_proj.weight
     before = p.detach().clone()
-    clm_loss(model, text_batch()).backward()
+    clm_loss(model, text_batch())[0].backward()
     expected = before - 1e-3 * 15.0 * update_scale(p.shape) * newton_schulz(p.grad * 1.95)
     opt.step()
     assert torch.allclose(p.detach(), expected, atol=1e-7)
@@ -285,7 +285,7 @@ def test_combined_state_dict_round_trips_through_checkpoint_and_resumes_bit_iden
 
     def steps(model, opt, n):
         for _ in range(n):
-            clm_loss(model, next(loader)).backward()
+            clm_loss(model, next(loader))[0].backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -320,7 +320,7 @@ def test_adamw_checkpoint_does_not_load_into_muon(tmp_path):
     loader = BatchLoader(ByteSplit(), SEQ, 4, 0)
     model = tiny_model()
     opt = build_optimizer(model, muon_cfg(optimizer="adamw"))
-    clm_loss(model, next(loader)).backward()
+    clm_loss(model, next(loader))[0].backward()
     opt.step()
     save_training_checkpoint(tmp_path, TrainerState(step=1), model, opt, loader, keep_last=1)
     with pytest.raises(ValueError, match="param groups"):
@@ -332,7 +332,7 @@ def test_works_with_grad_scaler():
     opt = build_optimizer(model, muon_cfg(warmup_steps=0))
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     before = [p.detach().clone() for p in model.parameters()]
-    scaler.scale(clm_loss(model, text_batch())).backward()
+    scaler.scale(clm_loss(model, text_batch())[0]).backward()
     scaler.unscale_(opt)
     scaler.step(opt)
     scaler.update()
@@ -340,7 +340,7 @@ def test_works_with_grad_scaler():
     # An overflow skips the step for both halves.
     opt.zero_grad(set_to_none=True)
     before = [p.detach().clone() for p in model.parameters()]
-    scaler.scale(clm_loss(model, text_batch())).backward()
+    scaler.scale(clm_loss(model, text_batch())[0]).backward()
     model.lm_head.weight.grad[0, 0] = float("inf")
     scaler.step(opt)
     scaler.update()
@@ -373,11 +373,11 @@ def test_muon_run_crashed_and_resumed_in_process_is_bit_identical(tmp_path):
 
     calls = {"n": 0}
 
-    def crashing(model, batch):
+    def crashing(model, batch, ctx=None):
         calls["n"] += 1
         if calls["n"] == 13:
             raise Crash
-        return clm_loss(model, batch)
+        return clm_loss(model, batch, ctx)
 
     cfg = muon_cfg(max_steps=16, batch_size=4, ckpt_every=8, keep_last=1)
     reference = tiny_model()

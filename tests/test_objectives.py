@@ -20,6 +20,7 @@ from lmforge.objectives import (
     noise_mask,
     objective_batch,
     objective_loss,
+    objective_loss_tokens,
     pooled_embeddings,
     prefix_lm_batch,
     prefix_lm_loss,
@@ -30,6 +31,7 @@ from lmforge.objectives import (
     span_loss,
     span_source_length,
 )
+from lmforge.losses import LossContext
 from lmforge.recipe import PretrainConfig
 from lmforge.tokenizer import N_SENTINELS, SPECIAL_TOKENS
 
@@ -98,15 +100,15 @@ def test_mlm_loss_and_accuracy():
     tokens = text_tokens((2, 32))
     batch = mlm_batch(tokens, mask_id=MASK_ID, vocab_size=V, special_ids=range(N_SPECIAL), probability=0.5,
                       mask_fraction=0.8, random_fraction=0.1, generator=gen())  # fmt: skip
-    loss = mlm_loss(model, batch)
-    assert abs(loss.item() - math.log(V)) < 0.5  # an untrained model is near uniform
+    loss, metrics = mlm_loss(model, batch)
+    assert abs(loss.item() - math.log(V)) < 0.5 and metrics == {}  # an untrained model is near uniform
     loss.backward()
     assert 0.0 <= mlm_accuracy(model, batch) <= 1.0
     # Accuracy counts argmax hits on selected tokens only: a model that always predicts the right tokens scores 1.
     oracle = lambda ids, **kw: torch.nn.functional.one_hot(tokens, V).float()  # noqa: E731
     assert mlm_accuracy(oracle, batch) == 1.0
     empty = {"input_ids": tokens, "labels": torch.full_like(tokens, IGNORE_INDEX)}
-    assert mlm_loss(model, empty).item() == 0.0 and mlm_accuracy(model, empty) == 0.0  # no NaN from 0/0
+    assert mlm_loss(model, empty)[0].item() == 0.0 and mlm_accuracy(model, empty) == 0.0  # no NaN from 0/0
 
 
 # --------------------------------------------------------------------------------------------- span corruption
@@ -209,7 +211,7 @@ def test_prefix_lm_loss_reads_the_prefix_both_ways():
     model = tiny_model()
     tokens = text_tokens((1, 33))
     batch = prefix_lm_batch(tokens, prefix_fraction=0.5, generator=gen())
-    assert span_loss is prefix_lm_loss and torch.isfinite(prefix_lm_loss(model, batch))
+    assert span_loss is prefix_lm_loss and torch.isfinite(prefix_lm_loss(model, batch)[0])
     p = int(batch["prefix_len"][0])
     kw = dict(attn="prefix", prefix_len=batch["prefix_len"])
 
@@ -240,8 +242,30 @@ class ConstantEncoder(torch.nn.Module):
 @pytest.mark.parametrize("B", [2, 7, 32])
 def test_contrastive_loss_of_identical_embeddings_is_log_batch(B):
     batch = contrastive_views(text_tokens((B, 48)), pad_id=PAD_ID, generator=gen())
-    loss = contrastive_loss(ConstantEncoder(), batch, temperature=0.05)
+    loss, metrics = contrastive_loss(ConstantEncoder(), batch, temperature=0.05)
     assert loss.item() == pytest.approx(math.log(B), abs=1e-5)
+    assert objective_loss_tokens("contrastive", batch) == B
+    # In a step of 4B pairs spread over 2 parts, this batch's share is a quarter of its mean.
+    share, _ = contrastive_loss(ConstantEncoder(), batch, LossContext(tokens=4 * B, parts=2))
+    assert share.item() == pytest.approx(math.log(B) / 4, abs=1e-5)
+
+
+class OracleEncoder(torch.nn.Module):
+    """Text i's views (rows i and B+i) embed to the i-th unit vector: every pair is found."""
+
+    def forward(self, input_ids, **kw):
+        n = input_ids.shape[0] // 2
+        return torch.eye(n)[torch.arange(2 * n) % n][:, None, :].expand(2 * n, input_ids.shape[1], n)
+
+
+@pytest.mark.parametrize("B", [2, 7])
+def test_contrastive_pair_accuracy_is_the_share_of_pairs_found(B):
+    batch = contrastive_views(text_tokens((B, 48)), pad_id=PAD_ID, generator=gen())
+    loss, metrics = contrastive_loss(OracleEncoder(), batch, temperature=0.05)
+    assert metrics["pair_accuracy"].item() == 1.0 and loss.item() < 1e-6
+    # Scaled for a step of 4B pairs over 2 parts: the loop's average over the parts is then the step's accuracy.
+    _, scaled = contrastive_loss(OracleEncoder(), batch, LossContext(tokens=4 * B, parts=2))
+    assert scaled["pair_accuracy"].item() == pytest.approx(2 * B / (4 * B))
 
 
 def test_contrastive_views_are_crops_with_deletions():
@@ -282,7 +306,7 @@ def test_contrastive_loss_falls_with_training():
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(8):
-        loss = contrastive_loss(model, batch, temperature=0.05)
+        loss, _ = contrastive_loss(model, batch, temperature=0.05)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -304,8 +328,13 @@ def test_every_objective_trains_from_loader_batches(objective):
     window = text_tokens((2, 33))
     cfg = PretrainConfig(objective=objective)
     batch = objective_batch(objective, window[:, :-1], window[:, 1:], cfg, FakeTokenizer(), gen())
-    loss = objective_loss(objective, cfg)(model, batch)
+    loss, _ = objective_loss(objective, cfg)(model, batch)
     assert loss.ndim == 0 and torch.isfinite(loss)
+    # The loss tokens the loop counts: the pairs of a contrastive batch, the trained targets of the others.
+    labels = batch[1] if objective == "clm" else batch.get("labels")
+    expected = 2 if objective == "contrastive" else int((labels != IGNORE_INDEX).sum())
+    assert objective_loss_tokens(objective, batch) == expected
+    assert objective != "clm" or expected == 64
     loss.backward()
     with pytest.raises(ValueError, match="allowed values"):
         objective_loss("nope", cfg)

@@ -41,7 +41,13 @@ def test_every_objective_trains_and_reports_its_validation_loss(data, tmp_path, 
 
 def test_a_mixture_draws_objectives_by_weight_and_resumes_to_the_same_weights(data, tmp_path):
     mix = {"clm": 1.0, "mlm": 1.0, "span": 1.0}
-    _train(data, tmp_path / "clean", mix, steps=10, ckpt_every=5)
+    clean = _train(data, tmp_path / "clean", mix, steps=10, ckpt_every=5)
+    # Each step's record says which objective it drew (one micro-batch, one rank: shares of 0 or 1).
+    records = [json.loads(line) for line in (tmp_path / "clean" / "metrics.jsonl").read_text().splitlines()]
+    shares = [{k: r[f"{k}_share"] for k in mix} for r in records]
+    assert all(sorted(s.values()) == [0.0, 0.0, 1.0] for s in shares)
+    assert len({max(s, key=s.get) for s in shares}) >= 2
+    assert clean["final_metrics"] == {f"{k}_share": shares[-1][k] for k in sorted(mix)}
     _train(data, tmp_path / "killed", mix, steps=10, ckpt_every=5)
     # Pretend the second run died after its step-5 checkpoint: drop what came later and run again.
     shutil.rmtree(tmp_path / "killed" / "final")

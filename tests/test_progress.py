@@ -15,6 +15,7 @@ import typer.main
 from safetensors.torch import load_file, save_model
 
 import lmforge.train.loop as loop_module
+import lmforge.train.step as step_module
 import lmforge.train.progress as progress_module
 from lmforge.cli import app
 from lmforge.train.progress import Pace, TrainingInterrupted, TrainingProgress, duration
@@ -41,11 +42,12 @@ def test_logged_throughput_and_eta_count_training_time_only(tmp_path, monkeypatc
     """Each step trains 256 tokens in 1 s; an evaluation takes 100 s and a checkpoint 50 s, and neither shows."""
     clock = FakeTime()
     monkeypatch.setattr(loop_module, "time", clock)
+    monkeypatch.setattr(step_module, "time", clock)
     monkeypatch.setattr(progress_module, "time", clock)
 
-    def loss_fn(model, batch):
+    def loss_fn(model, batch, ctx=None):
         clock.now += 1.0
-        return FaultyLoss({})(model, batch)
+        return FaultyLoss({})(model, batch, ctx)
 
     def val_fn(model):
         clock.now += 100.0
@@ -111,10 +113,10 @@ def interrupting(at_call: int, base=None):
     """clm_loss, except that call `at_call` sends this process a SIGINT, as Ctrl-C in a terminal does."""
     base = base or FaultyLoss({})
 
-    def loss_fn(model, batch):
+    def loss_fn(model, batch, ctx=None):
         if base.calls + 1 == at_call:
             os.kill(os.getpid(), signal.SIGINT)
-        return base(model, batch)
+        return base(model, batch, ctx)
 
     return loss_fn
 

@@ -40,12 +40,12 @@ SCRIPT = textwrap.dedent(
     delay = float(os.environ.get("STEP_DELAY", "0"))
 
 
-    def slow_loss(model, batch):
+    def slow_loss(model, batch, ctx=None):
         # Stretches the run so the parent can kill it mid-way; sleeping touches no RNG or tensor.
         time.sleep(delay)
         x, y = batch
         # Random target dropout makes the run depend on the torch RNG state being restored too.
-        return clm_loss(model, (x, torch.where(torch.rand(y.shape) < 0.9, y, -100)))
+        return clm_loss(model, (x, torch.where(torch.rand(y.shape) < 0.9, y, -100)), ctx)
 
 
     out = Path(sys.argv[1])
@@ -121,8 +121,8 @@ def test_crash_mid_run_then_resume_in_process(tmp_path, crash_at_call):
     class Crash(Exception):
         pass
 
-    def crashing(model, batch):
-        loss = base(model, batch)
+    def crashing(model, batch, ctx=None):
+        loss = base(model, batch, ctx)
         if base.calls == crash_at_call:
             raise Crash
         return loss

@@ -1,5 +1,7 @@
 """SFT end to end on a tiny model: full (with freezing) and LoRA fine-tuning, the loss mask, resumable batches."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,7 @@ from lmforge.finetune.data import read_conversations
 from lmforge.model.lora import LoRAConfig
 from lmforge.finetune.sft import SFTBatches, finetune, heldout_loss, sft_loss, split_heldout
 from lmforge.finetune.template import IGNORE_INDEX, pack, render
+from lmforge.losses import LossContext
 from lmforge.model.io import load_checkpoint_tokenizer, load_model
 from lmforge.recipe import TrainConfig
 
@@ -43,6 +46,12 @@ def test_full_sft_with_frozen_blocks_and_embeddings(base, tmp_path, caplog):
     assert m["steps"] == 30 and m["train_conversations"] + m["heldout_conversations"] == LIMIT
     assert m["heldout_conversations"] == 12 and m["skipped_records"] == 0
     assert 0 < m["trainable_params"] < m["total_params"]
+    # The loss's metric reaches every step's record and the returned metrics (the stage's manifest).
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    accuracy = [r["token_accuracy"] for r in records]
+    assert len(accuracy) == 30 and all(0 <= a <= 1 for a in accuracy) and accuracy[-1] > accuracy[0]
+    assert m["final_metrics"] == {"token_accuracy": accuracy[-1]}
+    assert all(r["loss_tokens"] > 0 for r in records)  # the step's trained tokens, counted by the loop
     before, after = load_file(str(base / "model.safetensors")), load_file(str(out / "final/model.safetensors"))
     assert before.keys() == after.keys()
     frozen = [k for k in before if k.startswith(("model.layers.0.", "model.embed_tokens."))]
@@ -106,15 +115,25 @@ def test_prefix_sft_keeps_base_weights_and_loads_with_its_prefix(base, tmp_path)
 
 def test_sft_loss_counts_only_trained_tokens(base):
     model, _ = load_model(base)
-    batch = next(SFTBatches(_rows(base), batch_size=4, seed=1))
+    rows = _rows(base)
+    batches = SFTBatches(rows, batch_size=4, seed=1)
+    batch = next(batches)
     labels = batch["labels"]
     assert (labels == IGNORE_INDEX).any() and (labels != IGNORE_INDEX).any()
+    # Labels are aligned with the logits: the template's per-token labels shifted by one, nothing after the end.
+    first = int(batches._permutation()[0])
+    assert labels[0, :-1].tolist() == rows.labels[first][1:] and (labels[:, -1] == IGNORE_INDEX).all()
     logits = model(batch["input_ids"], doc_ids=batch["doc_ids"]).float()
-    pos = labels[:, 1:] != IGNORE_INDEX
-    manual = F.cross_entropy(logits[:, :-1][pos], labels[:, 1:][pos])
-    torch.testing.assert_close(sft_loss(model, batch), manual)
+    pos = labels != IGNORE_INDEX
+    manual = F.cross_entropy(logits[pos], labels[pos])
+    loss, metrics = sft_loss(model, batch)
+    torch.testing.assert_close(loss, manual)
+    hits = (logits[pos].argmax(-1) == labels[pos]).float().mean()
+    torch.testing.assert_close(metrics["token_accuracy"], hits)
+    assert batches.loss_tokens(batch) == int(pos.sum())
     # Counting the prompt tokens as well gives a different number: the mask is what limits the loss.
-    assert not torch.isclose(sft_loss(model, {**batch, "labels": batch["input_ids"]}), manual)
+    every = torch.cat([batch["input_ids"][:, 1:], torch.full((4, 1), IGNORE_INDEX)], dim=1)
+    assert not torch.isclose(sft_loss(model, {**batch, "labels": every})[0], manual)
 
 
 def test_batches_resume_exactly(base):
@@ -128,15 +147,15 @@ def test_batches_resume_exactly(base):
     b = SFTBatches(rows, batch_size=5, seed=3)
     b.load_state_dict(state)
     for want, got in zip(expected, [next(b) for _ in range(4)]):
-        assert want.keys() == got.keys() == {"input_ids", "labels", "doc_ids", "global_targets", "shards"}
+        assert want.keys() == got.keys() == {"input_ids", "labels", "doc_ids"}  # no step-wide count rides along
         for k in ("input_ids", "labels", "doc_ids"):
             assert want[k].dtype == torch.long and want[k].shape == (5, 128)
             assert torch.equal(want[k], got[k])
-        assert want["global_targets"] == got["global_targets"] == int((want["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def test_ranks_split_each_global_batch_and_share_its_normalisation(base):
-    """Two ranks' shares are the halves of the one-process batch, and their losses average to its loss."""
+    """Two ranks' shares are the halves of the one-process batch; given the loss tokens of both (as the loop
+    counts them), their losses add up to its loss and their metrics average to its metrics."""
     rows = _rows(base)
     model, _ = load_model(base)
     one = SFTBatches(rows, batch_size=6, seed=2)
@@ -144,9 +163,13 @@ def test_ranks_split_each_global_batch_and_share_its_normalisation(base):
     for _ in range(3):
         whole, parts = next(one), [next(r) for r in ranks]
         assert torch.equal(torch.cat([p["input_ids"] for p in parts]), whole["input_ids"])
-        assert parts[0]["global_targets"] == parts[1]["global_targets"] == whole["global_targets"]
-        mean_of_ranks = (sft_loss(model, parts[0]) + sft_loss(model, parts[1])) / 2
-        torch.testing.assert_close(mean_of_ranks, sft_loss(model, whole), rtol=1e-6, atol=1e-6)
+        counts = [ranks[r].loss_tokens(parts[r]) for r in range(2)]
+        assert counts[0] != counts[1] and sum(counts) == one.loss_tokens(whole)
+        ctx = LossContext(tokens=sum(counts), parts=2)
+        (l0, m0), (l1, m1) = (sft_loss(model, p, ctx) for p in parts)
+        loss, metrics = sft_loss(model, whole)
+        torch.testing.assert_close(l0 + l1, loss, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close((m0["token_accuracy"] + m1["token_accuracy"]) / 2, metrics["token_accuracy"])
     with pytest.raises(ValueError, match="split evenly over 4 ranks"):
         SFTBatches(rows, batch_size=6, seed=2, rank=0, world_size=4)
 
@@ -182,11 +205,11 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_weights(base, tmp_path, monk
     reference = run(tmp_path / "reference")
     real, calls = sft_module.sft_loss, []
 
-    def crashing(model, batch):
+    def crashing(model, batch, ctx=None):
         calls.append(1)
         if len(calls) == 9:  # step 9: after the step-6 checkpoint
             raise RuntimeError("simulated crash")
-        return real(model, batch)
+        return real(model, batch, ctx)
 
     monkeypatch.setattr(sft_module, "sft_loss", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):

@@ -47,9 +47,10 @@ class FaultyLoss:
     def __init__(self, factors: dict[int, float]) -> None:
         self.factors, self.calls = factors, 0
 
-    def __call__(self, model, batch):
+    def __call__(self, model, batch, ctx=None):
         self.calls += 1
-        return clm_loss(model, batch) * self.factors.get(self.calls, 1.0)
+        loss, metrics = clm_loss(model, batch, ctx)
+        return loss * self.factors.get(self.calls, 1.0), metrics
 
 
 def test_loss_decreases_on_real_text(tmp_path):
@@ -70,9 +71,11 @@ def test_metrics_jsonl_records(tmp_path):
                   flops_per_token=tiny_model().flops_per_token(SEQ))  # fmt: skip
     recs = records(tmp_path)
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
-    base = {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "mfu"}
+    base = {"step", "loss", "lr", "grad_norm", "tokens", "loss_tokens", "tokens_per_s", "mfu"}
     assert [set(r) for r in recs] == [base, base, base, base | {"val_loss"}, base, base | {"val_loss"}]
     assert [r["tokens"] for r in recs] == [4 * SEQ * s for s in range(1, 7)]
+    assert all(r["loss_tokens"] == 4 * SEQ for r in recs)  # every target of the step counts: none is ignored
+    assert metrics["final_metrics"] == {} and metrics["final_eval_metrics"] == {}  # clm_loss reports none
     assert [r["lr"] for r in recs] == [lr_at(s, cfg) for s in range(6)]
     assert recs[3]["val_loss"] == 2.5 and calls == [False, False]  # val_fn sees the model in eval mode
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["grad_norm"] > 0 for r in recs)

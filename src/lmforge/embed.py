@@ -28,7 +28,8 @@ from torch import nn
 from lmforge.io import atomic_open, atomic_write_text
 from lmforge.model.modes import evaluating
 from lmforge.data.readers import stdlib_root, stdlib_source_files
-from lmforge.objectives import pooled_embeddings
+from lmforge.data.batches import ShuffledRows
+from lmforge.objectives import contrastive_pairs, pooled_embeddings
 from lmforge.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -171,32 +172,25 @@ def write_embeddings(path: Path, emb: np.ndarray, ids: Sequence[str]) -> None:
     atomic_write_text(Path(f"{path}{IDS_SUFFIX}"), "".join(f"{i}\n" for i in ids))
 
 
-class PairBatches:
+class PairBatches(ShuffledRows):
     """Endless batches of (query, code) pairs in the contrastive-views layout: rows i and B+i are one pair.
 
     Every text is BOS plus at most max_len - 1 tokens, right-padded with PAD. Pairs are visited in a permutation
-    drawn from `default_rng((seed, epoch))`, so the state is two integers and a restored loader repeats exactly.
+    drawn from `default_rng((seed, epoch))` (lmforge.data.batches.ShuffledRows), so the state is two integers and a
+    restored loader repeats exactly. A batch's loss tokens are its pairs.
     """
 
     def __init__(self, pairs: Sequence[Pair], tokenizer: Tokenizer, batch_size: int, max_len: int, seed: int) -> None:
         if len(pairs) < batch_size:
             raise ValueError(f"{len(pairs)} pairs are fewer than one batch of {batch_size}")
+        super().__init__(len(pairs), batch_size, seed)
         encode = lambda text: [tokenizer.bos_id] + tokenizer.encode(text)[: max_len - 1]  # noqa: E731
         self.queries = [encode(p.query) for p in pairs]
         self.codes = [encode(p.code) for p in pairs]
-        self.batch_size, self.seed, self.pad_id = batch_size, seed, tokenizer.pad_id
-        self.batches_per_epoch = len(pairs) // batch_size
-        self.epoch, self.position = 0, 0
-
-    def __iter__(self) -> "PairBatches":
-        return self
+        self.pad_id = tokenizer.pad_id
 
     def __next__(self) -> dict[str, torch.Tensor]:
-        if self.position >= self.batches_per_epoch:
-            self.epoch, self.position = self.epoch + 1, 0
-        order = np.random.default_rng((self.seed, self.epoch)).permutation(len(self.queries))
-        picked = order[self.position * self.batch_size : (self.position + 1) * self.batch_size]
-        self.position += 1
+        picked = self._next_rows()
         rows = [self.queries[i] for i in picked] + [self.codes[i] for i in picked]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -205,11 +199,8 @@ class PairBatches:
         lengths = torch.tensor([len(r) for r in rows])
         return {"input_ids": ids, "mask": torch.arange(width)[None, :] < lengths[:, None]}
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+    def loss_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return contrastive_pairs(batch)
 
 
 def finetune_on_pairs(

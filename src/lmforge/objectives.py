@@ -1,4 +1,6 @@
-"""Objectives: a model and a batch in, a loss out. Targets equal to IGNORE_INDEX do not count.
+"""Objectives: a model and a batch in, `(loss, metrics)` out (the contract of lmforge.losses: the loss is the batch's
+share of the training step, its mean when called without a context). Labels are aligned with the logits;
+targets equal to IGNORE_INDEX do not count.
 
 Every objective trains the one decoder backbone; they differ in the attention mask they ask for and in the batch
 a builder makes from the loader's token windows. Builders are pure functions of the tokens and a
@@ -25,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmforge.data.batches import count_labels
+from lmforge.losses import LossContext, LossResult, ce_loss, cross_entropy
 from lmforge.tokenizer import IGNORE_INDEX
 
 if TYPE_CHECKING:
@@ -37,24 +41,18 @@ CROP_RANGE = (0.3, 0.7)
 TOKEN_DELETION = 0.1
 
 
-def clm_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Causal LM loss: mean cross entropy over target tokens, computed in fp32 whatever the model's dtype."""
-    x, y = batch
-    logits = model(x)
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
+def clm_loss(model: nn.Module, batch: tuple[torch.Tensor, ...], ctx: LossContext | None = None) -> LossResult:
+    """Causal LM loss over `(x, y)` windows, or packed rows `(x, y, doc_ids)` whose attention stops at document
+    boundaries (doc_ids None: plain causal attention); fp32 cross-entropy whatever the model's dtype."""
+    x, y, *rest = batch
+    doc_ids = rest[0] if rest else None
+    logits = model(x) if doc_ids is None else model(x, doc_ids=doc_ids)
+    return ce_loss(logits, y, ctx)
 
 
 def token_nll(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-token negative log-likelihood in nats, [B, T], 0 where y is IGNORE_INDEX."""
-    logits = model(x)
-    return F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=IGNORE_INDEX, reduction="none")
-
-
-def _mean_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean fp32 cross entropy over labelled tokens; 0 rather than NaN when a batch has none."""
-    total = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                            reduction="sum")  # fmt: skip
-    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+    return cross_entropy(model(x), y, reduction="none")
 
 
 # ---------------------------------------------------------------------------------------------------- MLM (BERT)
@@ -88,9 +86,9 @@ def mlm_batch(
     return {"input_ids": inputs, "labels": torch.where(selected, tokens, IGNORE_INDEX)}
 
 
-def mlm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Masked-LM loss: mean cross entropy over the selected tokens, attention in both directions."""
-    return _mean_ce(model(batch["input_ids"], attn="bidirectional"), batch["labels"])
+def mlm_loss(model: nn.Module, batch: dict[str, torch.Tensor], ctx: LossContext | None = None) -> LossResult:
+    """Masked-LM loss: cross entropy over the selected tokens, attention in both directions."""
+    return ce_loss(model(batch["input_ids"], attn="bidirectional"), batch["labels"], ctx)
 
 
 @torch.no_grad()
@@ -241,10 +239,10 @@ def prefix_lm_batch(
     return {"input_ids": x, "labels": y, "prefix_len": prefix_len}
 
 
-def prefix_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Prefix-LM loss (prefix_lm and span batches): mean cross entropy over the tokens after the prefix."""
+def prefix_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], ctx: LossContext | None = None) -> LossResult:
+    """Prefix-LM loss (prefix_lm and span batches): cross entropy over the tokens after the prefix."""
     logits = model(batch["input_ids"], attn="prefix", prefix_len=batch["prefix_len"])
-    return _mean_ce(logits, batch["labels"])
+    return ce_loss(logits, batch["labels"], ctx)
 
 
 span_loss = prefix_lm_loss  # the span batch carries its own prefix; the loss is the same
@@ -290,17 +288,27 @@ def contrastive_views(tokens: torch.Tensor, *, pad_id: int, generator: torch.Gen
     return {"input_ids": input_ids[:, :n].contiguous(), "mask": mask[:, :n].contiguous()}
 
 
-def contrastive_loss(model: nn.Module, batch: dict[str, torch.Tensor], temperature: float = 0.05) -> torch.Tensor:
+def contrastive_pairs(batch: dict[str, torch.Tensor]) -> int:
+    """The loss tokens of a contrastive batch: its pairs of views (rows i and B+i)."""
+    return batch["input_ids"].shape[0] // 2
+
+
+def contrastive_loss(model: nn.Module, batch: dict[str, torch.Tensor], ctx: LossContext | None = None,
+                     temperature: float = 0.05) -> LossResult:  # fmt: skip
     """In-batch-negatives InfoNCE: view a of text i must pick view b of text i among the batch's b views, by
-    cosine similarity / temperature. Equals log(B) when all embeddings coincide."""
+    cosine similarity / temperature; its mean over pairs equals log(B) when all embeddings coincide. Metric
+    `pair_accuracy`: the share of pairs whose own view b scores highest."""
     a, b = pooled_embeddings(model, batch["input_ids"], batch["mask"]).chunk(2)
     logits = a @ b.T / temperature
-    return F.cross_entropy(logits, torch.arange(len(a), device=logits.device))
+    own = torch.arange(len(a), device=logits.device)
+    ctx = ctx or LossContext.local(len(a))
+    hits = (logits.detach().argmax(-1) == own).sum()
+    return ctx.share(cross_entropy(logits, own)), {"pair_accuracy": ctx.mean(hits)}
 
 
 # ---------------------------------------------------------------------------------------------- by objective name
 
-LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+LOSSES: dict[str, Callable[..., LossResult]] = {
     "clm": clm_loss,
     "mlm": mlm_loss,
     "span": span_loss,
@@ -309,13 +317,18 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def objective_loss(objective: str, cfg: PretrainConfig) -> Callable[[nn.Module, Any], torch.Tensor]:
-    """`loss_fn(model, batch)` for an objective name, with the settings it takes from `cfg` bound."""
+def objective_loss(objective: str, cfg: PretrainConfig) -> Callable[..., LossResult]:
+    """`loss_fn(model, batch, ctx=None)` for an objective name, with the settings it takes from `cfg` bound."""
     if objective not in LOSSES:
         raise ValueError(f"pretrain.objective {objective!r}: allowed values are {list(LOSSES)}")
     if objective == "contrastive":
         return partial(contrastive_loss, temperature=cfg.contrastive_temperature)
     return LOSSES[objective]
+
+
+def objective_loss_tokens(objective: str, batch: Any) -> int:
+    """The loss tokens of one of `objective`'s batches: its pairs (contrastive) or its labelled targets."""
+    return contrastive_pairs(batch) if objective == "contrastive" else count_labels(batch)
 
 
 def objective_batch(

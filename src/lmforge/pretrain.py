@@ -16,13 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmforge.data.batches import BatchesWrapper
 from lmforge.data.loader import BatchLoader
 from lmforge.data.shards import open_split
 from lmforge.model.io import write_model_files
 from lmforge.model.modes import evaluating
 from lmforge.model.transformer import ModelArgs, Transformer
 from lmforge.outdir import inputs_fingerprint, job_settings, start_job
-from lmforge.objectives import IGNORE_INDEX, clm_loss, mlm_accuracy, objective_batch, objective_loss
+from lmforge.losses import LossContext, LossResult, ce_loss, cross_entropy, label_count
+from lmforge.objectives import IGNORE_INDEX, mlm_accuracy, objective_batch, objective_loss, objective_loss_tokens
 from lmforge.recipe import ModelConfig, ParallelConfig, PretrainConfig, TrainConfig
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.distributed import check_batch, init_world
@@ -60,9 +62,8 @@ def make_val_fn(windows: list[tuple[torch.Tensor, torch.Tensor]], batch_size: in
             for i in range(0, len(windows), batch_size):
                 xs = torch.stack([w[0] for w in windows[i : i + batch_size]]).to(device)
                 ys = torch.stack([w[1] for w in windows[i : i + batch_size]]).to(device)
-                n = int((ys != IGNORE_INDEX).sum())
-                total += float(clm_loss(model, (xs, ys))) * n
-                count += n
+                total += float(cross_entropy(model(xs), ys))
+                count += int(label_count(ys))
         return total / max(count, 1)
 
     return val_fn
@@ -75,20 +76,18 @@ def objective_weights(cfg: PretrainConfig) -> dict[str, float]:
     return {name: raw[name] / total for name in sorted(raw)}
 
 
-class ObjectiveBatches:
-    """Wraps a loader of (x, y[, doc_ids]) windows; yields `(objective, batch)` for `mixture_loss`.
+class ObjectiveBatches(BatchesWrapper):
+    """Wraps a loader of (x, y[, doc_ids]) windows; yields `(objective, batch)` for `MixtureLoss`.
 
     The generator for each batch is seeded from (seed, the loader's state before the batch), so the choices repeat
-    exactly after a resume; state_dict / load_state_dict pass through to the wrapped loader.
+    exactly after a resume; the state passes through to the wrapped loader.
     """
 
     def __init__(self, loader, cfg: PretrainConfig, tokenizer: Tokenizer, seed: int, document_masking: bool) -> None:
+        super().__init__(loader)
         self.loader, self.cfg, self.tokenizer, self.seed = loader, cfg, tokenizer, seed
         self.weights = objective_weights(cfg)
         self.document_masking = document_masking
-
-    def __iter__(self) -> "ObjectiveBatches":
-        return self
 
     def _generator(self) -> torch.Generator:
         state = self.loader.state_dict()
@@ -112,40 +111,42 @@ class ObjectiveBatches:
         x, y = batch
         return name, objective_batch(name, x, y, self.cfg, self.tokenizer, g)
 
-    def state_dict(self):
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state) -> None:
-        self.loader.load_state_dict(state)
-
-
-def packed_clm_loss(model: torch.nn.Module, batch) -> torch.Tensor:
-    """Causal LM on packed rows; with doc_ids, attention stops at document boundaries."""
-    x, y, doc_ids = batch
-    logits = model(x, doc_ids=doc_ids)
-    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
-
-
-def pipeline_batch(item) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, targets) of a causal-LM batch from ObjectiveBatches, for pipeline-parallel stages."""
-    name, batch = item
-    if name != "clm" or (len(batch) == 3 and batch[2] is not None):
-        raise ValueError("pipeline parallelism runs causal LM without document masking; set pretrain.objective=clm "
-                         "and pretrain.document_masking=false, or parallel.pipeline=1")  # fmt: skip
-    return batch[0], batch[1]
-
-
-def mixture_loss(cfg: PretrainConfig):
-    """loss_fn(model, (objective, batch)): the named objective's loss."""
-    losses = {name: objective_loss(name, cfg) for name in objective_weights(cfg)}
-
-    def loss_fn(model, item):
+    def loss_tokens(self, item) -> int:
         name, batch = item
-        if isinstance(batch, tuple) and len(batch) == 3:
-            return packed_clm_loss(model, batch)
-        return losses[name](model, batch)
+        return objective_loss_tokens(name, batch)
 
-    return loss_fn
+
+class MixtureLoss:
+    """loss_fn(model, (objective, batch), ctx): the named objective's loss (lmforge.losses.LogitsLoss).
+
+    One objective normalises by the step's loss tokens. A mixture's objectives count different things (next tokens,
+    masked tokens, pairs), so there each micro-batch's mean weighs the same, as the mixture weights intend, and the
+    metrics `<objective>_share` say which share of the step's micro-batches drew each objective.
+    """
+
+    def __init__(self, cfg: PretrainConfig) -> None:
+        self.losses = {name: objective_loss(name, cfg) for name in objective_weights(cfg)}
+
+    def __call__(self, model: torch.nn.Module, item, ctx: LossContext | None = None) -> LossResult:
+        name, batch = item
+        if len(self.losses) == 1:
+            return self.losses[name](model, batch, ctx)
+        if ctx is not None:
+            ctx = ctx.per_micro_batch(objective_loss_tokens(name, batch))
+        loss, _ = self.losses[name](model, batch, ctx)  # objectives' own metrics differ: only the shares are kept
+        return loss, {f"{other}_share": float(other == name) for other in self.losses}
+
+    def split(self, item) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, labels) of a causal-LM batch, for pipeline-parallel stages."""
+        name, batch = item
+        if name != "clm" or len(self.losses) > 1 or (len(batch) == 3 and batch[2] is not None):
+            raise ValueError("pipeline parallelism runs causal LM without document masking; set pretrain.objective="
+                             "clm and pretrain.document_masking=false, or parallel.pipeline=1")  # fmt: skip
+        return batch[0], batch[1]
+
+    def from_logits(self, logits: torch.Tensor, labels: torch.Tensor, ctx: LossContext | None = None) -> LossResult:
+        """The causal-LM loss from the logits, as `clm_loss` computes it after its forward."""
+        return ce_loss(logits, labels, ctx)
 
 
 def objective_val_fn(windows, batch_size: int, cfg: PretrainConfig, tokenizer: Tokenizer, seed: int):
@@ -175,7 +176,7 @@ def objective_val_fn(windows, batch_size: int, cfg: PretrainConfig, tokenizer: T
                 ys = torch.where(ys == IGNORE_INDEX, tokenizer.bos_id, ys)
                 batch = objective_batch(main, xs, ys, cfg, tokenizer, g)
                 batch = {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else batch
-                total += float(loss(model, batch)) * len(xs)
+                total += float(loss(model, batch)[0]) * len(xs)
                 count += len(xs)
         return total / max(count, 1)
 
@@ -259,7 +260,7 @@ def pretrain(
 
     metrics = train(
         model,
-        mixture_loss(pretrain_cfg),
+        MixtureLoss(pretrain_cfg),
         loader,
         train_cfg,
         out_dir,
@@ -268,7 +269,6 @@ def pretrain(
         val_fn=val_fn,
         write_model_files=lambda m, d: write_model_files(m, args, d, tokenizer_path),
         parallel=parallel_cfg,
-        pipeline_io=pipeline_batch,
         val_batches=-(-len(windows) // val_rows),
     )
     metrics["val_objective"] = val_objective

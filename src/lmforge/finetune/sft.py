@@ -4,7 +4,8 @@
 - "full": the whole model, optionally with the first blocks and/or the embeddings frozen;
 - "lora": low-rank adapters on chosen linear layers only (lmforge.model.lora);
 - "prefix": learned key/value prefixes for every layer only (lmforge.model.prefix).
-The loss counts only the tokens the template marks as targets (`labels != -100`). `finetune` does the same for a
+The loss counts only the tokens the template marks as targets (`labels != -100`), normalised by the trained
+tokens of the whole optimizer step. `finetune` does the same for a
 file of records, holding a seeded share out.
 
     out_dir/final/          the fine-tuned model as a checkpoint every tool loads (load_model). LoRA: the adapters
@@ -26,14 +27,15 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_model as st_save_model
 from torch import Tensor, nn
 
+from lmforge.data.batches import ShuffledRows
 from lmforge.data.loader import check_batch_layout
 from lmforge.finetune.data import Conversation, FieldMap, read_conversations
 from lmforge.finetune.template import IGNORE_INDEX, Packed, TrainOn, pack, render
 from lmforge.io import staged_dir
+from lmforge.losses import LossContext, LossResult, ce_loss, cross_entropy, label_count, shift_labels
 from lmforge.model.io import (
     PREFIX_DIR,
     TOKENIZER,
@@ -71,14 +73,15 @@ OUTPUTS = (*LOOP_OUTPUTS, ADAPTER_DIR, PREFIX_DIR)  # what a job writes in its f
 RUNTIME_OPTIONS = ("parallel", "after_training")  # how a job runs, not what it computes: not in its fingerprint
 
 
-class SFTBatches:
-    """Endless, resumable batches of packed rows, reshuffled every epoch.
-
-    The order of epoch e is `default_rng((seed, e)).permutation(n)`, so the state is just {epoch, position} and a
-    resumed run sees exactly the batches an uninterrupted one would. A batch may straddle two epochs.
+class SFTBatches(ShuffledRows):
+    """Endless, resumable batches of packed rows, reshuffled every epoch (lmforge.data.batches.ShuffledRows: the
+    order of epoch e is `default_rng((seed, e)).permutation(n)`, the state {epoch, position}, and a batch may
+    straddle two epochs).
 
     `batch_size` is the global micro-batch. Under data parallelism every rank walks the same order and keeps its
-    own `batch_size / world_size` rows of each global batch, so the global batches do not depend on the ranks."""
+    own `batch_size / world_size` rows of each global batch, so the global batches do not depend on the ranks.
+    Batches hold `input_ids`, `doc_ids` and `labels` aligned with the logits (lmforge.losses: the template's
+    per-token labels shifted by one)."""
 
     def __init__(self, packed: Packed, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         if not packed.ids:
@@ -86,75 +89,29 @@ class SFTBatches:
         check_batch_layout(len(packed.ids[0]), batch_size, rank, world_size)
         if batch_size % world_size:
             raise ValueError(f"batch_size={batch_size} must split evenly over {world_size} ranks (rank {rank})")
-        self.share = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
-        self.shards = world_size
+        super().__init__(len(packed.ids), batch_size // world_size, seed, rank, world_size, carry_over=True)
         self.ids = torch.tensor(packed.ids, dtype=torch.long)
-        self.labels = torch.tensor(packed.labels, dtype=torch.long)
+        self.labels = shift_labels(torch.tensor(packed.labels, dtype=torch.long))
         self.doc_ids = torch.tensor(packed.doc_ids, dtype=torch.long)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.epoch = 0
-        self.position = 0
-        self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation), cached for the current epoch
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def _permutation(self) -> np.ndarray:
-        if self._order is None or self._order[0] != self.epoch:
-            self._order = (self.epoch, np.random.default_rng((self.seed, self.epoch)).permutation(len(self)))
-        return self._order[1]
-
-    def _next_index(self) -> int:
-        if self.position >= len(self):
-            self.epoch, self.position = self.epoch + 1, 0
-        idx = int(self._permutation()[self.position])
-        self.position += 1
-        return idx
-
-    def __iter__(self) -> SFTBatches:
-        return self
-
     def __next__(self) -> dict[str, Tensor]:
-        every = torch.tensor([self._next_index() for _ in range(self.batch_size)], dtype=torch.long)
-        rows = every[self.share]
-        # The loss is a mean over the global micro-batch's trained tokens, which differ from row to row: each rank
-        # normalises by the global count (see sft_loss), so N ranks compute exactly what one process would.
-        targets = int((self.labels[every][:, 1:] != IGNORE_INDEX).sum())
-        return {"input_ids": self.ids[rows], "labels": self.labels[rows], "doc_ids": self.doc_ids[rows],
-                "global_targets": targets, "shards": self.shards}  # fmt: skip
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "position": self.position}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        rows = torch.from_numpy(self._next_rows())
+        return {"input_ids": self.ids[rows], "labels": self.labels[rows], "doc_ids": self.doc_ids[rows]}
 
 
-def _loss_sum(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """(summed CE over trained tokens, number of trained tokens), in fp32."""
+def sft_loss(model: nn.Module, batch: dict[str, Tensor], ctx: LossContext | None = None) -> LossResult:
+    """Cross-entropy of the trained tokens, the step's share of it (the batch's mean without `ctx`; 0, not NaN,
+    for a batch with no trained token). Metric `token_accuracy`: the share of trained tokens the model ranks
+    first."""
     logits = model(batch["input_ids"], doc_ids=batch["doc_ids"])
-    targets = batch["labels"][:, 1:]
-    total = F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-        targets.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return total, (targets != IGNORE_INDEX).sum()
-
-
-def sft_loss(model: nn.Module, batch: dict[str, Any]) -> Tensor:
-    """Mean CE per trained token. A batch with no targets gives 0 (with a graph), not NaN, so it cannot poison
-    the loop's divergence guard.
-
-    A batch from SFTBatches carries its global micro-batch's target count and the number of data-parallel shards:
-    each rank returns its sum x shards / global count, and since data parallelism averages gradients (and the loop
-    averages losses) over ranks, the result is the sum over all ranks / global count, the single-process loss."""
-    total, count = _loss_sum(model, batch)
-    if "global_targets" in batch:
-        return total * batch["shards"] / max(int(batch["global_targets"]), 1)
-    return total / count.clamp(min=1)
+    labels = batch["labels"]
+    ctx = ctx or LossContext.local(label_count(labels))
+    loss, metrics = ce_loss(logits, labels, ctx)
+    hits = ((logits.detach().argmax(-1) == labels) & (labels != IGNORE_INDEX)).sum()
+    return loss, {**metrics, "token_accuracy": ctx.mean(hits)}
 
 
 def heldout_loss(model: nn.Module, rows: Packed, batch_size: int) -> float:
@@ -166,10 +123,11 @@ def heldout_loss(model: nn.Module, rows: Packed, batch_size: int) -> float:
     with evaluating(model), torch.no_grad():
         for start in range(0, len(rows.ids), batch_size):
             sl = slice(start, start + batch_size)
-            batch = {k: torch.tensor(getattr(rows, f)[sl], dtype=torch.long, device=device)
-                     for k, f in (("input_ids", "ids"), ("labels", "labels"), ("doc_ids", "doc_ids"))}  # fmt: skip
-            s, n = _loss_sum(model, batch)
-            total, count = total + float(s), count + int(n)
+            ids, doc_ids, labels = (torch.tensor(getattr(rows, f)[sl], dtype=torch.long, device=device)
+                                    for f in ("ids", "doc_ids", "labels"))  # fmt: skip
+            labels = shift_labels(labels)
+            total += float(cross_entropy(model(ids, doc_ids=doc_ids), labels))
+            count += int(label_count(labels))
     if count == 0:
         raise ValueError("held-out set has no trained tokens (every label is -100)")
     return total / count

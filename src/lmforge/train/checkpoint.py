@@ -65,6 +65,8 @@ class TrainerState:
     steady_seconds: float = 0.0
     loss_scale: float | None = None  # fp16 runs: the gradient scaler's scale and growth counter, for exact resume
     scale_growth: int = 0
+    last_metrics: dict[str, float | None] = field(default_factory=dict)  # the loss's metrics at the last step
+    eval_metrics: dict[str, float | None] = field(default_factory=dict)  # the callbacks' at the last evaluation
 
 
 def checkpoint_root(out_dir: Path) -> Path:

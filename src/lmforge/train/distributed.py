@@ -7,8 +7,17 @@ over `world_size / pipeline` data-parallel ranks. Pipeline stages sit on the out
 so that across nodes only the light stage-to-stage activations travel, and the gradient reductions of data
 parallelism stay inside a node.
 
-`parallelize` wraps the model for training and returns a `Parallelized`, which the training loop uses for
-everything that differs between a single process and many:
+`parallelize` prepares an unmodified model for training, always in this order, and returns a `Parallelized`, which
+the training loop uses for everything that differs between a single process and many:
+
+1. activation checkpointing (`train.activation_checkpointing`) on the blocks, first, so that every later wrapper
+   (a pipeline stage reuses the blocks, FSDP shards them) runs the recomputing blocks;
+2. the parallel layout (below): DDP, FSDP2, or pipeline stages;
+3. `torch.compile` (`train.compile`) last, of what the loss calls: compiling the DDP wrapper lets dynamo split the
+   graph at DDP's bucket boundaries so gradient communication still overlaps the backward. Pipeline stages run
+   eager (the schedule drives them piece by piece).
+
+The layouts:
 
 - data parallel `ddp`: DistributedDataParallel (gradients averaged in buckets during backward; gradient
   accumulation skips the reduction on all but the last micro-batch);
@@ -16,8 +25,8 @@ everything that differs between a single process and many:
   optimizer state are sharded over the dp ranks, with an optional mixed-precision policy and CPU offload;
 - pipeline (`parallel.pipeline` > 1): see `lmforge.train.pipelining`.
 
-Every rank computes the same loss and gradient norm after the reductions, so the loop's decisions (skip a
-step, stop on divergence) agree on all ranks without further messages.
+Every rank computes the same loss, metrics and gradient norm after the reductions, so the loop's decisions (skip
+a step, stop on divergence) agree on all ranks without further messages.
 """
 
 from __future__ import annotations
@@ -36,10 +45,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from lmforge.losses import LogitsLoss, LossFn
 from lmforge.model.transformer import Block
 from lmforge.recipe import ParallelConfig, TrainConfig
 from lmforge.device import resolve_device
-from lmforge.train.precision import compute_dtype
+from lmforge.train.activation_checkpointing import apply_activation_checkpointing
+from lmforge.train.precision import compute_dtype, use_compile
 
 logger = logging.getLogger(__name__)
 
@@ -192,31 +203,60 @@ class Parallelized:
     """A model made ready for one world: what the loop calls, what it optimizes, how it reduces."""
 
     world: World
-    module: nn.Module  # what the loss function is given (DDP wrapper, sharded model, or the model itself)
+    module: nn.Module  # what the loss function is given: the DDP wrapper, sharded model or model, maybe compiled
     state_module: nn.Module  # owns the parameters this rank trains: optimizer and state dicts are built from it
     eval_module: nn.Module  # what the validation function is given
     pipeline: Any = None  # lmforge.train.pipelining.PipelineRunner when pipelining
     fsdp: bool = False
+    ddp: nn.parallel.DistributedDataParallel | None = None
+    compiled: bool = False
+    metric_names: list[str] | None = None  # the loss's metrics, fixed by the first step
 
     def accumulation(self, last: bool) -> contextlib.AbstractContextManager:
         """DDP: skip the gradient all-reduce on every micro-batch but the last one of a step."""
-        if not last and isinstance(self.module, nn.parallel.DistributedDataParallel):
-            return self.module.no_sync()
+        if not last and self.ddp is not None:
+            return self.ddp.no_sync()
         return contextlib.nullcontext()
 
-    def _sum_over_world(self, value: Tensor) -> Tensor:
-        with collective_errors("averaging the loss", self.world):
+    def _sum_over_world(self, value: Tensor, what: str = "averaging the loss") -> Tensor:
+        with collective_errors(what, self.world):
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value
 
-    def mean_loss(self, loss: Tensor) -> Tensor:
-        """The step's loss over all ranks: the mean of the data-parallel ranks' losses (taken from the last
-        pipeline stage, the only one that computes it)."""
-        if not self.world.distributed:
-            return loss
+    def global_count(self, local: int) -> Tensor:
+        """A step's loss tokens over all data-parallel ranks (at least 1), left on the device: no host sync."""
+        count = torch.full((), local, dtype=torch.int64, device=self.world.device)
+        if self.world.dp_size > 1:
+            with collective_errors("counting the step's loss tokens", self.world):
+                dist.all_reduce(count, op=dist.ReduceOp.SUM, group=self.world.group("dp"))
+        return count.clamp(min=1)
+
+    def reduce_step(self, loss: Tensor, metrics: dict[str, Tensor], parts: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """In one all_reduce: the step's loss (the sum of the shares of all micro-batches on all data-parallel
+        ranks, as the last pipeline stage computed them) and each metric's mean over the step's `parts`."""
+        names = self._agree_names(sorted(metrics))
         mine = self.pipeline is None or self.pipeline.is_last
-        value = loss.detach().float() if mine else torch.zeros((), device=loss.device)
-        return self._sum_over_world(value.clone()) / self.world.dp_size
+        values = torch.stack([loss.detach().float(), *(metrics[n] for n in names)]) if mine else \
+            torch.zeros(1 + len(names), device=loss.device)  # fmt: skip
+        if self.world.distributed:
+            values = self._sum_over_world(values, "reducing the loss and its metrics")
+        return values[0], {n: values[1 + i] / parts for i, n in enumerate(names)}
+
+    def _agree_names(self, names: list[str]) -> list[str]:
+        """The metric names of every step: the first step's. Pipeline stages before the last compute no loss, so
+        they learn the names from the last stage once."""
+        if self.metric_names is None:
+            if self.pipeline is not None and self.world.distributed:
+                w = self.world
+                shared = [names if self.pipeline.is_last else None]
+                with collective_errors("sharing the loss's metric names", w):
+                    dist.broadcast_object_list(shared, src=(w.pp_size - 1) * w.dp_size)
+                names = shared[0]
+            self.metric_names = names
+        elif (self.pipeline is None or self.pipeline.is_last) and names != self.metric_names:
+            raise ValueError(f"the loss returned the metrics {names}, but {self.metric_names} at the first step; a "
+                             "loss must return the same metric names at every step")  # fmt: skip
+        return self.metric_names
 
     def agree(self, value: float) -> float:
         """A value every rank must agree on (a validation loss), taken from the rank that computes it properly:
@@ -295,20 +335,38 @@ def _shard(module: nn.Module, blocks: Iterable[nn.Module], mesh: Any, kwargs: di
 
 
 def parallelize(model: nn.Module, world: World, parallel: ParallelConfig, train: TrainConfig,
-                pipeline_io: Callable[[Any], tuple[Tensor, Tensor]] | None = None) -> Parallelized:  # fmt: skip
-    """Wrap `model` (already on `world.device`) for `world`; a single process gets it back unchanged."""
+                loss_fn: LossFn | None = None) -> Parallelized:  # fmt: skip
+    """Prepare `model` (already on `world.device`) for training in `world`: activation checkpointing, then the
+    parallel layout, then compilation (see the module docstring). Pipeline stages run `loss_fn`, which must then be
+    an lmforge.losses.LogitsLoss."""
+    if train.activation_checkpointing:
+        wrapped = apply_activation_checkpointing(model, train.activation_checkpointing)
+        logger.info("activation checkpointing on %d blocks (every %d)", wrapped, train.activation_checkpointing)
+    par = _layout(model, world, parallel, train, loss_fn)
+    if use_compile(train.compile, world.device):
+        if par.pipeline is not None:
+            logger.warning("train.compile is not applied to pipeline stages; they run eager")
+        else:
+            par.module, par.compiled = torch.compile(par.module), True
+    return par
+
+
+def _layout(model: nn.Module, world: World, parallel: ParallelConfig, train: TrainConfig,
+            loss_fn: LossFn | None) -> Parallelized:  # fmt: skip
+    """`model` wrapped for `world`'s data and pipeline parallelism; a single process gets it back unchanged."""
     if not world.distributed:
         return Parallelized(world, model, model, model)
     dp_mesh = world.mesh["dp"]
     if world.pp_size > 1:
         from lmforge.train.pipelining import build_pipeline
 
-        if pipeline_io is None:
-            raise ValueError("this training stage does not support pipeline parallelism; set parallel.pipeline=1")
+        if not isinstance(loss_fn, LogitsLoss):
+            raise ValueError("this training stage does not support pipeline parallelism (its loss cannot be "
+                             "computed from the logits alone, see lmforge.losses.LogitsLoss); set parallel.pipeline=1")
         fsdp = parallel.data == "fsdp" and world.dp_size > 1
         policies = _fsdp_policies(parallel, train, world.device) if fsdp else {}
         shard = (lambda stage, blocks: _shard(stage, blocks, dp_mesh, policies)) if fsdp else None
-        runner = build_pipeline(model, world, parallel, train, pipeline_io, shard)
+        runner = build_pipeline(model, world, parallel, train, loss_fn, shard)
         return Parallelized(world, runner.stage_module, runner.stage_module, runner.eval_module, pipeline=runner,
                             fsdp=fsdp)  # fmt: skip
     if parallel.data == "fsdp":
@@ -322,4 +380,4 @@ def parallelize(model: nn.Module, world: World, parallel: ParallelConfig, train:
         find_unused_parameters=parallel.find_unused_parameters,
     )
     # Validation runs on the plain model: every rank holds the same weights, so no communication is needed.
-    return Parallelized(world, ddp, model, model)
+    return Parallelized(world, ddp, model, model, ddp=ddp)

@@ -8,9 +8,9 @@ state and distributed checkpoints use the single-process parameter names and mov
 parts of the model a rank does not run are moved to the meta device and take no memory.
 
 Each micro-batch of the training loop is cut into `parallel.microbatches` pipeline micro-batches and run with a
-GPipe or 1F1B schedule. The loss of each pipeline micro-batch is divided by the number of micro-batches and by
-`train.grad_accum` (the schedule does not rescale gradients), so the accumulated gradient is that of the mean loss
-over the whole step, as in a single process.
+GPipe or 1F1B schedule. The last stage computes each pipeline micro-batch's loss with the stage's own loss
+function (`from_logits` of an lmforge.losses.LogitsLoss), given the step's loss-token count, so its losses are
+shares of the step's loss that add up (the schedule does not rescale gradients) to what one process computes.
 
 Pipelining covers causal language modelling over plain rows: a stage passes one activation tensor to the next,
 so attention masks beyond the causal one (document masking, prefixes, bidirectional objectives) are refused.
@@ -21,15 +21,15 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmforge.losses import LogitsLoss, LossContext, Metrics
 from lmforge.model.transformer import Transformer, attention_mask
-from lmforge.objectives import IGNORE_INDEX
 from lmforge.recipe import ParallelConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
@@ -101,14 +101,24 @@ def _free_unused(model: Transformer, stage: StageModule) -> None:
 class PipelineRunner:
     """One rank's stage and schedule; `step` runs a training micro-batch through the whole pipeline."""
 
-    def __init__(self, stage_module: StageModule, schedule: Any, world: Any, n_micro: int, rows: int,
-                 io: Callable[[Any], tuple[Tensor, Tensor]]) -> None:  # fmt: skip
-        self.stage_module, self.schedule, self.world = stage_module, schedule, world
-        self.n_micro, self.rows, self.io = n_micro, rows, io
+    def __init__(self, stage_module: StageModule, world: Any, n_micro: int, rows: int, loss: LogitsLoss) -> None:
+        self.stage_module, self.world = stage_module, world
+        self.n_micro, self.rows, self.loss = n_micro, rows, loss
         self.is_first, self.is_last = stage_module.first, stage_module.last
         self.blocks = list(stage_module.model.layers.values())
-        self._no_outputs = "return_outputs" in inspect.signature(schedule.step).parameters
         self.eval_module = PipelineEvalModule(self)
+        self.schedule: Any = None  # set by build_pipeline: the schedule calls `chunk_loss`
+        self.no_outputs = False  # whether the schedule can be told to keep no outputs (set with it)
+        self._ctx: LossContext | None = None  # the current training step's
+        self._collected: list[tuple[Tensor, Metrics]] | None = None  # its pipeline micro-batches' results
+
+    def chunk_loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """The schedule's loss of one pipeline micro-batch: the stage's loss, times the data-parallel ranks,
+        whose gradients are averaged while the step's loss is the sum of their shares."""
+        loss, metrics = self.loss.from_logits(logits, labels, self._ctx)
+        if self._collected is not None:  # a training step (evaluation also runs the schedule's loss)
+            self._collected.append((loss.detach().float(), metrics))
+        return loss * self.world.dp_size
 
     def _run(self, x: Tensor | None, target: Tensor | None, losses: list | None, train: bool) -> Any:
         args = (x,) if self.is_first else ()
@@ -116,23 +126,35 @@ class PipelineRunner:
         if self.is_last:
             kwargs.update(target=target, losses=losses)
         if train:
-            if self._no_outputs:
+            if self.no_outputs:
                 kwargs["return_outputs"] = False  # the loss is all the loop needs; keep no logits around
             return self.schedule.step(*args, **kwargs)
         return self.schedule.eval(*args, **kwargs)
 
-    def step(self, batch: Any, accum: int) -> Tensor:
-        """Forward and backward of one loop micro-batch; returns its mean loss on the last stage, 0 elsewhere."""
-        x, y = self.io(batch)
+    def step(self, batch: Any, ctx: LossContext) -> tuple[Tensor, Metrics]:
+        """Forward and backward of one loop micro-batch; returns its loss share and metrics on the last stage (0
+        and none elsewhere). Its metrics are the mean over its pipeline micro-batches, each of which counts as a
+        part of the step."""
+        x, y = self.loss.split(batch)
         device = self.world.device
         if x.shape[0] != self.rows:
             raise ValueError(f"pipeline micro-batch has {x.shape[0]} rows, the schedule was built for {self.rows}")
-        losses: list[Tensor] = []
-        self._run(x.to(device), y.to(device), losses, train=True)
+        self._ctx, self._collected = replace(ctx, parts=ctx.parts * self.n_micro), []
+        try:
+            self._run(x.to(device), y.to(device), None, train=True)
+            collected = self._collected
+        finally:
+            self._collected = None
         if not self.is_last:
-            return torch.zeros((), device=device)
-        # Each pipeline micro-batch's loss was divided by n_micro * accum for the gradient; undo it for the record.
-        return torch.stack([loss.detach().float() for loss in losses]).sum() * accum
+            return torch.zeros((), device=device), {}
+        # The last n_micro calls are the pipeline micro-batches': on its first step torch (2.13) calls the loss
+        # once more before them, on a micro-batch of inputs, to infer the shapes of the backward.
+        collected = collected[-self.n_micro :]
+        loss = torch.stack([loss for loss, _ in collected]).sum()
+        names = collected[0][1]
+        metrics = {n: torch.stack([torch.as_tensor(m[n], device=device).detach().float() for _, m in collected]).mean()
+                   for n in names}  # fmt: skip
+        return loss, metrics
 
 
 class PipelineEvalModule(nn.Module):
@@ -170,11 +192,10 @@ class PipelineEvalModule(nn.Module):
         return torch.zeros((), device=input_ids.device).expand(B, T, vocab)
 
 
-def build_pipeline(model: nn.Module, world: Any, parallel: ParallelConfig, train: TrainConfig,
-                   io: Callable[[Any], tuple[Tensor, Tensor]],
+def build_pipeline(model: nn.Module, world: Any, parallel: ParallelConfig, train: TrainConfig, loss: LogitsLoss,
                    shard: Callable[[nn.Module, list[nn.Module]], None] | None = None) -> PipelineRunner:  # fmt: skip
-    """This rank's stage of `model`, and the schedule that runs it; `shard(stage, blocks)` (FSDP over the
-    data-parallel ranks) is applied to the stage before the schedule is built around it."""
+    """This rank's stage of `model`, and the schedule that runs it with `loss`; `shard(stage, blocks)` (FSDP over
+    the data-parallel ranks) is applied to the stage before the schedule is built around it."""
     try:
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
     except ImportError as e:
@@ -195,21 +216,17 @@ def build_pipeline(model: nn.Module, world: Any, parallel: ParallelConfig, train
                          f"into parallel.microbatches={n_micro} equal pipeline micro-batches")  # fmt: skip
     if parallel.schedule == "1f1b" and n_micro < k:
         raise ValueError(f"the 1F1B schedule needs parallel.microbatches >= {k} stages, got {n_micro}")
-    scale = n_micro * train.grad_accum
-
-    def loss_fn(logits: Tensor, target: Tensor) -> Tensor:
-        loss = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), ignore_index=IGNORE_INDEX)
-        return loss / scale
-
     if shard is not None:
         shard(stage_module, list(stage_module.model.layers.values()))
     stage = PipelineStage(stage_module, world.pp_rank, k, world.device, group=world.group("pp"))
     cls = Schedule1F1B if parallel.schedule == "1f1b" else ScheduleGPipe
+    runner = PipelineRunner(stage_module, world, n_micro, rows, loss)
     try:
-        schedule = cls(stage, n_micro, loss_fn=loss_fn, scale_grads=False)
+        runner.schedule = cls(stage, n_micro, loss_fn=runner.chunk_loss, scale_grads=False)
     except TypeError as e:  # torch 2.5 schedules always rescale gradients
         raise RuntimeError(f"parallel.pipeline needs torch >= 2.6 (schedules with scale_grads): {e}") from e
+    runner.no_outputs = "return_outputs" in inspect.signature(runner.schedule.step).parameters
     logger.info("pipeline stage %d/%d: blocks %d-%d%s%s, %s schedule, %d micro-batches of %d rows", world.pp_rank,
                 k, layers.start, layers.stop - 1, " + embeddings" if stage_module.first else "",
                 " + head" if stage_module.last else "", parallel.schedule, n_micro, rows // n_micro)  # fmt: skip
-    return PipelineRunner(stage_module, schedule, world, n_micro, rows, io)
+    return runner

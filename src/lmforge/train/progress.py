@@ -24,6 +24,7 @@ from lmforge.train.flops import mfu
 logger = logging.getLogger(__name__)
 
 RECENT_STEPS = 20  # steps the throughput and ETA average over: smooths the noise of one step, follows changes
+SHOWN_METRICS = 3  # a loss's metrics shown on the progress line (all of them are in metrics.jsonl)
 QUIET_S = 10.0  # a progress line at least this often, even between the regular every-5% lines (logs to a file)
 
 
@@ -125,13 +126,15 @@ class TrainingProgress:
     def __exit__(self, *exc: object) -> None:
         self._bar.stop()
 
-    def step_done(self, step: int, seconds: float, tokens: int, loss: float, lr: float) -> None:
-        """Step `step` (1-based) trained `tokens` in `seconds`, evaluation and checkpoint time not included."""
+    def step_done(self, step: int, seconds: float, tokens: int, loss: float, lr: float,
+                  metrics: dict[str, float | None] | None = None) -> None:  # fmt: skip
+        """Step `step` (1-based) trained `tokens` in `seconds`, evaluation and checkpoint time not included; the
+        first SHOWN_METRICS of the loss's `metrics` follow the loss."""
         self.pace.add(seconds, tokens)
         if step == self.start_step + 1 and self.compiled:
             logger.info("step %d took %.1f s, compilation included", step, seconds)
         tokens_per_s = self.pace.tokens_per_s()
-        info = f"loss {loss:.4f}  {tokens_per_s:,.0f} tok/s"
+        info = f"loss {loss:.4f}{_compact(metrics or {})}  {tokens_per_s:,.0f} tok/s"
         if self.peak and self.flops_per_token:
             info += f"  MFU {mfu(tokens_per_s, self.flops_per_token, self.peak):.1%}"
         eta = f"ETA {duration(self.pace.eta(self.max_steps - step))}"
@@ -139,6 +142,14 @@ class TrainingProgress:
         if self._quiet.due(anyway=step % self.log_every == 0 or step == self.max_steps):
             elapsed = duration(time.perf_counter() - self.clock_start)
             logger.info("step %d/%d: %s  lr %.3g  elapsed %s  %s", step, self.max_steps, info, lr, elapsed, eta)
+
+    def callback(self, step: int, name: str, run: Callable[[], dict[str, float]]) -> dict[str, float]:
+        """An evaluation callback's `run()`, then its metrics and duration."""
+        t0 = time.perf_counter()
+        found = run()
+        logger.info("step %d: %s:%s (%.1f s)", step, name, _compact(found, limit=None) or " no metrics",
+                    time.perf_counter() - t0)  # fmt: skip
+        return found
 
     def evaluate(self, step: int, batches: int | None, validate: Callable[[], float]) -> float:
         """`validate()`, announced (with its number of `batches` when known), then its loss and duration."""
@@ -148,6 +159,12 @@ class TrainingProgress:
         loss = validate()
         logger.info("step %d: val_loss %.4f (%.1f s)", step, loss, time.perf_counter() - t0)
         return loss
+
+
+def _compact(metrics: dict[str, float | None], limit: int | None = SHOWN_METRICS) -> str:
+    """`  name 0.1234` for the first `limit` metrics (all with None), 4 significant digits each."""
+    shown = list(metrics.items())[:limit]
+    return "".join(f"  {name} {'n/a' if value is None else format(value, '.4g')}" for name, value in shown)
 
 
 class StopRequest:
