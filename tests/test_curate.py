@@ -8,7 +8,7 @@ import pytest
 
 from lmforge.data.curate import CurationStats, apply_filters, run_curate, split_of
 from lmforge.data.curated import iter_split_records, iter_split_texts
-from lmforge.data.filters import ExactDedup, GeneratedFilter, LengthFilter, Normalize, build_filters
+from lmforge.data.filters import GeneratedFilter, LengthFilter, Normalize, build_filters
 from lmforge.io import atomic_open, atomic_write_json, atomic_write_text
 from lmforge.data.base_reader import Document
 from lmforge.data.readers import stdlib_root
@@ -99,17 +99,10 @@ def test_generated_filter_keeps_real_stdlib_code():
     assert f.apply(_doc(text)).text == text
 
 
-def test_exact_dedup_keeps_first_and_ignores_whitespace_layout():
-    f = ExactDedup()
-    assert f.apply(_doc("def f():\n    return 1\n", "a")).id == "a"
-    assert f.apply(_doc("def  f():\n\treturn 1", "b")) == "duplicate"
-    assert f.apply(_doc("def f():\n    return 2\n", "c")).id == "c"
-    assert f.apply(_doc("def f():\n    return 1\n", "d")) == "duplicate"
-
-
 def test_build_filters_follows_config(tmp_path):
+    # Deduplication is corpus-level and not a per-document filter (tests/test_dedup.py).
     names = [f.name for f in build_filters(DataConfig())]
-    assert names == ["length", "normalize", "length", "generated", "exact_dedup"]
+    assert names == ["length", "normalize", "length", "generated"]
     names = [f.name for f in build_filters(DataConfig(normalize="none", dedup=False))]
     assert names == ["length", "generated"]
     evals = tmp_path / "eval.jsonl"
@@ -118,7 +111,7 @@ def test_build_filters_follows_config(tmp_path):
                        strip_license_headers=True, languages=["en"], toxicity=True)  # fmt: skip
     names = [f.name for f in build_filters(every)]
     assert names == ["length", "normalize", "length", "generated", "license_header", "language", "c4", "gopher_quality",
-                     "toxicity", "pii", "exact_dedup", "near_duplicate", "decontaminate"]  # fmt: skip
+                     "toxicity", "pii", "decontaminate"]  # fmt: skip
     filters = build_filters(DataConfig(min_chars=2))
     assert apply_filters(_doc("\ufeffab\r\n"), filters).text == "ab\n"
     assert apply_filters(_doc("a"), filters) == "too short"

@@ -2,7 +2,7 @@
 
 A filter looks at one document and either returns a document to keep (the same one, or a transformed copy) or a
 short reason string to drop it. Curation applies filters in order and counts every drop under its reason, so a new
-step (language id, quality rules, PII scrubbing, near-duplicate removal) is one more `Filter` subclass added to
+step (language id, quality rules, PII scrubbing) is one more `Filter` subclass added to
 the list `filters.build_filters` returns.
 """
 

@@ -10,7 +10,8 @@ must be seen:
 3. sign (per shard, when deduplicating or removing boilerplate): delete boilerplate lines, then hash each
    survivor's text (exact dedup) and compute its MinHash signature and LSH band keys;
 4. decide (serial): walk the shards in order and drop exact and near duplicates of earlier documents, the first
-   occurrence kept, exactly as the streaming filters would on the same input; apply `max_docs`; assign splits;
+   occurrence kept, through one `lmforge.data.dedup.Deduplicator` (whose `apply` streams documents with the same
+   decisions); apply `max_docs`; assign splits;
 5. write (per shard): write each shard's survivors to `train/part-NNNNN.<fmt>` and `val/part-NNNNN.<fmt>`.
 
 Every task writes its files atomically and then a completion marker (`work/<phase>/NNNNN.json`); a rerun skips the
@@ -47,6 +48,7 @@ from lmforge.data.curate_advice import curation_warnings, no_survivor_message
 from lmforge.data.curated import PartWriter, iter_part_records, part_name
 from lmforge.data.executor import run_tasks
 from lmforge.data.base_filter import Filter
+from lmforge.data.dedup import DUPLICATE, NEAR_DUPLICATE, DedupKeys, Deduplicator
 from lmforge.data.filters import build_filters
 from lmforge.io import atomic_open, atomic_write_json, atomic_write_text
 from lmforge.data.base_reader import Document, ErrorLog
@@ -64,8 +66,9 @@ _WORK_FORMAT = "jsonl.zst"
 _PLAN_VERSION = 1
 # Reason codes of the decide step, stored per document between phases.
 _KEEP, _DUPLICATE, _NEAR_DUPLICATE, _BOILERPLATE_ONLY, _OVER_CAP = 0, 1, 2, 3, 4
-_CODE_REASONS = {_DUPLICATE: "duplicate", _NEAR_DUPLICATE: "near duplicate",
+_CODE_REASONS = {_DUPLICATE: DUPLICATE, _NEAR_DUPLICATE: NEAR_DUPLICATE,
                  _BOILERPLATE_ONLY: "boilerplate only", _OVER_CAP: "over max_docs"}  # fmt: skip
+_REASON_CODES = {DUPLICATE: _DUPLICATE, NEAR_DUPLICATE: _NEAR_DUPLICATE}
 
 
 def _utf8_len(text: str) -> int:
@@ -233,7 +236,7 @@ def map_shard(job: dict[str, Any]) -> dict[str, Any]:
         return done
     start = time.perf_counter()
     errors, stats, before = ErrorLog(), CurationStats(), _histograms()
-    filters = build_filters(cfg, corpus_level=False)
+    filters = build_filters(cfg)
     modified: dict[str, dict[str, int]] = {}
     pii: Counter[str] = Counter()
     lines = None
@@ -290,11 +293,7 @@ def sign_shard(job: dict[str, Any]) -> dict[str, Any]:
     if (done := _done(work, "sign", i)) is not None:
         return done
     remover = _boilerplate_remover(cfg, work)
-    hasher = None
-    if cfg.near_dedup:
-        from lmforge.data.minhash import MinHashDedup
-
-        hasher = MinHashDedup(cfg.near_dedup_threshold, cfg.minhash_bands, cfg.minhash_rows, cfg.shingle_words)
+    dedup = Deduplicator.from_config(cfg)
     digests, sigs, keys, empty, lines_removed = [], [], [], [], 0
     docs_stripped, bytes_stripped = 0, 0
     for record in iter_part_records(work / "map" / f"{i:05d}.{_WORK_FORMAT}"):
@@ -304,16 +303,16 @@ def sign_shard(job: dict[str, Any]) -> dict[str, Any]:
             docs_stripped += 1
             bytes_stripped += _utf8_len(record["text"]) - _utf8_len(text)
         empty.append(not text.strip())
-        digests.append(hashlib.sha1(" ".join(text.split()).encode("utf-8")).digest())
-        if hasher is not None:
-            sig = hasher.signature(text)
-            sigs.append(sig)
-            keys.append(hasher.band_keys(sig))
+        found = dedup.keys(text)
+        digests.append(found.digest)
+        if dedup.near is not None:
+            sigs.append(found.signature)
+            keys.append(found.bands)
     arrays = {"empty": np.asarray(empty, dtype=bool),
               "digests": np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(len(digests), 20)}  # fmt: skip
-    if hasher is not None:
-        arrays["sigs"] = np.asarray(sigs, dtype=np.uint64).reshape(len(sigs), hasher.num_perm)
-        arrays["keys"] = np.asarray(keys, dtype=np.uint64).reshape(len(keys), hasher.bands)
+    if dedup.near is not None:
+        arrays["sigs"] = np.asarray(sigs, dtype=np.uint64).reshape(len(sigs), dedup.near.num_perm)
+        arrays["keys"] = np.asarray(keys, dtype=np.uint64).reshape(len(keys), dedup.near.bands)
     _save_npz(work / "sign" / f"{i:05d}.npz", **arrays)
     result = {"index": i, "boilerplate": {"docs": docs_stripped, "lines": lines_removed, "bytes_removed": bytes_stripped}}
     atomic_write_json(_marker(work, "sign", i), result)
@@ -370,17 +369,20 @@ def _find_boilerplate(cfg: DataConfig, work: Path, n_shards: int) -> int:
     return len(frequent)
 
 
+def _signed_keys(sign: dict[str, np.ndarray], row: int) -> DedupKeys:
+    """The dedup keys of one document, as the sign phase stored them."""
+    digest = sign["digests"][row].tobytes()
+    if "sigs" not in sign:
+        return DedupKeys(digest)
+    return DedupKeys(digest, sign["sigs"][row], sign["keys"][row].tolist())
+
+
 def _decide(cfg: DataConfig, work: Path, n_shards: int, signed: bool) -> dict[str, Any]:
     """Phase 4: the destination of every mapped document (0 train, 1 val, -1 dropped) and the removal counts."""
     summary_path = work / "decide.json"
     if summary_path.exists():
         return json.loads(summary_path.read_text(encoding="utf-8"))
-    seen: set[bytes] = set()
-    near = None
-    if cfg.near_dedup:
-        from lmforge.data.minhash import MinHashDedup
-
-        near = MinHashDedup(cfg.near_dedup_threshold, cfg.minhash_bands, cfg.minhash_rows, cfg.shingle_words)
+    dedup = Deduplicator.from_config(cfg)
     kept = 0
     removed: dict[str, dict[str, Any]] = {}
     dests, last = [], {0: None, 1: None}
@@ -395,20 +397,11 @@ def _decide(cfg: DataConfig, work: Path, n_shards: int, signed: bool) -> dict[st
             code = _KEEP
             if signed and sign["empty"][row]:
                 code = _BOILERPLATE_ONLY
-            else:
-                if cfg.dedup:
-                    # As in the streaming ExactDedup: a text is remembered once it passes this check, whatever
-                    # the later checks decide.
-                    digest = sign["digests"][row].tobytes()
-                    if digest in seen:
-                        code = _DUPLICATE
-                    else:
-                        seen.add(digest)
-                if code == _KEEP and near is not None:
-                    if near.check_and_add(sign["sigs"][row], sign["keys"][row].tolist()):
-                        code = _NEAR_DUPLICATE
-                if code == _KEEP and cfg.max_docs is not None and kept >= cfg.max_docs:
-                    code = _OVER_CAP
+            # In input order, through the one Deduplicator (lmforge.data.dedup), so the first occurrence is kept.
+            elif signed and (reason := dedup.check(_signed_keys(sign, row))) is not None:
+                code = _REASON_CODES[reason]
+            elif cfg.max_docs is not None and kept >= cfg.max_docs:
+                code = _OVER_CAP
             codes[row] = code
             if code == _KEEP:
                 kept += 1

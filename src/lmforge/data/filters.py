@@ -1,15 +1,15 @@
 """Filters: the pluggable steps of curation.
 
-The built-in text rules (normalisation, length, generated code, license headers, exact duplicates) and
-`build_filters`, which assembles the steps a recipe asks for. The `Filter` base class lives apart, in
-base_filter.py, so the filter modules (langid, quality, pii, ...) import it without importing this list.
+The built-in text rules (normalisation, length, generated code, license headers) and `build_filters`, which
+assembles the per-document steps a recipe asks for (deduplication needs the whole corpus: data/dedup.py). The
+`Filter` base class lives apart, in base_filter.py, so the filter modules (langid, quality, pii, ...) import it
+without importing this list.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import re
 import unicodedata
 from collections.abc import Callable
@@ -249,32 +249,12 @@ class GeneratedFilter(Filter):
         return doc
 
 
-class ExactDedup(Filter):
-    """Drops a document whose text, with runs of whitespace collapsed, was already seen ("duplicate").
+def build_filters(cfg: DataConfig) -> list[Filter]:
+    """The per-document curation steps a recipe's `data` section asks for, in the order they run.
 
-    Stateful: the first occurrence in stream order is kept, so a fixed input order gives a fixed result. Keeps one
-    20-byte digest per distinct document.
-    """
-
-    name = "exact_dedup"
-
-    def __init__(self) -> None:
-        self._seen: set[bytes] = set()
-
-    def apply(self, doc: Document) -> Document | str:
-        key = " ".join(doc.text.split())
-        digest = hashlib.sha1(key.encode("utf-8")).digest()
-        if digest in self._seen:
-            return "duplicate"
-        self._seen.add(digest)
-        return doc
-
-
-def build_filters(cfg: DataConfig, corpus_level: bool = True) -> list[Filter]:
-    """The curation steps a recipe's `data` section asks for, in the order they run.
-
-    With `corpus_level=False`, only the steps that judge each document alone: the curate stage runs those in
-    parallel per shard and deduplicates across the whole corpus in a later, ordered step.
+    Each judges one document alone, so the curate stage runs them in parallel per shard. Deduplication needs the
+    whole corpus in a fixed order and is not among them: it is `lmforge.data.dedup.Deduplicator`, which the curate
+    stage runs in a later, serial step.
     """
     filters: list[Filter] = []
     if cfg.normalize != "none":
@@ -308,13 +288,6 @@ def build_filters(cfg: DataConfig, corpus_level: bool = True) -> list[Filter]:
         from lmforge.data.pii import PIIRedactor
 
         filters.append(PIIRedactor())
-    if cfg.dedup and corpus_level:
-        filters.append(ExactDedup())
-    if cfg.near_dedup and corpus_level:
-        from lmforge.data.minhash import MinHashDedup
-
-        filters.append(MinHashDedup(cfg.near_dedup_threshold, cfg.minhash_bands, cfg.minhash_rows,
-                                    cfg.shingle_words))  # fmt: skip
     if cfg.decontaminate:
         from lmforge.data.decontam import Decontaminator
 

@@ -26,6 +26,7 @@ import numpy as np
 from lmforge.data.base_filter import Filter
 from lmforge.data.base_reader import Document
 
+NEAR_DUPLICATE = "near duplicate"  # the drop reason
 MERSENNE_61 = np.uint64((1 << 61) - 1)
 _LOW_31 = np.uint64((1 << 31) - 1)
 _WORD_BREAK = re.compile(r"[\W_]+")
@@ -146,7 +147,8 @@ class MinHashDedup(Filter):
 
     A document is dropped when one of its bands equals the same band of a kept document and the two signatures'
     estimated Jaccard is at least `threshold`. The first occurrence in stream order is kept, so a fixed input order
-    gives a fixed result. Dropped documents are not indexed.
+    gives a fixed result. Dropped documents are not indexed. The curate stage runs it inside
+    `lmforge.data.dedup.Deduplicator`, after the exact-duplicate check.
 
     Memory per kept document: the signature, 8 * num_perm bytes (896 at the default 112), plus one bucket entry per
     band in a Python dict (about 115 bytes each, 1.6 KB at 14 bands): 2.5 KB in all as measured by
@@ -179,8 +181,8 @@ class MinHashDedup(Filter):
         """The MinHash signature of `text`'s word n-gram shingles."""
         return self.hasher.signature(shingles(text, self.n))
 
-    def _band_keys(self, sig: np.ndarray) -> list[int]:
-        """One 64-bit key per band, folding its rows in order."""
+    def band_keys(self, sig: np.ndarray) -> list[int]:
+        """The LSH bucket keys of a signature: one 64-bit key per band, folding its rows in order."""
         by_band = sig.reshape(self.bands, self.rows)
         key = np.full(self.bands, self.rows, dtype=_U64)
         for r in range(self.rows):
@@ -211,10 +213,6 @@ class MinHashDedup(Filter):
                 bucket[key] = [held, self.kept]
         self.kept += 1
 
-    def band_keys(self, sig: np.ndarray) -> list[int]:
-        """The LSH bucket keys of a signature, one per band."""
-        return self._band_keys(sig)
-
     def check_and_add(self, sig: np.ndarray, keys: list[int]) -> bool:
         """True when `sig` is a near duplicate of an indexed signature; otherwise index it and return False.
 
@@ -231,4 +229,4 @@ class MinHashDedup(Filter):
 
     def apply(self, doc: Document) -> Document | str:
         sig = self.signature(doc.text)
-        return "near duplicate" if self.check_and_add(sig, self._band_keys(sig)) else doc
+        return NEAR_DUPLICATE if self.check_and_add(sig, self.band_keys(sig)) else doc
