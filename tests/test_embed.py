@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from lmforge.cli import app
 from lmforge.data.readers import stdlib_root
-from lmforge.embed import docstring_code_pairs, embed_texts, in_test_split, retrieval_recall, stdlib_pairs
+from lmforge.data.curate import split_of
+from lmforge.embed import HELD_OUT_FRACTION, MIN_CODE_LINES, MIN_QUERY_WORDS, embed_texts, retrieval_recall, stdlib_pairs
 from lmforge.model.io import save_model
 from lmforge.model.transformer import ModelArgs, Transformer
 from lmforge.tokenizer import train_tokenizer
@@ -59,46 +60,19 @@ def test_embed_texts_is_normalised_and_independent_of_batching(tok, model):
     assert embed_texts(m, tok, []).shape == (0, 0)
 
 
-SOURCE = textwrap.dedent('''
-    def documented(a, b):
-        """Add two numbers together, carefully.
+def test_stdlib_pairs_are_held_out_by_the_curate_split_and_deterministic():
+    from lmforge.recipe import load_recipe
 
-        More detail that is not part of the query.
-        """
-        total = a + b
-        return total
-
-    def short_doc():
-        """Too short."""
-        x = 1
-        return x
-
-    def undocumented():
-        return 1
-
-    class Box:
-        def open(self, force=False):
-            """Open the box unless it is locked."""
-            if self.locked and not force:
-                raise RuntimeError("locked")
-            self.is_open = True
-''')
-
-
-def test_docstring_code_pairs_cut_the_docstring_out():
-    pairs = list(docstring_code_pairs(SOURCE, "m.py"))
-    assert [p.id for p in pairs] == ["m.py:documented", "m.py:Box.open"]
-    assert pairs[0].query == "Add two numbers together, carefully."
-    assert pairs[0].code == "def documented(a, b):\n    total = a + b\n    return total"
-    assert pairs[1].code.startswith("def open(self, force=False):\n    if self.locked")  # dedented method
-    assert all('"""' not in p.code for p in pairs)
-
-
-def test_stdlib_pairs_are_held_out_and_deterministic():
+    # The held-out files are the ones the default run's curate stage puts in curate/val (the sft stage's rule).
+    assert HELD_OUT_FRACTION == load_recipe(None).data.val_fraction
     pairs = stdlib_pairs("test")
     assert len(pairs) > 200
-    assert all(in_test_split(p.id.split(":")[0]) for p in pairs)
-    assert len({p.query for p in pairs}) == len(pairs)
+    assert all(split_of(p.id.split(":")[0], HELD_OUT_FRACTION) == "val" for p in pairs)
+    assert len({p.summary for p in pairs}) == len(pairs)
+    for p in pairs:  # a query of a few words, code with a body, and no docstring left in the code
+        assert len(p.summary.split()) >= MIN_QUERY_WORDS and p.summary in " ".join(p.docstring.split())
+        assert sum(1 for line in p.code.splitlines() if line.strip()) >= MIN_CODE_LINES
+        assert p.docstring not in p.code and p.code.startswith(p.signature)
     subset = stdlib_pairs("test", max_pairs=50)
     ids = [p.id for p in pairs]
     positions = [ids.index(p.id) for p in subset]
@@ -106,6 +80,15 @@ def test_stdlib_pairs_are_held_out_and_deterministic():
     assert positions[0] == 0 and positions[-1] == len(pairs) - 1
     with pytest.raises(ValueError, match="allowed values"):
         stdlib_pairs("val")
+
+
+def test_training_pairs_come_from_the_other_files_and_never_repeat_a_held_out_prompt():
+    held_out = stdlib_pairs("test", val_fraction=0.3)
+    train = stdlib_pairs("train", val_fraction=0.3)
+    assert all(split_of(p.id.split(":")[0], 0.3) == "train" for p in train)
+    assert not {p.prompt for p in held_out} & {p.prompt for p in train}
+    # A larger fraction holds out more files, and every file a smaller one holds out (split_of is a threshold).
+    assert {p.id for p in stdlib_pairs("test")} <= {p.id for p in held_out}
 
 
 def test_embed_cli(tmp_path, tok, model):

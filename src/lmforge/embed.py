@@ -3,21 +3,19 @@
 An embedding is the L2-normalised mean of the backbone's final hidden states over a text's tokens, read with
 bidirectional attention: the representation the contrastive objective trains (`objectives.pooled_embeddings`).
 
-The retrieval task pairs each documented function of the Python standard library with its own code: the query is
-the first paragraph of the docstring, the document is the function's source with the docstring cut out, and a
-query must find its function among all the functions of the split. Files are split by a hash of their path, so
-the split never changes and the methods of one class stay on one side. The stdlib recipe pre-trains on these files
-as plain text; what no stage ever sees is the pairing.
+The retrieval task pairs each documented function of the Python standard library's non-test modules with its own
+code (the pairs of lmforge.data.code_pairs, the extractor the sft stage uses): the query is the first paragraph of
+the docstring, the document is the function's source with the docstring cut out, and a query must find its
+function among all the functions of the split. Files are held out by the rule the sft stage's pairs follow,
+curation's validation split (a hash of the path at the default run's `data.val_fraction`), so the split never
+changes, the methods of one class stay on one side, and the held-out files are the ones the default run's
+pre-training never saw.
 """
 
 from __future__ import annotations
 
-import ast
-import hashlib
 import logging
-import textwrap
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,9 @@ from torch import nn
 
 from lmforge.io import atomic_open, atomic_write_text
 from lmforge.model.modes import evaluating
+from lmforge.data.code_pairs import CodePair, pairs_from_documents
+from lmforge.data.config import DataConfig
+from lmforge.data.curate import split_of
 from lmforge.data.readers import stdlib_root, stdlib_source_files
 from lmforge.data.batches import ShuffledRows
 from lmforge.objectives import contrastive_pairs, pooled_embeddings
@@ -34,17 +35,11 @@ from lmforge.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-TEST_PERCENT = 10  # share of stdlib files in the held-out split
+# The default run's data.val_fraction: the held-out files are those its curate stage puts in curate/val.
+HELD_OUT_FRACTION = DataConfig().val_fraction
 MIN_QUERY_WORDS = 4
 MIN_CODE_LINES = 3  # the def line and at least two lines of body
 IDS_SUFFIX = ".ids.txt"  # beside OUT.npy: one document id per row
-
-
-@dataclass(frozen=True)
-class Pair:
-    id: str  # "path/to/module.py:Class.method"
-    query: str
-    code: str
 
 
 @torch.no_grad()
@@ -89,66 +84,42 @@ def retrieval_recall(query_emb: np.ndarray, doc_emb: np.ndarray, ks: Sequence[in
     return {f"recall@{k}": float((rank < k).mean()) for k in ks}
 
 
-def docstring_code_pairs(source: str, rel: str) -> Iterator[Pair]:
-    """The (docstring, code) pairs of every documented function in one module's source."""
-    lines = source.splitlines()
-    for node, qualname in _functions(ast.parse(source), ""):
-        docstring = ast.get_docstring(node)
-        if not docstring:
-            continue
-        query = " ".join(docstring.split("\n\n")[0].split())
-        doc_node = node.body[0]
-        rest = node.body[1:]
-        # A docstring sharing a line with the def or with code cannot be cut out by lines; such functions are rare.
-        if len(query.split()) < MIN_QUERY_WORDS or doc_node.lineno == node.lineno or not rest:
-            continue
-        if rest[0].lineno == doc_node.end_lineno:
-            continue
-        start, end = node.lineno - 1, node.end_lineno or node.lineno
-        body = lines[start : doc_node.lineno - 1] + lines[doc_node.end_lineno : end]  # type: ignore[operator]
-        code = textwrap.dedent("\n".join(body)).strip("\n")
-        if sum(1 for line in code.splitlines() if line.strip()) >= MIN_CODE_LINES:
-            yield Pair(f"{rel}:{qualname}", query, code)
+def _retrievable(pair: CodePair) -> bool:
+    """A query of a few words, and code of at least the def line and two more."""
+    code_lines = sum(1 for line in pair.code.splitlines() if line.strip())
+    return len(pair.summary.split()) >= MIN_QUERY_WORDS and code_lines >= MIN_CODE_LINES
 
 
-def _functions(tree: ast.AST, prefix: str) -> Iterator[tuple[ast.FunctionDef | ast.AsyncFunctionDef, str]]:
-    for node in ast.iter_child_nodes(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            name = f"{prefix}{node.name}"
-            if not isinstance(node, ast.ClassDef):
-                yield node, name
-            yield from _functions(node, f"{name}.")
-        else:
-            yield from _functions(node, prefix)
-
-
-def in_test_split(rel: str) -> bool:
-    """Whether a stdlib file (path relative to the stdlib root) is held out: a fixed hash of its path decides."""
-    return int(hashlib.sha256(rel.encode("utf-8")).hexdigest(), 16) % 100 < TEST_PERCENT
-
-
-def stdlib_pairs(split: str = "test", max_pairs: int | None = None) -> list[Pair]:
-    """Docstring -> code pairs from the standard library's non-test modules, in file order; `split` is "test" (the
-    held-out files) or "train" (the rest). `max_pairs` keeps an evenly spread subset of that many."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split = {split!r}: allowed values are ['train', 'test']")
+def _stdlib_sources(held_out: bool, val_fraction: float) -> Iterator[tuple[str, str]]:
+    """(path relative to the stdlib root, source) of the non-test modules on one side of the held-out rule."""
     root = stdlib_root()
-    pairs: list[Pair] = []
     for path in stdlib_source_files(include_tests=False):
         rel = path.relative_to(root).as_posix()
-        if in_test_split(rel) != (split == "test"):
+        if (split_of(rel, val_fraction) == "val") != held_out:
             continue
         try:
-            source = path.read_text(encoding="utf-8")
-            pairs.extend(docstring_code_pairs(source, rel))
-        except (SyntaxError, UnicodeDecodeError, ValueError) as e:  # lib2to3 fixtures and the like
+            yield rel, path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
             log.debug("%s: skipped (%s)", rel, e)
+
+
+def stdlib_pairs(split: str = "test", max_pairs: int | None = None,
+                 val_fraction: float = HELD_OUT_FRACTION) -> list[CodePair]:  # fmt: skip
+    """Docstring -> code pairs from the standard library's non-test modules, in file order; `split` is "test" (the
+    files curation would hold out at `val_fraction`, lmforge.data.code_pairs) or "train" (the rest, without the
+    prompts of held-out pairs). `max_pairs` keeps an evenly spread subset of that many."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split = {split!r}: allowed values are ['train', 'test']")
+    prompts: set[str] = set()
+    pairs, _ = pairs_from_documents(_stdlib_sources(True, val_fraction), prompts)
+    if split == "train":
+        pairs, _ = pairs_from_documents(_stdlib_sources(False, val_fraction), prompts)
     # The same query for two functions (overloads, copies) would make recall ill-defined; keep the first.
-    seen: set[str] = set()
+    queries: set[str] = set()
     unique = []
-    for pair in pairs:
-        if pair.query not in seen:
-            seen.add(pair.query)
+    for pair in filter(_retrievable, pairs):
+        if pair.summary not in queries:
+            queries.add(pair.summary)
             unique.append(pair)
     if max_pairs is not None and len(unique) > max_pairs:
         unique = [unique[i] for i in np.linspace(0, len(unique) - 1, max_pairs).round().astype(int)]
@@ -156,11 +127,11 @@ def stdlib_pairs(split: str = "test", max_pairs: int | None = None) -> list[Pair
 
 
 def pairs_recall(
-    model: nn.Module, tokenizer: Tokenizer, pairs: Sequence[Pair], batch_size: int = 32, max_len: int = 256,
+    model: nn.Module, tokenizer: Tokenizer, pairs: Sequence[CodePair], batch_size: int = 32, max_len: int = 256,
     ks: Sequence[int] = (1, 10),
 ) -> dict[str, float]:  # fmt: skip
     """Recall@k of each pair's query retrieving its own code among all the pairs' code."""
-    queries = embed_texts(model, tokenizer, [p.query for p in pairs], batch_size, max_len)
+    queries = embed_texts(model, tokenizer, [p.summary for p in pairs], batch_size, max_len)
     docs = embed_texts(model, tokenizer, [p.code for p in pairs], batch_size, max_len)
     return retrieval_recall(queries, docs, ks)
 
@@ -180,12 +151,13 @@ class PairBatches(ShuffledRows):
     restored loader repeats exactly. A batch's loss tokens are its pairs.
     """
 
-    def __init__(self, pairs: Sequence[Pair], tokenizer: Tokenizer, batch_size: int, max_len: int, seed: int) -> None:
+    def __init__(self, pairs: Sequence[CodePair], tokenizer: Tokenizer, batch_size: int, max_len: int,
+                 seed: int) -> None:  # fmt: skip
         if len(pairs) < batch_size:
             raise ValueError(f"{len(pairs)} pairs are fewer than one batch of {batch_size}")
         super().__init__(len(pairs), batch_size, seed)
         encode = lambda text: [tokenizer.bos_id] + tokenizer.encode(text)[: max_len - 1]  # noqa: E731
-        self.queries = [encode(p.query) for p in pairs]
+        self.queries = [encode(p.summary) for p in pairs]
         self.codes = [encode(p.code) for p in pairs]
         self.pad_id = tokenizer.pad_id
 

@@ -22,7 +22,8 @@ from torch import nn
 
 from lmforge.io import atomic_open
 from lmforge.data.curated import iter_split_records
-from lmforge.finetune.code_pairs import CodePair, completes_function, pairs_from_documents
+from lmforge.data.code_pairs import CodePair, pairs_from_documents
+from lmforge.finetune.code_pairs import completes_function, conversation
 from lmforge.finetune.data import Conversation, FieldMap
 from lmforge.model.lora import LoRAConfig
 from lmforge.model.prefix import PrefixConfig
@@ -48,7 +49,7 @@ def _curated_docs(curate_dir: Path, split: str) -> list[tuple[str, str]]:
 def _fits(tok: Tokenizer, pairs: list[CodePair], seq_len: int) -> tuple[list[CodePair], int]:
     """The pairs whose whole conversation fits in seq_len tokens: a truncated body would teach the model to stop
     mid-function. Returns (kept, dropped count)."""
-    kept = [p for p in pairs if len(render(tok, p.conversation())[0]) <= seq_len]
+    kept = [p for p in pairs if len(render(tok, conversation(p))[0]) <= seq_len]
     return kept, len(pairs) - len(kept)
 
 
@@ -141,8 +142,8 @@ def run_sft_stage(root: Path, cfg: SFTConfig, out: Path, parallel: ParallelConfi
     if cfg.data == DOCSTRING_PAIRS:
         log.info("deriving signature + docstring -> body pairs from the functions in %s...", root / "curate")
         train_pairs, heldout_pairs, counts = docstring_pairs(root / "curate", tok, cfg)
-        train_convs = [p.conversation() for p in train_pairs]
-        heldout_convs = [p.conversation() for p in heldout_pairs]
+        train_convs = [conversation(p) for p in train_pairs]
+        heldout_convs = [conversation(p) for p in heldout_pairs]
         if main:
             _write_conversations(out / "data" / "train.jsonl", train_convs, [p.id for p in train_pairs])
             _write_conversations(out / "data" / "heldout.jsonl", heldout_convs, [p.id for p in heldout_pairs])
