@@ -34,7 +34,9 @@ from pathlib import Path
 from lmforge.data.readers import stdlib_root
 from lmforge.pipeline import run_recipe
 from lmforge.pretrain import pretrain
-from lmforge.recipe import ModelConfig, TrainConfig, load_recipe
+from lmforge.model.config import ModelConfig
+from lmforge.recipe import load_recipe
+from lmforge.train.config import TrainConfig
 
 RECIPES = {
     # The classic: LayerNorm, learned positions, GELU MLP, tied embeddings, AdamW with warmup and cosine decay.

@@ -21,7 +21,7 @@ from lmforge.infer import engine
 from lmforge.infer.chat import ChatSession, chat_once, chat_stop_ids, load_chat, run_chat, user_prompt_ids
 from lmforge.model.io import save_model
 from lmforge.model.transformer import ModelArgs, Transformer
-from lmforge.recipe import EvalConfig
+from lmforge.eval.config import EvalConfig
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 
 

@@ -12,7 +12,8 @@ def test_limit_caps_benchmark_examples_and_code_problems(tmp_path, monkeypatch):
 
     seen = []
 
-    def fake_evaluate(checkpoint, text, cfg, out, training_data=None):
+    def fake_evaluate(checkpoint, text, cfg, out, device, training_data=None):
+        assert device == "auto", "the verb runs the eval stage's function with the default train.device"
         seen.append(cfg)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.md").write_text("| task |\n", encoding="utf-8")

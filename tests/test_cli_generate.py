@@ -23,7 +23,8 @@ from lmforge.infer.engine import cap_new_tokens
 from lmforge.infer.loading import TransformersModel, load_for_generation
 from lmforge.model.io import load_model, save_model
 from lmforge.model.transformer import ModelArgs, Transformer
-from lmforge.recipe import EvalConfig, SFTConfig
+from lmforge.eval.config import EvalConfig
+from lmforge.finetune.config import SFTConfig
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 
 runner = CliRunner()
@@ -257,7 +258,7 @@ def test_eval_samples_fit_a_64_token_model(tmp_path, tok, caplog, monkeypatch):
 
 
 def test_sft_stage_replies_fit_a_64_token_model(tmp_path, tok, caplog):
-    from lmforge.finetune.stage import run_sft_stage
+    from lmforge.finetune.stage import run_sft
 
     # Before: sft.gen_tokens=96 left no held-out prompt room in 64 tokens, so no replies were checked at all.
     tok.save(tmp_path / "tokenizer.json")
@@ -267,7 +268,7 @@ def test_sft_stage_replies_fit_a_64_token_model(tmp_path, tok, caplog):
     data.write_text("".join(json.dumps({"prompt": f"say {i}", "response": "xy"}) + "\n" for i in range(20)))
     cfg = SFTConfig(data=str(data), val_fraction=0.2, gen_prompts=2, samples=1,
                     train={"max_steps": 1, "batch_size": 2, "compile": False, "device": "cpu"})  # fmt: skip
-    metrics = run_sft_stage(tmp_path, cfg, tmp_path / "sft")
+    metrics = run_sft(tmp_path / "pretrain" / "final", None, cfg, tmp_path / "sft")
     assert "sft.gen_tokens=96 does not fit the model's 64-token context keeping half of it for the prompt: " \
            "generating at most 32 new tokens" in caplog.messages  # fmt: skip
     assert metrics["generation_before"]["mean_new_tokens"] == 32  # the chain never ends its turn

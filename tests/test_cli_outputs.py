@@ -14,7 +14,8 @@ from lmforge.cli import app
 from lmforge.model.lora import LoRAConfig
 from lmforge.finetune.sft import finetune
 from lmforge.outdir import MARKER, OutputDirError, claim_output_dir
-from lmforge.recipe import ModelConfig, TrainConfig
+from lmforge.model.config import ModelConfig
+from lmforge.train.config import TrainConfig
 
 from helpers import INSTRUCT_DATA, json_package_run, tiny_chat_model
 
@@ -150,7 +151,7 @@ def test_the_sft_command_starts_a_changed_job_over(ckpt, tmp_path):
     assert result.exit_code == 0, result.output
     marker = json.loads((out / MARKER).read_text(encoding="utf-8"))
     assert marker["verb"] == "sft" and marker["job"]["config"]["method"] == "lora"
-    assert marker["job"]["config"]["lora"]["rank"] == 4 and (out / "adapter").is_dir()
+    assert marker["job"]["config"]["lora_rank"] == 4 and (out / "adapter").is_dir()
 
 
 def test_pretrain_with_a_changed_model_starts_over(tmp_path, caplog):

@@ -12,7 +12,7 @@ from lmforge.data.filters import GeneratedFilter, LengthFilter, Normalize, build
 from lmforge.io import atomic_open, atomic_write_json, atomic_write_text
 from lmforge.data.base_reader import Document
 from lmforge.data.readers import stdlib_root
-from lmforge.recipe import DataConfig
+from lmforge.data.config import DataConfig
 
 JSON_DIR = stdlib_root() / "json"
 

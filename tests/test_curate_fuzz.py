@@ -20,7 +20,7 @@ import zstandard
 from lmforge.data.curate import run_curate
 from lmforge.data.base_reader import ErrorLog
 from lmforge.data.readers import read_documents
-from lmforge.recipe import DataConfig
+from lmforge.data.config import DataConfig
 
 # In-process and without plots: faster, and tracemalloc then sees the whole run. Only settings the recipe has.
 _FAST = {k: v for k, v in {"workers": 1, "plots": False}.items() if k in DataConfig.model_fields}

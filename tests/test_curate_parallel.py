@@ -15,7 +15,7 @@ from lmforge.data.curate import plan_shards, run_curate
 from lmforge.data.curated import iter_split_records, part_files
 from lmforge.data.executor import resolve_workers, run_tasks
 from lmforge.data.readers import stdlib_root
-from lmforge.recipe import DataConfig
+from lmforge.data.config import DataConfig
 
 EMAIL_PKG = stdlib_root() / "email"
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -84,7 +84,7 @@ def test_run_tasks_returns_results_in_task_order_and_reports_each():
 _CURATE_SCRIPT = """
 import sys
 from lmforge.data.curate import run_curate
-from lmforge.recipe import DataConfig
+from lmforge.data.config import DataConfig
 cfg = DataConfig(source=sys.argv[1], shard_bytes=20_000, near_dedup=True, val_fraction=0.2, plots=False, workers=1)
 run_curate(cfg, sys.argv[2])
 """

@@ -14,7 +14,7 @@ from lmforge.data.curate import run_curate
 from lmforge.data.curated import iter_split_records
 from lmforge.data.base_reader import ErrorLog
 from lmforge.data.readers import read_documents
-from lmforge.recipe import DataConfig
+from lmforge.data.config import DataConfig
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PROSE = ("The river ran past the old mill, and the children followed it down to the sea every summer morning. " * 12)

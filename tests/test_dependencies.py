@@ -15,6 +15,9 @@ PACKAGE = "lmforge"
 
 # (importer prefix, imported prefixes it must never use). A prefix matches the module itself and everything
 # under it. Shared utilities every package may use live at the package root (lmforge.io, lmforge.device).
+STAGE_MODULES = ("lmforge.data", "lmforge.model", "lmforge.train", "lmforge.finetune", "lmforge.eval", "lmforge.infer",
+                 "lmforge.report", "lmforge.tokenizer", "lmforge.objectives", "lmforge.pretrain", "lmforge.hf",
+                 "lmforge.embed", "lmforge.runs", "lmforge.outdir")
 FORBIDDEN: list[tuple[str, tuple[str, ...]]] = [
     # data needs no model, and nothing that trains, fine-tunes, serves or evaluates one
     ("lmforge.data", ("lmforge.model", "lmforge.train", "lmforge.finetune", "lmforge.infer", "lmforge.eval")),
@@ -23,8 +26,13 @@ FORBIDDEN: list[tuple[str, tuple[str, ...]]] = [
     # train knows models and batches, not the stages that use it (nor the verbs, the run directory or the report)
     ("lmforge.train", ("lmforge.finetune", "lmforge.infer", "lmforge.eval", "lmforge.pipeline", "lmforge.pretrain",
                        "lmforge.embed", "lmforge.report", "lmforge.hf", "lmforge.outdir")),
-    # the shared utilities every package may use stand on nothing of lmforge's
-    *[(shared, ("lmforge",)) for shared in ("lmforge.io", "lmforge.device", "lmforge.stats")],
+    # the shared utilities every package may use stand on nothing of lmforge's (the registry and the settings
+    # base included: every stage module imports them)
+    *[(shared, ("lmforge",)) for shared in ("lmforge.io", "lmforge.device", "lmforge.stats", "lmforge.registry",
+                                            "lmforge.settings")],
+    # stages declare themselves and their settings; only the recipe runner assembles recipes (issue 14: settings
+    # live beside their stage, and no package imports the one recipe module)
+    *[(stage, ("lmforge.recipe", "lmforge.pipeline")) for stage in STAGE_MODULES],
     # cli is the top: nothing imports it
     ("lmforge", ("lmforge.cli",)),
 ]

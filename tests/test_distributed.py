@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from helpers import json_package_run
 from lmforge.data.readers import stdlib_root
 from lmforge.model.transformer import ModelArgs, Transformer
-from lmforge.recipe import ParallelConfig, TrainConfig
+from lmforge.train.config import ParallelConfig, TrainConfig
 from lmforge.train.distributed import World, check_batch, init_world
 from lmforge.train.pipelining import StageModule, build_pipeline, stage_layers
 

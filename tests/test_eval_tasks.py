@@ -17,7 +17,9 @@ from lmforge.eval.scorer import encode_pair, load_language_model, loglikelihood,
 from lmforge.model.io import save_model
 from lmforge.model.transformer import ModelArgs, Transformer
 from lmforge.pretrain import pretrain
-from lmforge.recipe import EvalConfig, ModelConfig, TrainConfig
+from lmforge.eval.config import EvalConfig
+from lmforge.model.config import ModelConfig
+from lmforge.train.config import TrainConfig
 from lmforge.stats import proportion
 
 EVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"

@@ -16,7 +16,7 @@ from lmforge.io import staged_dir
 from lmforge.model.io import load_model, save_model, write_model_files
 from lmforge.model.transformer import ModelArgs, Transformer
 from lmforge.objectives import clm_loss, token_nll
-from lmforge.recipe import ModelConfig
+from lmforge.model.config import ModelConfig
 
 V = 97
 

@@ -11,7 +11,7 @@ import torch
 
 from lmforge.infer.engine import generate
 from lmforge.model.transformer import ModelArgs, Transformer, attention_mask
-from lmforge.recipe import ModelConfig
+from lmforge.model.config import ModelConfig
 from lmforge.train.activation_checkpointing import apply_activation_checkpointing
 
 V = 61

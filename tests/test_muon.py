@@ -12,7 +12,8 @@ from torch import nn
 from lmforge.data.loader import BatchLoader
 from lmforge.model.transformer import ModelArgs, Transformer
 from lmforge.objectives import clm_loss
-from lmforge.recipe import ModelConfig, TrainConfig
+from lmforge.model.config import ModelConfig
+from lmforge.train.config import TrainConfig
 from lmforge.train.checkpoint import TrainerState, load_latest_training_checkpoint, save_training_checkpoint
 from lmforge.train.loop import train
 from lmforge.train.muon import NS_BAND, NS_FLOOR, Muon, newton_schulz, update_scale

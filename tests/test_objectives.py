@@ -32,7 +32,7 @@ from lmforge.objectives import (
     span_source_length,
 )
 from lmforge.losses import LossContext
-from lmforge.recipe import PretrainConfig
+from lmforge.objectives import PretrainConfig
 from lmforge.tokenizer import N_SENTINELS, SPECIAL_TOKENS
 
 V = 500

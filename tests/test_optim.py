@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from lmforge.model.transformer import ModelArgs, RMSNorm, Transformer
-from lmforge.recipe import ModelConfig, TrainConfig
+from lmforge.model.config import ModelConfig
+from lmforge.train.config import TrainConfig
 from lmforge.train.optim import build_optimizer, lr_at
 
 

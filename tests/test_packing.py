@@ -9,7 +9,7 @@ from lmforge.data.curated import iter_split_texts
 from lmforge.data.packing import DEFAULT_PAD_ID, IGNORE_INDEX, PackedLoader, pack_documents
 from lmforge.data.readers import stdlib_root
 from lmforge.data.shards import open_split, run_shards
-from lmforge.recipe import DataConfig, ShardsConfig
+from lmforge.data.config import DataConfig, ShardsConfig
 from lmforge.tokenizer import train_tokenizer
 
 BOS = 0

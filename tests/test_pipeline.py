@@ -201,7 +201,7 @@ def test_cli_run_says_where_settings_come_from_and_refuses_another_recipes_run(t
     runner = CliRunner()
     result = runner.invoke(app, ["run", str(mine)])
     assert result.exit_code == 0, result.output
-    assert "settings it does not give take the schema defaults in" in " ".join(result.output.split())
+    assert "settings it does not give take the defaults of each stage's schema" in " ".join(result.output.split())
     assert json.loads((tmp_path / "mine" / "run.json").read_text())["recipe"] == str(mine.resolve())
     result = runner.invoke(app, ["run", "name=mine", f"run_dir={tmp_path}", "stages=[]"])
     assert result.exit_code == 2 and f"error: {tmp_path / 'mine'} holds the run of {mine.resolve()}" in result.output

@@ -9,7 +9,9 @@ from safetensors.torch import load_file
 
 from helpers import json_package_run
 from lmforge.pretrain import pretrain
-from lmforge.recipe import ModelConfig, PretrainConfig, TrainConfig
+from lmforge.model.config import ModelConfig
+from lmforge.objectives import PretrainConfig
+from lmforge.train.config import TrainConfig
 
 TINY_MODEL = dict(depth=1, d_model=64, max_seq_len=64)
 

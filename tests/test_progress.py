@@ -209,7 +209,9 @@ def test_pipeline_eval_and_sft_announce_their_long_phases(json_data, tmp_path, c
     from lmforge.finetune.stage import generation_check
     from lmforge.model.io import load_checkpoint_tokenizer, load_model
     from lmforge.pretrain import pretrain
-    from lmforge.recipe import EvalConfig, ModelConfig, TrainConfig
+    from lmforge.eval.config import EvalConfig
+    from lmforge.model.config import ModelConfig
+    from lmforge.train.config import TrainConfig
 
     def said(logger: str) -> list[str]:
         return [r.getMessage() for r in caplog.records if r.name == logger]

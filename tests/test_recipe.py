@@ -4,7 +4,6 @@ import re
 
 import pytest
 
-from lmforge import recipe as recipe_module
 from lmforge.recipe import (
     BUILTIN_DIR,
     DEFAULT_RECIPE,
@@ -113,8 +112,9 @@ def test_a_recipe_file_without_name_is_named_after_the_file_and_says_where_its_d
     assert (r.name, str(r.run_path), r.data.source) == ("my-recipe", "runs/my-recipe", "/some/dir")
     # No base: every other setting is the schema's default, and the run says so at its start.
     assert (r.model.depth, r.train.max_steps) == (4, 1000)
-    assert r.describe_origin() == (f"recipe {mine} -> runs/my-recipe; settings it does not give take the schema "
-                                   f"defaults in {recipe_module.__file__} (it names no base: recipe)")  # fmt: skip
+    assert r.describe_origin() == (f"recipe {mine} -> runs/my-recipe; settings it does not give take the defaults "
+                                   "of each stage's schema (docs/settings.md lists every setting) (it names no base: "
+                                   "recipe)")  # fmt: skip
     assert load_recipe(str(empty)).name == "empty"
     assert load_recipe(str(empty), ["name=other"]).name == "other"
     assert r.origin == str(mine.resolve()) and load_recipe().origin == "built-in recipe stdlib-code"
@@ -131,8 +131,8 @@ def test_base_recipe_fills_the_settings_a_recipe_leaves_unset(tmp_path):
     assert r.data.fix_mojibake is False and r.data.near_dedup is True and r.model.depth == 3
     assert r.train.optimizer == "muon" and r.stages == builtin.stages and r.sft == builtin.sft
     assert r.describe_origin() == (f"recipe {mine} -> runs/mine; settings it does not give come from base recipe "
-                                   f"{BUILTIN_DIR / 'stdlib-code.yaml'}, then the schema defaults in "
-                                   f"{recipe_module.__file__}")  # fmt: skip
+                                   f"{BUILTIN_DIR / 'stdlib-code.yaml'}, then the defaults of each stage's schema "
+                                   "(docs/settings.md lists every setting)")  # fmt: skip
     # A base file is found beside the recipe; a mixture of objectives is a value, replaced rather than merged.
     (tmp_path / "mix.yaml").write_text("pretrain:\n  objective: {clm: 1, mlm: 1}\n")
     (tmp_path / "sub").mkdir()

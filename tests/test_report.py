@@ -6,7 +6,7 @@ import json
 from typer.testing import CliRunner
 
 from lmforge.cli import app
-from lmforge.pipeline import existing_stages
+from lmforge.report.report import existing_stages
 from lmforge.report.report import build_report
 
 CURATE = {"docs_in": 2000, "docs_kept": 1500, "docs_train": 1400, "docs_val": 100, "bytes_train": 1234567,

@@ -24,7 +24,8 @@ SCRIPT = textwrap.dedent(
     from lmforge.data.loader import BatchLoader
     from lmforge.model.transformer import ModelArgs, Transformer
     from lmforge.objectives import clm_loss
-    from lmforge.recipe import ModelConfig, TrainConfig
+    from lmforge.model.config import ModelConfig
+    from lmforge.train.config import TrainConfig
     from lmforge.train.loop import train
 
 

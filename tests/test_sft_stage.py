@@ -101,7 +101,7 @@ def _curated(root, split_files):
 
 def test_pairs_fall_back_to_a_share_of_training_pairs_when_validation_has_none(tmp_path, caplog):
     from lmforge.finetune.stage import docstring_pairs
-    from lmforge.recipe import SFTConfig
+    from lmforge.finetune.config import SFTConfig
     from lmforge.tokenizer import train_tokenizer
 
     curate = _curated(tmp_path / "curate", {"train": ["textwrap.py", "shlex.py"], "val": ["this.py"]})

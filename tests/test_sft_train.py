@@ -13,7 +13,7 @@ from lmforge.finetune.sft import SFTBatches, finetune, heldout_loss, sft_loss, s
 from lmforge.finetune.template import IGNORE_INDEX, pack, render
 from lmforge.losses import LossContext
 from lmforge.model.io import load_checkpoint_tokenizer, load_model
-from lmforge.recipe import TrainConfig
+from lmforge.train.config import TrainConfig
 
 from helpers import INSTRUCT_DATA, tiny_chat_model
 

@@ -7,7 +7,7 @@ from lmforge.data.curate import run_curate
 from lmforge.data.curated import iter_split_texts
 from lmforge.data.readers import stdlib_root
 from lmforge.data.shards import open_split, run_shards, token_dtype
-from lmforge.recipe import DataConfig, ShardsConfig
+from lmforge.data.config import DataConfig, ShardsConfig
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 
 SHARD_TOKENS = 4000

@@ -6,7 +6,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models
 
 from lmforge.data.readers import stdlib_root
-from lmforge.recipe import TokenizerConfig
+from lmforge.tokenizer import TokenizerConfig
 from lmforge.tokenizer import SPECIAL_TOKENS, Tokenizer, bytes_per_token, run_tokenizer, train_tokenizer
 
 FILES = ["json/decoder.py", "json/encoder.py", "json/scanner.py", "textwrap.py", "string.py", "bisect.py"]

@@ -10,7 +10,8 @@ from lmforge.data.loader import BatchLoader
 from lmforge.model.io import load_model, write_model_files
 from lmforge.model.transformer import ModelArgs, Transformer
 from lmforge.objectives import clm_loss
-from lmforge.recipe import ModelConfig, TrainConfig
+from lmforge.model.config import ModelConfig
+from lmforge.train.config import TrainConfig
 from lmforge.train.checkpoint import TrainerState, load_latest_training_checkpoint
 from lmforge.train.loop import TrainingDiverged, train
 from lmforge.train.optim import build_optimizer, lr_at

@@ -24,10 +24,11 @@ from helpers import ByteSplit
 from lmforge.data.batches import BatchesWrapper
 from lmforge.data.loader import BatchLoader
 from lmforge.losses import LossContext, ce_loss, label_count
+from lmforge.model.config import ModelConfig
 from lmforge.model.transformer import ModelArgs, Transformer
 from lmforge.objectives import clm_loss
-from lmforge.recipe import ModelConfig, ParallelConfig, TrainConfig
 from lmforge.tokenizer import IGNORE_INDEX
+from lmforge.train.config import ParallelConfig, TrainConfig
 from lmforge.train.loop import train
 
 SEQ = 32

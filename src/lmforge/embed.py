@@ -185,7 +185,7 @@ def finetune_on_pairs(
 
     from lmforge.model.io import load_model, write_model_files
     from lmforge.objectives import contrastive_loss
-    from lmforge.recipe import TrainConfig
+    from lmforge.train.config import TrainConfig
     from lmforge.outdir import inputs_fingerprint, start_job
     from lmforge.train.loop import OUTPUTS, train
 

@@ -30,20 +30,29 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import typer
 from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import processors
 
+from lmforge import verbs
 from lmforge.finetune.template import CHAT_TEMPLATE_JINJA, END
 from lmforge.io import staged_dir
 from lmforge.model.io import TOKENIZER, has_prefix, load_model, require_checkpoint
 from lmforge.model.transformer import ModelArgs
 from lmforge.outdir import claim_output_dir, write_marker
+from lmforge.registry import ReportContext, Stage, StageContext, producer, register
+from lmforge.settings import Section
 
 log = logging.getLogger(__name__)
+
+
+class ExportConfig(Section):
+    format: Literal["hf"] = "hf"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Fixed by lmforge.tokenizer: the first special tokens always take these ids.
@@ -273,3 +282,44 @@ def load_causal_lm(path: Path, device: torch.device) -> torch.nn.Module:
         raise RuntimeError(f"reading a transformers model directory needs transformers: pip install transformers "
                            f"({e})") from e  # fmt: skip
     return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).to(device).eval()
+
+
+def _export_stage(ctx: StageContext) -> dict[str, Any]:
+    path = export_hf(ctx.input("model"), ctx.out / "hf", dtype=ctx.settings.export.dtype)
+    return {"path": str(path), "bytes": sum(p.stat().st_size for p in path.iterdir())}
+
+
+def _export_config(settings: Any) -> dict[str, Any]:
+    """The export settings and which model is exported: a recipe that adds fine-tuning exports another model."""
+    return {**settings.export.semantic(), "model": producer("model", EXPORT_STAGE, list(settings.stages)).name}
+
+
+def _export_report(ctx: ReportContext) -> list[str]:
+    if not (ctx.stage_dir / "hf").exists():
+        return []
+    return ["## Export", "", f"Hugging Face directory: `{(ctx.stage_dir / 'hf').relative_to(ctx.root)}` (loads with "
+            "`AutoModelForCausalLM`).", ""]  # fmt: skip
+
+
+def export_verb(
+    checkpoint: Path = typer.Argument(..., help="A model directory."),
+    out: Path = typer.Argument(..., help="Output directory: new, empty, or an earlier export (which it replaces)."),
+    fmt: str = typer.Option("hf", "--format", help="Only 'hf' (Hugging Face transformers) for now."),
+    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+) -> None:
+    """Export a checkpoint to a Hugging Face transformers directory, with its tokenizer and chat template. The
+    architecture follows the model: LlamaForCausalLM; Qwen3ForCausalLM for a model with qk_norm (the default
+    recipe's; needs transformers >= 4.51); GPT2LMHeadModel for model.arch=gpt2."""
+    if fmt != "hf":
+        verbs.fail(f"--format {fmt!r} is not supported; allowed: hf", 2)
+    with verbs.output_checked():
+        path = export_hf(checkpoint, out, dtype=dtype)
+    log.info("exported to %s; load with AutoModelForCausalLM.from_pretrained(%r)", path, str(path))
+
+
+# Exports the latest model of the recipe: the fine-tuned one when the recipe fine-tunes (the model a user chats
+# with), else the pre-trained one.
+EXPORT_STAGE = register(Stage(
+    name="export", order=70, run=_export_stage, sections={"export": ExportConfig}, needs=("model",),
+    config=_export_config, produces={"hf": "hf"}, report=_export_report, verb=export_verb,
+))  # fmt: skip

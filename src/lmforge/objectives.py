@@ -21,19 +21,53 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from functools import lru_cache, partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pydantic import Field, model_validator
+
 from lmforge.data.batches import count_labels
 from lmforge.losses import LossContext, LossResult, ce_loss, cross_entropy
+from lmforge.settings import Section
 from lmforge.tokenizer import IGNORE_INDEX
 
 if TYPE_CHECKING:
-    from lmforge.recipe import PretrainConfig
     from lmforge.tokenizer import Tokenizer
+
+# The pretrain stage's settings (the `pretrain` section of a recipe).
+OBJECTIVES = ("clm", "mlm", "span", "prefix_lm", "contrastive")
+
+
+class PretrainConfig(Section):
+    # One objective, or a mixture {name: weight}: each optimizer step draws its objective with these weights.
+    objective: Literal["clm", "mlm", "span", "prefix_lm", "contrastive"] | dict[str, float] = "clm"
+    mlm_probability: float = Field(0.15, gt=0.0, lt=1.0)  # BERT: share of tokens selected for prediction
+    mlm_mask_fraction: float = Field(0.8, ge=0.0, le=1.0)  # of those, replaced by <|mask|>
+    mlm_random_fraction: float = Field(0.1, ge=0.0, le=1.0)  # of those, replaced by a random token
+    span_density: float = Field(0.15, gt=0.0, lt=1.0)  # T5: share of tokens inside corrupted spans
+    span_mean_length: float = Field(3.0, ge=1.0)
+    prefix_fraction: float = Field(0.5, gt=0.0, lt=1.0)  # prefix_lm: mean share of a row that is the prefix
+    contrastive_temperature: float = Field(0.05, gt=0.0)
+    # "window": fixed windows cut from the token stream. "best_fit": whole documents packed into rows that each
+    # start at a BOS, by best fit; with document_masking, tokens attend only within their own document.
+    packing: Literal["window", "best_fit"] = "window"
+    document_masking: bool = False
+
+    @model_validator(mode="after")
+    def _check_objective(self) -> "PretrainConfig":
+        if isinstance(self.objective, dict):
+            unknown = sorted(set(self.objective) - set(OBJECTIVES))
+            if unknown or not self.objective:
+                raise ValueError(f"objective mixture {self.objective}: names must be among {list(OBJECTIVES)}")
+            if any(w <= 0 for w in self.objective.values()):
+                raise ValueError(f"objective mixture {self.objective}: every weight must be positive")
+        if self.mlm_mask_fraction + self.mlm_random_fraction > 1.0:
+            raise ValueError("mlm_mask_fraction + mlm_random_fraction must not exceed 1")
+        return self
+
 
 # Contrastive views (see `contrastive_views`): each view keeps a random 30-70% crop of the row, then drops 10% of
 # its tokens. The backbone has no dropout, so SimCSE's "same text twice through dropout" gives identical views.

@@ -24,7 +24,7 @@ from typing import Any
 
 from lmforge import __version__
 from lmforge.io import atomic_write_json
-from lmforge.runs import MANIFEST, NON_SEMANTIC, _changed_keys, files_fingerprint, fingerprint, read_manifest
+from lmforge.runs import MANIFEST, _changed_keys, files_fingerprint, fingerprint, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def inputs_fingerprint(path: Path) -> str:
 
 def job_settings(section: str, cfg: Any) -> dict[str, Any]:
     """The settings of a config section that change what a job produces, as `lmforge run` counts them."""
-    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in NON_SEMANTIC.get(section, set())}
+    return cfg.semantic()
 
 
 def start_job(

@@ -1,9 +1,8 @@
 """`lmforge run`: the stages of a recipe, in order, each skipped, re-run or resumed according to its manifest.
 
-Stages talk only through artifacts in the run directory:
-curate/{train,val}/part-*.jsonl.zst -> tokenizer/tokenizer.json -> shards/*.bin -> pretrain/final/ -> [sft/final/]
--> eval/results.json, export/hf/ -> report.md. Evaluation scores the pre-trained model; export takes the fine-tuned
-one when the recipe has an sft stage (the model a user chats with), else the pre-trained one.
+Stages talk only through artifacts in the run directory, found through the stage registry (lmforge.registry):
+each stage reads the artifacts it `needs` from the stage that `produces` them, and its fingerprint covers its
+own settings and the fingerprints of those upstream stages, so a changed setting re-runs it and everything after.
 """
 
 from __future__ import annotations
@@ -11,35 +10,17 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Callable
 
 import yaml
 
+from lmforge import registry
 from lmforge.io import atomic_write_json, atomic_write_text
 from lmforge.recipe import Recipe
-from lmforge.runs import (
-    MANIFEST,
-    NON_SEMANTIC,
-    StageOutcome,
-    files_fingerprint,
-    fingerprint,
-    read_manifest,
-    run_stage,
-)
+from lmforge.registry import Stage, StageContext
+from lmforge.runs import StageOutcome, fingerprint, read_manifest, run_stage
 
 log = logging.getLogger(__name__)
 
-# What each stage reads, by upstream stage name.
-UPSTREAM = {
-    "curate": [],
-    "tokenizer": ["curate"],
-    "shards": ["curate", "tokenizer"],
-    "pretrain": ["shards", "tokenizer"],
-    "sft": ["pretrain", "curate"],
-    "eval": ["pretrain", "curate"],
-    "export": ["pretrain"],
-    "report": ["curate", "tokenizer", "shards", "pretrain", "sft", "eval", "export"],
-}
 RUN_RECORD = "run.json"  # the recipe that made a run directory: no other recipe writes into it
 
 
@@ -47,101 +28,34 @@ class RunDirError(ValueError):
     """A run directory this recipe must not write into; the message says whose it is and what to do."""
 
 
-def _settings(recipe: Recipe, section: str) -> dict:
-    data = getattr(recipe, section).model_dump(mode="json")
-    return {k: v for k, v in data.items() if k not in NON_SEMANTIC.get(section, set())}
-
-
-def stage_config(recipe: Recipe, stage: str) -> dict:
-    """The settings a stage's fingerprint covers."""
-    if stage == "curate":
-        return _settings(recipe, "data")
-    if stage == "pretrain":
-        return {"model": _settings(recipe, "model"), "train": _settings(recipe, "train"),
-                "pretrain": _settings(recipe, "pretrain")}
-    if stage == "sft":
-        cfg = _settings(recipe, "sft")
-        cfg["train"] = {k: v for k, v in cfg["train"].items() if k not in NON_SEMANTIC["train"]}
-        return cfg
-    if stage == "eval":
-        return _settings(recipe, "eval")
-    if stage == "export":
-        return {**_settings(recipe, "export"), "model": _export_source(recipe)}
-    if stage in ("tokenizer", "shards"):
-        return _settings(recipe, stage)
-    return {"stages": list(recipe.stages)}
-
-
-def source_fingerprint(recipe: Recipe) -> str:
-    """Fingerprint of the raw corpus: names, sizes and mtimes of its files."""
-    from lmforge.data.readers import stdlib_root, stdlib_source_files
-
-    if recipe.data.source == "stdlib":
-        return files_fingerprint(stdlib_source_files(recipe.data.include_tests), stdlib_root())
-    src = Path(recipe.data.source)
-    if not src.exists():
-        raise FileNotFoundError(f"data.source {src} does not exist; give a file or directory of text, or 'stdlib'")
-    files = [src] if src.is_file() else [p for p in src.rglob("*") if p.is_file()]
-    return files_fingerprint(files, None if src.is_file() else src)
-
-
-def _export_source(recipe: Recipe) -> str:
-    """The stage whose final model is exported: the fine-tuned one when the recipe fine-tunes."""
-    return "sft" if "sft" in recipe.stages else "pretrain"
+def stage_config(recipe: Recipe, stage: str | Stage) -> dict:
+    """The settings a stage's fingerprint covers: what it declares, else its sections' semantic settings (one
+    section's flat, several nested by section name)."""
+    stage = registry.get(stage) if isinstance(stage, str) else stage
+    if stage.config is not None:
+        return stage.config(recipe)
+    sections = stage.fingerprinted if stage.fingerprinted is not None else tuple(stage.sections)
+    if len(sections) == 1:
+        return getattr(recipe, sections[0]).semantic()
+    return {section: getattr(recipe, section).semantic() for section in sections}
 
 
 def upstream(recipe: Recipe, stage: str) -> list[str]:
     """The stages whose output `stage` reads in this recipe."""
-    return [_export_source(recipe)] if stage == "export" else UPSTREAM[stage]
+    return registry.upstream(registry.get(stage), list(recipe.stages))
 
 
-def existing_stages(root: Path) -> list[str]:
-    """The stages a run directory holds (those with a manifest), in lifecycle order: what a report covers."""
-    return [s for s in UPSTREAM["report"] if (root / s / MANIFEST).is_file()]
+def _context(recipe: Recipe, stage: Stage, root: Path) -> StageContext:
+    inputs = registry.artifact_paths(stage, list(recipe.stages), root)
+    return StageContext(out=root / stage.name, settings=recipe, inputs=inputs, root=root, stage=stage.name)
 
 
-def _stage_fn(recipe: Recipe, stage: str, root: Path) -> Callable[[Path], dict]:
-    """Bind a stage's plain function to the run directory's artifacts."""
-    tok_path = root / "tokenizer" / "tokenizer.json"
-    if stage == "curate":
-        from lmforge.data.curate import run_curate
-
-        return lambda out: run_curate(recipe.data, out)
-    if stage == "tokenizer":
-        from lmforge.tokenizer import run_tokenizer
-
-        return lambda out: run_tokenizer(root / "curate", recipe.tokenizer, out)
-    if stage == "shards":
-        from lmforge.data.shards import run_shards
-
-        return lambda out: run_shards(root / "curate", tok_path, recipe.shards, out)
-    if stage == "pretrain":
-        from lmforge.pretrain import pretrain
-
-        return lambda out: pretrain(root / "shards", tok_path, recipe.model, recipe.train, out, recipe.pretrain,
-                                    recipe.parallel)
-    if stage == "sft":
-        from lmforge.finetune.stage import run_sft_stage
-
-        return lambda out: run_sft_stage(root, recipe.sft, out, recipe.parallel)
-    if stage == "eval":
-        from lmforge.eval.run import evaluate_checkpoint
-
-        return lambda out: evaluate_checkpoint(root / "pretrain" / "final", root / "curate" / "val", recipe.eval, out,
-                                               device=recipe.train.device, training_data=root / "curate")  # fmt: skip
-    if stage == "export":
-        from lmforge.hf import export_hf
-
-        def export(out: Path) -> dict:
-            path = export_hf(root / _export_source(recipe) / "final", out / "hf", dtype=recipe.export.dtype)
-            return {"path": str(path), "bytes": sum(p.stat().st_size for p in path.iterdir())}
-
-        return export
-    if stage == "report":
-        from lmforge.report.report import build_report
-
-        return lambda out: build_report(root, existing_stages(root), out)
-    raise ValueError(f"unknown stage {stage!r}")
+def _run_one(recipe: Recipe, stage: Stage, root: Path, fps: dict[str, str], fn=None) -> StageOutcome:
+    """Run (or skip, or resume) one stage of the recipe; `fn` replaces its function (the distributed wrapper)."""
+    ctx = _context(recipe, stage, root)
+    run = fn or stage.run
+    return run_stage(stage.name, ctx.out, stage_config(recipe, stage), _stage_inputs(recipe, stage, fps),
+                     lambda out: run(ctx))  # fmt: skip
 
 
 def run_recipe(recipe: Recipe) -> list[StageOutcome]:
@@ -158,11 +72,10 @@ def run_recipe(recipe: Recipe) -> list[StageOutcome]:
     root = _start_run_dir(recipe)
     fps: dict[str, str] = {}
     outcomes = []
-    for i, stage in enumerate(recipe.stages, 1):
-        log.info("stage %d/%d: %s", i, len(recipe.stages), stage)
-        outcome = run_stage(stage, root / stage, stage_config(recipe, stage), _stage_inputs(recipe, stage, fps),
-                            _stage_fn(recipe, stage, root))  # fmt: skip
-        fps[stage] = outcome.fingerprint
+    for i, name in enumerate(recipe.stages, 1):
+        log.info("stage %d/%d: %s", i, len(recipe.stages), name)
+        outcome = _run_one(recipe, registry.get(name), root, fps)
+        fps[name] = outcome.fingerprint
         outcomes.append(outcome)
     return outcomes
 
@@ -200,22 +113,26 @@ def _start_run_dir(recipe: Recipe) -> Path:
     return root
 
 
-def _stage_inputs(recipe: Recipe, stage: str, fps: dict[str, str]) -> dict[str, str]:
-    """The fingerprints of a stage's inputs: its source, and the upstream stages run now or earlier."""
+def _stage_inputs(recipe: Recipe, stage: Stage, fps: dict[str, str]) -> dict[str, str]:
+    """The fingerprints of a stage's inputs: its sources outside the run, and the upstream stages run now or
+    earlier (a stage that covers the run takes whatever stages the directory holds)."""
+    from lmforge.report.report import existing_stages
+
     root = recipe.run_path
-    inputs = {}
-    if stage == "curate":
-        inputs["source"] = source_fingerprint(recipe)
-    for up in upstream(recipe, stage):
+    inputs = dict(stage.sources(recipe)) if stage.sources is not None else {}
+    ups = existing_stages(root) if stage.covers_run else registry.upstream(stage, list(recipe.stages))
+    for up in ups:
+        if up == stage.name:
+            continue
         if up in fps:
             inputs[up] = fps[up]
             continue
         manifest = read_manifest(root / up)
         if manifest is None or manifest.get("status") != "done":
-            if stage == "report":
+            if stage.covers_run:
                 continue  # the report covers whatever stages exist
             raise RuntimeError(
-                f"stage '{stage}' reads the output of '{up}', which has not finished in {root}; "
+                f"stage '{stage.name}' reads the output of '{up}', which has not finished in {root}; "
                 f"add '{up}' to the recipe's stages or run it first"
             )
         inputs[up] = manifest["fingerprint"]
@@ -227,8 +144,6 @@ class _DistributedStages:
     ranks wait; every rank trains. Rank 0 also keeps the run's bookkeeping (fingerprints, manifests) and tells
     the others whether the training stage runs or is up to date. The waits use a gloo group without a practical
     timeout, since curating a large corpus may take hours; a rank that dies still ends the wait at once."""
-
-    TRAINING = ("pretrain", "sft")
 
     def __init__(self, recipe: Recipe) -> None:
         from datetime import timedelta
@@ -252,30 +167,29 @@ class _DistributedStages:
             _start_run_dir(recipe)
         fps: dict[str, str] = {}
         outcomes = []
-        for stage in recipe.stages:
-            fn = _stage_fn(recipe, stage, root)
+        for name in recipe.stages:
+            stage = registry.get(name)
             if not main:
-                if stage in self.TRAINING and self._tell() == "run":
-                    fn(root / stage)
+                if stage.training and self._tell() == "run":
+                    stage.run(_context(recipe, stage, root))
                 self.dist.barrier(group=self.group)
                 continue
             started = False
-            if stage in self.TRAINING:
 
-                def fn(out: Path, train=fn) -> dict:  # noqa: ANN001 - binds the stage function
-                    nonlocal started
-                    started = True
+            def fn(ctx: StageContext, stage: Stage = stage) -> dict:
+                nonlocal started
+                started = True
+                if stage.training:
                     self._tell("run")
-                    return train(out)
+                return stage.run(ctx)
 
-            outcome = run_stage(stage, root / stage, stage_config(recipe, stage), _stage_inputs(recipe, stage, fps), fn)
-            if stage in self.TRAINING and not started:
+            outcome = _run_one(recipe, stage, root, fps, fn)
+            if stage.training and not started:
                 self._tell("skip")
             self.dist.barrier(group=self.group)
-            fps[stage] = outcome.fingerprint
+            fps[name] = outcome.fingerprint
             outcomes.append(outcome)
         return outcomes
 
 
-__all__ = ["run_recipe", "check_run_dir", "RunDirError", "stage_config", "source_fingerprint", "existing_stages",
-           "fingerprint"]
+__all__ = ["run_recipe", "check_run_dir", "RunDirError", "stage_config", "upstream", "fingerprint"]

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import List, Optional
 
 import numpy as np
 import torch
+import typer
 
 from lmforge.data.batches import BatchesWrapper
+from lmforge import verbs
 from lmforge.data.loader import BatchLoader
 from lmforge.data.shards import open_split
 from lmforge.model.io import write_model_files
@@ -25,10 +28,14 @@ from lmforge.model.transformer import ModelArgs, Transformer
 from lmforge.outdir import inputs_fingerprint, job_settings, start_job
 from lmforge.losses import LossContext, LossResult, ce_loss, cross_entropy, label_count
 from lmforge.objectives import IGNORE_INDEX, mlm_accuracy, objective_batch, objective_loss, objective_loss_tokens
-from lmforge.recipe import ModelConfig, ParallelConfig, PretrainConfig, TrainConfig
+from lmforge.model.config import ModelConfig
+from lmforge.objectives import PretrainConfig
+from lmforge.train.config import ParallelConfig, TrainConfig
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.distributed import check_batch, init_world
-from lmforge.train.loop import OUTPUTS, train
+from lmforge.train.loop import METRICS_FILE, OUTPUTS, train
+from lmforge.registry import ReportContext, Stage, StageContext, register
+from lmforge.report.format import fmt, plot_training_curve
 
 log = logging.getLogger(__name__)
 
@@ -282,3 +289,60 @@ def pretrain(
         epochs=metrics.get("tokens", 0) / max(train_split.n_tokens, 1),
     )
     return metrics
+
+
+def _pretrain_stage(ctx: StageContext) -> dict:
+    s = ctx.settings
+    return pretrain(ctx.input("shards"), ctx.input("tokenizer"), s.model, s.train, ctx.out, s.pretrain, s.parallel)
+
+
+def _check_lengths(settings) -> None:
+    if settings.train.seq_len > settings.model.max_seq_len:
+        raise ValueError(f"train.seq_len={settings.train.seq_len} exceeds model.max_seq_len={settings.model.max_seq_len}")
+
+
+def _pretrain_report(ctx: ReportContext) -> list[str]:
+    pre = ctx.metrics
+    lines = [
+        "## Pre-training",
+        "",
+        f"- parameters: {fmt(pre.get('params'))} ({fmt(pre.get('non_embedding_params'))} non-embedding)",
+        f"- steps: {fmt(pre.get('steps'))}, tokens: {fmt(pre.get('tokens'))} ({fmt(pre.get('epochs'), '.2f')} epochs)",
+        f"- throughput: {fmt(pre.get('tokens_per_s'), '.4g')} tokens/s, MFU {fmt(pre.get('mfu'), '.1%')} of a "
+        f"measured peak of {fmt((pre.get('peak_flops') or 0) / 1e9, '.1f')} GFLOP/s",
+        f"- final train loss {fmt(pre.get('final_loss'))}, validation loss {fmt(pre.get('final_val_loss'))}",
+        f"- wall time {fmt(pre.get('train_seconds'), '.1f')} s; skipped (bad) steps: {pre.get('skipped_steps', 0)}",
+        "",
+    ]
+    png = ctx.out / "loss.png"
+    if plot_training_curve(ctx.stage_dir / METRICS_FILE, png):
+        lines += [f"![training curve]({png.relative_to(ctx.root)})", ""]
+    return lines
+
+
+@verbs.resumable
+def pretrain_verb(
+    shards_dir: Path = typer.Argument(..., help="A shards directory (index.json, *.bin)."),
+    tokenizer_path: Path = typer.Option(..., "--tokenizer", "-t", help="tokenizer.json"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory; re-running the same job resumes, a "
+                             "changed setting or input starts it over."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="model.*, train.*, pretrain.* and parallel.* "
+                                                    "settings (e.g. pretrain.objective=mlm parallel.data=fsdp)."),
+) -> None:
+    """Pre-train a model from scratch with a chosen objective (the same job resumes from its last checkpoint in
+    --out; a changed setting, shards or tokenizer starts over, replacing lmforge's earlier outputs there).
+
+    Launched with torchrun it trains on every process: see docs/distributed.md.
+    """
+    cfg = verbs.settings(list(overrides or []), {"model", "train", "pretrain", "parallel"})
+    with verbs.output_checked():
+        metrics = verbs.run_stage(PRETRAIN_STAGE, cfg, out, shards=shards_dir, tokenizer=tokenizer_path)
+    log.info("final validation loss %.4f; model in %s", metrics.get("final_val_loss") or float("nan"), out / "final")
+
+
+PRETRAIN_STAGE = register(Stage(
+    name="pretrain", order=40, run=_pretrain_stage, training=True, needs=("shards", "tokenizer"),
+    sections={"model": ModelConfig, "train": TrainConfig, "pretrain": PretrainConfig, "parallel": ParallelConfig},
+    fingerprinted=("model", "train", "pretrain"), check=_check_lengths, produces={"model": "final"},
+    report=_pretrain_report, verb=pretrain_verb,
+))  # fmt: skip

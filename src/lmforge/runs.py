@@ -28,9 +28,6 @@ from lmforge.io import atomic_write_json
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-# Settings that change how fast or how often, never what a stage produces: they do not invalidate it.
-# Here, beside the fingerprints, because both the recipe runner and the single verbs (outdir.py) leave them out.
-NON_SEMANTIC = {"data": {"workers", "executor", "ray_address", "plots"}, "shards": {"workers"}, "train": {"threads", "ckpt_every", "keep_last"}}
 
 
 def fingerprint(obj: Any) -> str:

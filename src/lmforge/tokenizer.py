@@ -26,14 +26,22 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lmforge.data.curated import iter_split_texts
 from lmforge.io import atomic_write_text
-from lmforge.recipe import TokenizerConfig
+from lmforge.settings import Section
 
 log = logging.getLogger(__name__)
+
+class TokenizerConfig(Section):
+    vocab_size: int = Field(8192, ge=260, le=1_000_000)
+    min_frequency: int = Field(2, ge=1)
+    max_train_chars: int = Field(20_000_000, gt=0)  # cap on text fed to BPE training
+
 
 N_SENTINELS = 64
 MASK = "<|mask|>"
@@ -212,3 +220,4 @@ def run_tokenizer(curate_dir: Path, cfg: TokenizerConfig, out_dir: Path) -> dict
         metrics["vocab_size"], metrics["train_chars"], metrics["train_seconds"], metrics["bytes_per_token"],
     )  # fmt: skip
     return metrics
+

@@ -55,7 +55,7 @@ from lmforge.data.base_reader import Document, ErrorLog
 from lmforge.data.readers import check_source, read_documents, read_file, source_files
 from lmforge.data.readers import stdlib_root, stdlib_source_files
 from lmforge.data.web import is_hf_dataset
-from lmforge.recipe import DataConfig
+from lmforge.data.config import DataConfig
 
 log = logging.getLogger(__name__)
 

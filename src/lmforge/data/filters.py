@@ -17,7 +17,7 @@ from collections.abc import Callable
 from lmforge.data.base_filter import Filter
 from lmforge.data.files import C_COMMENT_SUFFIXES, CODE_SUFFIXES, HASH_COMMENT_SUFFIXES, document_suffix
 from lmforge.data.base_reader import Document
-from lmforge.recipe import DataConfig
+from lmforge.data.config import DataConfig
 
 _NORMAL_FORMS = ("NFC", "NFKC")
 # A header line that opens (after comment or docstring punctuation) with a generator's notice. Anchoring at the

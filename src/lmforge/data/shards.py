@@ -37,7 +37,7 @@ import numpy as np
 from lmforge.data.curated import iter_split_texts
 from lmforge.data.curate import SPLITS
 from lmforge.io import atomic_open, atomic_write_json
-from lmforge.recipe import ShardsConfig
+from lmforge.data.config import ShardsConfig
 from lmforge.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from typing import Any
 
 from lmforge.eval.scorer import LanguageModel
 from lmforge.infer.engine import cap_new_tokens
-from lmforge.recipe import EvalConfig
+from lmforge.eval.config import EvalConfig
 
 
 def code_problems(task: str, cfg: EvalConfig, files: list[Path] | None = None) -> list[Any]:

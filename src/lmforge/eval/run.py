@@ -6,17 +6,22 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import List, Optional
 
 import torch
+import typer
 
+from lmforge import verbs
 from lmforge.io import atomic_write_json, atomic_write_text
 from lmforge.data.readers import read_documents
 from lmforge.eval.perplexity import XzMeter, score_texts
 from lmforge.infer.engine import cap_new_tokens, generate
 from lmforge.model.io import load_checkpoint_tokenizer, load_model
-from lmforge.recipe import EvalConfig
+from lmforge.eval.config import EvalConfig
 from lmforge.train.host import keep_freed_memory
 from lmforge.device import resolve_device
+from lmforge.registry import ReportContext, Stage, StageContext, register
+from lmforge.report.format import fmt
 
 log = logging.getLogger(__name__)
 
@@ -159,3 +164,92 @@ def _samples_markdown(samples: list[dict]) -> str:
     for i, s in enumerate(samples, 1):
         parts.append(f"## Sample {i}: prompt `{s['prompt']!r}`\n\n```python\n{s['prompt']}{s['completion']}\n```\n")
     return "\n".join(parts)
+
+
+def _eval_stage(ctx: StageContext) -> dict:
+    """Scores the model on the held-out text (when given), with the training data for contamination (when
+    given): in a run, the curated val split and the curated data; under `lmforge eval`, --text and
+    --training-data."""
+    return evaluate_checkpoint(ctx.input("model"), ctx.inputs.get("heldout_text"), ctx.settings.eval, ctx.out,
+                               device=ctx.settings.train.device, training_data=ctx.inputs.get("curated"))  # fmt: skip
+
+
+def _eval_headline(ctx: ReportContext) -> list[str]:
+    ev = ctx.metrics
+    bpb = ev.get("val_bpb", float("inf"))
+    verdict = "beats" if bpb < ev.get("xz_bpb", 0) else "does not beat"
+    concat = "also beats" if bpb < ev.get("xz_concat_bpb", 0) else "does not beat"
+    return [
+        f"**Held-out bits per byte: {fmt(ev.get('val_bpb'))}** vs `xz -9e` {fmt(ev.get('xz_bpb'))} on the same files "
+        f"compressed one by one (ratio {fmt(ev.get('bpb_vs_xz'), '.3f')}): the model {verdict} xz. With all "
+        f"held-out files in one stream xz reaches {fmt(ev.get('xz_concat_bpb'))}, which the model {concat}.",
+        "",
+    ]
+
+
+def _eval_report(ctx: ReportContext) -> list[str]:
+    ev = ctx.metrics
+    lines = [
+        "## Evaluation",
+        "",
+        f"- held-out loss {fmt(ev.get('val_loss'))} nats/token over {fmt(ev.get('val_tokens'))} tokens "
+        f"({fmt(ev.get('val_bytes'))} bytes)",
+        f"- bits per byte {fmt(ev.get('val_bpb'))}; xz -9e {fmt(ev.get('xz_bpb'))} per file, "
+        f"{fmt(ev.get('xz_concat_bpb'))} concatenated",
+        f"- scored at {fmt(ev.get('eval_tokens_per_s'), '.4g')} tokens/s",
+        "",
+    ]
+    card = ctx.stage_dir / "results.md"
+    if card.exists() and "| task |" in card.read_text(encoding="utf-8"):
+        table = card.read_text(encoding="utf-8")
+        lines += ["### Benchmarks", "", table[table.index("| task |"):], ""]
+    samples_md = ctx.stage_dir / "samples.md"
+    if samples_md.exists():
+        body = samples_md.read_text(encoding="utf-8").split("\n", 1)[1]
+        lines += ["## Samples", body.replace("## Sample", "### Sample")]
+    return lines
+
+
+def eval_verb(
+    checkpoint: Path = typer.Argument(..., help="An lmforge model directory or a transformers model directory."),
+    text: Optional[Path] = typer.Option(None, "--text", help="Held-out text for perplexity and bits per byte: a file "
+                                        "or directory the readers accept."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated benchmarks: built-in names found "
+                                        "under --task-dir (arc_easy, arc_challenge, hellaswag, piqa, copa, "
+                                        "openbook_qa, winogrande, lambada, gsm8k) or NAME=FILE.jsonl."),
+    task_dir: Optional[Path] = typer.Option(None, "--task-dir", help="Where the built-in tasks' files are."),
+    code: Optional[str] = typer.Option(None, "--code", help="Code execution tasks: humaneval, stdlib (comma-separated)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most N examples per benchmark and N "
+                                        "problems per code task (eval.limit, eval.code_limit)."),
+    training_data: Optional[Path] = typer.Option(None, "--training-data", help="The model's training data (a curate "
+                                                 "directory or text files): adds each benchmark's contamination."),
+    out: Path = typer.Option(Path("eval-out"), "--out", "-o", help="Where results.json, results.md and samples.md go."),
+    overrides: Optional[List[str]] = typer.Argument(None, help="eval.key=value settings (eval.limit=200 ...)."),
+) -> None:
+    """Score a checkpoint: held-out bits per byte, benchmarks with intervals and contamination, pass@k."""
+    from lmforge.model.io import require_model_dir
+
+    extra = list(overrides or [])
+    if tasks:
+        extra.append(f"eval.tasks=[{', '.join(repr(t.strip()) for t in tasks.split(',') if t.strip())}]")
+    if task_dir:
+        extra.append(f"eval.task_dir={task_dir}")
+    if code:
+        extra.append(f"eval.code=[{', '.join(c.strip() for c in code.split(',') if c.strip())}]")
+    if limit is not None:
+        extra += [f"eval.limit={limit}", f"eval.code_limit={limit}"]
+    if text is None and not tasks and not code:
+        verbs.fail("nothing to evaluate: give --text, --tasks and/or --code", 2)
+    cfg = verbs.settings(extra, {"eval"})
+    require_model_dir(checkpoint)  # a wrong path fails before the output folder is made
+    with verbs.claimed(out, "eval"):
+        verbs.run_stage(EVAL_STAGE, cfg, out, model=checkpoint, heldout_text=text, curated=training_data)
+    typer.echo((out / "results.md").read_text(encoding="utf-8"))
+    log.info("results in %s", out / "results.json")
+
+
+# Evaluation scores the pre-trained model (what the held-out bits per byte measure), fine-tuned or not.
+EVAL_STAGE = register(Stage(
+    name="eval", order=60, run=_eval_stage, sections={"eval": EvalConfig}, needs=("pretrain.model", "heldout_text", "curated"),
+    produces={"results": "results.json"}, report=_eval_report, headline=_eval_headline, verb=eval_verb,
+))  # fmt: skip

@@ -12,7 +12,7 @@ from typing import Any
 
 from lmforge.eval import tasks as T
 from lmforge.eval.scorer import LanguageModel
-from lmforge.recipe import EvalConfig
+from lmforge.eval.config import EvalConfig
 
 log = logging.getLogger(__name__)
 

@@ -58,7 +58,7 @@ from lmforge.model.modes import evaluating
 from lmforge.model.prefix import PrefixConfig, apply_prefix, remove_prefix, save_prefix
 from lmforge.model.transformer import ModelArgs, Transformer
 from lmforge.outdir import inputs_fingerprint, job_settings, start_job
-from lmforge.recipe import ParallelConfig, TrainConfig
+from lmforge.train.config import ParallelConfig, TrainConfig
 from lmforge.train.distributed import check_batch, init_world
 from lmforge.train.loop import FINAL_DIR, train
 from lmforge.train.loop import OUTPUTS as LOOP_OUTPUTS

@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from lmforge.model.kv_cache import KVCache
-    from lmforge.recipe import ModelConfig
+    from lmforge.model.config import ModelConfig
 
 
 @dataclass

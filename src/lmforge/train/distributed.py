@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from lmforge.losses import LogitsLoss, LossFn
 from lmforge.model.transformer import Block
-from lmforge.recipe import ParallelConfig, TrainConfig
+from lmforge.train.config import ParallelConfig, TrainConfig
 from lmforge.device import resolve_device
 from lmforge.train.activation_checkpointing import apply_activation_checkpointing
 from lmforge.train.precision import compute_dtype, use_compile

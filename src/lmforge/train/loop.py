@@ -38,7 +38,7 @@ from lmforge.io import atomic_write_text
 from lmforge.io import staged_dir
 from lmforge.data.batches import BatchSource
 from lmforge.losses import LossFn
-from lmforge.recipe import ParallelConfig, TrainConfig
+from lmforge.train.config import ParallelConfig, TrainConfig
 from lmforge.train.checkpoint import (
     CHECKPOINTS,
     ModelWriter,

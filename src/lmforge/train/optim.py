@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmforge.recipe import TrainConfig
+from lmforge.train.config import TrainConfig
 from lmforge.train.muon import Muon
 
 logger = logging.getLogger(__name__)

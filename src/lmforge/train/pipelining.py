@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from lmforge.losses import LogitsLoss, LossContext, Metrics
 from lmforge.model.transformer import Transformer, attention_mask
-from lmforge.recipe import ParallelConfig, TrainConfig
+from lmforge.train.config import ParallelConfig, TrainConfig
 
 logger = logging.getLogger(__name__)
 

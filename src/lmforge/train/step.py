@@ -27,7 +27,7 @@ from lmforge.data.batches import BatchSource
 from lmforge.losses import LossContext, LossFn, Metrics
 from lmforge.model.modes import evaluating
 from lmforge.train.checkpoint import TrainerState, list_checkpoints
-from lmforge.recipe import TrainConfig
+from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import Parallelized
 from lmforge.train.flops import mfu
 from lmforge.train.optim import lr_at
