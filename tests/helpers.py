@@ -69,3 +69,13 @@ def tiny_chat_model(directory: Path) -> Path:
                      mlp_hidden=128, max_seq_len=128)  # fmt: skip
     torch.manual_seed(0)
     return save_model(directory / "ckpt", Transformer(args), args, directory / "tok.json")
+
+
+def sft_on_file(checkpoint: Path, data, out: Path, train, **settings) -> dict:
+    """The sft stage's function (what `lmforge sft` runs) on a data file: `train` (a TrainConfig) as sft.train,
+    `settings` the other sft.* settings; no greedy generations before and after unless gen_prompts is given."""
+    from lmforge.finetune.config import SFTConfig
+    from lmforge.finetune.stage import run_sft
+
+    cfg = SFTConfig(data=str(data), **{"gen_prompts": 0, **settings}, train=train.model_dump())
+    return run_sft(checkpoint, None, cfg, out)

@@ -11,13 +11,11 @@ import pytest
 from typer.testing import CliRunner
 
 from lmforge.cli import app
-from lmforge.model.lora import LoRAConfig
-from lmforge.finetune.sft import finetune
 from lmforge.outdir import MARKER, OutputDirError, claim_output_dir
 from lmforge.model.config import ModelConfig
 from lmforge.train.config import TrainConfig
 
-from helpers import INSTRUCT_DATA, json_package_run, tiny_chat_model
+from helpers import INSTRUCT_DATA, json_package_run, sft_on_file, tiny_chat_model
 
 FAST = ["train.warmup_steps=1", "train.eval_every=100", "train.ckpt_every=100", "train.seq_len=128",
         "train.batch_size=8", "train.compile=false", "train.threads=1"]  # fmt: skip
@@ -115,14 +113,14 @@ def test_embed_refuses_to_overwrite_a_file_it_did_not_write(ckpt, tmp_path):
 
 def test_sft_with_different_data_starts_over_and_trains_on_it(ckpt, tmp_path, caplog):
     out = tmp_path / "out"
-    first = finetune(ckpt, INSTRUCT_DATA, out, _cfg(), limit=40)
+    first = sft_on_file(ckpt, INSTRUCT_DATA, out, _cfg(), limit=40)
     assert first["steps"] == 4
     (out / "notes.md").write_text("mine", encoding="utf-8")  # a user's file in lmforge's folder stays
     other = tmp_path / "other.jsonl"
     records = json.loads(Path(INSTRUCT_DATA).read_text(encoding="utf-8"))[100:140]
     other.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     with caplog.at_level(logging.INFO):
-        again = finetune(ckpt, other, out, _cfg(), limit=40)
+        again = sft_on_file(ckpt, other, out, _cfg(), limit=40)
     assert f"{out} holds a different job (changed: data); starting over, replacing its checkpoints, final, " \
            "metrics.jsonl" in caplog.text  # fmt: skip
     assert again["resumed_from"] is None and again["steps"] == 4  # it trained, on the new data
@@ -130,16 +128,16 @@ def test_sft_with_different_data_starts_over_and_trains_on_it(ckpt, tmp_path, ca
     assert (out / "notes.md").read_text(encoding="utf-8") == "mine"
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        same = finetune(ckpt, other, out, _cfg(), limit=40)
+        same = sft_on_file(ckpt, other, out, _cfg(), limit=40)
     assert "holds this same job" in caplog.text and same["resumed_from"] == 4
 
 
 def test_lora_into_a_full_fine_tunes_folder_starts_over_instead_of_crashing(ckpt, tmp_path, caplog):
     out = tmp_path / "out"
-    finetune(ckpt, INSTRUCT_DATA, out, _cfg(), limit=40)
+    sft_on_file(ckpt, INSTRUCT_DATA, out, _cfg(), limit=40)
     with caplog.at_level(logging.INFO):
-        m = finetune(ckpt, INSTRUCT_DATA, out, _cfg(), limit=40, method="lora", lora=LoRAConfig(rank=4))
-    assert "holds a different job (changed: lora, method)" in caplog.text
+        m = sft_on_file(ckpt, INSTRUCT_DATA, out, _cfg(), limit=40, method="lora", lora_rank=4)
+    assert "holds a different job (changed: lora_rank, method)" in caplog.text
     assert m["method"] == "lora" and m["resumed_from"] is None and (out / "adapter" / "adapter.json").is_file()
 
 

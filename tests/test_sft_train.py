@@ -9,13 +9,13 @@ from safetensors.torch import load_file
 
 from lmforge.finetune.data import read_conversations
 from lmforge.model.lora import LoRAConfig
-from lmforge.finetune.sft import SFTBatches, finetune, heldout_loss, sft_loss, split_heldout
+from lmforge.finetune.sft import SFTBatches, heldout_loss, sft_loss, split_heldout
 from lmforge.finetune.template import IGNORE_INDEX, pack, render
 from lmforge.losses import LossContext
 from lmforge.model.io import load_checkpoint_tokenizer, load_model
 from lmforge.train.config import TrainConfig
 
-from helpers import INSTRUCT_DATA, tiny_chat_model
+from helpers import INSTRUCT_DATA, sft_on_file, tiny_chat_model
 
 DATA = INSTRUCT_DATA
 LIMIT = 120
@@ -40,7 +40,7 @@ def _rows(ckpt, n=24):
 
 def test_full_sft_with_frozen_blocks_and_embeddings(base, tmp_path, caplog):
     out = tmp_path / "full"
-    m = finetune(base, DATA, out, _cfg(), freeze_blocks=1, freeze_embeddings=True, limit=LIMIT)
+    m = sft_on_file(base, DATA, out, _cfg(), freeze_blocks=1, freeze_embeddings=True, limit=LIMIT)
     assert "may never learn to end its turn" not in caplog.text  # the untied output layer still trains
     assert m["heldout_loss_after"] < m["heldout_loss_before"]
     assert m["steps"] == 30 and m["train_conversations"] + m["heldout_conversations"] == LIMIT
@@ -64,7 +64,8 @@ def test_full_sft_with_frozen_blocks_and_embeddings(base, tmp_path, caplog):
 def test_lora_sft_trains_only_adapters_and_merges(base, tmp_path, caplog):
     out = tmp_path / "lora"
     cfg = LoRAConfig(rank=4, alpha=8, targets=("q_proj", "v_proj"))
-    m = finetune(base, DATA, out, _cfg(), method="lora", lora=cfg, limit=LIMIT)
+    m = sft_on_file(base, DATA, out, _cfg(), method="lora", lora_rank=4, lora_alpha=8, lora_targets=["q_proj", "v_proj"],
+                    limit=LIMIT)
     assert "may never learn to end its turn" in caplog.text  # lm_head is not among the targets
     hint = "pass --lora-targets q_proj,v_proj,lm_head (in a recipe: sft.lora_targets: [q_proj, v_proj, lm_head])"
     assert hint in caplog.text
@@ -82,16 +83,13 @@ def test_lora_sft_trains_only_adapters_and_merges(base, tmp_path, caplog):
     # The written merged model is the one that was measured: it reproduces the reported held-out loss.
     tok = load_checkpoint_tokenizer(base)
     convs, _ = read_conversations(DATA, limit=LIMIT)
-    val = pack([render(tok, convs[i]) for i in split_heldout(LIMIT, 0.1, 0)[1]], 128, tok.pad_id)
+    val = pack([render(tok, convs[i]) for i in split_heldout(LIMIT, 0.1, _cfg().seed)[1]], 128, tok.pad_id)
     assert heldout_loss(merged, val, 8) == pytest.approx(m["heldout_loss_after"], rel=1e-5)
 
 
 def test_prefix_sft_keeps_base_weights_and_loads_with_its_prefix(base, tmp_path):
-    from lmforge.model.prefix import PrefixConfig
-
     out = tmp_path / "prefix"
-    m = finetune(base, DATA, out, _cfg(lr=1e-2), method="prefix", prefix=PrefixConfig(length=4, reparam=True),
-                 limit=LIMIT)  # fmt: skip
+    m = sft_on_file(base, DATA, out, _cfg(lr=1e-2), method="prefix", prefix_length=4, prefix_reparam=True, limit=LIMIT)
     base_model, args = load_model(base)
     assert m["heldout_loss_after"] < m["heldout_loss_before"]
     # Only the MLP that generates the prefix trains; the saved prefix is its output, [L, 2, H_kv, P, D].
@@ -106,11 +104,11 @@ def test_prefix_sft_keeps_base_weights_and_loads_with_its_prefix(base, tmp_path)
     # The written prefix is the one that was measured: it reproduces the reported held-out loss, one row each.
     tok = load_checkpoint_tokenizer(base)
     convs, _ = read_conversations(DATA, limit=LIMIT)
-    val_rows = pack([render(tok, convs[i]) for i in split_heldout(LIMIT, 0.1, 0)[1]], 128, tok.pad_id, one_per_row=True)
+    val_rows = pack([render(tok, convs[i]) for i in split_heldout(LIMIT, 0.1, _cfg().seed)[1]], 128, tok.pad_id, one_per_row=True)
     assert len(val_rows.ids) == m["heldout_conversations"]
     assert heldout_loss(tuned, val_rows, 8) == pytest.approx(m["heldout_loss_after"], rel=1e-5)
     with pytest.raises(ValueError, match="prefix-tuned"):
-        finetune(out / "final", DATA, tmp_path / "again", _cfg(), limit=LIMIT)
+        sft_on_file(out / "final", DATA, tmp_path / "again", _cfg(), limit=LIMIT)
 
 
 def test_sft_loss_counts_only_trained_tokens(base):
@@ -197,11 +195,9 @@ def test_a_crashed_run_resumes_to_the_uninterrupted_weights(base, tmp_path, monk
     """A crash after the step-6 checkpoint, then the same call again: the run resumes from that checkpoint (adapter
     or prefix included) and ends with exactly the weights of a run that was never interrupted."""
     import lmforge.finetune.sft as sft_module
-    from lmforge.model.prefix import PrefixConfig
-
-    options = {"lora": {"lora": LoRAConfig(rank=4, alpha=8)}, "prefix": {"prefix": PrefixConfig(length=4)}}
+    options = {"lora": {"lora_rank": 4, "lora_alpha": 8}, "prefix": {"prefix_length": 4}}
     cfg = _cfg(max_steps=12, ckpt_every=6, eval_every=6)
-    run = lambda out: finetune(base, DATA, out, cfg, method=method, limit=40, **options.get(method, {}))  # noqa: E731
+    run = lambda out: sft_on_file(base, DATA, out, cfg, method=method, limit=40, **options.get(method, {}))  # noqa: E731
     reference = run(tmp_path / "reference")
     real, calls = sft_module.sft_loss, []
 

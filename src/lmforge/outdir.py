@@ -139,11 +139,6 @@ def inputs_fingerprint(path: Path) -> str:
     return files_fingerprint(files, path)
 
 
-def job_settings(section: str, cfg: Any) -> dict[str, Any]:
-    """The settings of a config section that change what a job produces, as `lmforge run` counts them."""
-    return cfg.semantic()
-
-
 def start_job(
     directory: Path,
     verb: str,
@@ -183,7 +178,7 @@ def _prepare(directory: Path, verb: str, config: dict[str, Any], inputs: dict[st
     elif present:
         changed = _changed_keys(old.get("config", {}), config) if old else []
         changed += [k for k in inputs if old and old.get("inputs", {}).get(k) != inputs[k]]
-        what = f"changed: {', '.join(changed)}" if changed else "no record of the settings it ran with"
+        what = f"changed: {', '.join(dict.fromkeys(changed))}" if changed else "no record of the settings it ran with"
         log.warning("%s: %s holds a different job (%s); starting over, replacing its %s", verb, directory, what,
                     ", ".join(present))  # fmt: skip
         for name in present:

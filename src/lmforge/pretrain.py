@@ -25,7 +25,7 @@ from lmforge.data.shards import open_split
 from lmforge.model.io import write_model_files
 from lmforge.model.modes import evaluating
 from lmforge.model.transformer import ModelArgs, Transformer
-from lmforge.outdir import inputs_fingerprint, job_settings, start_job
+from lmforge.outdir import inputs_fingerprint, start_job
 from lmforge.losses import LossContext, LossResult, ce_loss, cross_entropy, label_count
 from lmforge.objectives import IGNORE_INDEX, mlm_accuracy, objective_batch, objective_loss, objective_loss_tokens
 from lmforge.model.config import ModelConfig
@@ -231,8 +231,7 @@ def pretrain(
                          " needs pretrain.packing=window")  # fmt: skip
     if pretrain_cfg.document_masking and pretrain_cfg.packing != "best_fit":
         raise ValueError("pretrain.document_masking needs pretrain.packing=best_fit (rows of whole documents)")
-    settings = {"model": job_settings("model", model_cfg), "train": job_settings("train", train_cfg),
-                "pretrain": job_settings("pretrain", pretrain_cfg)}  # fmt: skip
+    settings = {"model": model_cfg.semantic(), "train": train_cfg.semantic(), "pretrain": pretrain_cfg.semantic()}
     inputs = {"shards": inputs_fingerprint(shards_dir), "tokenizer": inputs_fingerprint(tokenizer_path)}
     start_job(out_dir, "pretrain", settings, inputs, OUTPUTS, world)
     tokenizer = Tokenizer.from_file(tokenizer_path)

@@ -5,8 +5,8 @@
 - "lora": low-rank adapters on chosen linear layers only (lmforge.model.lora);
 - "prefix": learned key/value prefixes for every layer only (lmforge.model.prefix).
 The loss counts only the tokens the template marks as targets (`labels != -100`), normalised by the trained
-tokens of the whole optimizer step. `finetune` does the same for a
-file of records, holding a seeded share out.
+tokens of the whole optimizer step. `read_split` reads a file of records and holds a seeded share out; the sft
+stage (lmforge.finetune.stage.run_sft, which `lmforge sft` runs too) brings the two together.
 
     out_dir/final/          the fine-tuned model as a checkpoint every tool loads (load_model). LoRA: the adapters
                             merged in. Prefix: the unchanged base weights plus final/prefix/, which load_model
@@ -21,7 +21,6 @@ loads strictly when it resumes; only `final/` is converted to a plain model.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -43,7 +42,6 @@ from lmforge.model.io import (
     has_prefix,
     load_checkpoint_tokenizer,
     load_model,
-    require_checkpoint,
     write_model_files,
 )
 from lmforge.model.lora import (
@@ -57,7 +55,6 @@ from lmforge.model.lora import (
 from lmforge.model.modes import evaluating
 from lmforge.model.prefix import PrefixConfig, apply_prefix, remove_prefix, save_prefix
 from lmforge.model.transformer import ModelArgs, Transformer
-from lmforge.outdir import inputs_fingerprint, job_settings, start_job
 from lmforge.train.config import ParallelConfig, TrainConfig
 from lmforge.train.distributed import check_batch, init_world
 from lmforge.train.loop import FINAL_DIR, train
@@ -70,7 +67,6 @@ METHODS: tuple[str, ...] = ("full", "lora", "prefix")
 ADAPTER_NAME = "default"
 ADAPTER_DIR = "adapter"
 OUTPUTS = (*LOOP_OUTPUTS, ADAPTER_DIR, PREFIX_DIR)  # what a job writes in its folder
-RUNTIME_OPTIONS = ("parallel", "after_training")  # how a job runs, not what it computes: not in its fingerprint
 
 
 class SFTBatches(ShuffledRows):
@@ -204,35 +200,6 @@ def _unfreeze_head_hint(method: str, lora: LoRAConfig | None) -> str:
     if method == "prefix":
         return "prefix tuning cannot train it: use --method lora --lora-targets q_proj,v_proj,lm_head, or --method full"
     return "drop --freeze-embeddings: the output layer is tied to the embeddings and freezes with them"
-
-
-def finetune(
-    checkpoint: Path,
-    data: Path,
-    out_dir: Path,
-    train_cfg: TrainConfig,
-    *,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    limit: int | None = None,
-    fields: FieldMap | None = None,
-    **options: Any,
-) -> dict[str, Any]:
-    """Fine-tune the checkpoint at `checkpoint` on the conversations in the file `data`, holding a seeded
-    `val_fraction` of them out; `options` are finetune_conversations' keywords. Writes `out_dir/final/`.
-
-    Re-running into the same `out_dir` resumes the same job; a changed setting, data file or checkpoint starts
-    over, replacing the outputs of the earlier job (lmforge.outdir.start_job)."""
-    checkpoint = require_checkpoint(checkpoint)  # before the output folder is made
-    train_convs, heldout_convs, counts = read_split(data, val_fraction, seed, limit, fields)
-    settings = {"train": job_settings("train", train_cfg), "val_fraction": val_fraction, "seed": seed, "limit": limit,
-                "fields": asdict(fields) if fields is not None else None,
-                **{k: asdict(v) if is_dataclass(v) else v for k, v in options.items() if k not in RUNTIME_OPTIONS}}
-    inputs = {"checkpoint": inputs_fingerprint(checkpoint), "data": inputs_fingerprint(data)}
-    world = init_world(options.get("parallel") or ParallelConfig(), train_cfg.device)
-    start_job(out_dir, "sft", settings, inputs, OUTPUTS, world)
-    metrics = finetune_conversations(checkpoint, train_convs, heldout_convs, out_dir, train_cfg, seed=seed, **options)
-    return {**metrics, **counts}
 
 
 def read_split(
