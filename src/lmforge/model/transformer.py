@@ -375,20 +375,33 @@ class Transformer(nn.Module):
         if cache is not None and (attn != "causal" or prefix_len is not None or doc_ids is not None):
             raise ValueError("a KV cache supports plain causal attention only (no attn kind, prefix_len or doc_ids)")
         mask, causal = attention_mask(attn, T, prefix_len=prefix_len, doc_ids=doc_ids, device=input_ids.device)
-        x = self.model.embed_tokens(input_ids)
-        cos = sin = None
-        if self.rotary:
-            cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
-        else:
-            x = x + self.model.embed_positions(torch.arange(start, start + T, device=input_ids.device))
+        x = self.embed(input_ids, start)
+        cos, sin = self.rope(start, T)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache=cache, mask=mask, causal=causal)
         if cache is not None:
             cache.advance(T)
-        h = self.model.norm(x)
-        if return_hidden:
-            return h
-        logits = self.lm_head(h)
+        return self.model.norm(x) if return_hidden else self.head(x)
+
+    # The forward's parts, which a pipeline stage (lmforge.train.pipelining) runs for its share of the model.
+
+    def embed(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Token embeddings, plus learned position embeddings (gpt2 arch) for positions start, start + 1, ..."""
+        x = self.model.embed_tokens(input_ids)
+        if self.rotary:
+            return x
+        T = input_ids.shape[1]
+        return x + self.model.embed_positions(torch.arange(start, start + T, device=input_ids.device))
+
+    def rope(self, start: int, length: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The rotary tables (cos, sin) of positions start..start + length; (None, None) without rotary positions."""
+        if not self.rotary:
+            return None, None
+        return self.rope_cos[start : start + length], self.rope_sin[start : start + length]
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """The last block's output -> logits: final norm, output layer and, when set, the logit soft cap (fp32)."""
+        logits = self.lm_head(self.model.norm(x))
         cap = self.args.logit_softcap
         if cap is not None:
             logits = cap * torch.tanh(logits.float() / cap)

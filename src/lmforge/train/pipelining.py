@@ -46,47 +46,34 @@ def stage_layers(n_layers: int, n_stages: int) -> list[range]:
 class StageModule(nn.Module):
     """Blocks `layers` of a Transformer, with the embeddings on the first stage and norm + head on the last.
 
-    forward: token ids [B, T] (first stage) or activations [B, T, d] -> activations, or logits on the last stage;
-    computed exactly as Transformer.forward computes them for plain causal attention.
+    forward: token ids [B, T] (first stage) or activations [B, T, d] -> activations, or logits on the last stage,
+    through the Transformer's own parts (embed, rope, head), so a stage computes exactly what the model does.
     """
 
     def __init__(self, model: Transformer, layers: range, first: bool, last: bool) -> None:
         super().__init__()
         self.args, self.first, self.last = model.args, first, last
-        self.rotary = model.rotary
+        object.__setattr__(self, "_whole", model)  # not a submodule: the stage's parameters are only its own
         self.model = nn.Module()
         if first:
             self.model.embed_tokens = model.model.embed_tokens
-            if not self.rotary:
+            if not model.rotary:
                 self.model.embed_positions = model.model.embed_positions
         self.model.layers = nn.ModuleDict({str(i): model.model.layers[i] for i in layers})
         if last:
             self.model.norm = model.model.norm
             self.lm_head = model.lm_head
-        if self.rotary:
-            self.register_buffer("rope_cos", model.rope_cos, persistent=False)
-            self.register_buffer("rope_sin", model.rope_sin, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        whole: Transformer = self._whole
         T = x.shape[1]
         mask, causal = attention_mask("causal", T, device=x.device)
         if self.first:
-            ids = x
-            x = self.model.embed_tokens(ids)
-            if not self.rotary:
-                x = x + self.model.embed_positions(torch.arange(T, device=ids.device))
-        cos = sin = None
-        if self.rotary:
-            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+            x = whole.embed(x)
+        cos, sin = whole.rope(0, T)
         for layer in self.model.layers.values():
             x = layer(x, cos, sin, cache=None, mask=mask, causal=causal)
-        if not self.last:
-            return x
-        logits = self.lm_head(self.model.norm(x))
-        cap = self.args.logit_softcap
-        if cap is not None:
-            logits = cap * torch.tanh(logits.float() / cap)
-        return logits
+        return whole.head(x) if self.last else x
 
 
 def _free_unused(model: Transformer, stage: StageModule) -> None:
