@@ -179,3 +179,12 @@ def test_the_checks_catch_a_cycle_and_a_climb():
     assert layer_violations(graph) == ["lmforge.data.readers imports lmforge.model.io",
                                        "lmforge.io imports lmforge.recipe",
                                        "lmforge.train.loop imports lmforge.finetune.sft"]  # fmt: skip
+
+
+def test_tests_mirror_the_packages():
+    """tests/<package>/ holds the tests of lmforge/<package>/; the tests of root modules stay in tests/."""
+    tests = Path(__file__).resolve().parent
+    folders = sorted(p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
+    assert folders and all((SRC / PACKAGE / name / "__init__.py").is_file() for name in folders), folders
+    stray = [p.name for p in tests.glob("test_*.py") if (SRC / PACKAGE / p.stem.removeprefix("test_")).is_dir()]
+    assert stray == [], f"tests of a package belong in its folder: {stray}"

@@ -30,7 +30,8 @@ TINY = [
     "train.ckpt_every=3",
     "eval.samples=1",
     "eval.sample_tokens=8",
-    # The default recipe's stages but sft: its pairs do not fit 64-token rows (tests/test_sft_stage.py runs it).
+    # The default recipe's stages but sft: its pairs do not fit 64-token rows (tests/finetune/test_sft_stage.py
+    # runs it).
     "stages=[curate, tokenizer, shards, pretrain, eval, export, report]",
 ]
 

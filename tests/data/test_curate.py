@@ -100,7 +100,7 @@ def test_generated_filter_keeps_real_stdlib_code():
 
 
 def test_build_filters_follows_config(tmp_path):
-    # Deduplication is corpus-level and not a per-document filter (tests/test_dedup.py).
+    # Deduplication is corpus-level and not a per-document filter (tests/data/test_dedup.py).
     names = [f.name for f in build_filters(DataConfig())]
     assert names == ["length", "normalize", "length", "generated"]
     names = [f.name for f in build_filters(DataConfig(normalize="none", dedup=False))]
@@ -244,7 +244,7 @@ def test_curate_with_no_survivors_fails_loudly_after_writing_stats(tmp_path):
     assert stats["removed"]["too long"]["docs"] == stats["docs_in"]
 
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 @pytest.mark.skipif(not (SHARED / "web" / "cc_text").exists(), reason=f"real web text not found under {SHARED}")

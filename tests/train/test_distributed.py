@@ -337,7 +337,7 @@ def test_embed_refuses_torchrun_with_the_reason(monkeypatch, tmp_path):
     assert result.exit_code == 2 and "runs in one process; launch it without torchrun" in result.output
 
 
-ALPACA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "instruct" / "alpaca_data_first200.json"
+ALPACA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "instruct" / "alpaca_data_first200.json"
 SFT_STEPS = 10
 
 

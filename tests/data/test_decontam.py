@@ -8,7 +8,7 @@ from lmforge.data.decontam import Decontaminator
 from lmforge.data.base_reader import Document
 from lmforge.data.readers import stdlib_root
 
-EVAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eval"
+EVAL = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "eval"
 ARC = EVAL / "mc" / "arc_challenge.jsonl"
 COPA = EVAL / "mc" / "copa.jsonl"
 needs_eval = pytest.mark.skipif(

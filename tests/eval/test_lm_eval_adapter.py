@@ -26,7 +26,7 @@ from lmforge.model.io import save_model  # noqa: E402
 from lmforge.model.transformer import ModelArgs, Transformer  # noqa: E402
 from lmforge.tokenizer import train_tokenizer  # noqa: E402
 
-ARC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "eval" / "mc" / "arc_easy.jsonl"
+ARC = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "eval" / "mc" / "arc_easy.jsonl"
 MAX_LEN = 64  # small, so that some ARC requests and texts overflow it and truncation / rolling windows are checked
 SHORT_TEXTS = ["def add(a, b):\n    return a + b\n", "hello", "x = 12345 ** 2  # a comment"]
 

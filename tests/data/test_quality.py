@@ -14,7 +14,7 @@ from lmforge.data.quality import (
 )
 from lmforge.data.base_reader import Document
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 C4_DEMO = DATA / "web" / "cc_text" / "llamafactory_c4_demo.jsonl"
 WIKI_DEMO = DATA / "web" / "wiki" / "llamafactory_wiki_demo.txt"
 

@@ -18,7 +18,7 @@ from lmforge.data.readers import stdlib_root
 from lmforge.data.config import DataConfig
 
 EMAIL_PKG = stdlib_root() / "email"
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def _outputs(out: Path) -> dict[str, bytes]:

@@ -22,7 +22,7 @@ from lmforge.model.config import ModelConfig
 from lmforge.train.config import TrainConfig
 from lmforge.stats import proportion
 
-EVAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
+EVAL = Path(__file__).resolve().parents[3] / "shared" / "data" / "eval"
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from lmforge.data.langid import LanguageFilter, detect_language, text_sample
 from lmforge.data.base_reader import Document
 from lmforge.data.readers import read_documents
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 STDLIB_TESTS = Path(sysconfig.get_paths()["stdlib"]) / "test"
 
 

@@ -17,7 +17,7 @@ from lmforge.data.curate_report import (
     summary_table,
 )
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 C4_DEMO = SHARED_DATA / "web" / "cc_text" / "llamafactory_c4_demo.jsonl"
 
 # Three lines, two of them the same and ending in a full stop; 33 characters, 6 words, 28 of them not spaces,

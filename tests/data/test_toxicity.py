@@ -7,7 +7,7 @@ import pytest
 from lmforge.data.base_reader import Document
 from lmforge.data.toxicity import ToxicityFilter, default_word_list, load_word_list
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 LDNOOBW_EN = DATA / "ldnoobw" / "en"
 C4_DEMO = DATA / "web" / "cc_text" / "llamafactory_c4_demo.jsonl"
 STDLIB = Path(sysconfig.get_paths()["stdlib"])

@@ -11,7 +11,7 @@ from lmforge.data.base_reader import ErrorLog  # noqa: E402
 from lmforge.data.readers import read_documents  # noqa: E402
 from lmforge.data.web import decode_html  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 WEB = DATA / "web"
 CC_EXCERPT = WEB / "cc_warc" / "resiliparse_CC-MAIN-2020-34_excerpt.warc.gz"
 BENCH = WEB / "html" / "article-extraction-benchmark"

@@ -16,7 +16,7 @@ from lmforge.data.base_reader import ErrorLog
 from lmforge.data.readers import read_documents
 from lmforge.data.config import DataConfig
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 PROSE = ("The river ran past the old mill, and the children followed it down to the sea every summer morning. " * 12)
 CODE = "def add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n    return a + b\n"
 OPT = "if that is not intended, change"

@@ -27,7 +27,7 @@ from lmforge.model.io import load_checkpoint_tokenizer, load_model, save_model
 from lmforge.model.transformer import ModelArgs, Transformer
 from lmforge.tokenizer import train_tokenizer
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 PII = SHARED / "pii" / "enterprise_pii_classification.jsonl"
 ALPACA = SHARED / "instruct" / "alpaca_data_first200.json"
 

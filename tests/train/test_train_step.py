@@ -2,7 +2,7 @@
 the step's loss tokens and hands them to the loss, averages the metrics over micro-batches and ranks, keeps frozen
 models out of the optimizer and the checkpoints, and runs evaluation callbacks.
 
-Run as a script (`python tests/test_train_step.py OUT`, under torchrun for several ranks), this file is the worker
+Run as a script (`python tests/train/test_train_step.py OUT`, under torchrun for several ranks), this file is the worker
 of the 2-rank test.
 """
 
@@ -128,7 +128,10 @@ def test_the_step_loss_is_the_mean_over_its_loss_tokens_however_they_are_split(t
 
 def _free_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
-    return {**env, "OMP_NUM_THREADS": "1", "COLUMNS": "400"}
+    # The worker is this file run as a script: it imports tests/helpers.py from the tests folder.
+    tests = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (tests, env.get("PYTHONPATH")) if p)
+    return {**env, "OMP_NUM_THREADS": "1", "COLUMNS": "400", "PYTHONPATH": path}
 
 
 def test_two_gloo_ranks_record_the_mean_of_their_metrics_and_the_single_process_loss(tmp_path):
