@@ -17,7 +17,7 @@ from lmforge import registry
 from lmforge.io import atomic_write_json, atomic_write_text
 from lmforge.recipe import Recipe
 from lmforge.registry import Stage, StageContext
-from lmforge.runs import StageOutcome, fingerprint, read_manifest, run_stage
+from lmforge.runs import StageOutcome, read_manifest, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +38,6 @@ def stage_config(recipe: Recipe, stage: str | Stage) -> dict:
     if len(sections) == 1:
         return getattr(recipe, sections[0]).semantic()
     return {section: getattr(recipe, section).semantic() for section in sections}
-
-
-def upstream(recipe: Recipe, stage: str) -> list[str]:
-    """The stages whose output `stage` reads in this recipe."""
-    return registry.upstream(registry.get(stage), list(recipe.stages))
 
 
 def _context(recipe: Recipe, stage: Stage, root: Path) -> StageContext:
@@ -192,4 +187,4 @@ class _DistributedStages:
         return outcomes
 
 
-__all__ = ["run_recipe", "check_run_dir", "RunDirError", "stage_config", "upstream", "fingerprint"]
+__all__ = ["run_recipe", "check_run_dir", "RunDirError", "stage_config"]

@@ -20,16 +20,6 @@ class Section(BaseModel):
 
     def semantic(self) -> dict[str, Any]:
         """The settings that decide what a stage produces (sub-sections too), as plain JSON values."""
-        out: dict[str, Any] = {}
-        for key in type(self).model_fields:
-            if key in self.NON_SEMANTIC:
-                continue
-            value = getattr(self, key)
-            out[key] = value.semantic() if isinstance(value, Section) else _json(value)
-        return out
-
-
-def _json(value: Any) -> Any:
-    from pydantic import TypeAdapter
-
-    return TypeAdapter(Any).dump_python(value, mode="json")
+        values = self.model_dump(mode="json")
+        return {key: value.semantic() if isinstance(value := getattr(self, key), Section) else values[key]
+                for key in type(self).model_fields if key not in self.NON_SEMANTIC}  # fmt: skip

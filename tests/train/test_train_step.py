@@ -24,30 +24,18 @@ from helpers import ByteSplit
 from lmforge.data.batches import BatchesWrapper
 from lmforge.data.loader import BatchLoader
 from lmforge.losses import LossContext, ce_loss, label_count
-from lmforge.model.config import ModelConfig
-from lmforge.model.transformer import ModelArgs, Transformer
+from lmforge.model.transformer import Transformer
 from lmforge.objectives import clm_loss
 from lmforge.tokenizer import IGNORE_INDEX
 from lmforge.train.config import ParallelConfig, TrainConfig
 from lmforge.train.loop import train
-
-SEQ = 32
-ARGS = ModelArgs.from_config(ModelConfig(depth=1, d_model=32, max_seq_len=SEQ), 256)
-
-
-def tiny_model(seed: int = 0) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(ARGS)
+from test_train_loop import SEQ, records, tiny_model
 
 
 def config(**kw) -> TrainConfig:
     base = dict(seq_len=SEQ, batch_size=8, grad_accum=2, max_steps=4, lr=1e-2, warmup_steps=1, eval_every=1000,
                 ckpt_every=1000, threads=1, seed=0, compile=False)  # fmt: skip
     return TrainConfig(**(base | kw))
-
-
-def records(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 class MaskedTargets(BatchesWrapper):

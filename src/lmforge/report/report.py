@@ -29,12 +29,12 @@ def existing_stages(root: Path) -> list[str]:
     return [s.name for s in all_stages() if (Path(root) / s.name / MANIFEST).is_file()]
 
 
-def _stage_table(run_path: Path, stages: list[str]) -> list[str]:
+def _stage_table(contexts: list[tuple[Stage, ReportContext]]) -> list[str]:
     lines = ["| stage | status | seconds | peak memory (MB) | fingerprint |", "|---|---|---:|---:|---|"]
-    for stage in stages:
-        m = read_manifest(run_path / stage) or {}
+    for stage, ctx in contexts:
+        m = ctx.manifest
         t = m.get("timings", {})
-        lines.append(f"| {stage} | {m.get('status', 'not run')} | {fmt(t.get('seconds'), '.1f')} | "
+        lines.append(f"| {stage.name} | {m.get('status', 'not run')} | {fmt(t.get('seconds'), '.1f')} | "
                      f"{fmt(t.get('peak_rss_mb'), '.0f')} | `{m.get('fingerprint', '')}` |")  # fmt: skip
     return lines
 
@@ -56,7 +56,7 @@ def build_report(run_path: Path, stages: list[str], out_dir: Path) -> dict:
     for stage, ctx in contexts:
         if stage.headline is not None and ctx.metrics:
             lines += stage.headline(ctx)
-    lines += ["## Stages", "", *_stage_table(run_path, stages), "", f"Total stage time: {total_s:.1f} s.", ""]
+    lines += ["## Stages", "", *_stage_table(contexts), "", f"Total stage time: {total_s:.1f} s.", ""]
     sections = []
     for stage, ctx in contexts:
         if stage.report is not None and ctx.metrics:
