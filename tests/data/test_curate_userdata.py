@@ -79,7 +79,8 @@ def test_default_extensions_read_every_known_format_and_report_the_rest(tmp_path
         "messages": [f"{tmp_path / 'src' / 'Makefile'}: extension (none) not in data.extensions",
                      f"{tmp_path / 'src' / 'data.bin'}: extension .bin not in data.extensions"],
     }  # fmt: skip
-    default = [".txt", ".md", ".rst", ".py", ".jsonl", ".csv", ".parquet", ".warc", ".wet", ".html", ".htm"]
+    default = [".txt", ".md", ".rst", ".py", ".jsonl", ".csv", ".parquet", ".warc", ".wet", ".html", ".htm",
+               ".pdf"]
     assert stats["warnings"] == [f"2 files skipped for their extension ((none) 1, .bin 1): data.extensions is "
                                  f"{default}; add an extension there to read those files"]  # fmt: skip
 

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
     from lmforge.data.base_reader import Document, ErrorLog
 
 # Every format the readers know by its extension: what a directory source reads unless told otherwise.
-DEFAULT_EXTENSIONS = (".txt", ".md", ".rst", ".py", ".jsonl", ".csv", ".parquet", ".warc", ".wet", ".html", ".htm")
+DEFAULT_EXTENSIONS = (".txt", ".md", ".rst", ".py", ".jsonl", ".csv", ".parquet", ".warc", ".wet", ".html", ".htm",
+                      ".pdf")
 SKIP_DIRS = frozenset({"__pycache__", "site-packages", "dist-packages"})
 COMPRESSED_SUFFIXES = frozenset({".gz", ".zst"})
 NOT_REGULAR = "not a regular file"

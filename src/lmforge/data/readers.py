@@ -11,6 +11,8 @@ Supported sources:
 - a WARC file (`.warc`, `.wet`): one document per HTML response (main content only) or WET text record; an HTML
   file (`.html`, `.htm`): one document of its main content; a directory saved by Hugging Face `datasets`
   (`save_to_disk`): one document per row. `.wat` files hold metadata only and yield nothing. See `web.py`.
+- a PDF file (`.pdf`): one document per page with text, id `path:page`, metadata `{"page": n, "pages": total}`;
+  a PDF without a text layer (scanned), an encrypted or a corrupt one is counted as a bad record (`pdf.py`).
 - a directory: every file under it whose extension is listed (by default `DEFAULT_EXTENSIONS`, every format
   above), walked recursively in sorted order, so two runs over the same tree yield the same documents in the same
   order. A listed extension also selects its gzip (`.gz`) and zstandard (`.zst`) compressed files (`.jsonl`
@@ -200,6 +202,10 @@ def _read_format(path: Path, rel: str, text_field: str, text_split: TextSplit, m
         from lmforge.data.web import read_html
 
         yield from read_html(path, rel, errors)
+    elif suffix == ".pdf":
+        from lmforge.data.pdf import read_pdf  # imports pypdfium2, needed only for PDF sources
+
+        yield from read_pdf(path, rel, errors)
     elif suffix == ".wat":
         log.info("%s: skipped, a WAT file holds metadata, not text", path)
     else:
