@@ -22,7 +22,8 @@ class DataConfig(Section):
     extensions: list[str] = Field(default_factory=lambda: list(DEFAULT_EXTENSIONS))
     follow_symlinks: bool = False  # read links whose target is outside the source directory
     include_tests: bool = True  # stdlib only: whether Lib/test/ and friends are part of the corpus
-    val_fraction: float = Field(0.05, gt=0.0, lt=1.0)  # share of files held out, chosen by a hash of the path
+    # Share of files held out, chosen by a hash of the path; 0 = no held-out split (stages that need one say so).
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)
     min_chars: int = Field(64, ge=0)
     max_chars: int = Field(200_000, gt=0)
     max_line_chars: int = Field(1000, gt=0)  # longer lines mark minified or generated files

@@ -419,7 +419,8 @@ def _decide(cfg: DataConfig, work: Path, n_shards: int, signed: bool) -> dict[st
     n_train = sum(int((d == 0).sum()) for d in dests)
     for empty_split, full_split in ((1, 0), (0, 1)):
         count_empty, count_full = (n_val, n_train) if empty_split == 1 else (n_train, n_val)
-        if count_empty == 0 and count_full >= 2:
+        # val_fraction 0 asks for no held-out split: an empty val is what was meant, not bad luck of the hash.
+        if count_empty == 0 and count_full >= 2 and cfg.val_fraction > 0:
             i, row = last[full_split]
             dests[i][row] = empty_split
             moved = f"last {SPLITS[full_split]} document moved to {SPLITS[empty_split]}"
