@@ -109,7 +109,7 @@ def render() -> str:
     for name in RecipeBase.model_fields:
         lines.append(f"| `{name}` | `{RecipeBase.model_fields[name].default!r}` | "
                      f"{field_comments(RecipeBase).get(name, '')} |")  # fmt: skip
-    defaults = model.model_fields["stages"].default_factory()
+    defaults = model().stages  # what a recipe with every default runs
     lines.append(f"| `stages` | `{defaults}` | the stages to run, in lifecycle order: "
                  f"{', '.join(registry.names())} |")  # fmt: skip
     lines += ["| `base` | none | a built-in recipe or another file whose settings fill in the ones this recipe leaves "

@@ -25,6 +25,19 @@ def test_default_recipe_loads_and_is_the_stdlib_code_recipe():
     assert validate_recipe({}).stages == ["curate", "tokenizer", "shards", "pretrain", "eval", "export", "report"]
 
 
+def test_a_recipe_starting_from_a_pretrained_model_imports_it_instead_of_pretraining():
+    r = validate_recipe({"model": {"init_from": "models/qwen"}})
+    assert r.stages == ["curate", "import", "eval", "export", "report"]
+    listed = validate_recipe({"model": {"init_from": "m"}, "stages": ["curate", "import", "sft", "eval"]})
+    assert listed.stages == ["curate", "import", "sft", "eval"]
+    with pytest.raises(RecipeError, match="stages lists both import and pretrain: with model.init_from, pretrain "
+                                          "continues pre-training the imported model itself; remove 'import'"):
+        validate_recipe({"model": {"init_from": "m"}, "stages": ["curate", "tokenizer", "shards", "pretrain",
+                                                                  "import"]})  # fmt: skip
+    with pytest.raises(RecipeError, match="the import stage imports model.init_from, which is unset"):
+        validate_recipe({"stages": ["curate", "import"]})
+
+
 def test_overrides_parse_values_like_yaml():
     r = load_recipe(None, ["train.max_steps=12", "model.tie_embeddings=true", "eval.top_k=null", "name=x"])
     assert r.train.max_steps == 12 and r.model.tie_embeddings is True and r.eval.top_k is None and r.name == "x"

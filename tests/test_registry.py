@@ -144,8 +144,8 @@ def test_registry_refuses_conflicts_and_unfed_stages():
         with pytest.raises(StageError, match="stage 'lonely' needs the artifact 'counts', and no stage before it "
                                              "produces one"):  # fmt: skip
             registry.upstream(lonely, ["lonely"])
-    with pytest.raises(StageError, match=r"no stage named 'nope'; stages: curate, tokenizer, shards, pretrain, sft, "
-                                         r"eval, export, report"):  # fmt: skip
+    with pytest.raises(StageError, match=r"no stage named 'nope'; stages: curate, tokenizer, shards, pretrain, import, "
+                                         r"sft, eval, export, report"):  # fmt: skip
         registry.get("nope")
 
 
@@ -154,7 +154,10 @@ def test_artifacts_come_from_the_latest_producer_in_the_recipe():
     assert registry.upstream(export, ["pretrain", "sft", "export"]) == ["sft"]
     assert registry.upstream(export, ["pretrain", "export"]) == ["pretrain"]
     assert registry.upstream(export, ["export"]) == ["pretrain"], "with no producer in the recipe: the first one"
-    assert registry.upstream(ev, ["pretrain", "sft", "eval"]) == ["pretrain", "curate"], "eval pins pretrain.model"
+    assert registry.upstream(ev, ["pretrain", "sft", "eval"]) == ["pretrain", "curate"], "eval reads the base model"
+    assert registry.upstream(ev, ["import", "sft", "eval"]) == ["import", "curate"]
+    assert registry.upstream(export, ["import", "sft", "export"]) == ["sft"]
+    assert registry.upstream(export, ["import", "export"]) == ["import"]
     paths = registry.artifact_paths(export, ["sft", "export"], Path("/r"))
     assert paths == {"model": Path("/r/sft/final")}
 

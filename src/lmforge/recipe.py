@@ -37,6 +37,8 @@ class RecipeBase(Section):
 
     @model_validator(mode="after")
     def _check_stages(self) -> "RecipeBase":
+        if "stages" not in self.model_fields_set:  # a stage's `default` may depend on the settings
+            self.stages = [s.name for s in registry.all_stages() if registry.in_default_recipe(s, self)]
         known = registry.names()
         order = [s for s in known if s in self.stages]
         if order != list(self.stages):
@@ -88,9 +90,10 @@ def recipe_model() -> type[RecipeBase]:
         return _MODEL[1]
     stages = registry.all_stages()
     names = tuple(s.name for s in stages)
-    defaults = [s.name for s in stages if s.default]
+    defaults = [s.name for s in stages if s.default is True]
     fields: dict[str, Any] = {
-        # Every default stage (not sft: fine-tuning needs data chosen for it) unless the recipe lists its own.
+        # Every default stage (not sft: fine-tuning needs data chosen for it) unless the recipe lists its own;
+        # _check_stages adds those whose `default` is a function of the settings.
         "stages": (list[Literal[names]], Field(default_factory=lambda: list(defaults))),  # type: ignore[valid-type]
     }
     for section, owner in registry.section_owners().items():

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 BUILTIN = (
     "lmforge.data.stages",
     "lmforge.pretrain",
+    "lmforge.importing",
     "lmforge.finetune.stage",
     "lmforge.eval.run",
     "lmforge.hf",
@@ -100,7 +101,9 @@ class Stage:
     check: Callable[[Any], None] | None = None  # cross-section checks of a recipe that runs it (raise ValueError)
     config: Callable[[Any], dict] | None = None  # the fingerprinted settings, when more than its sections
     sources: Callable[[Any], dict[str, str]] | None = None  # fingerprints of what it reads from outside the run
-    default: bool = True  # part of a recipe that names no stages
+    # Part of a recipe that names no stages; or a function of the validated recipe deciding it (a recipe starting
+    # from an imported model, model.init_from, trains no tokenizer).
+    default: bool | Callable[[Any], bool] = True
     training: bool = False  # under torchrun, every rank runs it (the others run on rank 0 alone)
     covers_run: bool = False  # reads every stage the run directory holds (the report)
     verb: Callable[..., None] | None = None  # its `lmforge NAME` command (a typer function), if it has one
@@ -186,6 +189,11 @@ def section_owners() -> dict[str, Stage]:
     return {section: stage for stage in all_stages() for section in stage.sections}
 
 
+def in_default_recipe(stage: Stage, settings: Any) -> bool:
+    """Whether a recipe that names no stages runs `stage`, given its settings."""
+    return stage.default(settings) if callable(stage.default) else stage.default
+
+
 def producer(artifact: str, stage: Stage, recipe_stages: list[str]) -> Stage:
     """The stage whose output `stage` reads as `artifact` in a recipe with these stages."""
     pinned, _, name = artifact.rpartition(".")
@@ -222,4 +230,5 @@ def artifact_paths(stage: Stage, recipe_stages: list[str], root: Path) -> dict[s
 
 
 __all__ = ["Stage", "StageContext", "ReportContext", "StageError", "register", "unregister", "registered", "get",
-           "all_stages", "names", "section_owners", "upstream", "artifact_paths", "producer", "BUILTIN"]
+           "all_stages", "names", "section_owners", "upstream", "artifact_paths", "producer", "in_default_recipe",
+           "BUILTIN"]

@@ -68,7 +68,23 @@ def _curate_report(ctx: ReportContext) -> list[str]:
     ]
 
 
+def _adopt_tokenizer(model_dir: Path, curate_dir: Path, out: Path) -> dict[str, Any]:
+    """The imported model's tokenizer, copied into the stage's folder, and how well it compresses the data."""
+    from lmforge.data.curated import iter_split_texts
+    from lmforge.tokenizer import Tokenizer, bytes_per_token
+
+    tok = Tokenizer.from_dir(model_dir)
+    tok.save_dir(out)
+    has_val = next(iter_split_texts(curate_dir, "val"), None) is not None
+    bpt = bytes_per_token(tok, iter_split_texts(curate_dir, "val" if has_val else "train"))
+    return {"vocab_size": tok.vocab_size, "adopted_from": str(model_dir), "bytes_per_token": round(bpt, 4)}
+
+
 def _tokenizer_stage(ctx: StageContext) -> dict[str, Any]:
+    if ctx.settings.model.init_from:  # continued pre-training keeps the imported model's tokenizer
+        from lmforge.hub import resolve_model_dir
+
+        return _adopt_tokenizer(resolve_model_dir(ctx.settings.model.init_from), ctx.input("curated"), ctx.out)
     return run_tokenizer(ctx.input("curated"), ctx.settings.tokenizer, ctx.out)
 
 
@@ -142,6 +158,28 @@ def shards_verb(
     log.info("%s train / %s validation tokens -> %s", metrics["train_tokens"], metrics["val_tokens"], out)
 
 
+def _trains_own_model(settings) -> bool:
+    """A recipe that imports a pre-trained model (model.init_from) needs no tokenizer or shards by default: the
+    model brings its tokenizer, and only continued pre-training (pretrain added to the stages) reads shards."""
+    return not settings.model.init_from
+
+
+def _tokenizer_config(settings: Any) -> dict[str, Any]:
+    """A tokenizer trained with these settings, or the imported model's (model.init_from), which it then copies."""
+    if settings.model.init_from:
+        return {"adopted_from": settings.model.init_from}
+    return settings.tokenizer.semantic()
+
+
+def _tokenizer_sources(settings: Any) -> dict[str, str]:
+    if not settings.model.init_from:
+        return {}
+    from lmforge.hub import resolve_model_dir
+
+    model_dir = resolve_model_dir(settings.model.init_from)
+    return {"model": files_fingerprint(sorted(p for p in model_dir.glob("*") if p.is_file()), model_dir)}
+
+
 CURATE = register(Stage(
     name="curate", order=10, run=_curate, sections={"data": DataConfig}, sources=source_fingerprint,
     produces={"curated": ".", "heldout_text": "val"}, report=_curate_report, verb=curate_verb,
@@ -149,8 +187,9 @@ CURATE = register(Stage(
 TOKENIZER = register(Stage(
     name="tokenizer", order=20, run=_tokenizer_stage, sections={"tokenizer": TokenizerConfig}, needs=("curated",),
     produces={"tokenizer": "tokenizer.json"}, report=_tokenizer_report, verb=tokenizer_verb,
+    default=_trains_own_model, config=_tokenizer_config, sources=_tokenizer_sources,
 ))  # fmt: skip
 SHARDS = register(Stage(
     name="shards", order=30, run=_shards, sections={"shards": ShardsConfig}, needs=("curated", "tokenizer"),
-    produces={"shards": "."}, report=_shards_report, verb=shards_verb,
+    produces={"shards": "."}, report=_shards_report, verb=shards_verb, default=_trains_own_model,
 ))  # fmt: skip

@@ -170,7 +170,7 @@ def _eval_stage(ctx: StageContext) -> dict:
     """Scores the model on the held-out text (when given), with the training data for contamination (when
     given): in a run, the curated val split and the curated data; under `lmforge eval`, --text and
     --training-data."""
-    return evaluate_checkpoint(ctx.input("model"), ctx.inputs.get("heldout_text"), ctx.settings.eval, ctx.out,
+    return evaluate_checkpoint(ctx.input("base_model"), ctx.inputs.get("heldout_text"), ctx.settings.eval, ctx.out,
                                device=ctx.settings.train.device, training_data=ctx.inputs.get("curated"))  # fmt: skip
 
 
@@ -243,13 +243,14 @@ def eval_verb(
     cfg = verbs.settings(extra, {"eval"})
     require_model_dir(checkpoint)  # a wrong path fails before the output folder is made
     with verbs.claimed(out, "eval"):
-        verbs.run_stage(EVAL_STAGE, cfg, out, model=checkpoint, heldout_text=text, curated=training_data)
+        verbs.run_stage(EVAL_STAGE, cfg, out, base_model=checkpoint, heldout_text=text, curated=training_data)
     typer.echo((out / "results.md").read_text(encoding="utf-8"))
     log.info("results in %s", out / "results.json")
 
 
-# Evaluation scores the pre-trained model (what the held-out bits per byte measure), fine-tuned or not.
+# Evaluation scores the base model (pre-trained, or imported: what the held-out bits per byte measure), whether
+# or not the recipe fine-tunes it afterwards.
 EVAL_STAGE = register(Stage(
-    name="eval", order=60, run=_eval_stage, sections={"eval": EvalConfig}, needs=("pretrain.model", "heldout_text", "curated"),
+    name="eval", order=60, run=_eval_stage, sections={"eval": EvalConfig}, needs=("base_model", "heldout_text", "curated"),
     produces={"results": "results.json"}, report=_eval_report, headline=_eval_headline, verb=eval_verb,
 ))  # fmt: skip

@@ -9,6 +9,11 @@ from lmforge.settings import Section
 
 
 class ModelConfig(Section):
+    # A pre-trained model to start from: a Hugging Face model directory (config.json + safetensors), a hub id
+    # already in the local Hugging Face cache, or an lmforge checkpoint. Its architecture and tokenizer replace
+    # every setting below; the recipe's default stages then import it instead of training a tokenizer and a model
+    # (add pretrain to the stages to continue pre-training it on the recipe's data). See docs/import.md.
+    init_from: str | None = None
     # One dial: depth sets the number of blocks, and (unless overridden) width = 64 * depth and heads = width / 64.
     depth: int = Field(4, ge=1, le=128)
     d_model: int | None = Field(None, gt=0)
