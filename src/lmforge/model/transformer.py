@@ -11,7 +11,14 @@ Architecture options (all in `ModelArgs`, resolved from the recipe's `ModelConfi
 - `mlp`: "swiglu" (gated SiLU: gate_proj, up_proj, down_proj), or ungated `down_proj(act(up_proj(x)))` with
   act = relu(x)**2 ("relu2") or tanh-approximated GELU ("gelu", the gpt2 arch's MLP).
 - `logit_softcap`: logits = cap * tanh(logits / cap), computed in fp32.
+- `attn_bias` (llama arch): "qkv" gives q/k/v_proj biases (Qwen2's layout), "qkvo" o_proj's too (Llama's
+  attention_bias=True); the gpt2 arch always has biases.
+- `rope_scaling`: None, or a "linear" / "llama3" rescaling of the rotary frequencies (see `lmforge.model.rope`).
 - `zero_init_out`: o_proj, down_proj (and an untied lm_head) start at zero.
+
+The model computes in its parameters' dtype (bf16 weights give bf16 activations), norms in fp32, as transformers
+does. The rotary tables cover the first min(max_seq_len, ROPE_TABLE_START) positions and grow on demand up to
+max_seq_len, so a model declaring a 131k-token context costs no 131k-row tables until it sees such a sequence.
 
 Attention kinds (`forward(attn=...)`): "causal", "bidirectional", "prefix" (prefix-LM with per-row `prefix_len`),
 each optionally restricted to tokens of the same document (`doc_ids`, for packed sequences). Positions are always
@@ -35,6 +42,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from lmforge.model.rope import apply_rope, check_rope_scaling, rope_tables
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -63,6 +72,8 @@ class ModelArgs:
     qk_norm: bool = False
     logit_softcap: float | None = None
     zero_init_out: bool = False
+    attn_bias: Literal["none", "qkv", "qkvo"] = "none"
+    rope_scaling: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in ("llama", "gpt2"):
@@ -73,6 +84,12 @@ class ModelArgs:
             raise ValueError("arch='gpt2' always ties lm_head to the token embeddings; set tie_embeddings=True")
         if self.logit_softcap is not None and self.logit_softcap <= 0:
             raise ValueError(f"logit_softcap must be positive or None, got {self.logit_softcap}")
+        if self.attn_bias not in ("none", "qkv", "qkvo"):
+            raise ValueError(f"attn_bias={self.attn_bias!r}; choose 'none', 'qkv' or 'qkvo'")
+        if self.arch == "gpt2" and (self.attn_bias != "none" or self.rope_scaling is not None):
+            raise ValueError("arch='gpt2' has biases everywhere and learned positions: leave attn_bias='none' and "
+                             "rope_scaling=None")  # fmt: skip
+        check_rope_scaling(self.rope_scaling)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, vocab_size: int) -> ModelArgs:
@@ -134,25 +151,8 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, device: torch.device | None = None):
-    """cos and sin tables [max_seq_len, head_dim] in fp32, laid out for the rotate-half convention."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-    t = torch.arange(max_seq_len, dtype=torch.float32, device=device)
-    freqs = torch.outer(t, inv_freq)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, D]; cos/sin: [T, D]."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return x * cos + rotate_half(x) * sin
-
+# Rotary table rows built up front; a longer sequence grows them (Transformer.rope).
+ROPE_TABLE_START = 4096
 
 ATTENTION_KINDS = ("causal", "bidirectional", "prefix")
 
@@ -204,11 +204,12 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        bias = args.arch == "gpt2"
+        bias = args.arch == "gpt2" or args.attn_bias != "none"
         self.q_proj = nn.Linear(args.d_model, args.n_heads * args.head_dim, bias=bias)
         self.k_proj = nn.Linear(args.d_model, args.n_kv_heads * args.head_dim, bias=bias)
         self.v_proj = nn.Linear(args.d_model, args.n_kv_heads * args.head_dim, bias=bias)
-        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.d_model, bias=bias)
+        o_bias = args.arch == "gpt2" or args.attn_bias == "qkvo"
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.d_model, bias=o_bias)
         if args.qk_norm:
             # One weight of size head_dim shared by all heads, applied before rope (Qwen3's q_norm / k_norm).
             self.q_norm = RMSNorm(args.head_dim, args.norm_eps)
@@ -344,10 +345,9 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rotary = args.arch == "llama"
         if self.rotary:
-            cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
-            # Derived from args, so kept out of checkpoints; recomputed by init_weights after meta-device builds.
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            # Derived from args, so kept out of checkpoints; rebuilt by build_rope after meta-device builds.
+            self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.init_weights()
 
     def forward(
@@ -397,7 +397,18 @@ class Transformer(nn.Module):
         """The rotary tables (cos, sin) of positions start..start + length; (None, None) without rotary positions."""
         if not self.rotary:
             return None, None
+        if start + length > self.rope_cos.shape[0]:
+            # At least double, so a growing generation rebuilds the tables O(log n) times.
+            self.build_rope(min(self.args.max_seq_len, max(start + length, 2 * self.rope_cos.shape[0])))
         return self.rope_cos[start : start + length], self.rope_sin[start : start + length]
+
+    def build_rope(self, length: int | None = None, device: torch.device | str | None = None) -> None:
+        """(Re)compute the rotary tables for positions 0..length-1 (default: min(max_seq_len, ROPE_TABLE_START))
+        on `device` (default: where they are); a model built on the meta device gets real tables this way."""
+        a = self.args
+        length = min(a.max_seq_len, ROPE_TABLE_START) if length is None else length
+        device = self.rope_cos.device if device is None else device
+        self.rope_cos, self.rope_sin = rope_tables(a.head_dim, length, a.rope_theta, a.rope_scaling, device)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """The last block's output -> logits: final norm, output layer and, when set, the logit soft cap (fp32)."""
@@ -431,10 +442,7 @@ class Transformer(nn.Module):
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
         if self.rotary:
-            a = self.args
-            cos, sin = rope_tables(a.head_dim, a.max_seq_len, a.rope_theta, self.rope_cos.device)
-            self.rope_cos.copy_(cos)
-            self.rope_sin.copy_(sin)
+            self.build_rope()
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Unique parameters; non_embedding drops the embedding tables (token and learned position; with them a
