@@ -79,3 +79,70 @@ def sft_on_file(checkpoint: Path, data, out: Path, train, **settings) -> dict:
 
     cfg = SFTConfig(data=str(data), **{"gen_prompts": 0, **settings}, train=train.model_dump())
     return run_sft(checkpoint, None, cfg, out)
+
+
+# Chat templates in the styles of real model families, written for the tests (issue 15: imported tokenizers).
+CHATML_TEMPLATE = (  # Qwen2/2.5/3 style: no BOS, a default system message, <|im_end|> ends a turn
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}{{ '<|im_start|>system\\nYou are helpful.<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+LLAMA3_TEMPLATE = (  # Llama 3 style: BOS, role headers, contents trimmed, <|eot_id|> ends a turn
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    " + '<|eot_id|>' %}"
+    "{{ content }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+MISTRAL_TEMPLATE = """{{ bos_token }}
+{% for message in messages %}
+{% if message['role'] == 'user' %}
+{{ '[INST] ' + message['content'] + ' [/INST]' }}
+{% elif message['role'] == 'assistant' %}
+{{ message['content'] + eos_token }}
+{% else %}
+{{ raise_exception('Only user and assistant roles are supported!') }}
+{% endif %}
+{% endfor %}"""
+# style -> (special tokens, bos, eos, pad, chat template)
+HF_STYLES = {
+    "chatml": (["<|endoftext|>", "<|im_start|>", "<|im_end|>"], None, "<|im_end|>", "<|endoftext|>", CHATML_TEMPLATE),
+    "llama3": (["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+               "<|begin_of_text|>", "<|end_of_text|>", None, LLAMA3_TEMPLATE),
+    "mistral": (["<unk>", "<s>", "</s>", "[INST]", "[/INST]"], "<s>", "</s>", None, MISTRAL_TEMPLATE),
+    "gpt2": (["<|endoftext|>"], "<|endoftext|>", "<|endoftext|>", None, None),
+}
+
+
+def hf_tokenizer_dir(directory: Path, style: str) -> Path:
+    """A tiny byte-level BPE (vocabulary 700, trained on standard-library text) saved by transformers'
+    save_pretrained in `style` (HF_STYLES), as a model directory would hold it; generation_config.json lists the
+    Llama-3-style end-of-turn id too."""
+    import json
+
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lmforge.data.readers import stdlib_root
+
+    specials, bos, eos, pad, template = HF_STYLES[style]
+    text = (stdlib_root() / "textwrap.py").read_text(encoding="utf-8").splitlines()[:400]
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    hf.train_from_iterator(text, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=hf, bos_token=bos, eos_token=eos, pad_token=pad,
+                                   chat_template=template)  # fmt: skip
+    fast.save_pretrained(directory)
+    if style == "llama3":
+        ids = [hf.token_to_id(t) for t in ("<|end_of_text|>", "<|eot_id|>")]
+        (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": ids}), encoding="utf-8")
+    return directory

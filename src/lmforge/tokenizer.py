@@ -16,10 +16,20 @@ Design:
   row of L source tokens, and a row of L tokens grows to L + 2 * spans once corrupted; a 1024-token row therefore
   holds about 930 source tokens and 47 spans. 64 covers that with room to spare (rows up to ~1400 tokens) for 64
   embedding rows; settings that would need more make the span batches shorten their source, never fail.
+
+Imported tokenizers (a Hugging Face model's own): `Tokenizer.from_dir` reads any model directory's
+`tokenizer.json` with the files beside it that say what its special tokens are (`tokenizer_config.json`,
+`special_tokens_map.json`), which ids end a generation (`generation_config.json`) and its chat template
+(`tokenizer_config.json`'s `chat_template`, or `chat_template.jinja`); `save_dir` writes back exactly what it
+read. Such a tokenizer may have no BOS (Qwen) or BOS == EOS (GPT-2), no PAD (PAD falls back to EOS) and never the
+reserved `<|mask|>` or sentinels (the objectives that need them refuse it). `encode` never emits a special id from
+text for either kind. A document starts with `doc_start_id`: BOS, or EOS for a tokenizer without BOS, which is
+the separator GPT-2 and Qwen pre-train with.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -31,8 +41,10 @@ from pydantic import Field
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from lmforge.chat_template import ChatTemplate, JinjaChatTemplate, NativeChatTemplate
 from lmforge.data.curated import iter_split_texts
 from lmforge.io import atomic_write_text
+from lmforge.tokenizer_files import TOKENIZER_FILES, TOKENIZER_JSON, Imported, read_imported
 from lmforge.settings import Section
 
 log = logging.getLogger(__name__)
@@ -57,37 +69,77 @@ _ENCODE_CHUNK_DOCS = 256
 
 
 class Tokenizer:
-    """A thin wrapper over a `tokenizers.Tokenizer` with lmforge's conventions (see the module docstring)."""
+    """A thin wrapper over a `tokenizers.Tokenizer`: lmforge's own (fixed special ids, `imported` None) or a
+    Hugging Face model's (`imported` says its special tokens and template). See the module docstring."""
 
-    def __init__(self, hf: HFTokenizer) -> None:
-        for i, token in enumerate(SPECIAL_TOKENS):
-            found = hf.token_to_id(token)
-            if found is None and i > 0 and hf.token_to_id(SPECIAL_TOKENS[0]) == 0:
-                raise ValueError(f"tokenizer lacks the reserved token {token!r} (id {i}): it was trained by an "
-                                 "older lmforge; retrain it with the tokenizer stage")  # fmt: skip
-            if found != i:
-                raise ValueError(f"tokenizer must map {token!r} to id {i}, found {found}")
+    def __init__(self, hf: HFTokenizer, imported: Imported | None = None) -> None:
+        if imported is None:
+            _check_native_layout(hf)
         # Not stored in tokenizer.json, so it is set on every construction.
         hf.encode_special_tokens = True
         self.hf = hf
+        self.imported = imported
+        self._parsing: HFTokenizer | None = None  # a copy that turns special tokens' text into their ids
+        self._chat: ChatTemplate | None = None
+        if imported is not None:
+            self._bos, self._eos, self._pad = (self._named_id(imported, k) for k in ("bos", "eos", "pad"))
+            if self._eos is None and not imported.generation_eos:
+                raise ValueError(f"{imported.source}: the tokenizer names no EOS token (eos_token in "
+                                 "tokenizer_config.json or special_tokens_map.json, eos_token_id in "
+                                 "generation_config.json); lmforge needs one to end documents and replies")  # fmt: skip
 
     @classmethod
     def from_file(cls, path: str | Path) -> Tokenizer:
+        """lmforge's tokenizer.json, or any other one together with the files beside it (`from_dir`)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {path} does not exist; run the tokenizer stage first")
-        return cls(HFTokenizer.from_file(str(path)))
+        hf = HFTokenizer.from_file(str(path))
+        if hf.token_to_id(SPECIAL_TOKENS[0]) == 0:  # lmforge's layout (an older lmforge's is refused by __init__)
+            return cls(hf)
+        return cls(hf, read_imported(path))
+
+    @classmethod
+    def from_dir(cls, dir: str | Path) -> Tokenizer:
+        """The tokenizer of a model directory: an lmforge checkpoint or export, or a Hugging Face model's."""
+        path = Path(dir) / TOKENIZER_JSON
+        if not path.is_file():
+            raise FileNotFoundError(f"{dir} has no {TOKENIZER_JSON}: lmforge reads fast tokenizers only; write one "
+                                    "with transformers: AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")  # fmt: skip
+        return cls.from_file(path)
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, self.hf.to_str(pretty=True))
 
+    def save_dir(self, dir: str | Path) -> None:
+        """Write the tokenizer's files into `dir`: tokenizer.json, and for an imported one every file it was read
+        from (its special tokens, stop ids and chat template), byte for byte."""
+        dir = Path(dir)
+        if self.imported is None:
+            self.save(dir / TOKENIZER_JSON)
+            return
+        for name, text in self.imported.files.items():
+            atomic_write_text(dir / name, text)
+
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, with no special tokens added."""
+        """Token ids of `text`, with no special tokens added and none parsed from the text."""
         return self.hf.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Token ids of each text, encoded in parallel by the Rust side."""
         return [e.ids for e in self.hf.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def encode_with_offsets(self, text: str, parse_special: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of `text` and each token's character span in it. `parse_special`: a special token's text becomes its
+        id, as transformers tokenizes a rendered chat template (only chat templates ask for this)."""
+        if not parse_special:
+            enc = self.hf.encode(text, add_special_tokens=False)
+        else:
+            if self._parsing is None:
+                self._parsing = HFTokenizer.from_str(self.hf.to_str())
+                self._parsing.encode_special_tokens = False
+            enc = self._parsing.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -100,31 +152,112 @@ class Tokenizer:
         return self.hf.get_vocab_size(with_added_tokens=True)
 
     @property
-    def bos_id(self) -> int:
-        return SPECIAL_TOKENS.index(BOS)
+    def bos_id(self) -> int | None:
+        """BOS, or None for an imported tokenizer without one (Qwen)."""
+        return SPECIAL_TOKENS.index(BOS) if self.imported is None else self._bos
 
     @property
     def eos_id(self) -> int:
-        return SPECIAL_TOKENS.index(EOS)
+        if self.imported is None:
+            return SPECIAL_TOKENS.index(EOS)
+        return self._eos if self._eos is not None else self.imported.generation_eos[0]
 
     @property
     def pad_id(self) -> int:
-        return SPECIAL_TOKENS.index(PAD)
+        """PAD, or EOS for an imported tokenizer without one (padding is never a target, so any id serves)."""
+        if self.imported is None:
+            return SPECIAL_TOKENS.index(PAD)
+        return self._pad if self._pad is not None else self.eos_id
+
+    @property
+    def doc_start_id(self) -> int:
+        """The token every document starts with: BOS, or EOS where there is no BOS (see the module docstring)."""
+        bos = self.bos_id
+        return bos if bos is not None else self.eos_id
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """Every id that ends a generation: EOS and, for an imported model, generation_config.json's eos ids."""
+        if self.imported is None:
+            return [self.eos_id]
+        return list(dict.fromkeys([self.eos_id, *self.imported.generation_eos]))
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """The ids that end an assistant reply: the chat template's end-of-turn token, then `eos_ids`."""
+        turn = self.chat_template.end_of_turn_ids if self.has_chat_template else []
+        return list(dict.fromkeys([*turn, *self.eos_ids]))
 
     @property
     def mask_id(self) -> int:
+        if self.imported is not None:
+            raise ValueError(_NO_RESERVED.format(what="<|mask|>", objective="mlm"))
         return SPECIAL_TOKENS.index(MASK)
 
     @property
     def sentinel_ids(self) -> list[int]:
         """Ids of `<|sentinel_0|>`, `<|sentinel_1|>`, ... in order (span corruption uses them in that order)."""
+        if self.imported is not None:
+            raise ValueError(_NO_RESERVED.format(what="<|sentinel_N|>", objective="span"))
         first = SPECIAL_TOKENS.index(SENTINELS[0])
         return list(range(first, first + N_SENTINELS))
 
     @property
     def special_ids(self) -> list[int]:
-        """Every special token's id: the ids 0..len(SPECIAL_TOKENS)-1, never produced by `encode`."""
-        return list(range(len(SPECIAL_TOKENS)))
+        """Every special token's id, never produced by `encode`: lmforge's 0..len(SPECIAL_TOKENS)-1, or every
+        added token an imported tokenizer marks special."""
+        if self.imported is None:
+            return list(range(len(SPECIAL_TOKENS)))
+        return sorted(i for i, t in self.hf.get_added_tokens_decoder().items() if t.special)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self.imported is None or self.imported.chat_template is not None
+
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """lmforge's own template, or the imported model's Jinja one; ValueError when the model has none."""
+        if self._chat is None:
+            if self.imported is None:
+                self._chat = NativeChatTemplate(self)
+            elif self.imported.chat_template is None:
+                raise ValueError(f"{self.imported.source} has no chat template ({self.imported.no_template_reason}), "
+                                 "so it cannot chat or be fine-tuned on conversations; plain-text generation "
+                                 "works, or use a chat model's tokenizer")  # fmt: skip
+            else:
+                self._chat = JinjaChatTemplate(self, self.imported.chat_template, self._template_variables(),
+                                               origin=str(self.imported.source))  # fmt: skip
+        return self._chat
+
+    def _template_variables(self) -> dict[str, str]:
+        """The special tokens' text a Jinja template sees (transformers passes the same names)."""
+        assert self.imported is not None
+        named = {"bos_token": self.imported.bos, "eos_token": self.imported.eos, "pad_token": self.imported.pad,
+                 "unk_token": self.imported.unk}  # fmt: skip
+        return {k: v for k, v in named.items() if v is not None}
+
+    def _named_id(self, imported: Imported, kind: str) -> int | None:
+        token = getattr(imported, kind)
+        if token is None:
+            return None
+        found = self.hf.token_to_id(token)
+        if found is None:
+            raise ValueError(f"{imported.source}: {kind}_token {token!r} is not in its {TOKENIZER_JSON}")
+        return found
+
+
+_NO_RESERVED = ("objective '{objective}' needs lmforge's reserved {what} token; an imported tokenizer has none: "
+                "use objective causal")  # fmt: skip
+
+
+def _check_native_layout(hf: HFTokenizer) -> None:
+    for i, token in enumerate(SPECIAL_TOKENS):
+        found = hf.token_to_id(token)
+        if found is None and i > 0 and hf.token_to_id(SPECIAL_TOKENS[0]) == 0:
+            raise ValueError(f"tokenizer lacks the reserved token {token!r} (id {i}): it was trained by an "
+                             "older lmforge; retrain it with the tokenizer stage")  # fmt: skip
+        if found != i:
+            raise ValueError(f"tokenizer must map {token!r} to id {i}, found {found}")
 
 
 def _new_hf_tokenizer() -> HFTokenizer:
