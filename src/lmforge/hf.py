@@ -2,7 +2,9 @@
 
 Which architecture the export takes follows the model's options (`hf_architecture`):
 
-    arch=llama, mlp=swiglu               -> LlamaForCausalLM (the parameter names already are Llama's: copied as is)
+    arch=llama, mlp=swiglu               -> LlamaForCausalLM (the parameter names already are Llama's: copied as is;
+                                            attn_bias=qkvo is attention_bias=true; rope_scaling kept)
+    ... with attn_bias=qkv               -> Qwen2ForCausalLM (q/k/v biases; copied as is)
     arch=llama, mlp=swiglu, qk_norm      -> Qwen3ForCausalLM (Llama plus q_norm / k_norm over head_dim; copied as is;
                                             needs transformers >= 4.51 to load)
     arch=gpt2 (GELU MLP, no GQA)         -> GPT2LMHeadModel (q/k/v fused into c_attn, weights transposed for Conv1D)
@@ -23,6 +25,10 @@ tokenized, which works only if the text of a special token ("<|user|>") becomes 
 keeps transformers' default `split_special_tokens=False`, whereas lmforge's own tokenizer never lets text spell a
 control token. To encode untrusted text as lmforge does, pass `split_special_tokens=True` to the tokenizer, or
 `sanitize_control_tokens=True` to `apply_chat_template` (transformers versions that have it).
+
+An imported model's tokenizer (lmforge.tokenizer: `Tokenizer.from_dir`) is exported as its own files, as read: its
+tokenizer.json, special tokens and chat template, with generation_config.json's eos_token_id listing every id that
+ends a reply (its EOS ids and its template's end-of-turn token).
 """
 
 from __future__ import annotations
@@ -34,11 +40,13 @@ from typing import Any, Literal
 
 import torch
 import typer
+from pydantic import model_validator
 from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import processors
 
 from lmforge import verbs
+from lmforge.export_gguf import GGUF_DTYPES, export_gguf
 from lmforge.finetune.template import CHAT_TEMPLATE_JINJA, END
 from lmforge.io import staged_dir
 from lmforge.model.io import TOKENIZER, has_prefix, load_model, require_checkpoint
@@ -46,24 +54,52 @@ from lmforge.model.transformer import ModelArgs
 from lmforge.outdir import claim_output_dir, write_marker
 from lmforge.registry import ReportContext, Stage, StageContext, producer, register
 from lmforge.settings import Section
+from lmforge.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
 
-class ExportConfig(Section):
-    format: Literal["hf"] = "hf"
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EXPORT_DTYPES = {"hf": tuple(DTYPES), "gguf": GGUF_DTYPES}  # format -> its dtypes, the first the default
+GGUF_FILE = "model.gguf"  # the export stage's GGUF file
+
+
+def check_export_dtype(fmt: str, dtype: str) -> None:
+    """ValueError naming both when `dtype` is not one of format `fmt`'s dtypes."""
+    if dtype not in EXPORT_DTYPES[fmt]:
+        other = [f for f, dtypes in EXPORT_DTYPES.items() if dtype in dtypes]
+        hint = f" ({dtype} is a {other[0]} dtype)" if other else ""
+        raise ValueError(f"dtype {dtype!r} does not go with format {fmt!r}{hint}: format {fmt} takes "
+                         f"{' | '.join(EXPORT_DTYPES[fmt])}")  # fmt: skip
+
+
+class ExportConfig(Section):
+    # hf: a Hugging Face transformers directory; gguf: one llama.cpp file (docs/export.md)
+    format: Literal["hf", "gguf"] = "hf"
+    # hf: float32 | bfloat16 | float16; gguf: f32 | f16 | q8_0 (unset with format gguf: f32)
+    dtype: Literal["float32", "bfloat16", "float16", "f32", "f16", "q8_0"] = "float32"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _format_default_dtype(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "dtype" not in data and data.get("format") in EXPORT_DTYPES:
+            return {**data, "dtype": EXPORT_DTYPES[data["format"]][0]}
+        return data
+
+    @model_validator(mode="after")
+    def _dtype_fits_format(self) -> ExportConfig:
+        check_export_dtype(self.format, self.dtype)
+        return self
+
 # Fixed by lmforge.tokenizer: the first special tokens always take these ids.
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 BOS_ID, EOS_ID, PAD_ID, END_ID = 0, 1, 2, 6
 FILES = ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-         "special_tokens_map.json")  # everything an export writes (and its lmforge.outdir marker)
+         "special_tokens_map.json", "chat_template.jinja")  # everything an export writes (and its lmforge.outdir marker)
 
 
 def hf_architecture(args: ModelArgs) -> str:
-    """"llama", "qwen3" or "gpt2": the Hugging Face architecture that computes exactly what this model does.
+    """"llama", "qwen2", "qwen3" or "gpt2": the Hugging Face architecture that computes exactly what this model does.
 
     Raises ValueError naming the option (and the setting to change) when there is none.
     """
@@ -98,7 +134,14 @@ def hf_architecture(args: ModelArgs) -> str:
             "Hugging Face architecture matches an ungated one with RMSNorm and rotary positions exactly; train with "
             "model.mlp=swiglu (or model.arch=gpt2 for an ungated GELU MLP) to export"
         )
-    return "qwen3" if args.qk_norm else "llama"
+    if args.qk_norm and args.attn_bias == "qkv":
+        raise ValueError(
+            "qk_norm with attn_bias='qkv' cannot be exported: Qwen3ForCausalLM's attention_bias puts a bias on o_proj "
+            "too, and Qwen2ForCausalLM has no q/k norm; no Hugging Face architecture computes this model exactly"
+        )
+    if args.qk_norm:
+        return "qwen3"
+    return "qwen2" if args.attn_bias == "qkv" else "llama"
 
 
 def _token_and_dtype_fields(dtype: str) -> dict[str, Any]:
@@ -114,7 +157,9 @@ def _token_and_dtype_fields(dtype: str) -> dict[str, Any]:
 
 
 def llama_config(args: ModelArgs, dtype: str) -> dict[str, Any]:
-    """config.json for LlamaForCausalLM, readable by transformers 4.45+ (rope_theta) and 5.x (rope_parameters)."""
+    """config.json for LlamaForCausalLM, readable by transformers 4.45+ (rope_theta, rope_scaling) and 5.x
+    (rope_parameters)."""
+    rope_type = args.rope_scaling["rope_type"] if args.rope_scaling else "default"
     return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
@@ -128,15 +173,23 @@ def llama_config(args: ModelArgs, dtype: str) -> dict[str, Any]:
         "max_position_embeddings": args.max_seq_len,
         "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "rope_scaling": args.rope_scaling,
+        "rope_parameters": {**(args.rope_scaling or {}), "rope_type": rope_type, "rope_theta": args.rope_theta},
         "hidden_act": "silu",
-        "attention_bias": False,
+        "attention_bias": args.attn_bias == "qkvo",
         "attention_dropout": 0.0,
         "mlp_bias": False,
         "initializer_range": args.init_std,
         "tie_word_embeddings": args.tie_embeddings,
         **_token_and_dtype_fields(dtype),
     }
+
+
+def qwen2_config(args: ModelArgs, dtype: str) -> dict[str, Any]:
+    """config.json for Qwen2ForCausalLM: Llama's fields (Qwen2's q/k/v biases are implied), no sliding window."""
+    cfg = qwen3_config(args, dtype)
+    cfg.pop("attention_bias")
+    return cfg | {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
 
 
 def qwen3_config(args: ModelArgs, dtype: str) -> dict[str, Any]:
@@ -202,6 +255,10 @@ def gpt2_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str
 
 
 def _write_tokenizer(src: Path, out: Path, max_len: int) -> None:
+    ours = Tokenizer.from_file(src)
+    if ours.imported is not None:
+        _write_imported_tokenizer(ours, out)
+        return
     tok = HFTokenizer.from_file(str(src))
     for token, want in ((BOS, BOS_ID), (EOS, EOS_ID), (PAD, PAD_ID), (END, END_ID)):
         if tok.token_to_id(token) != want:
@@ -226,6 +283,17 @@ def _write_tokenizer(src: Path, out: Path, max_len: int) -> None:
     }
     _write_json(out / "tokenizer_config.json", config)
     _write_json(out / "special_tokens_map.json", special_map)
+
+
+def _write_imported_tokenizer(tok: Tokenizer, out: Path) -> None:
+    """An imported model's own tokenizer files, as read, with every id that ends a reply (its template's end of
+    turn too) in generation_config.json, so that transformers' generate stops where lmforge's does."""
+    assert tok.imported is not None
+    tok.save_dir(out)
+    generation = json.loads(tok.imported.files.get("generation_config.json", "{}"))
+    bos = {"bos_token_id": tok.bos_id} if tok.bos_id is not None else {}
+    _write_json(out / "generation_config.json", {**generation, **bos, "eos_token_id": tok.stop_ids,
+                                                 "pad_token_id": tok.pad_id})  # fmt: skip
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -259,6 +327,8 @@ def export_hf(checkpoint_dir: Path, out_dir: Path, dtype: str = "float32") -> Pa
         state, config = gpt2_state_dict(state, args), gpt2_config(args, dtype)
     elif arch == "qwen3":
         config = qwen3_config(args, dtype)
+    elif arch == "qwen2":
+        config = qwen2_config(args, dtype)
     else:
         config = llama_config(args, dtype)
     with staged_dir(out_dir) as tmp:
@@ -285,7 +355,11 @@ def load_causal_lm(path: Path, device: torch.device) -> torch.nn.Module:
 
 
 def _export_stage(ctx: StageContext) -> dict[str, Any]:
-    path = export_hf(ctx.input("model"), ctx.out / "hf", dtype=ctx.settings.export.dtype)
+    cfg = ctx.settings.export
+    if cfg.format == "gguf":
+        path = export_gguf(ctx.input("model"), ctx.out / GGUF_FILE, dtype=cfg.dtype)
+        return {"path": str(path), "bytes": path.stat().st_size}
+    path = export_hf(ctx.input("model"), ctx.out / "hf", dtype=cfg.dtype)
     return {"path": str(path), "bytes": sum(p.stat().st_size for p in path.iterdir())}
 
 
@@ -295,6 +369,9 @@ def _export_config(settings: Any) -> dict[str, Any]:
 
 
 def _export_report(ctx: ReportContext) -> list[str]:
+    if (ctx.stage_dir / GGUF_FILE).exists():
+        gguf = (ctx.stage_dir / GGUF_FILE).relative_to(ctx.root)
+        return ["## Export", "", f"GGUF file: `{gguf}` (runs with llama.cpp: `llama-cli -m {gguf} --jinja`).", ""]
     if not (ctx.stage_dir / "hf").exists():
         return []
     return ["## Export", "", f"Hugging Face directory: `{(ctx.stage_dir / 'hf').relative_to(ctx.root)}` (loads with "
@@ -303,16 +380,33 @@ def _export_report(ctx: ReportContext) -> list[str]:
 
 def export_verb(
     checkpoint: Path = typer.Argument(..., help="A model directory."),
-    out: Path = typer.Argument(..., help="Output directory: new, empty, or an earlier export (which it replaces)."),
-    fmt: str = typer.Option("hf", "--format", help="Only 'hf' (Hugging Face transformers) for now."),
-    dtype: str = typer.Option("float32", help="float32 | bfloat16 | float16"),
+    out: Path | None = typer.Argument(None, help="Output: hf, a directory (new, empty, or an earlier export, which "
+                                      "it replaces); gguf, a file (new, or an earlier GGUF export)."),
+    out_option: Path | None = typer.Option(None, "-o", "--out", help="The output, given as an option instead."),
+    fmt: str = typer.Option("hf", "--format", help="hf (a Hugging Face transformers directory) | gguf (one "
+                            "llama.cpp file)."),
+    dtype: str | None = typer.Option(None, help="hf: float32 | bfloat16 | float16 (default float32); gguf: f32 | "
+                                     "f16 | q8_0 (default f32)."),
 ) -> None:
     """Export a checkpoint to a Hugging Face transformers directory, with its tokenizer and chat template. The
     architecture follows the model: LlamaForCausalLM; Qwen3ForCausalLM for a model with qk_norm (the default
-    recipe's; needs transformers >= 4.51); GPT2LMHeadModel for model.arch=gpt2."""
-    if fmt != "hf":
-        verbs.fail(f"--format {fmt!r} is not supported; allowed: hf", 2)
+    recipe's; needs transformers >= 4.51); GPT2LMHeadModel for model.arch=gpt2. With --format gguf: one GGUF file
+    for llama.cpp (llama, qwen2, qwen3 or gpt2 architecture), tokenizer and chat template included."""
+    if fmt not in EXPORT_DTYPES:
+        verbs.fail(f"--format {fmt!r} is not supported; allowed: {' | '.join(EXPORT_DTYPES)}", 2)
+    if (out is None) == (out_option is None):
+        verbs.fail("give the output once: as the second argument or as -o OUT", 2)
+    out = out if out is not None else out_option
+    dtype = dtype or EXPORT_DTYPES[fmt][0]
+    try:
+        check_export_dtype(fmt, dtype)
+    except ValueError as e:
+        verbs.fail(f"--dtype: {e}", 2)
     with verbs.output_checked():
+        if fmt == "gguf":
+            path = export_gguf(checkpoint, out, dtype=dtype)
+            log.info("exported to %s; run it with llama.cpp: llama-cli -m %s --jinja", path, path)
+            return
         path = export_hf(checkpoint, out, dtype=dtype)
     log.info("exported to %s; load with AutoModelForCausalLM.from_pretrained(%r)", path, str(path))
 
@@ -321,5 +415,5 @@ def export_verb(
 # with), else the pre-trained one.
 EXPORT_STAGE = register(Stage(
     name="export", order=70, run=_export_stage, sections={"export": ExportConfig}, needs=("model",),
-    config=_export_config, produces={"hf": "hf"}, report=_export_report, verb=export_verb,
+    config=_export_config, produces={"hf": "hf", "gguf": GGUF_FILE}, report=_export_report, verb=export_verb,
 ))  # fmt: skip
