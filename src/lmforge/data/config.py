@@ -43,6 +43,11 @@ class DataConfig(Section):
     # Heuristic web-text rules, applied in the order given (see lmforge.data.quality).
     quality: list[Literal["gopher_quality", "gopher_repetition", "c4", "fineweb"]] = Field(default_factory=list)
     pii: bool = False  # replace e-mails, phones, IPs, cards, IBANs, SSNs and secrets with typed placeholders
+    # The classic NLP preprocessing steps, off for language models (docs/curation.md, lmforge.data.preprocess):
+    # run after the rules that judge text as written, before deduplication.
+    spell_correct: bool = False  # symspellpy's English dictionary; about 4 s to load per worker
+    remove_stop_words: bool = False  # spaCy's English stop-word list
+    lowercase: bool = False
     near_dedup: bool = False  # MinHash LSH near-duplicate removal (see lmforge.data.minhash)
     near_dedup_threshold: float = Field(0.8, gt=0.0, le=1.0)  # estimated Jaccard of word n-grams
     minhash_bands: int = Field(14, gt=0)

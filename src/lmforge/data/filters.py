@@ -292,4 +292,8 @@ def build_filters(cfg: DataConfig) -> list[Filter]:
         from lmforge.data.decontam import Decontaminator
 
         filters.append(Decontaminator(cfg.decontaminate, n=cfg.decontam_ngram, mode=cfg.decontam_mode))
+    if cfg.spell_correct or cfg.remove_stop_words or cfg.lowercase:  # last: every rule above reads text as written
+        from lmforge.data.preprocess import build_preprocessors
+
+        filters += build_preprocessors(cfg.lowercase, cfg.remove_stop_words, cfg.spell_correct)
     return filters
