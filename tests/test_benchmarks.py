@@ -43,6 +43,8 @@ CASES: dict[str, tuple[str | None, set[str]]] = {
                                                       "lmforge_examples_per_s_tuned", "max_logprob_diff"}
                            | _HFLM_KEYS),  # fmt: skip
     "finetune_memory.py": ("instruct/alpaca_data_sample2000.json", {"params"} | _FINETUNE_KEYS),
+    "gguf_export.py": (None, {"params_m"} | {f"{dtype}_{m}" for dtype in ("f32", "f16", "q8_0")
+                                             for m in ("mb", "export_s", "max_logit_diff", "argmax_agree")}),  # fmt: skip
     "html_extraction.py": ("web/html/article-extraction-benchmark",
                            {"resiliparse_f1", "resiliparse_pages_s", "resiliparse_whole_page_f1",
                             "resiliparse_whole_page_pages_s"} | _TRAFILATURA_KEYS),
