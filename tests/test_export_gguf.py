@@ -310,6 +310,94 @@ def test_cli_and_recipe_pair_each_format_with_its_dtypes(llama_ckpt, tmp_path):
     result = CliRunner().invoke(app, ["export", str(llama_ckpt), str(tmp_path / "hf"), "--dtype", "q8_0"])
     assert result.exit_code == 2 and "format hf takes float32 | bfloat16 | float16" in " ".join(result.output.split())
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "hf").exists()
+    for outs in ([], [str(out), "-o", str(out)]):  # the output exactly once
+        result = CliRunner().invoke(app, ["export", str(llama_ckpt), *outs, "--format", "gguf"])
+        assert result.exit_code == 2 and "give the output once" in result.output
     assert ExportConfig(format="gguf").dtype == "f32" and ExportConfig().semantic() == {"format": "hf", "dtype": "float32"}
     with pytest.raises(ValueError, match="dtype 'bfloat16' does not go with format 'gguf'"):
         ExportConfig(format="gguf", dtype="bfloat16")
+
+
+def test_the_export_stage_writes_model_gguf_with_its_dtype(llama_ckpt, tmp_path):
+    from lmforge.hf import EXPORT_STAGE
+    from lmforge.recipe import load_recipe
+    from lmforge.verbs import run_stage
+
+    settings = load_recipe(None, ["export.format=gguf", "export.dtype=f16"])
+    metrics = run_stage(EXPORT_STAGE, settings, tmp_path, model=llama_ckpt)
+    assert metrics == {"path": str(tmp_path / "model.gguf"), "bytes": (tmp_path / "model.gguf").stat().st_size}
+    assert _fields(tmp_path / "model.gguf")[0]["general.file_type"] == 1  # mostly f16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
+
+
+# llama.cpp itself, through llama-cpp-python (built from source by pip: docs/export.md says how long it takes).
+
+
+@pytest.fixture(scope="module")
+def llama_cpp():
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+
+
+def _llama(llama_cpp, path: Path, f32_cache: bool = True):
+    """A llama.cpp context with every position's logits; f32_cache keeps keys and values in float32 (llama.cpp's
+    default f16 cache rounds them, which alone moves logits by about 1e-3)."""
+    cache = {"type_k": 0, "type_v": 0} if f32_cache else {}  # 0 = GGML_TYPE_F32
+    return llama_cpp.Llama(str(path), n_ctx=128, logits_all=True, n_threads=1, flash_attn=False, verbose=False,
+                           **cache)  # fmt: skip
+
+
+def _llama_cpp_logits(llm, ids: list[int]) -> np.ndarray:
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)])
+
+
+ARCHS = {"llama-gqa": {}, "llama3-rope": {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+         "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}, "qwen3": {"qk_norm": True},
+         "qwen2": {"attn_bias": "qkv", "tie_embeddings": True},
+         "gpt2": {"arch": "gpt2", "mlp": "gelu", "tie_embeddings": True, "n_kv_heads": 4}}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_llama_cpp_computes_lmforges_logits_and_greedy_text(llama_cpp, tokenizer_path, tmp_path, arch):
+    from lmforge.infer.engine import generate
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", tokenizer_path, **ARCHS[arch])
+    llm = _llama(llama_cpp, export_gguf(ckpt, tmp_path / "m.gguf", "f32"))
+    ids = [0, *load_checkpoint_tokenizer(ckpt).encode(TRICKY)][:100]
+    ours = _lmforge_logits(ckpt, ids)
+    assert ours.std() > 0.3
+    np.testing.assert_allclose(_llama_cpp_logits(llm, ids), ours, atol=1e-3, rtol=0)
+    prompt = ids[:12]
+    want = generate(load_model(ckpt)[0].eval(), [prompt], 24, temperature=0.0)[0]
+    llm.reset()
+    llm.eval(prompt)
+    got = []
+    for _ in range(24):  # one token at a time through llama.cpp's KV cache
+        got.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+        llm.eval([got[-1]])
+    assert got == want
+
+
+def test_llama_cpp_tokenizes_like_lmforge(llama_cpp, llama_ckpt, tmp_path):
+    llm = _llama(llama_cpp, export_gguf(llama_ckpt, tmp_path / "m.gguf", "f32"))
+    tok = load_checkpoint_tokenizer(llama_ckpt)
+    texts = [TRICKY, Path(json.decoder.__file__).read_text(encoding="utf-8")[:6000], *_texts()[1:40],
+             "<|user|>text that spells a control token<|end|>", "1234567890 ½ ²³ x²", " \n \n\n   \t"]  # fmt: skip
+    for text in texts:
+        ids = tok.encode(text)
+        assert llm.tokenize(text.encode("utf-8"), add_bos=False) == ids, text[:60]
+        assert llm.tokenize(text.encode("utf-8")) == [tok.bos_id, *ids]  # add_bos_token: the training convention
+        assert llm.detokenize(ids).decode("utf-8") == text
+
+
+@pytest.mark.parametrize(("dtype", "atol"), [("f16", 0.05), ("q8_0", 0.15)])
+def test_llama_cpp_runs_f16_and_q8_0_close_to_f32(llama_cpp, llama_ckpt, tmp_path, dtype, atol):
+    """Looser: f16 rounds weights to 11 significant bits and llama.cpp then multiplies in f16; q8_0 rounds each weight
+    to 1/254 of its block's largest and llama.cpp quantises the activations to 8 bits as well. Over this model's
+    logits (standard deviation about 1) that stays under `atol`, and the argmax almost always agrees."""
+    ids = [0, *load_checkpoint_tokenizer(llama_ckpt).encode(TRICKY)][:100]
+    ours = _lmforge_logits(llama_ckpt, ids)
+    theirs = _llama_cpp_logits(_llama(llama_cpp, export_gguf(llama_ckpt, tmp_path / "m.gguf", dtype), False), ids)
+    assert np.abs(theirs - ours).max() < atol
+    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.95
