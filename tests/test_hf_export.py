@@ -248,3 +248,24 @@ def test_unrepresentable_options_refuse_to_export(tmp_path: Path, tokenizer_file
         export_hf(ckpt, tmp_path / "hf")
     assert "model." in str(err.value)  # names the recipe setting to change
     assert not (tmp_path / "hf").exists()
+
+
+def test_imported_tokenizer_exports_its_own_files(tmp_path: Path):
+    """A checkpoint carrying an imported (Llama-3-style) tokenizer exports that tokenizer's own files: transformers'
+    apply_chat_template gives lmforge's ids, and generation_config.json lists every id that ends a reply."""
+    from helpers import hf_tokenizer_dir
+
+    hf_dir = hf_tokenizer_dir(tmp_path / "hf", "llama3")
+    ours = Tokenizer.from_dir(hf_dir)
+    ckpt, _ = checkpoint(tmp_path, hf_dir / "tokenizer.json", vocab_size=ours.vocab_size)
+    out = export_hf(ckpt, tmp_path / "export")
+    assert (out / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
+    assert (out / "chat_template.jinja").read_bytes() == (hf_dir / "chat_template.jinja").read_bytes()
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == ours.stop_ids == [ours.token_to_id("<|eot_id|>"), ours.eos_id]
+    theirs = transformers.AutoTokenizer.from_pretrained(out)
+    conv = [Message("system", "Be terse."), Message("user", "Hi"), Message("assistant", "Hello.")]
+    msgs = [{"role": m.role, "content": m.content} for m in conv]
+    got = theirs.apply_chat_template(msgs, tokenize=True)
+    assert list(got["input_ids"] if hasattr(got, "keys") else got) == render(ours, conv)[0]
+    assert Tokenizer.from_dir(out).stop_ids == ours.stop_ids

@@ -51,7 +51,7 @@ def embed_texts(
     if max_len < 2:
         raise ValueError(f"max_len must be at least 2, got {max_len}")
     device = next(model.parameters()).device
-    ids = [[tokenizer.bos_id] + t[: max_len - 1] for t in tokenizer.encode_batch(list(texts))]
+    ids = [[tokenizer.doc_start_id] + t[: max_len - 1] for t in tokenizer.encode_batch(list(texts))]
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     out: np.ndarray | None = None
     with evaluating(model):
@@ -156,7 +156,7 @@ class PairBatches(ShuffledRows):
         if len(pairs) < batch_size:
             raise ValueError(f"{len(pairs)} pairs are fewer than one batch of {batch_size}")
         super().__init__(len(pairs), batch_size, seed)
-        encode = lambda text: [tokenizer.bos_id] + tokenizer.encode(text)[: max_len - 1]  # noqa: E731
+        encode = lambda text: [tokenizer.doc_start_id] + tokenizer.encode(text)[: max_len - 1]  # noqa: E731
         self.queries = [encode(p.summary) for p in pairs]
         self.codes = [encode(p.code) for p in pairs]
         self.pad_id = tokenizer.pad_id

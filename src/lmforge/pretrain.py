@@ -180,7 +180,7 @@ def objective_val_fn(windows, batch_size: int, cfg: PretrainConfig, tokenizer: T
                 ys = torch.stack([w[1] for w in windows[i : i + batch_size]])
                 # validation_windows hides BOS targets from the causal loss; the objective builders want the raw
                 # tokens.
-                ys = torch.where(ys == IGNORE_INDEX, tokenizer.bos_id, ys)
+                ys = torch.where(ys == IGNORE_INDEX, tokenizer.doc_start_id, ys)
                 batch = objective_batch(main, xs, ys, cfg, tokenizer, g)
                 batch = {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else batch
                 total += float(loss(model, batch)[0]) * len(xs)
@@ -257,7 +257,7 @@ def pretrain(
                            world_size=world.dp_size)  # fmt: skip
     loader = ObjectiveBatches(base, pretrain_cfg, tokenizer, train_cfg.seed, pretrain_cfg.document_masking)
     windows = validation_windows(val_split, train_cfg.seq_len, train_cfg.eval_batches * train_cfg.batch_size,
-                                 tokenizer.bos_id)  # fmt: skip
+                                 tokenizer.doc_start_id)  # fmt: skip
     # Pipeline stages were built for this rank's row count; other layouts score in the global batch size.
     val_rows = rows if world.pp_size > 1 else train_cfg.batch_size
     val_fn, val_objective = objective_val_fn(windows, val_rows, pretrain_cfg, tokenizer, train_cfg.seed)

@@ -265,3 +265,26 @@ def test_code_prompts_become_a_user_message_and_the_start_of_the_reply(tok, long
     generate_calls.clear()
     code_eval.generate_completions(long_replier, tok, [prompt], n=1, temperature=0, max_new_tokens=4)
     assert generate_calls[0] == ([[tok.bos_id] + tok.encode(prompt)], ())
+
+
+def test_imported_template_prompts_and_stops_at_its_end_of_turn(tmp_path):
+    """An imported (ChatML, no BOS) tokenizer saved with a checkpoint: the chat prompt is the model's template with
+    the generation prompt, and the reply stops at <|im_end|>, not only at EOS."""
+    from helpers import hf_tokenizer_dir
+
+    pytest.importorskip("transformers")
+    hf_dir = hf_tokenizer_dir(tmp_path / "hf", "chatml")
+    tok = Tokenizer.from_dir(hf_dir)
+    im_end, x, y = ids(tok, "<|im_end|>"), tok.encode("x")[0], tok.encode("y")[0]
+    assert tok.stop_ids == [im_end] and im_end != tok.token_to_id("<|endoftext|>")
+    prompt = prompt_ids(tok, [Message("user", "hi")])
+    assert tok.decode(prompt, skip_special_tokens=False).endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+    model = chain_model(tok, {prompt[-1]: x, tok.encode("hi")[-1]: x, x: im_end, im_end: y, y: y}, 64)
+    ckpt = save_model(tmp_path / "ckpt", model, model.args, hf_dir / "tokenizer.json")
+    assert (ckpt / "chat_template.jinja").read_bytes() == (hf_dir / "chat_template.jinja").read_bytes()
+    session = load_chat(ckpt, device="cpu", max_new_tokens=8, temperature=0)
+    reply = session.send("hi")
+    assert reply.prompt_ids == prompt and "".join(reply) == "x" and reply.finish_reason == "stop"
+    # Plain text stops at EOS (here <|im_end|> too); without the stop it would run on to "y".
+    assert "".join(engine.stream_text(model, tok, "hi", 4, temperature=0)) == "x"
+    assert engine.generate(model, [[tok.doc_start_id, *tok.encode("hi")]], 3, temperature=0)[0] == [x, im_end, y]

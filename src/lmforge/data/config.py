@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lmforge.data.files import DEFAULT_EXTENSIONS
 from lmforge.settings import Section
@@ -43,6 +43,9 @@ class DataConfig(Section):
     # Heuristic web-text rules, applied in the order given (see lmforge.data.quality).
     quality: list[Literal["gopher_quality", "gopher_repetition", "c4", "fineweb"]] = Field(default_factory=list)
     pii: bool = False  # replace e-mails, phones, IPs, cards, IBANs, SSNs and secrets with typed placeholders
+    # With pii: also these named-entity kinds, found by a spaCy model and context rules (lmforge.data.pii_ner;
+    # pip install 'lmforge[ner]'). Empty = off: the model costs ~100x the patterns' time (docs/curation.md).
+    pii_ner: list[Literal["PERSON", "ORG", "ADDRESS"]] = Field(default_factory=list)
     # The classic NLP preprocessing steps, off for language models (docs/curation.md, lmforge.data.preprocess):
     # run after the rules that judge text as written, before deduplication.
     spell_correct: bool = False  # symspellpy's English dictionary; about 4 s to load per worker
@@ -72,6 +75,13 @@ class DataConfig(Section):
     plots: bool = True  # before/after histograms of length and quality signals (histograms.png)
 
     NON_SEMANTIC: ClassVar[frozenset[str]] = frozenset({"workers", "executor", "ray_address", "plots"})
+
+    @model_validator(mode="after")
+    def _ner_needs_pii(self) -> "DataConfig":
+        if self.pii_ner and not self.pii:
+            raise ValueError(f"data.pii_ner={self.pii_ner} needs data.pii=true (the entities are part of PII "
+                             "redaction); set pii: true or pii_ner: []")  # fmt: skip
+        return self
 
 
 class ShardsConfig(Section):

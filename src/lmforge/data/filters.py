@@ -287,7 +287,7 @@ def build_filters(cfg: DataConfig) -> list[Filter]:
     if cfg.pii:  # before deduplication, so copies that differ only in redacted details collapse
         from lmforge.data.pii import PIIRedactor
 
-        filters.append(PIIRedactor())
+        filters.append(PIIRedactor(ner=cfg.pii_ner))
     if cfg.decontaminate:
         from lmforge.data.decontam import Decontaminator
 

@@ -2,7 +2,7 @@
 
 `BatchLoader` cuts the token stream into fixed windows, so a row usually starts mid-document and mixes documents
 freely. `PackedLoader` instead packs documents (every document in the shards is `[bos_id] + tokens`, see
-`shards.py`) into rows of `seq_len + 1` tokens, numbers the documents inside each row (`doc_ids`) so the model can
+`shards.py`; `bos_id` is the document-start token, EOS for a tokenizer without BOS) into rows of `seq_len + 1` tokens, numbers the documents inside each row (`doc_ids`) so the model can
 keep attention within a document, and masks the targets that cross from one document into the next.
 
 Packing a row (`pack_documents`): a buffer holds the next `buffer_docs` pieces of documents in the epoch's
@@ -12,7 +12,8 @@ row by itself becomes a row as soon as it is read and never enters the buffer.) 
 
 - `fill="crop"` (default): the head of the shortest piece in the buffer is cropped to exactly the free space
   (only when at least 2 slots are free; a single slot would hold a bare BOS and is padded instead);
-- `fill="pad"`: the rest of the row is padding (`pad_id`, by default the tokenizer's `<|pad|>`; its own
+- `fill="pad"`: the rest of the row is padding (`pad_id`, by default lmforge's `<|pad|>`: the pretrain stage
+  passes the tokenizer's own, EOS for an imported tokenizer without PAD; its own
   `doc_ids` value; never a target).
 
 A piece longer than a row, and the tail left over by a crop, are handled by `overflow`:

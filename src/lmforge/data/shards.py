@@ -4,7 +4,9 @@ On-disk format (version 1), all in one directory:
 
 - `{split}_{k:05d}.bin` (split is `train` or `val`, k counts from 0): raw token ids, little-endian, `uint16` when the
   vocabulary has at most 65536 entries, else `uint32`, no header. Each document is stored as `[bos_id] + tokens`
-  (no EOS): the BOS both separates documents and marks where one starts. A document never straddles two shards; a
+  (no EOS): the BOS both separates documents and marks where one starts. A tokenizer without BOS (an imported
+  Qwen's) starts each document with its EOS instead, the separator such models are pre-trained with
+  (`Tokenizer.doc_start_id`); `bos_id` in the index is that token. A document never straddles two shards; a
   shard is closed when the next document would push it past `shard_tokens` (a single document longer than that gets
   a shard of its own).
 - `{split}_{k:05d}.docs.npy`: int64 numpy array of each document's start offset within that shard (where its BOS
@@ -136,7 +138,7 @@ def _write_split(
     for chunk in _chunks(texts):
         for text, ids in zip(chunk, _encode(tok, chunk, workers)):
             doc = np.empty(len(ids) + 1, dtype=np.int64)
-            doc[0] = tok.bos_id
+            doc[0] = tok.doc_start_id
             doc[1:] = ids
             writer.add(doc)
             n_tokens += len(doc)
@@ -179,7 +181,7 @@ def run_shards(curate_dir: Path, tokenizer_path: Path, cfg: ShardsConfig, out_di
         "format": FORMAT_VERSION,
         "dtype": dtype.name,
         "vocab_size": tok.vocab_size,
-        "bos_id": tok.bos_id,
+        "bos_id": tok.doc_start_id,  # the document start: EOS for a tokenizer without BOS (lmforge.tokenizer)
         "eos_id": tok.eos_id,
         "splits": splits,
     }

@@ -307,11 +307,11 @@ def generate_completions(
 
 
 def _code_prompt(tokenizer: Tokenizer, prompt: str, budget: int) -> tuple[list[int], bool]:
-    """BOS + the prompt, cut (from the start) to `budget` tokens; and whether it was cut."""
+    """The document start (BOS) + the prompt, cut (from the start) to `budget` tokens; and whether it was cut."""
     ids = tokenizer.encode(prompt)
     if len(ids) + 1 <= budget:
-        return [tokenizer.bos_id] + ids, False
-    return [tokenizer.bos_id] + ids[len(ids) - (budget - 1) :], True  # the end holds the function to write
+        return [tokenizer.doc_start_id] + ids, False
+    return [tokenizer.doc_start_id] + ids[len(ids) - (budget - 1) :], True  # the end holds the function to write
 
 
 def _chat_code_prompt(tokenizer: Tokenizer, prompt: str, budget: int) -> tuple[list[int], bool]:

@@ -2,7 +2,8 @@
 
 Bits per byte is comparable across tokenizers and with compressors: the model's total negative log-likelihood of
 the text, in bits, divided by the text's UTF-8 size. Each document is scored as it is seen in training, as
-[BOS] + tokens; the BOS positions are never targets, so every scored token stands for bytes of the text.
+[BOS] + tokens; the BOS positions are never targets, so every scored token stands for bytes of the text. (BOS is
+the tokenizer's `doc_start_id`: EOS for an imported tokenizer without BOS, as its documents were separated.)
 Documents are packed into a stream cut into windows of `seq_len` tokens, each token scored once: by default the
 windows do not overlap, so a token sees the context that precedes it inside its window; with a stride they slide,
 and every token after the first window sees at least seq_len - stride tokens of context.
@@ -67,7 +68,7 @@ def _token_stream(
             budget -= len(ids)
         if sink is not None:
             sink(text)
-        yield [tokenizer.bos_id] + ids, len(text.encode("utf-8"))
+        yield [tokenizer.doc_start_id] + ids, len(text.encode("utf-8"))
 
 
 def _windows(stream: Iterator[tuple[list[int], int]], seq_len: int, bos_id: int, stats: TextScore,
@@ -134,7 +135,7 @@ def score_texts(
 
     heartbeat = Heartbeat(log)
     stream = _token_stream(texts, tokenizer, max_tokens, sink)
-    for window in _windows(stream, seq_len, tokenizer.bos_id, stats, stride):
+    for window in _windows(stream, seq_len, tokenizer.doc_start_id, stats, stride):
         batch.append(window)
         if len(batch) == batch_size:
             flush()

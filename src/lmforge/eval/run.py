@@ -147,7 +147,7 @@ def sample_generations(model, tokenizer, cfg: EvalConfig, device: torch.device) 
     """`cfg.samples` generations, cycling through the prompts, reproducible (seeded by index); each at most
     cfg.sample_tokens long, or what the longest prompt leaves of the model's context (logged once)."""
     prompts = [cfg.prompts[i % len(cfg.prompts)] if cfg.prompts else "" for i in range(cfg.samples)]
-    encoded = [[tokenizer.bos_id] + tokenizer.encode(p) for p in prompts]
+    encoded = [[tokenizer.doc_start_id] + tokenizer.encode(p) for p in prompts]
     if not encoded:
         return []
     n = cap_new_tokens(cfg.sample_tokens, model.args.max_seq_len, max(map(len, encoded)), setting="eval.sample_tokens")

@@ -43,7 +43,7 @@ class LanguageModel:
     forward: Callable[[torch.Tensor], torch.Tensor]  # ids [B, T] -> logits [B, T, V]
     encode: Callable[[str], list[int]]
     decode: Callable[[list[int]], str]
-    prefix: list[int]  # the tokens every sequence starts with (BOS)
+    prefix: list[int]  # the tokens every sequence starts with (BOS; EOS for an lmforge tokenizer without BOS)
     eos_id: int | None
     max_len: int
     device: torch.device
@@ -82,11 +82,12 @@ def from_lmforge(model: torch.nn.Module, tokenizer, name: str = "model") -> Lang
 
     model.eval()
     device = next(model.parameters()).device
+    chat = tokenizer.has_chat_template
     return LanguageModel(forward=model, encode=tokenizer.encode, decode=lambda ids: tokenizer.decode(ids),
-                         prefix=[tokenizer.bos_id], eos_id=tokenizer.eos_id, max_len=model.args.max_seq_len,
+                         prefix=[tokenizer.doc_start_id], eos_id=tokenizer.eos_id, max_len=model.args.max_seq_len,
                          device=device, name=name, module=model, tokenizer=tokenizer,
-                         chat_prompt=lambda text: user_prompt_ids(tokenizer, text),
-                         chat_stop_ids=tuple(chat_stop_ids(tokenizer)))  # fmt: skip
+                         chat_prompt=(lambda text: user_prompt_ids(tokenizer, text)) if chat else None,
+                         chat_stop_ids=tuple(chat_stop_ids(tokenizer) if chat else tokenizer.eos_ids))  # fmt: skip
 
 
 def _hf_model(path: Path, device: torch.device) -> LanguageModel:

@@ -87,7 +87,7 @@ def extract_features(model: Transformer, tokenizer: Tokenizer, texts: Sequence[s
         raise ValueError(f"pooling={pooling!r}; choose one of {list(POOLINGS)}")
     start_time = time.perf_counter()
     max_len = model.args.max_seq_len
-    ids = [[tokenizer.bos_id, *t] for t in tokenizer.encode_batch(list(texts))]
+    ids = [[tokenizer.doc_start_id, *t] for t in tokenizer.encode_batch(list(texts))]
     truncated = sum(len(x) > max_len for x in ids)
     if truncated:
         log.warning("%d of %d texts are longer than max_seq_len=%d tokens: each keeps only its first %d",

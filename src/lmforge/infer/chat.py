@@ -1,8 +1,9 @@
 """Chat with a model through the chat template it was fine-tuned on: a session with history, and a terminal loop.
 
 Every prompt is `lmforge.finetune.template.prompt_ids` of the conversation so far (the system message, the turns,
-the new user message) followed by `<|assistant|>`: the same ids SFT trained on, the evaluation prompts with
-`eval.chat_template` and the export's Hugging Face `chat_template`. A reply ends before `<|end|>` or EOS.
+the new user message) in the tokenizer's chat template (lmforge's own, ending in `<|assistant|>`, or an imported
+model's): the same ids SFT trained on, the evaluation prompts with `eval.chat_template` and the export's Hugging
+Face `chat_template`. A reply ends before the template's end-of-turn token (`<|end|>`) or EOS.
 
 A session keeps one KV cache. Each prompt shares its start with the previous prompt and reply, so only the tokens
 after the longest common prefix are run: a turn costs its own tokens, not the whole conversation again. (The
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.finetune.data import Conversation, Message
-from lmforge.finetune.template import END, prompt_ids
+from lmforge.finetune.template import prompt_ids
 from lmforge.infer.engine import cap_new_tokens, check_sampling, decode_stream, make_generator, stream_tokens
 from lmforge.model.kv_cache import KVCache
 from lmforge.model.transformer import Transformer
@@ -43,8 +44,8 @@ COMMANDS = {
 
 
 def chat_stop_ids(tokenizer: Tokenizer) -> list[int]:
-    """The tokens that end an assistant turn: `<|end|>` and EOS."""
-    return [tokenizer.token_to_id(END), tokenizer.eos_id]
+    """The tokens that end an assistant turn: the template's end of turn (`<|end|>`, `<|im_end|>`, ...) and EOS."""
+    return tokenizer.stop_ids
 
 
 def user_prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:

@@ -1,12 +1,13 @@
 """Generation: a preallocated KV cache, temperature / top-k / top-p sampling and streaming text.
 
-Prompts are token ids used as given by `generate`; `stream_text` encodes text and prepends BOS, because every
-training document starts with BOS. A prompt plus its new tokens must fit in the model's context: `generate` raises
+Prompts are token ids used as given by `generate`; `stream_text` encodes text and prepends the document-start
+token (BOS, or EOS for a tokenizer without BOS), because every training document starts with it. A prompt plus its new tokens must fit in the model's context: `generate` raises
 ValueError for a longer request instead of silently dropping the start of the prompt. Callers that take a length
 from a user or a setting pass it through `cap_new_tokens` first, which lowers it to what fits (saying so once) and
 raises only when the prompt alone fills the context; `stream_text` does this itself.
 
-Generation stops before EOS (`eos_id`) and before any of `stop_ids` (a chat reply also ends at `<|end|>`); the stop
+Generation stops before EOS (`eos_id`; `stream_text`: every id of the tokenizer's `eos_ids`) and before any of
+`stop_ids` (a chat reply also ends at the template's end of turn, `<|end|>`); the stop
 token is never returned, streamed or fed back to the model. `stream_tokens` continues one prompt token by token and
 can extend a caller's KV cache that already holds the prompt's start (a chat session's earlier turns).
 
@@ -284,9 +285,9 @@ def stream_text(
     `max_new_tokens` is capped to what fits after the prompt (see `cap_new_tokens`). The checks run on the call,
     before any piece is asked for, so a caller can report a prompt that is too long before printing anything.
     """
-    ids = ([tokenizer.bos_id] if add_bos else []) + tokenizer.encode(prompt)
+    ids = ([tokenizer.doc_start_id] if add_bos else []) + tokenizer.encode(prompt)
     max_new_tokens = cap_new_tokens(max_new_tokens, model.args.max_seq_len, len(ids))
     check_sampling(temperature, top_k, top_p)
     tokens = stream_tokens(model, ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                           stop_ids=_stop_set(tokenizer.eos_id, stop_ids), seed=seed)  # fmt: skip
+                           stop_ids=_stop_set(None, [*tokenizer.eos_ids, *stop_ids]), seed=seed)  # fmt: skip
     return decode_stream(tokenizer, tokens)

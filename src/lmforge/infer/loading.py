@@ -78,6 +78,8 @@ def load_for_generation(path: Path, device: str = "auto") -> tuple[nn.Module, To
         raise not_a_checkpoint(path, transformers_too=True)
     try:
         tokenizer = Tokenizer.from_file(path / TOKENIZER)
+        if tokenizer.imported is not None:  # Tokenizer reads it; whether generate runs such a model is import's call
+            raise ValueError("its tokenizer has other special tokens than lmforge's")
     except (FileNotFoundError, ValueError) as e:
         raise ValueError(f"{path} is a transformers model directory that lmforge did not export ({e}); generate "
                          "and chat read lmforge checkpoints and the folders `lmforge export` writes") from e

@@ -3,6 +3,9 @@
     model.safetensors   weights (a tied lm_head is stored once)
     model.json          {"args": ModelArgs.to_dict(), "format": 1}
     tokenizer.json      the tokenizer the model was trained with
+    tokenizer_config.json, special_tokens_map.json, generation_config.json, chat_template.jinja
+                        an imported model's: its special tokens, stop ids and chat template (where it has them;
+                        lmforge.tokenizer_files)
     prefix/             optional: a tuned key/value prefix (lmforge.model.prefix), attached on load
 
 Directories are written into a staging sibling and renamed into place, so a reader never sees half a checkpoint.
@@ -23,6 +26,7 @@ from safetensors.torch import save_model as st_save_model
 from lmforge.io import staged_dir
 from lmforge.model.prefix import load_prefix
 from lmforge.model.transformer import ModelArgs, Transformer
+from lmforge.tokenizer_files import TOKENIZER_FILES
 
 if TYPE_CHECKING:
     from lmforge.tokenizer import Tokenizer
@@ -43,6 +47,9 @@ def write_model_files(model: Transformer, args: ModelArgs, dir: Path, tokenizer_
     (dir / META).write_text(json.dumps({"args": args.to_dict(), "format": FORMAT}, indent=2), encoding="utf-8")
     if tokenizer_path is not None:
         shutil.copyfile(tokenizer_path, dir / TOKENIZER)
+        for name in TOKENIZER_FILES[1:]:  # an imported tokenizer's other files travel with it
+            if (Path(tokenizer_path).parent / name).is_file():
+                shutil.copyfile(Path(tokenizer_path).parent / name, dir / name)
 
 
 def save_model(dir: Path, model: Transformer, args: ModelArgs, tokenizer_path: Path | None = None) -> Path:
@@ -133,7 +140,7 @@ def load_model(dir: Path, device: str | torch.device = "cpu", *, prefix: bool = 
 
 
 def load_checkpoint_tokenizer(dir: Path) -> Tokenizer:
-    """The tokenizer stored with a checkpoint."""
+    """The tokenizer stored with a checkpoint (lmforge's own, or an imported model's with its other files)."""
     from lmforge.tokenizer import Tokenizer
 
     return Tokenizer.from_file(_require(Path(dir), TOKENIZER))
