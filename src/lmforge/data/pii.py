@@ -1,7 +1,8 @@
 """PII redaction: find personal data and secrets in text and replace each with a typed placeholder.
 
 Kinds and their placeholders: `<EMAIL>`, `<PHONE>`, `<IP_ADDRESS>`, `<CREDIT_CARD>`, `<IBAN>`, `<US_SSN>` and
-`<SECRET>` (cloud keys, tokens, private keys, high-entropy `api_key = "..."` assignments).
+`<SECRET>` (cloud keys, tokens, private keys, high-entropy `api_key = "..."` assignments); optionally `<PERSON>`,
+`<ORG>` and `<ADDRESS>` from a named-entity model (lmforge.data.pii_ner, `data.pii_ner`).
 
 Each kind is a precompiled pattern that proposes candidates plus, where a checksum or structure exists, a
 validator that rejects look-alikes (Luhn for cards, mod-97 for IBANs, `ipaddress` for IPs, the never-issued SSN
@@ -26,7 +27,7 @@ import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import NamedTuple
 
 from lmforge.data.base_filter import Filter
@@ -264,8 +265,12 @@ def _overlaps(accepted: list[Span], start: int, end: int) -> bool:
     return lo < len(accepted) and accepted[lo].start < end
 
 
-def find_pii(text: str) -> list[Span]:
-    """All PII spans in `text`, sorted by start and non-overlapping (higher-priority kinds win overlaps)."""
+def find_pii(text: str, ner: Collection[str] = ()) -> list[Span]:
+    """All PII spans in `text`, sorted by start and non-overlapping (higher-priority kinds win overlaps).
+
+    `ner` names the model-found kinds to add (PERSON, ORG, ADDRESS; lmforge.data.pii_ner): they come after every
+    pattern kind, so an e-mail or phone inside an address stays `<EMAIL>` / `<PHONE>`.
+    """
     accepted: list[Span] = []
     lowered = text.lower()
     for det in _DETECTORS:
@@ -281,12 +286,16 @@ def find_pii(text: str) -> list[Span]:
             if _overlaps(accepted, start, end):
                 continue
             bisect.insort(accepted, Span(start, end, det.kind))
+    if ner:
+        from lmforge.data.pii_ner import find_entities
+
+        accepted = sorted(accepted + find_entities(text, ner, taken=accepted))
     return accepted
 
 
-def redact(text: str) -> tuple[str, Counter[str]]:
+def redact(text: str, ner: Collection[str] = ()) -> tuple[str, Counter[str]]:
     """`text` with every PII span replaced by `<KIND>`, and the count of spans redacted per kind."""
-    spans = find_pii(text)
+    spans = find_pii(text, ner)
     counts: Counter[str] = Counter(s.kind for s in spans)
     if not spans:
         return text, counts
@@ -304,13 +313,16 @@ class PIIRedactor(Filter):
     """Replaces PII in each document with typed placeholders; never drops a document.
 
     The per-kind counts go to `meta["pii"]` (empty dict when nothing was found) so curation can report how much
-    was scrubbed.
+    was scrubbed. `ner` adds the model-found kinds (PERSON, ORG, ADDRESS); the model loads on the first document.
     """
 
     name = "pii"
 
+    def __init__(self, ner: Collection[str] = ()) -> None:
+        self.ner = tuple(ner)
+
     def apply(self, doc: Document) -> Document:
-        text, counts = redact(doc.text)
+        text, counts = redact(doc.text, self.ner)
         if counts:
             log.debug("%s: redacted %s", doc.id, dict(counts))
         return dataclasses.replace(doc, text=text, meta={**doc.meta, "pii": dict(sorted(counts.items()))})
