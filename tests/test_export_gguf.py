@@ -44,9 +44,9 @@ def tokenizer_path(tmp_path_factory) -> Path:
     return path
 
 
-def make_checkpoint(directory: Path, tokenizer: Path, **options) -> Path:
-    """A small random model whose attention is sharp (q/k weights scaled up), so that a wrong rotary layout or a
-    wrong q/k/v split changes the logits by far more than any tolerance below."""
+def make_checkpoint(directory: Path, tokenizer: Path, sharpen: float = 4.0, **options) -> Path:
+    """A small random model whose attention is sharp (q/k weights scaled by `sharpen`), so that a wrong rotary
+    layout or a wrong q/k/v split changes the logits by far more than any tolerance below."""
     vocab = load_checkpoint_tokenizer_file(tokenizer).vocab_size
     base = dict(vocab_size=vocab, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, mlp_hidden=96,
                 max_seq_len=128, init_std=0.08)  # fmt: skip
@@ -55,8 +55,8 @@ def make_checkpoint(directory: Path, tokenizer: Path, **options) -> Path:
     model = Transformer(args)
     with torch.no_grad():
         for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(4)
-            layer.self_attn.k_proj.weight.mul_(4)
+            layer.self_attn.q_proj.weight.mul_(sharpen)
+            layer.self_attn.k_proj.weight.mul_(sharpen)
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 if proj.bias is not None:
                     proj.bias.normal_(0, 0.3)
@@ -358,8 +358,16 @@ ARCHS = {"llama-gqa": {}, "llama3-rope": {"rope_scaling": {"rope_type": "llama3"
          "gpt2": {"arch": "gpt2", "mlp": "gelu", "tie_embeddings": True, "n_kv_heads": 4}}  # fmt: skip
 
 
+def _ggml_gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """ggml's CPU GELU: the tanh approximation read from a table indexed by the input rounded to f16, holding f16."""
+    return _TORCH_GELU(x.half().float(), approximate=approximate).half().to(x.dtype)
+
+
+_TORCH_GELU = torch.nn.functional.gelu
+
+
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_llama_cpp_computes_lmforges_logits_and_greedy_text(llama_cpp, tokenizer_path, tmp_path, arch):
+def test_llama_cpp_computes_lmforges_logits_and_greedy_text(llama_cpp, tokenizer_path, tmp_path, arch, monkeypatch):
     from lmforge.infer.engine import generate
 
     ckpt = make_checkpoint(tmp_path / "ckpt", tokenizer_path, **ARCHS[arch])
@@ -367,7 +375,13 @@ def test_llama_cpp_computes_lmforges_logits_and_greedy_text(llama_cpp, tokenizer
     ids = [0, *load_checkpoint_tokenizer(ckpt).encode(TRICKY)][:100]
     ours = _lmforge_logits(ckpt, ids)
     assert ours.std() > 0.3
-    np.testing.assert_allclose(_llama_cpp_logits(llm, ids), ours, atol=1e-3, rtol=0)
+    theirs = _llama_cpp_logits(llm, ids)
+    if arch == "gpt2":  # ggml's f16 GELU table alone moves logits by up to ~2e-3; computed its way, they agree
+        np.testing.assert_allclose(theirs, ours, atol=3e-3, rtol=0)
+        monkeypatch.setattr(torch.nn.functional, "gelu", _ggml_gelu)
+        ours = _lmforge_logits(ckpt, ids)
+        monkeypatch.undo()
+    np.testing.assert_allclose(theirs, ours, atol=1e-3, rtol=0)
     prompt = ids[:12]
     want = generate(load_model(ckpt)[0].eval(), [prompt], 24, temperature=0.0)[0]
     llm.reset()
@@ -391,13 +405,19 @@ def test_llama_cpp_tokenizes_like_lmforge(llama_cpp, llama_ckpt, tmp_path):
         assert llm.detokenize(ids).decode("utf-8") == text
 
 
-@pytest.mark.parametrize(("dtype", "atol"), [("f16", 0.05), ("q8_0", 0.15)])
-def test_llama_cpp_runs_f16_and_q8_0_close_to_f32(llama_cpp, llama_ckpt, tmp_path, dtype, atol):
-    """Looser: f16 rounds weights to 11 significant bits and llama.cpp then multiplies in f16; q8_0 rounds each weight
-    to 1/254 of its block's largest and llama.cpp quantises the activations to 8 bits as well. Over this model's
-    logits (standard deviation about 1) that stays under `atol`, and the argmax almost always agrees."""
-    ids = [0, *load_checkpoint_tokenizer(llama_ckpt).encode(TRICKY)][:100]
-    ours = _lmforge_logits(llama_ckpt, ids)
-    theirs = _llama_cpp_logits(_llama(llama_cpp, export_gguf(llama_ckpt, tmp_path / "m.gguf", dtype), False), ids)
-    assert np.abs(theirs - ours).max() < atol
-    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= 0.95
+@pytest.mark.parametrize(("dtype", "max_diff", "mean_diff", "agree"), [("f16", 0.01, 0.002, 0.98),
+                                                                      ("q8_0", 0.15, 0.025, 0.85)])  # fmt: skip
+def test_llama_cpp_runs_f16_and_q8_0_close_to_lmforge(llama_cpp, tokenizer_path, tmp_path, dtype, max_diff, mean_diff,
+                                                      agree):  # fmt: skip
+    """Looser than f32, by what rounding costs: f16 keeps 11 significant bits of each weight and llama.cpp multiplies
+    in f16; q8_0 rounds each weight to 1/254 of its block's largest and llama.cpp rounds the activations to 8 bits
+    too. On this model (logits' standard deviation ~0.7) that moves logits by ~0.0005 (f16) and ~0.012 (q8_0) on
+    average, at most ~0.004 and ~0.08 (measured); the bounds leave about 2x. The argmax of a random model has
+    near-ties, so q8_0 may flip a few."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", tokenizer_path, sharpen=1.0)
+    ids = [0, *load_checkpoint_tokenizer(ckpt).encode(TRICKY)][:100]
+    ours = _lmforge_logits(ckpt, ids)
+    theirs = _llama_cpp_logits(_llama(llama_cpp, export_gguf(ckpt, tmp_path / "m.gguf", dtype), False), ids)
+    diff = np.abs(theirs - ours)
+    assert diff.max() < max_diff and diff.mean() < mean_diff
+    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= agree
