@@ -156,6 +156,30 @@ def test_own_jsonl_corpus_runs_end_to_end(tmp_path):
     assert ev["val_bytes"] == cur["bytes_val"], "every held-out byte is scored"
 
 
+def test_no_val_split_and_a_time_budget_run_end_to_end_and_say_so(tmp_path):
+    """data.val_fraction=0: no held-out split, and each stage that would read one says so; train.max_time: the
+    report shows the budget and how much of it was used."""
+    overrides = [o for o in TINY if not o.startswith(("data.val_fraction", "stages"))]
+    recipe = load_recipe(None, overrides + ["data.val_fraction=0", "train.max_time=10m", "eval.code=[]",
+                                            f"run_dir={tmp_path}", "name=noval",
+                                            "stages=[curate, tokenizer, shards, pretrain, eval, report]"])
+    assert [o.action for o in run_recipe(recipe)] == ["ran"] * 6
+    root = tmp_path / "noval"
+    metrics = {s: json.loads((root / s / "manifest.json").read_text())["metrics"]
+               for s in ("curate", "tokenizer", "pretrain", "eval")}  # fmt: skip
+    assert metrics["curate"]["docs_val"] == 0 and metrics["curate"]["docs_train"] == metrics["curate"]["docs_kept"]
+    assert metrics["tokenizer"]["bytes_per_token_split"] == "train"
+    pre = metrics["pretrain"]
+    assert pre["val_split"] is False and pre["final_val_loss"] is None and pre["steps"] == 6
+    assert pre["max_time"] == 600.0 and pre["stopped_by"] == "max_steps"
+    assert metrics["eval"]["val_split"] is False and "val_bpb" not in metrics["eval"]
+    report = (root / "report.md").read_text()
+    assert "**No held-out bits per byte: the run has no val split (data.val_fraction=0).**" in report
+    assert "validation loss none (no val split: data.val_fraction=0)" in report
+    assert re.search(r"wall time [\d.]+ s of a 600 s budget \(train\.max_time, \d+% used; stopped by max_steps\)",
+                     report)
+
+
 def test_console_entry_turns_user_errors_into_one_line(tmp_path):
     import subprocess
     import sys

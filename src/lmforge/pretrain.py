@@ -256,13 +256,17 @@ def pretrain(
         base = BatchLoader(train_split, train_cfg.seq_len, rows, train_cfg.seed, rank=world.dp_rank,
                            world_size=world.dp_size)  # fmt: skip
     loader = ObjectiveBatches(base, pretrain_cfg, tokenizer, train_cfg.seed, pretrain_cfg.document_masking)
-    windows = validation_windows(val_split, train_cfg.seq_len, train_cfg.eval_batches * train_cfg.batch_size,
-                                 tokenizer.doc_start_id)  # fmt: skip
     # Pipeline stages were built for this rank's row count; other layouts score in the global batch size.
     val_rows = rows if world.pp_size > 1 else train_cfg.batch_size
-    val_fn, val_objective = objective_val_fn(windows, val_rows, pretrain_cfg, tokenizer, train_cfg.seed)
+    windows, val_fn, val_objective = [], None, None
+    if val_split.n_tokens:
+        windows = validation_windows(val_split, train_cfg.seq_len, train_cfg.eval_batches * train_cfg.batch_size,
+                                     tokenizer.doc_start_id)  # fmt: skip
+        val_fn, val_objective = objective_val_fn(windows, val_rows, pretrain_cfg, tokenizer, train_cfg.seed)
+    else:
+        log.info("no validation split (data.val_fraction=0): training without a validation loss")
     log.info("objective: %s (validation: %s loss)", ", ".join(f"{k} {v:.2f}" for k, v in weights.items()),
-             val_objective)  # fmt: skip
+             val_objective or "no")  # fmt: skip
 
     metrics = train(
         model,
@@ -275,10 +279,11 @@ def pretrain(
         val_fn=val_fn,
         write_model_files=lambda m, d: write_model_files(m, args, d, tokenizer_path),
         parallel=parallel_cfg,
-        val_batches=-(-len(windows) // val_rows),
+        val_batches=-(-len(windows) // val_rows) if windows else None,
     )
     metrics["val_objective"] = val_objective
-    if "mlm" in weights:
+    metrics["val_split"] = bool(windows)
+    if "mlm" in weights and windows:
         metrics["val_mlm_accuracy"] = mlm_val_accuracy(model, windows, pretrain_cfg, tokenizer, train_cfg.seed)
     metrics.update(
         params=model.num_params(),
@@ -300,6 +305,15 @@ def _check_lengths(settings) -> None:
         raise ValueError(f"train.seq_len={settings.train.seq_len} exceeds model.max_seq_len={settings.model.max_seq_len}")
 
 
+def _budget(pre: dict) -> str:
+    """The time budget and how much of it was used, when the run had one (train.max_time)."""
+    if not pre.get("max_time"):
+        return ""
+    used = pre.get("train_seconds") or 0.0
+    return (f" of a {pre['max_time']:g} s budget (train.max_time, {used / pre['max_time']:.0%} used; stopped by "
+            f"{pre.get('stopped_by')})")
+
+
 def _pretrain_report(ctx: ReportContext) -> list[str]:
     pre = ctx.metrics
     lines = [
@@ -309,8 +323,10 @@ def _pretrain_report(ctx: ReportContext) -> list[str]:
         f"- steps: {fmt(pre.get('steps'))}, tokens: {fmt(pre.get('tokens'))} ({fmt(pre.get('epochs'), '.2f')} epochs)",
         f"- throughput: {fmt(pre.get('tokens_per_s'), '.4g')} tokens/s, MFU {fmt(pre.get('mfu'), '.1%')} of a "
         f"measured peak of {fmt((pre.get('peak_flops') or 0) / 1e9, '.1f')} GFLOP/s",
-        f"- final train loss {fmt(pre.get('final_loss'))}, validation loss {fmt(pre.get('final_val_loss'))}",
-        f"- wall time {fmt(pre.get('train_seconds'), '.1f')} s; skipped (bad) steps: {pre.get('skipped_steps', 0)}",
+        f"- final train loss {fmt(pre.get('final_loss'))}, validation loss "
+        + (fmt(pre.get("final_val_loss")) if pre.get("val_split", True) else "none (no val split: data.val_fraction=0)"),
+        f"- wall time {fmt(pre.get('train_seconds'), '.1f')} s{_budget(pre)}; skipped (bad) steps: "
+        f"{pre.get('skipped_steps', 0)}",
         "",
     ]
     png = ctx.out / "loss.png"

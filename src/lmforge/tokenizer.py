@@ -345,12 +345,14 @@ def run_tokenizer(curate_dir: Path, cfg: TokenizerConfig, out_dir: Path) -> dict
         "vocab_size": tok.vocab_size,
         "train_chars": texts.chars,
         "bytes_per_token": round(bpt, 4),
+        "bytes_per_token_split": "val" if has_val else "train",  # train when there is no val split
         "train_seconds": round(train_seconds, 3),
         "seconds": round(time.perf_counter() - start, 3),
     }
     log.info(
-        "tokenizer: %d tokens trained on %d characters in %.1fs; %.3f bytes per token on held-out text",
+        "tokenizer: %d tokens trained on %d characters in %.1fs; %.3f bytes per token on the %s split",
         metrics["vocab_size"], metrics["train_chars"], metrics["train_seconds"], metrics["bytes_per_token"],
+        metrics["bytes_per_token_split"],
     )  # fmt: skip
     return metrics
 

@@ -46,11 +46,10 @@ class DataConfig(Section):
     # With pii: also these named-entity kinds, found by a spaCy model and context rules (lmforge.data.pii_ner;
     # pip install 'lmforge[ner]'). Empty = off: the model costs ~100x the patterns' time (docs/curation.md).
     pii_ner: list[Literal["PERSON", "ORG", "ADDRESS"]] = Field(default_factory=list)
-    # The classic NLP preprocessing steps, off for language models (docs/curation.md, lmforge.data.preprocess):
-    # run after the rules that judge text as written, before deduplication.
-    spell_correct: bool = False  # symspellpy's English dictionary; about 4 s to load per worker
-    remove_stop_words: bool = False  # spaCy's English stop-word list
-    lowercase: bool = False
+    # Classic NLP preprocessing, off for language models (docs/curation.md), run before deduplication:
+    spell_correct: bool = False  # fix misspelt English words (symspellpy's dictionary, ~4 s to load per worker)
+    remove_stop_words: bool = False  # delete spaCy's English stop words
+    lowercase: bool = False  # lower-case every document
     near_dedup: bool = False  # MinHash LSH near-duplicate removal (see lmforge.data.minhash)
     near_dedup_threshold: float = Field(0.8, gt=0.0, le=1.0)  # estimated Jaccard of word n-grams
     minhash_bands: int = Field(14, gt=0)

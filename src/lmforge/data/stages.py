@@ -90,8 +90,9 @@ def _tokenizer_stage(ctx: StageContext) -> dict[str, Any]:
 
 def _tokenizer_report(ctx: ReportContext) -> list[str]:
     tok = ctx.metrics
+    on = "held-out text" if tok.get("bytes_per_token_split", "val") == "val" else "the training text (no val split)"
     return ["## Tokenizer", "", f"- vocabulary: {fmt(tok.get('vocab_size'))} tokens; "
-            f"{fmt(tok.get('bytes_per_token'), '.3f')} bytes per token on held-out text", ""]  # fmt: skip
+            f"{fmt(tok.get('bytes_per_token'), '.3f')} bytes per token on {on}", ""]  # fmt: skip
 
 
 def tokenizer_verb(

@@ -170,12 +170,22 @@ def _eval_stage(ctx: StageContext) -> dict:
     """Scores the model on the held-out text (when given), with the training data for contamination (when
     given): in a run, the curated val split and the curated data; under `lmforge eval`, --text and
     --training-data."""
-    return evaluate_checkpoint(ctx.input("base_model"), ctx.inputs.get("heldout_text"), ctx.settings.eval, ctx.out,
-                               device=ctx.settings.train.device, training_data=ctx.inputs.get("curated"))  # fmt: skip
+    heldout = ctx.inputs.get("heldout_text")
+    if heldout is not None and ctx.settings.data.val_fraction == 0:
+        log.info(_NO_VAL_SPLIT)
+        heldout = None
+    metrics = evaluate_checkpoint(ctx.input("base_model"), heldout, ctx.settings.eval, ctx.out,
+                                  device=ctx.settings.train.device, training_data=ctx.inputs.get("curated"))  # fmt: skip
+    return metrics | ({"val_split": False} if ctx.settings.data.val_fraction == 0 else {})
+
+
+_NO_VAL_SPLIT = "no held-out bits per byte: the run has no val split (data.val_fraction=0)"
 
 
 def _eval_headline(ctx: ReportContext) -> list[str]:
     ev = ctx.metrics
+    if ev.get("val_split") is False:
+        return [f"**{_NO_VAL_SPLIT[0].upper()}{_NO_VAL_SPLIT[1:]}.**", ""]
     bpb = ev.get("val_bpb", float("inf"))
     verdict = "beats" if bpb < ev.get("xz_bpb", 0) else "does not beat"
     concat = "also beats" if bpb < ev.get("xz_concat_bpb", 0) else "does not beat"
@@ -192,13 +202,13 @@ def _eval_report(ctx: ReportContext) -> list[str]:
     lines = [
         "## Evaluation",
         "",
+    ] + ([f"- {_NO_VAL_SPLIT}"] if ev.get("val_split") is False else [
         f"- held-out loss {fmt(ev.get('val_loss'))} nats/token over {fmt(ev.get('val_tokens'))} tokens "
         f"({fmt(ev.get('val_bytes'))} bytes)",
         f"- bits per byte {fmt(ev.get('val_bpb'))}; xz -9e {fmt(ev.get('xz_bpb'))} per file, "
         f"{fmt(ev.get('xz_concat_bpb'))} concatenated",
         f"- scored at {fmt(ev.get('eval_tokens_per_s'), '.4g')} tokens/s",
-        "",
-    ]
+    ]) + [""]
     card = ctx.stage_dir / "results.md"
     if card.exists() and "| task |" in card.read_text(encoding="utf-8"):
         table = card.read_text(encoding="utf-8")

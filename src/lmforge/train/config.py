@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+import re
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from lmforge.settings import Section
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d*)?)h)?(?:(\d+(?:\.\d*)?)m)?(?:(\d+(?:\.\d*)?)s)?")
+
+
+def parse_duration(value: Any) -> Any:
+    """Seconds from `600`, `"600"`, `"90s"`, `"10m"` or `"1h30m"`; other values are returned for pydantic to refuse."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip().lower().replace(" ", "")
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    match = _DURATION.fullmatch(text)
+    if not text or match is None or not any(match.groups()):
+        raise ValueError(f"{value!r} is not a duration: give seconds (600) or hours, minutes and seconds such as "
+                         "'10m', '1h30m' or '90s'")  # fmt: skip
+    hours, minutes, seconds = (float(g or 0) for g in match.groups())
+    return hours * 3600 + minutes * 60 + seconds
 
 
 class TrainConfig(Section):
@@ -16,6 +36,9 @@ class TrainConfig(Section):
     batch_size: int = Field(16, gt=0)
     grad_accum: int = Field(1, gt=0)
     max_steps: int = Field(1000, gt=0)
+    # Wall-clock budget in seconds, or "10m", "1h30m": training stops at the first step that ends past it (or at
+    # max_steps, if sooner) and the lr decay follows the elapsed share of it instead of the steps (docs/training.md).
+    max_time: float | None = Field(None, gt=0, allow_inf_nan=False)
     lr: float = Field(3e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)
     warmup_steps: int = Field(50, ge=0)
@@ -44,6 +67,8 @@ class TrainConfig(Section):
     spike_factor: float = Field(10.0, gt=1.0)  # a loss above spike_factor x its running mean counts as exploding
 
     NON_SEMANTIC: ClassVar[frozenset[str]] = frozenset({"threads", "ckpt_every", "keep_last"})
+
+    _max_time = field_validator("max_time", mode="before")(parse_duration)
 
 
 class ParallelConfig(Section):

@@ -38,6 +38,7 @@ from lmforge.io import atomic_write_text
 from lmforge.io import staged_dir
 from lmforge.data.batches import BatchSource
 from lmforge.losses import LossFn
+from lmforge.train.budget import Clock, TrainingTime
 from lmforge.train.config import ParallelConfig, TrainConfig
 from lmforge.train.checkpoint import (
     CHECKPOINTS,
@@ -137,6 +138,7 @@ def train(
     val_batches: int | None = None,
     frozen: Mapping[str, nn.Module] | None = None,
     callbacks: Sequence[Callback] = (),
+    clock: Clock = time.perf_counter,
 ) -> dict:
     """Train `model` for `cfg.max_steps` optimizer steps of `cfg.grad_accum` micro-batches from `loader`.
 
@@ -152,7 +154,9 @@ def train(
     `out_dir/final/`; without it only model.safetensors is written. `parallel` says how a torchrun job splits the
     work (pipeline stages need a loss that is an lmforge.losses.LogitsLoss). At every `cfg.eval_every` steps and
     the last, each of `callbacks(model, step)` returns metrics for that step's record (sample generations, a
-    reward evaluation), the model in eval mode. Returns the run's metrics, with the loss's metrics of the last
+    reward evaluation), the model in eval mode. With `cfg.max_time`, training stops at the first step that ends
+    past that many seconds of training time read from `clock` (lmforge.train.budget), which the lr decay follows
+    too. Returns the run's metrics, with the loss's metrics of the last
     step as `final_metrics` and the callbacks' of the last evaluation as `final_eval_metrics`.
 
     In a single process, Ctrl-C stops training at the end of the current step, saves a checkpoint of it and raises
@@ -212,31 +216,38 @@ def train(
         peak *= world.world_size  # every rank measured its own device, under the same load
     start_step, process_start = state.step, time.perf_counter()
     seconds_before = state.train_seconds
+    training_time = TrainingTime(clock, seconds_before, world, agree=cfg.max_time is not None)
 
     run = StepRunner(par, loss_fn, loader, autocast, cfg, tokens_per_batch, scaler, optimizer, val_fn, peak,
-                     flops_per_token, start_step, out_dir, val_batches, frozen, callbacks)  # fmt: skip
+                     flops_per_token, start_step, out_dir, val_batches, frozen, callbacks, training_time)  # fmt: skip
     progress = TrainingProgress(cfg.max_steps, start_step, process_start - seconds_before, peak=peak,
                                 flops_per_token=flops_per_token, compiled=par.compiled, bar=world.is_main)  # fmt: skip
     metrics_file = _open_metrics(out_dir / METRICS_FILE, state.step) if world.is_main else open(os.devnull, "w")
     with metrics_file, progress, stop_at_step_boundary(not world.distributed) as stop:
-        for step in range(state.step, cfg.max_steps):
+        # A run resumed after its budget was spent (a kill after the last checkpoint) has no step left.
+        for step in range(state.step, cfg.max_steps if not run.out_of_time(state) else state.step):
             with collective_errors(f"training step {step + 1}", world):
-                run.step(step, state, metrics_file, progress)
-                state.train_seconds = seconds_before + time.perf_counter() - process_start
+                last = run.step(step, state, metrics_file, progress)
                 # Read once: a Ctrl-C landing between two reads would stop without this step's checkpoint.
-                stopping = stop.requested and state.step < cfg.max_steps
+                stopping = stop.requested and not last
                 if stopping:
                     logger.warning("Ctrl-C: saving a checkpoint of step %d, then stopping (Ctrl-C again stops at "
                                    "once)", state.step)  # fmt: skip
-                if state.step % cfg.ckpt_every == 0 or state.step == cfg.max_steps or stopping:
+                if state.step % cfg.ckpt_every == 0 or last or stopping:
                     _save_checkpoint(out_dir, state, par, optimizer, loader, cfg, skeleton, write_model_files)
             if stopping:
                 raise TrainingInterrupted(
                     f"training stopped by Ctrl-C after step {state.step} of {cfg.max_steps}; checkpoint saved in "
                     f"{list_checkpoints(out_dir)[-1][1]}; training again into {out_dir} resumes from it"
                 )
+            if last:
+                break
 
-    state.train_seconds = seconds_before + time.perf_counter() - process_start
+    out_of_time = run.out_of_time(state)
+    if out_of_time:
+        logger.info("time budget train.max_time=%gs spent after step %d (%.1f s of training)", cfg.max_time,
+                    state.step, state.train_seconds)  # fmt: skip
+    state.train_seconds = training_time.elapsed()
     final_dir = out_dir / FINAL_DIR
     if not world.distributed:
         _write_final(model, out_dir, write_model_files)
@@ -261,6 +272,8 @@ def train(
         "mfu": mfu(tokens_per_s, flops_per_token, peak) if peak and tokens_per_s else None,
         "peak_flops": peak,
         "train_seconds": state.train_seconds,
+        "max_time": cfg.max_time,
+        "stopped_by": "max_time" if out_of_time else "max_steps",
         "skipped_steps": state.skipped_steps,
         "resumed_from": resumed_from,
         "world_size": world.world_size,

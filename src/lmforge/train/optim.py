@@ -1,4 +1,5 @@
-"""AdamW, or Muon + AdamW, with decoupled weight decay on matrices only; an lr schedule that is a pure function of step.
+"""AdamW, or Muon + AdamW, with decoupled weight decay on matrices only; an lr schedule that is a pure function of
+the step (and, under a time budget, of the training time elapsed).
 
 Weight decay goes on every parameter with two or more dimensions, embeddings included: with tied embeddings
 the same matrix is the output projection, which is decayed in every setup, and decaying the untied table too
@@ -184,11 +185,13 @@ class CombinedOptimizer:
         return f"CombinedOptimizer(\n{parts})"
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for the update that follows `step` completed updates.
+def lr_at(step: int, cfg: TrainConfig, elapsed: float = 0.0) -> float:
+    """Learning rate for the update that follows `step` completed updates, `elapsed` seconds of training in.
 
     Linear warmup over `warmup_steps` updates (the first update uses lr / warmup_steps), then cosine or linear
-    decay that reaches `lr * min_lr_ratio` at `max_steps`, or a constant `lr`.
+    decay that reaches `lr * min_lr_ratio` at `max_steps`, or a constant `lr`. With a time budget
+    (`max_time`), the decay follows the elapsed share of the budget instead, reaching `lr * min_lr_ratio` when it
+    is spent; warmup stays counted in updates, since it is the optimizer's moment estimates that need it.
     """
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
@@ -198,7 +201,10 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr
     min_lr = cfg.lr * cfg.min_lr_ratio
     span = cfg.max_steps - cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / span) if span > 0 else 1.0
+    if cfg.max_time is not None:
+        progress = min(1.0, elapsed / cfg.max_time)
+    else:
+        progress = min(1.0, (step - cfg.warmup_steps) / span) if span > 0 else 1.0
     if cfg.schedule == "cosine":
         return min_lr + (cfg.lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return cfg.lr - (cfg.lr - min_lr) * progress

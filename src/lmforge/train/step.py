@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from lmforge.data.batches import BatchSource
 from lmforge.losses import LossContext, LossFn, Metrics
 from lmforge.model.modes import evaluating
+from lmforge.train.budget import TrainingTime
 from lmforge.train.checkpoint import TrainerState, list_checkpoints
 from lmforge.train.config import TrainConfig
 from lmforge.train.distributed import Parallelized
@@ -137,6 +138,7 @@ class StepRunner:
     val_batches: int | None
     frozen: Mapping[str, nn.Module]
     callbacks: Sequence[Callback]
+    time: TrainingTime
 
     def forward_backward(self) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor], int]:
         """Accumulate the gradients of `cfg.grad_accum` micro-batches, then clip; returns (loss, gradient norm,
@@ -198,10 +200,14 @@ class StepRunner:
         self.optimizer.zero_grad(set_to_none=True)
         return reason
 
-    def step(self, step: int, state: TrainerState, metrics_file: TextIO, progress: TrainingProgress) -> None:
-        """One optimizer step with its guard, record, evaluations and progress line."""
+    def out_of_time(self, state: TrainerState) -> bool:
+        """Whether the run's time budget (train.max_time) is spent; never without one."""
+        return self.cfg.max_time is not None and state.train_seconds >= self.cfg.max_time
+
+    def step(self, step: int, state: TrainerState, metrics_file: TextIO, progress: TrainingProgress) -> bool:
+        """One optimizer step with its guard, record, evaluations and progress line; True when it is the last."""
         t0 = time.perf_counter()
-        lr = lr_at(step, self.cfg)
+        lr = lr_at(step, self.cfg, state.train_seconds)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss, grad_norm, loss_tokens, metrics, step_tokens = self.forward_backward()
@@ -215,6 +221,9 @@ class StepRunner:
         state.step = step + 1
         state.tokens += step_tokens
         state.last_metrics = found
+        # Read before the evaluations, whose time counts in the next step's reading.
+        state.train_seconds = self.time.elapsed()
+        last = state.step == self.cfg.max_steps or self.out_of_time(state)
 
         dt = time.perf_counter() - t0
         tokens_per_s = step_tokens / dt
@@ -238,9 +247,10 @@ class StepRunner:
             metrics_file.write(json.dumps(record) + "\n")
             _raise_diverged(self.out_dir, state, self.cfg)
         progress.step_done(state.step, dt, step_tokens, loss_val, lr, found)
-        if state.step % self.cfg.eval_every == 0 or state.step == self.cfg.max_steps:
+        if state.step % self.cfg.eval_every == 0 or last:
             record.update(self._evaluate(state, progress))
         metrics_file.write(json.dumps(record) + "\n")
+        return last
 
     def _evaluate(self, state: TrainerState, progress: TrainingProgress) -> dict[str, float]:
         """The validation loss and the callbacks' metrics at an evaluation step, agreed by every rank."""
