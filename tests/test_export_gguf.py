@@ -405,6 +405,22 @@ def test_llama_cpp_tokenizes_like_lmforge(llama_cpp, llama_ckpt, tmp_path):
         assert llm.detokenize(ids).decode("utf-8") == text
 
 
+def test_the_files_chat_template_gives_lmforges_prompt_ids_in_llama_cpp(llama_cpp, llama_ckpt, tmp_path):
+    """The Jinja template stored in the file (what llama-cli --jinja and llama-cpp-python render) tokenized by
+    llama.cpp with special tokens parsed: the ids lmforge's chat template gives the same conversation."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from lmforge.finetune.data import Message
+
+    llm = _llama(llama_cpp, export_gguf(llama_ckpt, tmp_path / "m.gguf", "f32"))
+    conversation = [Message("system", "Be brief."), Message("user", "Name 3 colours, e.g. 'red'.")]
+    render = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="<|eos|>", bos_token="<|bos|>")
+    prompt = render(messages=[{"role": m.role, "content": m.content} for m in conversation]).prompt
+    ids = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+    assert ids == load_checkpoint_tokenizer(llama_ckpt).chat_template.prompt_ids(conversation)
+    assert llm.token_eos() == 1 and ids[-1] == 5  # <|assistant|>
+
+
 @pytest.mark.parametrize(("dtype", "max_diff", "mean_diff", "agree"), [("f16", 0.01, 0.002, 0.98),
                                                                       ("q8_0", 0.15, 0.025, 0.85)])  # fmt: skip
 def test_llama_cpp_runs_f16_and_q8_0_close_to_lmforge(llama_cpp, tokenizer_path, tmp_path, dtype, max_diff, mean_diff,
