@@ -150,6 +150,9 @@ def test_weights_are_memory_mapped_and_tied_embeddings_stay_tied(tmp_path):
     with torch.no_grad():  # copy-on-write: training may update the weights, the file stays as it was
         weight.add_(1.0)
     assert torch.equal(load_hf_model(tmp_path)[0].model.layers[0].mlp.up_proj.weight, before)
+    save_hf(tmp_path / "gpt2", "gpt2")  # Conv1D weights: transposed views of the mapped file, not copies
+    up = load_hf_model(tmp_path / "gpt2")[0].model.layers[0].mlp.up_proj.weight
+    assert _mapped_file(up.data_ptr()) == str((tmp_path / "gpt2" / "model.safetensors").resolve())
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -24,9 +24,10 @@ earlier key, so full causal attention computes exactly the same; the context is 
 than computing a different model past it.
 
 Weights are memory-mapped: the model is built on the meta device and the safetensors tensors are assigned as its
-parameters, so the stored bytes are not copied (gpt2's Conv1D matrices are the exception: they are transposed
-once). The stored dtype is kept unless `dtype` asks for another; tensors stored in a dtype other than the token
-embeddings' are cast to it, so the model has one parameter dtype.
+parameters, so the stored bytes are not copied (gpt2's Conv1D matrices become transposed views; only its fused
+q/k/v matrices, a quarter of each block, are split into copies). The stored dtype is kept unless `dtype` asks
+for another; tensors stored in a dtype other than the token embeddings' are cast to it, so the model has one
+parameter dtype.
 """
 
 from __future__ import annotations
@@ -35,13 +36,17 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from lmforge.hub import resolve_model_dir
 from lmforge.model.transformer import ModelArgs, Transformer
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["hf_model_args", "load_hf_model", "resolve_model_dir"]
 
@@ -225,9 +230,19 @@ def load_hf_model(
     config = json.loads(config_path.read_text(encoding="utf-8"))
     args = hf_model_args(config, config_path)
     tensors: dict[str, torch.Tensor] = {}
+    origin: dict[str, Path] = {}
     for path in weight_files(dir):
-        tensors.update(load_file(path, device=str(device)))
-    state = _gpt2_state(tensors, args) if args.arch == "gpt2" else _llama_state(tensors, args)
+        found = load_file(path, device=str(device))
+        tensors.update(found)
+        origin.update(dict.fromkeys(found, path))
+
+    def read_apart(name: str) -> torch.Tensor:
+        # A tensor in a mapping of its own: once the caller has copied what it needs and dropped it, the mapping
+        # and its resident pages go, instead of staying with the file's shared mapping until the load ends.
+        with safe_open(str(origin[name]), framework="pt", device=str(device)) as f:
+            return f.get_tensor(name)
+
+    state = _gpt2_state(tensors, args, read_apart) if args.arch == "gpt2" else _llama_state(tensors, args)
     with torch.device("meta"):
         model = Transformer(args)
     _check_names_and_shapes(dir, state, model)
@@ -250,11 +265,16 @@ def _llama_state(tensors: dict[str, torch.Tensor], args: ModelArgs) -> dict[str,
     return {name: t for name, t in tensors.items() if name != tied_copy and not NON_WEIGHTS.search(name)}
 
 
-def _gpt2_state(tensors: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+def _gpt2_state(
+    tensors: dict[str, torch.Tensor], args: ModelArgs, read_apart: Callable[[str], torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """GPT2LMHeadModel's tensors (with or without the "transformer." prefix) under lmforge's gpt2-arch names.
 
-    Conv1D stores [in, out]: matrices are transposed (into contiguous copies, which checkpoints and optimizers
-    need) and the fused c_attn is split into q/k/v. Names not consumed stay in the result, to be reported."""
+    Conv1D stores [in, out]: matrices become transposed views of the mapped bytes (no copy: F.linear then reads
+    them in their stored layout; a checkpoint writes them contiguous), and the fused c_attn is split into q/k/v
+    copies (views would share one storage), each read by `read_apart` so that the pages read for the copy leave
+    memory with it. Names not consumed stay in the result, to be reported."""
+    stored = {name.removeprefix("transformer."): name for name in tensors}
     src = {name.removeprefix("transformer."): t for name, t in tensors.items()}
     src = {name: t for name, t in src.items() if name != "lm_head.weight" and not NON_WEIGHTS.search(name)}
     out: dict[str, torch.Tensor] = {}
@@ -262,7 +282,7 @@ def _gpt2_state(tensors: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, 
     def move(theirs: str, ours: str, transpose: bool = False) -> None:
         if theirs in src:
             t = src.pop(theirs)
-            out[ours] = t.t().contiguous() if transpose else t
+            out[ours] = t.t() if transpose else t
 
     move("wte.weight", "model.embed_tokens.weight")
     move("wpe.weight", "model.embed_positions.weight")
@@ -277,8 +297,9 @@ def _gpt2_state(tensors: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, 
             for theirs, mine in (("attn.c_proj", "self_attn.o_proj"), ("mlp.c_fc", "mlp.up_proj"),
                                  ("mlp.c_proj", "mlp.down_proj")):  # fmt: skip
                 move(f"{h}{theirs}.{part}", f"{ours}{mine}.{part}", transpose=part == "weight")
-            fused = src.pop(f"{h}attn.c_attn.{part}", None)
-            if fused is not None:
+            theirs = f"{h}attn.c_attn.{part}"
+            if src.pop(theirs, None) is not None:
+                fused = read_apart(stored[theirs])
                 fused = fused.t() if part == "weight" else fused
                 for name, t in zip("qkv", fused.split(width, dim=0)):  # copies: a view would share storage
                     out[f"{ours}self_attn.{name}_proj.{part}"] = t.clone(memory_format=torch.contiguous_format)

@@ -43,7 +43,8 @@ PREFIX_DIR = "prefix"
 def write_model_files(model: Transformer, args: ModelArgs, dir: Path, tokenizer_path: Path | None) -> None:
     """Write the checkpoint files into an existing directory (normally a staging one)."""
     dir = Path(dir)
-    st_save_model(model, str(dir / WEIGHTS), metadata={"format": "pt"})
+    # force_contiguous: an imported GPT-2's Conv1D weights are transposed views (lmforge.model.hf_import).
+    st_save_model(model, str(dir / WEIGHTS), metadata={"format": "pt"}, force_contiguous=True)
     (dir / META).write_text(json.dumps({"args": args.to_dict(), "format": FORMAT}, indent=2), encoding="utf-8")
     if tokenizer_path is not None:
         shutil.copyfile(tokenizer_path, dir / TOKENIZER)
