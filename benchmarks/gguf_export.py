@@ -83,7 +83,8 @@ def main() -> None:
             theirs = llama_cpp_logits(path, ids, f32_cache=dtype == "f32")
             diff = agree = "n/a"
             if theirs is not None:
-                diff, agree = f"{np.abs(theirs - ours).max():.2e}", f"{(theirs.argmax(-1) == ours.argmax(-1)).mean():.3f}"
+                diff = f"{np.abs(theirs - ours).max():.2e}"
+                agree = f"{(theirs.argmax(-1) == ours.argmax(-1)).mean():.3f}"
             print(f"{dtype:6} {size / 1e6:9.1f} {8 * size / params:10.2f} {seconds:9.2f} {diff:>13} "
                   f"{ours.std():9.3f} {agree:>12}")  # fmt: skip
             summary |= {f"{dtype}_mb": f"{size / 1e6:.1f}", f"{dtype}_export_s": f"{seconds:.2f}",

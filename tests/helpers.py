@@ -146,3 +146,114 @@ def hf_tokenizer_dir(directory: Path, style: str) -> Path:
         ids = [hf.token_to_id(t) for t in ("<|end_of_text|>", "<|eot_id|>")]
         (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": ids}), encoding="utf-8")
     return directory
+
+
+# The GGUF export tests (tests/test_export_gguf*.py).
+
+# Real text with what pre-tokenizers disagree on: digits, runs of spaces, newlines with indentation, tabs, CRLF,
+# accents, CJK, emoji, Arabic-Indic digits, a roman numeral and contractions.
+GGUF_TEXT = ("def parse(x, y=3.14159):\n    if x >= 2024:\n\t\treturn [1, 22, 333]\r\n    return None  # done\n\n\n"
+             "Naïve café in 東京 costs ¥1200 😀! They're here, it's 10:45 — ١٢٣ and ⅷ.   Trailing   spaces   ")  # fmt: skip
+
+# Llama 3.1's rope scaling with an original context of 16 positions, so that a 100-token test sequence reaches the
+# rescaled frequencies.
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}  # fmt: skip
+
+
+def gguf_texts() -> list[str]:
+    """Real text: the json package's source (json/__init__.py), then the 200 Alpaca records as text."""
+    import json
+
+    records = json.loads(Path(INSTRUCT_DATA).read_text(encoding="utf-8"))
+    code = Path(json.__file__).read_text(encoding="utf-8")
+    return [code] + [" ".join(r[k] for k in ("instruction", "input", "output")) for r in records]
+
+
+def gguf_tokenizer(directory: Path) -> Path:
+    """lmforge's byte-level BPE (vocabulary 1500) trained on gguf_texts, saved as directory/tok.json."""
+    from lmforge.tokenizer import train_tokenizer
+
+    train_tokenizer(iter(gguf_texts()), vocab_size=1500).save(directory / "tok.json")
+    return directory / "tok.json"
+
+
+def sharp_checkpoint(directory: Path, tokenizer: Path, sharpen: float = 4.0, **options) -> Path:
+    """A small random model (ModelArgs `options` on top of a 2-block GQA llama) whose attention is sharp (q/k
+    weights scaled by `sharpen`) and whose norms are away from one, so that a wrong rotary layout, q/k/v split or
+    norm placement changes the logits by far more than any export test's tolerance."""
+    import torch
+
+    from lmforge.model.io import save_model
+    from lmforge.model.transformer import ModelArgs, Transformer
+    from lmforge.tokenizer import Tokenizer
+
+    base = dict(vocab_size=Tokenizer.from_file(tokenizer).vocab_size, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2,
+                head_dim=16, mlp_hidden=96, max_seq_len=128, init_std=0.08)  # fmt: skip
+    args = ModelArgs(**(base | options))
+    torch.manual_seed(0)
+    model = Transformer(args)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(sharpen)
+            layer.self_attn.k_proj.weight.mul_(sharpen)
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                if proj.bias is not None:
+                    proj.bias.normal_(0, 0.3)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return save_model(directory, model, args, tokenizer)
+
+
+def gguf_fields(path: Path) -> tuple[dict, dict]:
+    """A GGUF file's metadata (key -> value) and tensors (name -> gguf's ReaderTensor)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    return {k: f.contents() for k, f in reader.fields.items()}, {t.name: t for t in reader.tensors}
+
+
+def lmforge_logits(ckpt: Path, ids: list[int]) -> np.ndarray:
+    """lmforge's logits [T, vocab] of one sequence."""
+    import torch
+
+    from lmforge.model.io import load_model
+
+    model, _ = load_model(ckpt)
+    with torch.no_grad():
+        return model.eval()(torch.tensor([ids]))[0].float().numpy()
+
+
+def hf_style_tokenizer(directory: Path, pre: str) -> Path:
+    """A byte-level BPE tokenizer as Hugging Face models ship them (no lmforge special tokens; `pre` names the
+    pre-tokenizer of PRE_TOKENIZERS: Llama 3's or Qwen2's regex split, or GPT-2's), with its tokenizer_config.json."""
+    import json
+
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from lmforge.export_gguf import PRE_TOKENIZERS
+
+    steps = PRE_TOKENIZERS[pre]
+    hf = HFTokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=steps[-1]["use_regex"])
+    split = [pre_tokenizers.Split(Regex(steps[0]["Regex"]), "isolated")] if len(steps) == 2 else []
+    hf.pre_tokenizer = pre_tokenizers.Sequence([*split, byte_level]) if split else byte_level
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1200, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    hf.train_from_iterator(gguf_texts(), trainer=trainer)
+    directory.mkdir(parents=True)
+    hf.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}), encoding="utf-8")
+    return directory / "tokenizer.json"
+
+
+def imported_checkpoint(directory: Path, pre: str) -> Path:
+    """A sharp_checkpoint in directory/ckpt with an hf_style_tokenizer (`pre`) and its tokenizer_config.json."""
+    tokenizer = hf_style_tokenizer(directory / "tok", pre)
+    ckpt = sharp_checkpoint(directory / "ckpt", tokenizer)
+    (ckpt / "tokenizer_config.json").write_bytes((directory / "tok" / "tokenizer_config.json").read_bytes())
+    return ckpt
+

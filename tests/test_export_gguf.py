@@ -1,96 +1,43 @@
 """GGUF export (lmforge.export_gguf): metadata, tensors and values read back with gguf's own reader, a NumPy
-forward pass over the file's tensors with llama.cpp's conventions (interleaved rotary pairs for "llama"), and, when
-llama-cpp-python is installed, llama.cpp itself: logits, greedy text and token ids against lmforge's."""
+forward pass over the file's tensors with llama.cpp's conventions (interleaved rotary pairs for "llama"), the
+refusals, the output file, the CLI and the export stage. llama.cpp itself: tests/test_export_gguf_llama_cpp.py."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from gguf import GGMLQuantizationType, GGUFReader
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
+from helpers import (GGUF_TEXT, LLAMA3_ROPE, gguf_fields, gguf_tokenizer, imported_checkpoint, lmforge_logits,
+                     sharp_checkpoint)
 from typer.testing import CliRunner
 
 from lmforge.cli import app
 from lmforge.export_gguf import PRE_TOKENIZERS, export_gguf, gguf_vocab, permute_rope, tensor_type
 from lmforge.finetune.template import CHAT_TEMPLATE_JINJA
 from lmforge.hf import ExportConfig
-from lmforge.model.io import load_checkpoint_tokenizer, load_model, save_model
-from lmforge.model.transformer import ModelArgs, Transformer
+from lmforge.model.io import load_checkpoint_tokenizer, load_model
 from lmforge.outdir import OutputDirError
-from lmforge.tokenizer import SPECIAL_TOKENS, train_tokenizer
-
-INSTRUCT_DATA = Path("/work/shared/data/instruct/alpaca_data_first200.json")
-# Real text with what pre-tokenizers disagree on: digits, runs of spaces, newlines with indentation, tabs, CRLF,
-# accents, CJK, emoji, right-to-left digits and contractions.
-TRICKY = ("def parse(x, y=3.14159):\n    if x >= 2024:\n\t\treturn [1, 22, 333]\r\n    return None  # done\n\n\n"
-          "Naïve café in 東京 costs ¥1200 😀! They're here, it's 10:45 — ١٢٣ and ⅷ.   Trailing   spaces   ")  # fmt: skip
-
-
-def _texts() -> list[str]:
-    records = json.loads(INSTRUCT_DATA.read_text(encoding="utf-8"))
-    code = Path(json.__file__).read_text(encoding="utf-8")
-    return [code] + [" ".join(r[k] for k in ("instruction", "input", "output")) for r in records]
+from lmforge.tokenizer import SPECIAL_TOKENS
 
 
 @pytest.fixture(scope="module")
 def tokenizer_path(tmp_path_factory) -> Path:
-    """A byte-level BPE tokenizer (vocabulary 1500) trained on code and instruction text."""
-    path = tmp_path_factory.mktemp("tok") / "tok.json"
-    train_tokenizer(iter(_texts()), vocab_size=1500).save(path)
-    return path
-
-
-def make_checkpoint(directory: Path, tokenizer: Path, sharpen: float = 4.0, **options) -> Path:
-    """A small random model whose attention is sharp (q/k weights scaled by `sharpen`), so that a wrong rotary
-    layout or a wrong q/k/v split changes the logits by far more than any tolerance below."""
-    vocab = load_checkpoint_tokenizer_file(tokenizer).vocab_size
-    base = dict(vocab_size=vocab, n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, mlp_hidden=96,
-                max_seq_len=128, init_std=0.08)  # fmt: skip
-    args = ModelArgs(**(base | options))
-    torch.manual_seed(0)
-    model = Transformer(args)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(sharpen)
-            layer.self_attn.k_proj.weight.mul_(sharpen)
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                if proj.bias is not None:
-                    proj.bias.normal_(0, 0.3)
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):  # norms away from one, so a transposed or misplaced norm shows
-                p.uniform_(0.5, 1.5)
-    return save_model(directory, model, args, tokenizer)
-
-
-def load_checkpoint_tokenizer_file(path: Path):
-    from lmforge.tokenizer import Tokenizer
-
-    return Tokenizer.from_file(path)
+    return gguf_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(scope="module")
 def llama_ckpt(tmp_path_factory, tokenizer_path) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("llama") / "ckpt", tokenizer_path)
-
-
-def _fields(path: Path) -> tuple[dict, dict]:
-    reader = GGUFReader(path)
-    return {k: f.contents() for k, f in reader.fields.items()}, {t.name: t for t in reader.tensors}
-
-
-def _lmforge_logits(ckpt: Path, ids: list[int]) -> np.ndarray:
-    model, _ = load_model(ckpt)
-    with torch.no_grad():
-        return model.eval()(torch.tensor([ids]))[0].numpy()
+    return sharp_checkpoint(tmp_path_factory.mktemp("llama") / "ckpt", tokenizer_path)
 
 
 def test_metadata_says_what_llama_cpp_needs(llama_ckpt, tokenizer_path, tmp_path):
     out = export_gguf(llama_ckpt, tmp_path / "m.gguf", "f32")
-    meta, tensors = _fields(out)
+    meta, tensors = gguf_fields(out)
     spec = json.loads(tokenizer_path.read_text(encoding="utf-8"))
     tok = load_checkpoint_tokenizer(llama_ckpt)
     assert meta["general.architecture"] == "llama" and meta["general.file_type"] == 0
@@ -99,7 +46,8 @@ def test_metadata_says_what_llama_cpp_needs(llama_ckpt, tokenizer_path, tmp_path
             "vocab_size")} == {"context_length": 128, "embedding_length": 64, "block_count": 2,
             "feed_forward_length": 96, "attention.head_count": 4, "attention.head_count_kv": 2,
             "attention.key_length": 16, "rope.dimension_count": 16, "vocab_size": tok.vocab_size}  # fmt: skip
-    assert meta["llama.rope.freq_base"] == 10000.0 and meta["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-5)
+    assert meta["llama.rope.freq_base"] == 10000.0
+    assert meta["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(1e-5)
     tokens = meta["tokenizer.ggml.tokens"]
     assert len(tokens) == tok.vocab_size
     assert all(tokens[i] == t for t, i in spec["model"]["vocab"].items())
@@ -115,7 +63,7 @@ def test_metadata_says_what_llama_cpp_needs(llama_ckpt, tokenizer_path, tmp_path
 
 
 def test_f32_tensors_are_the_weights_under_llama_cpp_names(llama_ckpt, tmp_path):
-    _, tensors = _fields(export_gguf(llama_ckpt, tmp_path / "m.gguf", "f32"))
+    _, tensors = gguf_fields(export_gguf(llama_ckpt, tmp_path / "m.gguf", "f32"))
     state = {k: v.numpy() for k, v in load_model(llama_ckpt)[0].state_dict().items()}
     per_layer = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up",
                  "ffn_down"]  # fmt: skip
@@ -123,7 +71,8 @@ def test_f32_tensors_are_the_weights_under_llama_cpp_names(llama_ckpt, tmp_path)
                             *(f"blk.{i}.{n}.weight" for i in range(2) for n in per_layer)}  # fmt: skip
     assert all(t.tensor_type == GGMLQuantizationType.F32 for t in tensors.values())
     same = {"token_embd": "model.embed_tokens", "output": "lm_head", "blk.1.attn_v": "model.layers.1.self_attn.v_proj",
-            "blk.1.ffn_down": "model.layers.1.mlp.down_proj", "blk.0.ffn_norm": "model.layers.0.post_attention_layernorm"}
+            "blk.1.ffn_down": "model.layers.1.mlp.down_proj",
+            "blk.0.ffn_norm": "model.layers.0.post_attention_layernorm"}  # fmt: skip
     for theirs, ours in same.items():
         np.testing.assert_array_equal(np.asarray(tensors[f"{theirs}.weight"].data), state[f"{ours}.weight"])
     assert tuple(tensors["blk.0.ffn_gate.weight"].shape) == (64, 96)  # GGUF lists dims innermost first
@@ -136,9 +85,9 @@ def test_f32_tensors_are_the_weights_under_llama_cpp_names(llama_ckpt, tmp_path)
 
 
 def test_f16_and_q8_0_round_trip_within_their_error(llama_ckpt, tmp_path):
-    _, f32 = _fields(export_gguf(llama_ckpt, tmp_path / "f32.gguf", "f32"))
-    _, f16 = _fields(export_gguf(llama_ckpt, tmp_path / "f16.gguf", "f16"))
-    _, q8 = _fields(export_gguf(llama_ckpt, tmp_path / "q8.gguf", "q8_0"))
+    _, f32 = gguf_fields(export_gguf(llama_ckpt, tmp_path / "f32.gguf", "f32"))
+    _, f16 = gguf_fields(export_gguf(llama_ckpt, tmp_path / "f16.gguf", "f16"))
+    _, q8 = gguf_fields(export_gguf(llama_ckpt, tmp_path / "q8.gguf", "q8_0"))
     for name, t in f32.items():
         exact = np.asarray(t.data)
         if exact.ndim == 1:  # norms stay float32 in every export
@@ -178,7 +127,7 @@ def _interleaved_rope(x: np.ndarray, theta: float, freq_factors: np.ndarray | No
 
 def numpy_llama_forward(path: Path, ids: list[int]) -> np.ndarray:
     """Logits of a "llama" GGUF file, computed from its tensors and metadata alone, as llama.cpp computes them."""
-    meta, tensors = _fields(path)
+    meta, tensors = gguf_fields(path)
     w = {name: np.asarray(t.data, dtype=np.float64) for name, t in tensors.items()}
     H, KV, eps = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"], meta[
         "llama.attention.layer_norm_rms_epsilon"]  # fmt: skip
@@ -208,19 +157,17 @@ def numpy_llama_forward(path: Path, ids: list[int]) -> np.ndarray:
     return rms(x, w["output_norm.weight"]) @ out.T
 
 
-@pytest.mark.parametrize("options", [{}, {"attn_bias": "qkvo", "tie_embeddings": True},
-                                     {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}],
+@pytest.mark.parametrize("options", [{}, {"attn_bias": "qkvo", "tie_embeddings": True}, {"rope_scaling": LLAMA3_ROPE}],
                          ids=["gqa", "biases-tied", "llama3-rope"])  # fmt: skip
 def test_llama_file_computes_lmforges_logits_with_interleaved_rope(tokenizer_path, tmp_path, options):
-    ckpt = make_checkpoint(tmp_path / "ckpt", tokenizer_path, **options)
+    ckpt = sharp_checkpoint(tmp_path / "ckpt", tokenizer_path, **options)
     path = export_gguf(ckpt, tmp_path / "m.gguf", "f32")
-    ids = [0, *load_checkpoint_tokenizer(ckpt).encode(TRICKY)][:100]
-    ours = _lmforge_logits(ckpt, ids)
+    ids = [0, *load_checkpoint_tokenizer(ckpt).encode(GGUF_TEXT)][:100]
+    ours = lmforge_logits(ckpt, ids)
     assert ours.std() > 0.3  # logits that vary, so the comparison below means something
     np.testing.assert_allclose(numpy_llama_forward(path, ids), ours, atol=2e-4, rtol=0)
     if options.get("rope_scaling"):
-        assert _fields(path)[1]["rope_freqs.weight"].tensor_type == GGMLQuantizationType.F32
+        assert gguf_fields(path)[1]["rope_freqs.weight"].tensor_type == GGMLQuantizationType.F32
 
 
 @pytest.mark.parametrize(("options", "arch", "extra", "missing"), [
@@ -231,8 +178,8 @@ def test_llama_file_computes_lmforges_logits_with_interleaved_rope(tokenizer_pat
      {"output.weight", "blk.0.attn_q.weight", "blk.0.ffn_gate.weight"}),
 ])  # fmt: skip
 def test_each_architecture_gets_llama_cpps_names(tokenizer_path, tmp_path, options, arch, extra, missing):
-    ckpt = make_checkpoint(tmp_path / "ckpt", tokenizer_path, **options)
-    meta, tensors = _fields(export_gguf(ckpt, tmp_path / "m.gguf", "q8_0"))
+    ckpt = sharp_checkpoint(tmp_path / "ckpt", tokenizer_path, **options)
+    meta, tensors = gguf_fields(export_gguf(ckpt, tmp_path / "m.gguf", "q8_0"))
     assert meta["general.architecture"] == arch
     assert extra <= set(tensors) and not missing & set(tensors)
     state = {k: v.numpy() for k, v in load_model(ckpt)[0].state_dict().items()}
@@ -250,15 +197,13 @@ def test_each_architecture_gets_llama_cpps_names(tokenizer_path, tmp_path, optio
     ({"arch": "gpt2", "mlp": "relu2", "tie_embeddings": True}, "mlp='relu2' with arch=gpt2"),
 ])  # fmt: skip
 def test_what_llama_cpp_cannot_compute_is_refused(tokenizer_path, tmp_path, options, named):
-    ckpt = make_checkpoint(tmp_path / "ckpt", tokenizer_path, **options)
+    ckpt = sharp_checkpoint(tmp_path / "ckpt", tokenizer_path, **options)
     with pytest.raises(ValueError, match=named.replace("(", r"\(")):
         export_gguf(ckpt, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists() and list(tmp_path.iterdir()) == [tmp_path / "ckpt"]
 
 
 def test_a_prefix_tuned_checkpoint_is_refused(llama_ckpt, tmp_path):
-    import shutil
-
     ckpt = Path(shutil.copytree(llama_ckpt, tmp_path / "ckpt"))
     (ckpt / "prefix").mkdir()
     (ckpt / "prefix" / "prefix.json").write_text("{}", encoding="utf-8")
@@ -302,18 +247,21 @@ def test_cli_and_recipe_pair_each_format_with_its_dtypes(llama_ckpt, tmp_path):
     out = tmp_path / "m.gguf"
     result = CliRunner().invoke(app, ["export", str(llama_ckpt), "-o", str(out), "--format", "gguf", "--dtype", "q8_0"])
     assert result.exit_code == 0, result.output
-    assert _fields(out)[0]["general.file_type"] == 7
+    assert gguf_fields(out)[0]["general.file_type"] == 7
     result = CliRunner().invoke(app, ["export", str(llama_ckpt), str(tmp_path / "x.gguf"), "--format", "gguf",
                                       "--dtype", "float16"])  # fmt: skip
     assert result.exit_code == 2
-    assert "dtype 'float16' does not go with format 'gguf' (float16 is a hf dtype): format gguf takes f32 | f16 | q8_0" in " ".join(result.output.split())
+    message = " ".join(result.output.split())
+    assert ("dtype 'float16' does not go with format 'gguf' (float16 is a hf dtype): format gguf takes f32 | f16 | "
+            "q8_0") in message
     result = CliRunner().invoke(app, ["export", str(llama_ckpt), str(tmp_path / "hf"), "--dtype", "q8_0"])
     assert result.exit_code == 2 and "format hf takes float32 | bfloat16 | float16" in " ".join(result.output.split())
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "hf").exists()
     for outs in ([], [str(out), "-o", str(out)]):  # the output exactly once
         result = CliRunner().invoke(app, ["export", str(llama_ckpt), *outs, "--format", "gguf"])
         assert result.exit_code == 2 and "give the output once" in result.output
-    assert ExportConfig(format="gguf").dtype == "f32" and ExportConfig().semantic() == {"format": "hf", "dtype": "float32"}
+    assert ExportConfig(format="gguf").dtype == "f32"
+    assert ExportConfig().semantic() == {"format": "hf", "dtype": "float32"}  # the default run's fingerprint is kept
     with pytest.raises(ValueError, match="dtype 'bfloat16' does not go with format 'gguf'"):
         ExportConfig(format="gguf", dtype="bfloat16")
 
@@ -326,114 +274,13 @@ def test_the_export_stage_writes_model_gguf_with_its_dtype(llama_ckpt, tmp_path)
     settings = load_recipe(None, ["export.format=gguf", "export.dtype=f16"])
     metrics = run_stage(EXPORT_STAGE, settings, tmp_path, model=llama_ckpt)
     assert metrics == {"path": str(tmp_path / "model.gguf"), "bytes": (tmp_path / "model.gguf").stat().st_size}
-    assert _fields(tmp_path / "model.gguf")[0]["general.file_type"] == 1  # mostly f16
+    assert gguf_fields(tmp_path / "model.gguf")[0]["general.file_type"] == 1  # mostly f16
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
 
 
-# llama.cpp itself, through llama-cpp-python (built from source by pip: docs/export.md says how long it takes).
-
-
-@pytest.fixture(scope="module")
-def llama_cpp():
-    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
-
-
-def _llama(llama_cpp, path: Path, f32_cache: bool = True):
-    """A llama.cpp context with every position's logits; f32_cache keeps keys and values in float32 (llama.cpp's
-    default f16 cache rounds them, which alone moves logits by about 1e-3)."""
-    cache = {"type_k": 0, "type_v": 0} if f32_cache else {}  # 0 = GGML_TYPE_F32
-    return llama_cpp.Llama(str(path), n_ctx=128, logits_all=True, n_threads=1, flash_attn=False, verbose=False,
-                           **cache)  # fmt: skip
-
-
-def _llama_cpp_logits(llm, ids: list[int]) -> np.ndarray:
-    llm.reset()
-    llm.eval(ids)
-    return np.array(llm.scores[: len(ids)])
-
-
-ARCHS = {"llama-gqa": {}, "llama3-rope": {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-         "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}, "qwen3": {"qk_norm": True},
-         "qwen2": {"attn_bias": "qkv", "tie_embeddings": True},
-         "gpt2": {"arch": "gpt2", "mlp": "gelu", "tie_embeddings": True, "n_kv_heads": 4}}  # fmt: skip
-
-
-def _ggml_gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-    """ggml's CPU GELU: the tanh approximation read from a table indexed by the input rounded to f16, holding f16."""
-    return _TORCH_GELU(x.half().float(), approximate=approximate).half().to(x.dtype)
-
-
-_TORCH_GELU = torch.nn.functional.gelu
-
-
-@pytest.mark.parametrize("arch", list(ARCHS))
-def test_llama_cpp_computes_lmforges_logits_and_greedy_text(llama_cpp, tokenizer_path, tmp_path, arch, monkeypatch):
-    from lmforge.infer.engine import generate
-
-    ckpt = make_checkpoint(tmp_path / "ckpt", tokenizer_path, **ARCHS[arch])
-    llm = _llama(llama_cpp, export_gguf(ckpt, tmp_path / "m.gguf", "f32"))
-    ids = [0, *load_checkpoint_tokenizer(ckpt).encode(TRICKY)][:100]
-    ours = _lmforge_logits(ckpt, ids)
-    assert ours.std() > 0.3
-    theirs = _llama_cpp_logits(llm, ids)
-    if arch == "gpt2":  # ggml's f16 GELU table alone moves logits by up to ~2e-3; computed its way, they agree
-        np.testing.assert_allclose(theirs, ours, atol=3e-3, rtol=0)
-        monkeypatch.setattr(torch.nn.functional, "gelu", _ggml_gelu)
-        ours = _lmforge_logits(ckpt, ids)
-        monkeypatch.undo()
-    np.testing.assert_allclose(theirs, ours, atol=1e-3, rtol=0)
-    prompt = ids[:12]
-    want = generate(load_model(ckpt)[0].eval(), [prompt], 24, temperature=0.0)[0]
-    llm.reset()
-    llm.eval(prompt)
-    got = []
-    for _ in range(24):  # one token at a time through llama.cpp's KV cache
-        got.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-        llm.eval([got[-1]])
-    assert got == want
-
-
-def test_llama_cpp_tokenizes_like_lmforge(llama_cpp, llama_ckpt, tmp_path):
-    llm = _llama(llama_cpp, export_gguf(llama_ckpt, tmp_path / "m.gguf", "f32"))
-    tok = load_checkpoint_tokenizer(llama_ckpt)
-    texts = [TRICKY, Path(json.decoder.__file__).read_text(encoding="utf-8")[:6000], *_texts()[1:40],
-             "<|user|>text that spells a control token<|end|>", "1234567890 ½ ²³ x²", " \n \n\n   \t"]  # fmt: skip
-    for text in texts:
-        ids = tok.encode(text)
-        assert llm.tokenize(text.encode("utf-8"), add_bos=False) == ids, text[:60]
-        assert llm.tokenize(text.encode("utf-8")) == [tok.bos_id, *ids]  # add_bos_token: the training convention
-        assert llm.detokenize(ids).decode("utf-8") == text
-
-
-def test_the_files_chat_template_gives_lmforges_prompt_ids_in_llama_cpp(llama_cpp, llama_ckpt, tmp_path):
-    """The Jinja template stored in the file (what llama-cli --jinja and llama-cpp-python render) tokenized by
-    llama.cpp with special tokens parsed: the ids lmforge's chat template gives the same conversation."""
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-    from lmforge.finetune.data import Message
-
-    llm = _llama(llama_cpp, export_gguf(llama_ckpt, tmp_path / "m.gguf", "f32"))
-    conversation = [Message("system", "Be brief."), Message("user", "Name 3 colours, e.g. 'red'.")]
-    render = Jinja2ChatFormatter(llm.metadata["tokenizer.chat_template"], eos_token="<|eos|>", bos_token="<|bos|>")
-    prompt = render(messages=[{"role": m.role, "content": m.content} for m in conversation]).prompt
-    ids = llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
-    assert ids == load_checkpoint_tokenizer(llama_ckpt).chat_template.prompt_ids(conversation)
-    assert llm.token_eos() == 1 and ids[-1] == 5  # <|assistant|>
-
-
-@pytest.mark.parametrize(("dtype", "max_diff", "mean_diff", "agree"), [("f16", 0.01, 0.002, 0.98),
-                                                                      ("q8_0", 0.15, 0.025, 0.85)])  # fmt: skip
-def test_llama_cpp_runs_f16_and_q8_0_close_to_lmforge(llama_cpp, tokenizer_path, tmp_path, dtype, max_diff, mean_diff,
-                                                      agree):  # fmt: skip
-    """Looser than f32, by what rounding costs: f16 keeps 11 significant bits of each weight and llama.cpp multiplies
-    in f16; q8_0 rounds each weight to 1/254 of its block's largest and llama.cpp rounds the activations to 8 bits
-    too. On this model (logits' standard deviation ~0.7) that moves logits by ~0.0005 (f16) and ~0.012 (q8_0) on
-    average, at most ~0.004 and ~0.08 (measured); the bounds leave about 2x. The argmax of a random model has
-    near-ties, so q8_0 may flip a few."""
-    ckpt = make_checkpoint(tmp_path / "ckpt", tokenizer_path, sharpen=1.0)
-    ids = [0, *load_checkpoint_tokenizer(ckpt).encode(TRICKY)][:100]
-    ours = _lmforge_logits(ckpt, ids)
-    theirs = _llama_cpp_logits(_llama(llama_cpp, export_gguf(ckpt, tmp_path / "m.gguf", dtype), False), ids)
-    diff = np.abs(theirs - ours)
-    assert diff.max() < max_diff and diff.mean() < mean_diff
-    assert (theirs.argmax(-1) == ours.argmax(-1)).mean() >= agree
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "gpt-2"])
+def test_an_imported_tokenizer_gets_llama_cpps_name_for_its_pre_tokenizer(tmp_path, pre):
+    meta, _ = gguf_fields(export_gguf(imported_checkpoint(tmp_path, pre), tmp_path / "m.gguf", "f32"))
+    assert meta["tokenizer.ggml.pre"] == pre
+    assert [meta[f"tokenizer.ggml.{k}_token_id"] for k in ("bos", "eos")] == [0, 0]  # no BOS: documents start at EOS
+    assert "tokenizer.chat_template" not in meta  # it has none

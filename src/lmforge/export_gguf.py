@@ -60,8 +60,8 @@ _QWEN2_REGEX = _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
 PRE_TOKENIZERS = {
     "smollm": [{"type": "Digits", "individual_digits": True}, _GPT2_BYTE_LEVEL],
     "gpt-2": [_GPT2_BYTE_LEVEL],
-    "llama-bpe": [{"type": "Split", "Regex": _LLAMA3_REGEX}, {"type": "ByteLevel", "use_regex": False}],
-    "qwen2": [{"type": "Split", "Regex": _QWEN2_REGEX}, {"type": "ByteLevel", "use_regex": False}],
+    "llama-bpe": [{"type": "Split", "Regex": _LLAMA3_REGEX}, _GPT2_BYTE_LEVEL | {"use_regex": False}],
+    "qwen2": [{"type": "Split", "Regex": _QWEN2_REGEX}, _GPT2_BYTE_LEVEL | {"use_regex": False}],
 }
 
 
@@ -70,8 +70,8 @@ def gguf_architecture(args: ModelArgs) -> str:
 
     Raises ValueError naming the option (and the setting to change) when there is none."""
     if args.logit_softcap is not None:
-        raise ValueError(f"logit_softcap={args.logit_softcap} cannot be exported to GGUF: llama.cpp's llama, qwen3 and "
-                         "gpt2 architectures do not cap logits; train with model.logit_softcap=null to export")  # fmt: skip
+        raise ValueError(f"logit_softcap={args.logit_softcap} cannot be exported to GGUF: llama.cpp's llama, qwen2, "
+                         "qwen3 and gpt2 do not cap logits; train with model.logit_softcap=null to export")  # fmt: skip
     if args.arch == "gpt2":
         if args.mlp != "gelu":
             raise ValueError(f"mlp={args.mlp!r} with arch=gpt2 cannot be exported to GGUF: llama.cpp's gpt2 MLP is "
@@ -96,8 +96,8 @@ def gguf_architecture(args: ModelArgs) -> str:
 
 
 def permute_rope(weight: np.ndarray, n_heads: int) -> np.ndarray:
-    """Rows of a q or k projection [n_heads * head_dim, d_in] (or its bias) reordered per head from the rotate-half layout
-    (pairs i, i + head_dim/2) to the interleaved one (pairs 2i, 2i + 1) that llama.cpp's llama architecture uses."""
+    """Rows of a q or k projection [n_heads * head_dim, d_in] (or its bias) reordered per head from the rotate-half
+    layout (pairs i, i + head_dim/2) to the interleaved one (pairs 2i, 2i + 1) that llama.cpp's llama uses."""
     rows = weight.shape[0]
     return weight.reshape(n_heads, 2, rows // n_heads // 2, -1).swapaxes(1, 2).reshape(weight.shape)
 
@@ -186,8 +186,9 @@ def _pre_tokenizer_name(spec: dict[str, Any] | None, path: Path) -> str:
 
 
 def _matches(step: dict[str, Any], want: dict[str, Any]) -> bool:
-    if "Regex" in want:  # a Split step: its pattern is {"Regex": ...}, isolated matches
-        return step.get("type") == "Split" and step.get("pattern") == {"Regex": want["Regex"]}
+    if "Regex" in want:  # a Split step: each match of the pattern becomes a piece of its own
+        return (step.get("type") == "Split" and step.get("pattern") == {"Regex": want["Regex"]}
+                and step.get("behavior") == "Isolated" and not step.get("invert"))  # fmt: skip
     return all(step.get(key, value) == value for key, value in want.items())
 
 
@@ -196,11 +197,11 @@ def gguf_vocab(path: Path, n_vocab: int) -> GGUFVocab:
     from gguf import TokenType
 
     spec = json.loads(Path(path).read_text(encoding="utf-8"))
-    model = spec["model"]
-    if model.get("type") != "BPE" or model.get("byte_fallback") or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+    model, decoder = spec["model"], spec.get("decoder") or {}
+    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
         raise ValueError(f"{path}: only byte-level BPE tokenizers (GPT-2 style: lmforge's, SmolLM, Llama 3, Qwen2) are "
                          f"exported to GGUF; this one is model {model.get('type')!r}, byte_fallback="
-                         f"{model.get('byte_fallback')}, decoder {(spec.get('decoder') or {}).get('type')!r} (a "
+                         f"{model.get('byte_fallback')}, decoder {decoder.get('type')!r} (a "
                          "SentencePiece-style tokenizer such as Llama 2's or Mistral v0.1's): convert the original "
                          "model with llama.cpp's convert_hf_to_gguf.py instead")  # fmt: skip
     if spec.get("normalizer") not in (None, {"type": "NFC"}):  # llama.cpp normalises nothing; NFC text is unchanged
