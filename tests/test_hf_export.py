@@ -209,10 +209,6 @@ def test_chat_through_the_export_matches_lmforge_and_stops_at_end(tmp_path: Path
     question = CONVERSATION[1].content
     for lm in (load_language_model(ckpt, "cpu"), load_language_model(out, "cpu")):
         assert generate_until(lm, [question], max_new_tokens=8, chat=True, progress=False) == ["ab"]
-    config = out / "tokenizer_config.json"
-    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "chat_template"}))
-    with pytest.raises(ValueError, match="no chat template"):
-        generate_until(load_language_model(out, "cpu"), [question], max_new_tokens=8, chat=True, progress=False)
 
 
 def test_export_replaces_an_old_export_atomically_and_needs_a_tokenizer(tmp_path: Path, tokenizer_file: Path):

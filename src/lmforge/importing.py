@@ -27,7 +27,7 @@ import typer
 from lmforge import verbs
 from lmforge.hub import resolve_model_dir
 from lmforge.io import atomic_write_text
-from lmforge.model.io import load_checkpoint_tokenizer, load_model, save_model
+from lmforge.model.io import TOKENIZER, load_checkpoint_tokenizer, load_model, save_model
 from lmforge.registry import ReportContext, Stage, StageContext, register
 from lmforge.report.format import fmt
 from lmforge.runs import files_fingerprint
@@ -48,7 +48,7 @@ def import_model(source: str | Path, out_dir: Path, dtype: str = "auto") -> dict
     model, args = load_model(model_dir, dtype=DTYPES[dtype])
     tokenizer = load_checkpoint_tokenizer(model_dir)
     stored = str(next(model.parameters()).dtype).removeprefix("torch.")
-    save_model(out_dir, model, args, tokenizer=tokenizer)
+    save_model(out_dir, model, args, tokenizer_path=model_dir / TOKENIZER)  # its other tokenizer files go along
     hf_config = model_dir / "config.json"  # absent when the source is an lmforge checkpoint
     config = json.loads(hf_config.read_text(encoding="utf-8")) if hf_config.is_file() else {}
     provenance = {"source": str(source), "path": str(model_dir.resolve()), "model_type": config.get("model_type"),
@@ -59,7 +59,7 @@ def import_model(source: str | Path, out_dir: Path, dtype: str = "auto") -> dict
         "params": model.num_params(),
         "vocab_size": args.vocab_size,
         "max_seq_len": args.max_seq_len,
-        "chat_template": tokenizer.chat is not None,
+        "chat_template": tokenizer.has_chat_template,
         "seconds": round(time.perf_counter() - start, 3),
     }
     log.info("imported %s (%s, %.1fM parameters, %s) into %s in %.1f s", source, config.get("model_type", "lmforge"),

@@ -22,7 +22,8 @@ from lmforge.data.batches import BatchesWrapper
 from lmforge import verbs
 from lmforge.data.loader import BatchLoader
 from lmforge.data.shards import open_split
-from lmforge.model.io import write_model_files
+from lmforge.hub import resolve_model_dir
+from lmforge.model.io import load_model, read_model_args, write_model_files
 from lmforge.model.modes import evaluating
 from lmforge.model.transformer import ModelArgs, Transformer
 from lmforge.outdir import inputs_fingerprint, start_job
@@ -201,6 +202,22 @@ def mlm_val_accuracy(model, windows, cfg: PretrainConfig, tokenizer: Tokenizer, 
         return mlm_accuracy(model, {k: v.to(device) for k, v in batch.items()})
 
 
+def _initial_model(cfg: ModelConfig, tokenizer: Tokenizer) -> tuple[Transformer, ModelArgs]:
+    """A new model of the recipe's shape, randomly initialised; or, with model.init_from, the imported model
+    (trained in fp32 like any other: bf16 comes from autocast on CUDA, not from the stored weights)."""
+    if not cfg.init_from:
+        args = ModelArgs.from_config(cfg, tokenizer.vocab_size)
+        model = Transformer(args)
+        model.init_weights()
+        return model, args
+    model, args = load_model(resolve_model_dir(cfg.init_from), dtype=torch.float32)
+    if tokenizer.vocab_size > args.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.init_from={cfg.init_from!r} "
+                         f"embeds only {args.vocab_size}: continued pre-training needs the model's own tokenizer")
+    log.info("continuing pre-training of %s", cfg.init_from)
+    return model, args
+
+
 def pretrain(
     shards_dir: Path,
     tokenizer_path: Path,
@@ -233,12 +250,12 @@ def pretrain(
         raise ValueError("pretrain.document_masking needs pretrain.packing=best_fit (rows of whole documents)")
     settings = {"model": model_cfg.semantic(), "train": train_cfg.semantic(), "pretrain": pretrain_cfg.semantic()}
     inputs = {"shards": inputs_fingerprint(shards_dir), "tokenizer": inputs_fingerprint(tokenizer_path)}
+    if model_cfg.init_from:
+        inputs["init_from"] = inputs_fingerprint(resolve_model_dir(model_cfg.init_from))
     start_job(out_dir, "pretrain", settings, inputs, OUTPUTS, world)
     tokenizer = Tokenizer.from_file(tokenizer_path)
-    args = ModelArgs.from_config(model_cfg, tokenizer.vocab_size)
     torch.manual_seed(train_cfg.seed)
-    model = Transformer(args)
-    model.init_weights()
+    model, args = _initial_model(model_cfg, tokenizer)
     log.info(
         "model: %d layers, d_model %d, %d heads (%d kv), %.2fM parameters (%.2fM non-embedding)",
         args.n_layers, args.d_model, args.n_heads, args.n_kv_heads,
@@ -301,6 +318,19 @@ def _pretrain_stage(ctx: StageContext) -> dict:
 
 
 def _check_lengths(settings) -> None:
+    if settings.model.init_from:
+        if "import" in settings.stages:
+            raise ValueError("stages lists both import and pretrain: with model.init_from, pretrain continues "
+                             "pre-training the imported model itself; remove 'import' (or 'pretrain' to use the "
+                             "model as it is)")  # fmt: skip
+        try:
+            context = read_model_args(resolve_model_dir(settings.model.init_from)).max_seq_len
+        except FileNotFoundError as e:
+            raise ValueError(f"model.init_from={settings.model.init_from!r}: {e}") from None
+        if settings.train.seq_len > context:
+            raise ValueError(f"train.seq_len={settings.train.seq_len} exceeds the context of model.init_from="
+                             f"{settings.model.init_from!r} ({context} tokens)")  # fmt: skip
+        return
     if settings.train.seq_len > settings.model.max_seq_len:
         raise ValueError(f"train.seq_len={settings.train.seq_len} exceeds model.max_seq_len={settings.model.max_seq_len}")
 
@@ -358,6 +388,7 @@ def pretrain_verb(
 PRETRAIN_STAGE = register(Stage(
     name="pretrain", order=40, run=_pretrain_stage, training=True, needs=("shards", "tokenizer"),
     sections={"model": ModelConfig, "train": TrainConfig, "pretrain": PretrainConfig, "parallel": ParallelConfig},
-    fingerprinted=("model", "train", "pretrain"), check=_check_lengths, produces={"model": "final"},
-    report=_pretrain_report, verb=pretrain_verb,
+    fingerprinted=("model", "train", "pretrain"), check=_check_lengths,
+    produces={"model": "final", "base_model": "final"}, report=_pretrain_report, verb=pretrain_verb,
+    default=lambda settings: not settings.model.init_from,  # an imported model is pre-trained already
 ))  # fmt: skip

@@ -17,6 +17,7 @@ def test_limit_caps_benchmark_examples_and_code_problems(tmp_path, monkeypatch):
         seen.append(cfg)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.md").write_text("| task |\n", encoding="utf-8")
+        return {}
 
     monkeypatch.setattr(lmforge.eval.run, "evaluate_checkpoint", fake_evaluate)
     (tmp_path / "ckpt").mkdir()

@@ -198,7 +198,8 @@ def test_save_load_round_trip_is_bit_exact(tmp_path: Path, tie: bool):
 
 
 def test_load_names_the_missing_file(tmp_path: Path):
-    with pytest.raises(FileNotFoundError, match="missing model.json"):
+    with pytest.raises(FileNotFoundError, match=r"is neither an lmforge checkpoint \(model.json\) nor a Hugging Face "
+                                                r"model directory \(config.json\)"):  # fmt: skip
         load_model(tmp_path)
     m = build()
     save_model(tmp_path / "c", m, m.args)
@@ -216,7 +217,7 @@ def test_save_replaces_old_checkpoint_and_failure_leaves_nothing_partial(tmp_pat
     save_model(dest, second, second.args)
     assert torch.equal(load_model(dest)[0].lm_head.weight, second.lm_head.weight)
 
-    def crash(model, path, metadata=None):
+    def crash(model, path, metadata=None, **options):
         Path(path).write_bytes(b"half a file")
         raise OSError("disk full")
 

@@ -237,7 +237,7 @@ def eval_verb(
     overrides: Optional[List[str]] = typer.Argument(None, help="eval.key=value settings (eval.limit=200 ...)."),
 ) -> None:
     """Score a checkpoint: held-out bits per byte, benchmarks with intervals and contamination, pass@k."""
-    from lmforge.model.io import require_model_dir
+    from lmforge.model.io import require_checkpoint
 
     extra = list(overrides or [])
     if tasks:
@@ -251,7 +251,7 @@ def eval_verb(
     if text is None and not tasks and not code:
         verbs.fail("nothing to evaluate: give --text, --tasks and/or --code", 2)
     cfg = verbs.settings(extra, {"eval"})
-    require_model_dir(checkpoint)  # a wrong path fails before the output folder is made
+    require_checkpoint(checkpoint)  # a wrong path fails before the output folder is made
     with verbs.claimed(out, "eval"):
         verbs.run_stage(EVAL_STAGE, cfg, out, base_model=checkpoint, heldout_text=text, curated=training_data)
     typer.echo((out / "results.md").read_text(encoding="utf-8"))

@@ -54,26 +54,29 @@ class LanguageModel:
     chat_stop_ids: tuple[int, ...] = ()  # the tokens that end an assistant turn
 
 
-def load_language_model(path: Path, device: str = "auto") -> LanguageModel:
-    """An lmforge checkpoint directory (model.json) or a transformers model directory (config.json)."""
+def load_language_model(path: Path | str, device: str = "auto") -> LanguageModel:
+    """An lmforge checkpoint or a Hugging Face model directory, in lmforge's backbone. A Hugging Face model of a
+    family the backbone does not compute (lmforge.model.hf_import refuses it) is scored through transformers, so
+    that any model can stand beside lmforge's as a baseline."""
     from lmforge.device import resolve_device
+    from lmforge.model.io import is_hf_model_dir, read_model_args, require_checkpoint
 
-    path = Path(path)
+    path = require_checkpoint(path)
     dev = resolve_device(device)
-    if (path / "model.json").is_file():
-        return _lmforge_model(path, dev)
-    if (path / "config.json").is_file():
-        return _hf_model(path, dev)
-    from lmforge.model.io import not_a_checkpoint
-
-    raise not_a_checkpoint(path, transformers_too=True)
+    if is_hf_model_dir(path):
+        try:
+            read_model_args(path)
+        except ValueError as e:
+            log.info("%s; scoring it through transformers instead", e)
+            return _hf_model(path, dev)
+    return _lmforge_model(path, dev)
 
 
 def _lmforge_model(path: Path, device: torch.device) -> LanguageModel:
-    from lmforge.model.io import load_checkpoint_tokenizer, load_model
+    from lmforge.infer.loading import load_for_generation
 
-    model, _ = load_model(path, device=str(device))
-    return from_lmforge(model, load_checkpoint_tokenizer(path), str(path))
+    model, tokenizer = load_for_generation(path, str(device))
+    return from_lmforge(model, tokenizer, str(path))
 
 
 def from_lmforge(model: torch.nn.Module, tokenizer, name: str = "model") -> LanguageModel:  # noqa: ANN001

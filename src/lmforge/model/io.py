@@ -20,12 +20,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
 from lmforge.io import staged_dir
 from lmforge.model.prefix import load_prefix
 from lmforge.model.transformer import ModelArgs, Transformer
+from lmforge.hub import HUB_ID, resolve_model_dir
+from lmforge.model.hf_import import hf_model_args, load_hf_model
 from lmforge.tokenizer_files import TOKENIZER_FILES
 
 if TYPE_CHECKING:
@@ -37,6 +40,7 @@ FORMAT = 1
 WEIGHTS = "model.safetensors"
 META = "model.json"
 TOKENIZER = "tokenizer.json"
+HF_CONFIG = "config.json"
 PREFIX_DIR = "prefix"
 
 
@@ -69,9 +73,8 @@ def _checkpoints_inside(dir: Path) -> list[Path]:
     return sorted(found, key=lambda d: (d / META).stat().st_mtime, reverse=True)
 
 
-def not_a_checkpoint(dir: Path, *, transformers_too: bool = False) -> FileNotFoundError:
-    """Why `dir` is no lmforge checkpoint, naming the checkpoint the user probably meant. `transformers_too`: the
-    caller also reads transformers model directories (and found no config.json either)."""
+def not_a_checkpoint(dir: Path) -> FileNotFoundError:
+    """Why `dir` is no model directory, naming the checkpoint the user probably meant."""
     dir = Path(dir)
     if not dir.exists():
         return FileNotFoundError(f"checkpoint {dir} does not exist")
@@ -79,42 +82,42 @@ def not_a_checkpoint(dir: Path, *, transformers_too: bool = False) -> FileNotFou
     if inside:
         others = f" (the newest; also {', '.join(map(str, inside[1:]))})" if len(inside) > 1 else ""
         return FileNotFoundError(f"{dir} is not a model checkpoint but holds one: give {inside[0]}{others}")
-    if transformers_too:
-        return FileNotFoundError(f"{dir} is neither an lmforge checkpoint ({META}) nor a transformers model "
-                                 "directory (config.json)")  # fmt: skip
-    if (dir / "config.json").is_file():
-        return FileNotFoundError(f"{dir} is a Hugging Face model directory, not an lmforge checkpoint (no {META}); "
-                                 "this command reads lmforge checkpoints such as runs/NAME/sft/final")  # fmt: skip
-    return FileNotFoundError(f"{dir} is not an lmforge model checkpoint: missing {META}")
+    return FileNotFoundError(f"{dir} is neither an lmforge checkpoint ({META}) nor a Hugging Face model directory "
+                             f"({HF_CONFIG})")  # fmt: skip
 
 
-def require_checkpoint(dir: Path) -> Path:
-    """`dir`, when it is an lmforge checkpoint (it has model.json); else `not_a_checkpoint`'s error."""
-    dir = Path(dir)
-    if not (dir / META).is_file():
-        raise not_a_checkpoint(dir)
-    return dir
+def is_hf_model_dir(dir: Path) -> bool:
+    """A Hugging Face model directory (config.json, no model.json), which every loader imports on the fly."""
+    return (Path(dir) / HF_CONFIG).is_file() and not (Path(dir) / META).is_file()
 
 
-def require_model_dir(dir: Path) -> Path:
-    """`dir`, when it is an lmforge checkpoint or a transformers model directory (config.json), for the verbs that
-    read either; else `not_a_checkpoint`'s error. Checked before a verb creates its output folder."""
-    dir = Path(dir)
-    if not (dir / META).is_file() and not (dir / "config.json").is_file():
-        raise not_a_checkpoint(dir, transformers_too=True)
-    return dir
+def require_checkpoint(dir: Path | str) -> Path:
+    """The model directory `dir` names: an lmforge checkpoint (model.json), or a Hugging Face model directory
+    (config.json), given as a path or as a hub id already in the local cache (lmforge.hub). Anything else raises
+    `not_a_checkpoint`'s error. Verbs call it before they create their output folder."""
+    try:
+        path = resolve_model_dir(dir)
+    except FileNotFoundError:
+        if HUB_ID.match(str(dir)):
+            raise
+        raise not_a_checkpoint(Path(dir)) from None
+    if not (path / META).is_file() and not (path / HF_CONFIG).is_file():
+        raise not_a_checkpoint(path)
+    return path
 
 
 def _require(dir: Path, name: str) -> Path:
     path = require_checkpoint(dir) / name
     if not path.is_file():
-        raise FileNotFoundError(f"{dir} is not a complete lmforge model checkpoint: missing {name}")
+        raise FileNotFoundError(f"{dir} is not a complete model directory: missing {name}")
     return path
 
 
-def read_model_args(dir: Path) -> ModelArgs:
-    """The ModelArgs recorded in a checkpoint's model.json."""
-    dir = Path(dir)
+def read_model_args(dir: Path | str) -> ModelArgs:
+    """The ModelArgs recorded in a checkpoint's model.json, or those of a Hugging Face model's config.json."""
+    dir = require_checkpoint(dir)
+    if is_hf_model_dir(dir):
+        return hf_model_args(json.loads((dir / HF_CONFIG).read_text(encoding="utf-8")), dir / HF_CONFIG)
     meta = json.loads(_require(dir, META).read_text(encoding="utf-8"))
     if meta.get("format") != FORMAT:
         raise ValueError(f"{dir / META} has format {meta.get('format')!r}; this lmforge reads format {FORMAT}")
@@ -126,22 +129,37 @@ def has_prefix(dir: Path) -> bool:
     return (Path(dir) / PREFIX_DIR / "prefix.json").is_file()
 
 
-def load_model(dir: Path, device: str | torch.device = "cpu", *, prefix: bool = True) -> tuple[Transformer, ModelArgs]:
-    """Rebuild the model from a checkpoint directory, weights loaded strictly (no unpickling). A prefix-tuned
+def load_model(
+    dir: Path | str, device: str | torch.device = "cpu", *, prefix: bool = True, dtype: torch.dtype | None = None
+) -> tuple[Transformer, ModelArgs]:
+    """Rebuild the model of a checkpoint, or import a Hugging Face model directory (lmforge.model.hf_import),
+    weights loaded strictly (no unpickling) in their stored dtype unless `dtype` asks for another. A prefix-tuned
     checkpoint's prefix is attached (frozen) unless `prefix=False` asks for the bare base model."""
-    dir = Path(dir)
+    dir = require_checkpoint(dir)
+    if is_hf_model_dir(dir):
+        return load_hf_model(dir, device, dtype)
     args = read_model_args(dir)
     weights = _require(dir, WEIGHTS)
     with torch.device(device):
         model = Transformer(args)
+    model.to(dtype or stored_dtype(weights))  # a no-op for the usual fp32 checkpoint
     st_load_model(model, str(weights), strict=True, device=str(device))
     if prefix and has_prefix(dir):
         load_prefix(model, dir / PREFIX_DIR)
     return model, args
 
 
-def load_checkpoint_tokenizer(dir: Path) -> Tokenizer:
-    """The tokenizer stored with a checkpoint (lmforge's own, or an imported model's with its other files)."""
+def stored_dtype(weights: Path) -> torch.dtype:
+    """The dtype a checkpoint's weights are stored in (an imported bf16 model stays bf16)."""
+    with safe_open(str(weights), framework="pt") as f:
+        return f.get_slice(next(iter(f.keys())))[0:1].dtype
+
+
+def load_checkpoint_tokenizer(dir: Path | str) -> Tokenizer:
+    """The tokenizer of a checkpoint or model directory (lmforge's own, or a model's with its special tokens and
+    chat template)."""
     from lmforge.tokenizer import Tokenizer
 
-    return Tokenizer.from_file(_require(Path(dir), TOKENIZER))
+    dir = require_checkpoint(dir)
+    _require(dir, TOKENIZER)
+    return Tokenizer.from_dir(dir)

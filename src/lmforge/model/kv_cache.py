@@ -1,8 +1,7 @@
 """The key/value cache the backbone fills during generation.
 
 It lives beside the model, not in the inference engine, because the model's forward takes one and prefix tuning
-builds one; the engine, chat and the scorers only create and pass it. `for_model` takes any module with `args`
-(an lmforge Transformer, or lmforge.infer.loading's transformers wrapper, which keeps its own cache).
+builds one; the engine, chat and the scorers only create and pass it.
 """
 
 from __future__ import annotations
@@ -36,8 +35,6 @@ class KVCache:
         """A cache in the model's parameter dtype and device, by default as long as its context."""
         a = model.args
         length = max_len if max_len is not None else a.max_seq_len
-        if hasattr(model, "new_cache"):  # a model that keeps its own cache (lmforge.infer.loading's transformers one)
-            return model.new_cache(batch_size, length)
         p = next(model.parameters())
         return cls(a.n_layers, batch_size, a.n_kv_heads, length, a.head_dim, device=p.device, dtype=p.dtype)
 
