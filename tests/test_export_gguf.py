@@ -170,6 +170,20 @@ def test_llama_file_computes_lmforges_logits_with_interleaved_rope(tokenizer_pat
         assert gguf_fields(path)[1]["rope_freqs.weight"].tensor_type == GGMLQuantizationType.F32
 
 
+def test_a_hugging_face_model_directory_exports_too(llama_ckpt, tmp_path):
+    """lmforge's own Hugging Face export, read back as any Hugging Face model (imported on the fly), gives the same
+    GGUF model, with the template and stop token its tokenizer files name."""
+    from lmforge.hf import export_hf
+
+    path = export_gguf(export_hf(llama_ckpt, tmp_path / "hf"), tmp_path / "m.gguf", "f32")
+    ids = [0, *load_checkpoint_tokenizer(llama_ckpt).encode(GGUF_TEXT)][:100]
+    np.testing.assert_allclose(numpy_llama_forward(path, ids), lmforge_logits(llama_ckpt, ids), atol=2e-4, rtol=0)
+    meta, _ = gguf_fields(path)
+    assert meta["tokenizer.chat_template"] == CHAT_TEMPLATE_JINJA and meta["tokenizer.ggml.eot_token_id"] == 6
+    assert meta["tokenizer.ggml.tokens"] == gguf_fields(export_gguf(llama_ckpt, tmp_path / "n.gguf"))[0][
+        "tokenizer.ggml.tokens"]  # fmt: skip
+
+
 @pytest.mark.parametrize(("options", "arch", "extra", "missing"), [
     ({"qk_norm": True}, "qwen3", {"blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"}, set()),
     ({"attn_bias": "qkv"}, "qwen2", {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"}, set()),
