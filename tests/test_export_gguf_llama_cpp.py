@@ -46,7 +46,8 @@ def _llama_cpp_logits(llm, ids: list[int]) -> np.ndarray:
     return np.array(llm.scores[: len(ids)])
 
 
-ARCHS = {"llama-gqa": {}, "llama3-rope": {"rope_scaling": LLAMA3_ROPE}, "qwen3": {"qk_norm": True},
+ARCHS = {"llama-gqa": {}, "llama3-rope": {"rope_scaling": LLAMA3_ROPE}, "llama-biases": {"attn_bias": "qkvo"},
+         "qwen3": {"qk_norm": True},
          "qwen2": {"attn_bias": "qkv", "tie_embeddings": True},
          "gpt2": {"arch": "gpt2", "mlp": "gelu", "tie_embeddings": True, "n_kv_heads": 4}}  # fmt: skip
 
