@@ -348,7 +348,10 @@ class Transformer(nn.Module):
             # Derived from args, so kept out of checkpoints; rebuilt by build_rope after meta-device builds.
             self.register_buffer("rope_cos", torch.empty(0), persistent=False)
             self.register_buffer("rope_sin", torch.empty(0), persistent=False)
-        self.init_weights()
+        # A meta-device build receives its weights next (lmforge.model.hf_import): initialising them is wasted, and
+        # the first random init on meta costs a second of lazy torch imports.
+        if not self.lm_head.weight.is_meta:
+            self.init_weights()
 
     def forward(
         self,
