@@ -90,7 +90,7 @@ def test_transformers_loads_export_and_agrees(tmp_path: Path, tokenizer_file: Pa
     prompt = [[tok.bos_id] + tok.encode("def ")]
     # The export's generation config stops at EOS and at <|end|>, the end of a chat turn.
     stops = hf.generation_config.eos_token_id
-    assert stops == [tok.eos_id, tok.token_to_id("<|end|>")]
+    assert stops == tok.stop_ids == [tok.token_to_id("<|end|>"), tok.eos_id]
     ours = generate(model, prompt, 16, temperature=0, stop_ids=stops)[0]
     with torch.no_grad():
         theirs = hf.generate(torch.tensor(prompt), attention_mask=torch.ones(1, len(prompt[0]), dtype=torch.long),

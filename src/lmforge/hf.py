@@ -49,7 +49,7 @@ from lmforge import verbs
 from lmforge.export_gguf import GGUF_DTYPES, export_gguf
 from lmforge.finetune.template import CHAT_TEMPLATE_JINJA, END
 from lmforge.io import staged_dir
-from lmforge.model.io import TOKENIZER, has_prefix, load_model, require_checkpoint
+from lmforge.model.io import TOKENIZER, has_prefix, load_checkpoint_tokenizer, load_model, require_checkpoint
 from lmforge.model.transformer import ModelArgs
 from lmforge.outdir import claim_output_dir, write_marker
 from lmforge.registry import ReportContext, Stage, StageContext, producer, register
@@ -144,19 +144,19 @@ def hf_architecture(args: ModelArgs) -> str:
     return "qwen2" if args.attn_bias == "qkv" else "llama"
 
 
-def _token_and_dtype_fields(dtype: str) -> dict[str, Any]:
+def _token_and_dtype_fields(dtype: str, tok: Tokenizer) -> dict[str, Any]:
     """The config.json fields every exported architecture shares: special token ids, cache, weight dtype."""
     return {
-        "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
-        "pad_token_id": PAD_ID,
+        "bos_token_id": tok.bos_id,
+        "eos_token_id": tok.eos_id,
+        "pad_token_id": tok.pad_id,
         "use_cache": True,
         "torch_dtype": dtype,
         "dtype": dtype,
     }
 
 
-def llama_config(args: ModelArgs, dtype: str) -> dict[str, Any]:
+def llama_config(args: ModelArgs, dtype: str, tok: Tokenizer) -> dict[str, Any]:
     """config.json for LlamaForCausalLM, readable by transformers 4.45+ (rope_theta, rope_scaling) and 5.x
     (rope_parameters)."""
     rope_type = args.rope_scaling["rope_type"] if args.rope_scaling else "default"
@@ -181,20 +181,20 @@ def llama_config(args: ModelArgs, dtype: str) -> dict[str, Any]:
         "mlp_bias": False,
         "initializer_range": args.init_std,
         "tie_word_embeddings": args.tie_embeddings,
-        **_token_and_dtype_fields(dtype),
+        **_token_and_dtype_fields(dtype, tok),
     }
 
 
-def qwen2_config(args: ModelArgs, dtype: str) -> dict[str, Any]:
+def qwen2_config(args: ModelArgs, dtype: str, tok: Tokenizer) -> dict[str, Any]:
     """config.json for Qwen2ForCausalLM: Llama's fields (Qwen2's q/k/v biases are implied), no sliding window."""
-    cfg = qwen3_config(args, dtype)
+    cfg = qwen3_config(args, dtype, tok)
     cfg.pop("attention_bias")
     return cfg | {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
 
 
-def qwen3_config(args: ModelArgs, dtype: str) -> dict[str, Any]:
+def qwen3_config(args: ModelArgs, dtype: str, tok: Tokenizer) -> dict[str, Any]:
     """config.json for Qwen3ForCausalLM: Llama's fields plus per-head q_norm / k_norm, no sliding window."""
-    cfg = llama_config(args, dtype)
+    cfg = llama_config(args, dtype, tok)
     cfg.pop("mlp_bias")
     return cfg | {
         "architectures": ["Qwen3ForCausalLM"],
@@ -206,7 +206,7 @@ def qwen3_config(args: ModelArgs, dtype: str) -> dict[str, Any]:
     }
 
 
-def gpt2_config(args: ModelArgs, dtype: str) -> dict[str, Any]:
+def gpt2_config(args: ModelArgs, dtype: str, tok: Tokenizer) -> dict[str, Any]:
     """config.json for GPT2LMHeadModel (tanh GELU = "gelu_new", no dropout, 1/sqrt(head_dim) attention scale)."""
     return {
         "architectures": ["GPT2LMHeadModel"],
@@ -227,7 +227,7 @@ def gpt2_config(args: ModelArgs, dtype: str) -> dict[str, Any]:
         "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
         "tie_word_embeddings": True,
-        **_token_and_dtype_fields(dtype),
+        **_token_and_dtype_fields(dtype, tok),
     }
 
 
@@ -256,8 +256,8 @@ def gpt2_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str
 
 def _write_tokenizer(src: Path, out: Path, max_len: int) -> None:
     ours = Tokenizer.from_file(src)
-    if ours.imported is not None:
-        _write_imported_tokenizer(ours, out)
+    if ours.imported is not None:  # an imported model's own files, as read
+        ours.save_dir(out)
         return
     tok = HFTokenizer.from_file(str(src))
     for token, want in ((BOS, BOS_ID), (EOS, EOS_ID), (PAD, PAD_ID), (END, END_ID)):
@@ -285,17 +285,6 @@ def _write_tokenizer(src: Path, out: Path, max_len: int) -> None:
     _write_json(out / "special_tokens_map.json", special_map)
 
 
-def _write_imported_tokenizer(tok: Tokenizer, out: Path) -> None:
-    """An imported model's own tokenizer files, as read, with every id that ends a reply (its template's end of
-    turn too) in generation_config.json, so that transformers' generate stops where lmforge's does."""
-    assert tok.imported is not None
-    tok.save_dir(out)
-    generation = json.loads(tok.imported.files.get("generation_config.json", "{}"))
-    bos = {"bos_token_id": tok.bos_id} if tok.bos_id is not None else {}
-    _write_json(out / "generation_config.json", {**generation, **bos, "eos_token_id": tok.stop_ids,
-                                                 "pad_token_id": tok.pad_id})  # fmt: skip
-
-
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -316,6 +305,7 @@ def export_hf(checkpoint_dir: Path, out_dir: Path, dtype: str = "float32") -> Pa
                          "architecture loads, and exporting the weights alone would silently drop the tuning. Export "
                          "a full or LoRA fine-tune (LoRA is merged into the weights) instead")  # fmt: skip
     model, args = load_model(checkpoint_dir)
+    tok = load_checkpoint_tokenizer(checkpoint_dir)
     arch = hf_architecture(args)
     claim_output_dir(out_dir, "export", replaces=FILES)  # the swap below replaces the whole folder
     state = {
@@ -324,20 +314,23 @@ def export_hf(checkpoint_dir: Path, out_dir: Path, dtype: str = "float32") -> Pa
         if not (args.tie_embeddings and name == "lm_head.weight")
     }
     if arch == "gpt2":
-        state, config = gpt2_state_dict(state, args), gpt2_config(args, dtype)
+        state, config = gpt2_state_dict(state, args), gpt2_config(args, dtype, tok)
     elif arch == "qwen3":
-        config = qwen3_config(args, dtype)
+        config = qwen3_config(args, dtype, tok)
     elif arch == "qwen2":
-        config = qwen2_config(args, dtype)
+        config = qwen2_config(args, dtype, tok)
     else:
-        config = llama_config(args, dtype)
+        config = llama_config(args, dtype, tok)
     with staged_dir(out_dir) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _write_json(tmp / "config.json", config)
-        # A chat reply ends at <|end|> (SFT puts EOS after it only at the end of a whole conversation).
-        generation = {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, END_ID], "pad_token_id": PAD_ID}
-        _write_json(tmp / "generation_config.json", generation)
         _write_tokenizer(tokenizer_src, tmp, args.max_seq_len)
+        # Every id that ends a reply, so that transformers' generate stops where lmforge's does: lmforge's <|end|>
+        # (SFT puts EOS after it only at the end of a whole conversation), an imported template's end of turn.
+        # An imported model's other generation settings stay.
+        generation = json.loads(tok.imported.files.get("generation_config.json", "{}")) if tok.imported else {}
+        generation |= {"bos_token_id": tok.bos_id, "eos_token_id": tok.stop_ids, "pad_token_id": tok.pad_id}
+        _write_json(tmp / "generation_config.json", {k: v for k, v in generation.items() if v is not None})
         write_marker(tmp, "export")
     log.info("exported %s to %s (Hugging Face %s, %s)", checkpoint_dir, out_dir, config["architectures"][0], dtype)
     return out_dir
