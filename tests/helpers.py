@@ -148,6 +148,25 @@ def hf_tokenizer_dir(directory: Path, style: str) -> Path:
     return directory
 
 
+def tiny_hf_chat_model(directory: Path, style: str = "chatml", family: str = "qwen2", dtype=None) -> Path:
+    """A tiny random Hugging Face model of `family` (qwen2 or llama) with hf_tokenizer_dir's `style` tokenizer and
+    chat template, saved in `directory` by transformers (safetensors, in `dtype`; default fp32) as a hub download
+    would hold it."""
+    import torch
+    import transformers
+
+    hf_tokenizer_dir(directory, style)
+    tok = transformers.AutoTokenizer.from_pretrained(directory)
+    config_cls = {"qwen2": transformers.Qwen2Config, "llama": transformers.LlamaConfig}[family]
+    config = config_cls(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, initializer_range=0.2)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.to(dtype or torch.float32).save_pretrained(directory)
+    return directory
+
+
 # The GGUF export tests (tests/test_export_gguf*.py).
 
 # Real text with what pre-tokenizers disagree on: digits, runs of spaces, newlines with indentation, tabs, CRLF,

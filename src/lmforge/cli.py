@@ -269,7 +269,7 @@ def embed(
     from lmforge.data.readers import read_documents
     from lmforge.embed import IDS_SUFFIX, embed_texts, finetune_on_pairs, pairs_recall, stdlib_pairs, write_embeddings
     from lmforge.eval.run import TEXT_EXTENSIONS
-    from lmforge.model.io import load_checkpoint_tokenizer, load_model
+    from lmforge.infer.loading import load_for_generation
     from lmforge.outdir import claim_output_file
 
     from lmforge.train.distributed import launched_world_size
@@ -293,8 +293,8 @@ def embed(
             finetune_on_pairs(checkpoint, finetune_out, steps=finetune_steps, batch_size=batch_size,
                               max_len=max_len or 256)  # fmt: skip
         checkpoint = finetune_out / "final"
-    model, args = load_model(checkpoint)
-    tok = load_checkpoint_tokenizer(checkpoint)
+    model, tok = load_for_generation(checkpoint, "cpu")
+    args = model.args
     max_len = min(max_len or args.max_seq_len, args.max_seq_len)
     if pairs is not None:
         held_out = stdlib_pairs("test")

@@ -195,7 +195,7 @@ def finetune_on_pairs(
     settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "temperature": temperature, "max_len": max_len,
                 "seed": seed}  # fmt: skip
     start_job(out_dir, "embed --finetune-steps", settings, {"checkpoint": inputs_fingerprint(checkpoint)}, OUTPUTS)
-    model, args = load_model(checkpoint)
+    model, args = load_model(checkpoint, dtype=torch.float32)
     tokenizer = load_checkpoint_tokenizer(checkpoint)
     max_len = min(max_len, args.max_seq_len)
     loader = PairBatches(stdlib_pairs("train"), tokenizer, batch_size, max_len, seed)

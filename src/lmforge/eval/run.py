@@ -16,7 +16,6 @@ from lmforge.io import atomic_write_json, atomic_write_text
 from lmforge.data.readers import read_documents
 from lmforge.eval.perplexity import XzMeter, score_texts
 from lmforge.infer.engine import cap_new_tokens, generate
-from lmforge.model.io import load_checkpoint_tokenizer, load_model
 from lmforge.eval.config import EvalConfig
 from lmforge.train.host import keep_freed_memory
 from lmforge.device import resolve_device
@@ -47,19 +46,16 @@ def evaluate_checkpoint(
     `training_data` (a curate stage directory, or any text source) adds each benchmark's contamination;
     `code_files` restricts the stdlib code task to those source files (the recipe passes its held-out files).
     """
-    from lmforge.eval.scorer import from_lmforge, load_language_model
+    from lmforge.eval.scorer import load_language_model
     from lmforge.eval.suite import markdown_table, run_suite
 
     keep_freed_memory()
     dev = resolve_device(device)
-    checkpoint_dir = Path(checkpoint_dir)
-    lmforge_dir = (checkpoint_dir / "model.json").is_file()
+    lm = load_language_model(checkpoint_dir, str(dev))
+    # In lmforge's backbone (its checkpoints, and imported models): held-out scoring beside xz, and samples.
+    lmforge_dir = lm.module is not None
     if lmforge_dir:
-        model, args = load_model(checkpoint_dir, device=str(dev))
-        tokenizer = load_checkpoint_tokenizer(checkpoint_dir)
-        lm = from_lmforge(model, tokenizer, str(checkpoint_dir))
-    else:
-        lm = load_language_model(checkpoint_dir, device)
+        model, tokenizer, args = lm.module, lm.tokenizer, lm.module.args
     metrics: dict = {}
     if text_source is not None:
         xz = " (and compressing each document with xz -9e, the reference)" if cfg.xz_reference and lmforge_dir else ""

@@ -239,7 +239,7 @@ def train_classifier(
     inputs = {"checkpoint": inputs_fingerprint(checkpoint), "data": inputs_fingerprint(data)}
     start_job(out_dir, "sft --task classify", settings, inputs, OUTPUTS)
 
-    model, args = load_model(checkpoint, device)
+    model, args = load_model(checkpoint, device, dtype=torch.float32)
     model.requires_grad_(False)
     tokenizer = load_checkpoint_tokenizer(checkpoint)
     features, fstats = extract_features(model, tokenizer, data_set.texts, pooling, batch_size)
@@ -314,7 +314,7 @@ def load_classifier(directory: Path, checkpoint: Path | None = None, device: str
     if _sha256(backbone / WEIGHTS) != meta["checkpoint_sha256"]:
         raise ValueError(f"{backbone} is not the backbone this head was trained on (weights sha256 differs from "
                          f"{meta['checkpoint_sha256'][:12]}... recorded in {meta_path})")  # fmt: skip
-    model, args = load_model(backbone, device)
+    model, args = load_model(backbone, device, dtype=torch.float32)
     model.requires_grad_(False)
     model.eval()
     labels = meta["labels"]

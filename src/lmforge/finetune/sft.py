@@ -256,7 +256,7 @@ def finetune_conversations(
     if has_prefix(checkpoint):
         raise ValueError(f"{checkpoint} is prefix-tuned (it has {PREFIX_DIR}/); fine-tune its base model instead, "
                          "the checkpoint the prefix was trained on")  # fmt: skip
-    model, args = load_model(checkpoint)
+    model, args = load_model(checkpoint, dtype=torch.float32)  # fp32 master weights, whatever the stored dtype
     if train_cfg.seq_len is None:  # fine-tuning settings leave it to the model
         train_cfg = train_cfg.model_copy(update={"seq_len": args.max_seq_len})
     if train_cfg.seq_len > args.max_seq_len:

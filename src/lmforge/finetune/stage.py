@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import numpy as np
+import torch
 import typer
 from torch import nn
 
@@ -168,7 +169,7 @@ def run_sft(checkpoint: Path, curate_dir: Path | None, cfg: SFTConfig, out: Path
         train_convs, heldout_convs, counts = read_split(Path(cfg.data), cfg.val_fraction, cfg.train.seed, cfg.limit,
                                                         fields)  # fmt: skip
 
-    base, args = load_model(checkpoint, device=world.device)
+    base, args = load_model(checkpoint, device=world.device, dtype=torch.float32)  # fp32 master weights
     # A small model's context may not hold sft.gen_tokens: half of it stays for the prompts.
     gen_tokens = cap_new_tokens(cfg.gen_tokens, args.max_seq_len, setting="sft.gen_tokens")
     chosen = _gen_prompts(tok, heldout_convs, cfg, gen_tokens, args.max_seq_len)
