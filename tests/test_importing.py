@@ -148,3 +148,28 @@ def test_continued_pretraining_starts_from_the_imported_weights_and_tokenizer(qw
     assert args == base_args, "the imported architecture, not the recipe's model settings"
     delta = (tuned.model.norm.weight - base.model.norm.weight).abs().max().item()
     assert 0 < delta < 0.01, "four small steps away from the imported weights, not a fresh initialisation"
+
+
+def test_every_verb_reads_the_hugging_face_folder_itself(qwen_bf16, tmp_path):
+    import numpy as np
+
+    from lmforge.data.readers import stdlib_root
+
+    assert invoke("import", qwen_bf16, "-o", tmp_path / "ckpt").exit_code == 0
+    greedy = ["--chat", "-p", "Wrap this.", "-n", "6", "--temperature", "0", "--device", "cpu"]
+    direct, converted = invoke("generate", qwen_bf16, *greedy), invoke("generate", tmp_path / "ckpt", *greedy)
+    assert direct.exit_code == 0, direct.output
+    assert direct.output.splitlines()[-1] == converted.output.splitlines()[-1]  # (after the log lines)
+    chat = CliRunner().invoke(app, ["chat", str(qwen_bf16), "-n", "4", "--temperature", "0"], input="hi\n/exit\n")
+    assert chat.exit_code == 0, chat.output
+    text = tmp_path / "held.txt"
+    text.write_text((stdlib_root() / "textwrap.py").read_text()[:3000])
+    ev = invoke("eval", qwen_bf16, "--text", text, "-o", tmp_path / "eval", "eval.samples=0")
+    assert ev.exit_code == 0, ev.output
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["metrics"]["val_bpb"] > 0
+    emb = invoke("embed", qwen_bf16, "--text", text, "-o", tmp_path / "e.npy")
+    assert emb.exit_code == 0, emb.output
+    assert np.load(tmp_path / "e.npy").shape == (1, 32)
+    exported = invoke("export", qwen_bf16, tmp_path / "hf")
+    assert exported.exit_code == 0, exported.output
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]

@@ -176,8 +176,9 @@ def lm_eval_(ctx: typer.Context) -> None:
 
 @app.command()
 def generate(
-    checkpoint: Path = typer.Argument(..., help="An lmforge model directory (runs/NAME/pretrain/final, "
-                                      "runs/NAME/sft/final) or the folder `lmforge export` wrote."),
+    checkpoint: Path = typer.Argument(..., help="A model: an lmforge checkpoint (runs/NAME/pretrain/final, "
+                                      "runs/NAME/sft/final), a Hugging Face model directory, or a hub id in "
+                                      "the local cache."),
     prompt: str = typer.Option("", "--prompt", "-p", help="Text to continue (with --chat: the user's message)."),
     max_tokens: int = typer.Option(200, "--max-tokens", "-n", min=1, help="At most this many new tokens (fewer, "
                                    "with a notice, when the prompt leaves less room in the model's context)."),
@@ -220,8 +221,8 @@ def generate(
 
 @app.command()
 def chat(
-    checkpoint: Path = typer.Argument(..., help="A model directory (a fine-tuned one: runs/NAME/sft/final, or the "
-                                      "folder `lmforge export` wrote from it)."),
+    checkpoint: Path = typer.Argument(..., help="A model (a fine-tuned lmforge checkpoint: runs/NAME/sft/final), "
+                                      "a Hugging Face model directory, or a hub id in the local cache."),
     system: Optional[str] = typer.Option(None, "--system", "-s", help="System message."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="At most this many tokens per reply "
                                    "(capped, with a notice, to half the model's context: the rest holds the "
@@ -252,7 +253,8 @@ def chat(
 
 @app.command()
 def embed(
-    checkpoint: Path = typer.Argument(..., help="A model directory."),
+    checkpoint: Path = typer.Argument(..., help="A model: an lmforge checkpoint, a Hugging Face model "
+                                      "directory, or a hub id in the local cache."),
     text: Optional[Path] = typer.Option(None, "--text", help="Texts to embed: a file or directory the readers "
                                         "accept, one embedding per document."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="OUT.npy for --text (row ids in OUT.npy.ids.txt)."),

@@ -372,7 +372,8 @@ def _export_report(ctx: ReportContext) -> list[str]:
 
 
 def export_verb(
-    checkpoint: Path = typer.Argument(..., help="A model directory."),
+    checkpoint: Path = typer.Argument(..., help="A model: an lmforge checkpoint, a Hugging Face model "
+                                      "directory, or a hub id in the local cache."),
     out: Path | None = typer.Argument(None, help="Output: hf, a directory (new, empty, or an earlier export, which "
                                       "it replaces); gguf, a file (new, or an earlier GGUF export)."),
     out_option: Path | None = typer.Option(None, "-o", "--out", help="The output, given as an option instead."),

@@ -217,7 +217,8 @@ def _eval_report(ctx: ReportContext) -> list[str]:
 
 
 def eval_verb(
-    checkpoint: Path = typer.Argument(..., help="An lmforge model directory or a transformers model directory."),
+    checkpoint: Path = typer.Argument(..., help="A model: an lmforge checkpoint, a Hugging Face model "
+                                      "directory, or a hub id in the local cache."),
     text: Optional[Path] = typer.Option(None, "--text", help="Held-out text for perplexity and bits per byte: a file "
                                         "or directory the readers accept."),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated benchmarks: built-in names found "

@@ -281,7 +281,8 @@ def _misplaced_sft_option(ctx: typer.Context, task: str, method: str) -> str | N
 @verbs.resumable
 def sft_verb(
     ctx: typer.Context,
-    checkpoint: Path = typer.Argument(..., help="A pre-trained lmforge model directory."),
+    checkpoint: Path = typer.Argument(..., help="A pre-trained model: an lmforge checkpoint, "
+                                      "a Hugging Face model directory, or a hub id in the local cache."),
     data: Path = typer.Option(..., "--data", help="Instruction or chat data: Alpaca, ShareGPT, messages or "
                               "prompt/response records (.json or .jsonl), other records with --prompt-field and "
                               "--response-field; with --task classify, labelled text (.jsonl, .json, .csv or .tsv)."),
