@@ -45,6 +45,8 @@ CASES: dict[str, tuple[str | None, set[str]]] = {
     "finetune_memory.py": ("instruct/alpaca_data_sample2000.json", {"params"} | _FINETUNE_KEYS),
     "gguf_export.py": (None, {"params_m"} | {f"{dtype}_{m}" for dtype in ("f32", "f16", "q8_0")
                                              for m in ("mb", "export_s", "max_logit_diff", "argmax_agree")}),  # fmt: skip
+    "hf_import.py": (None, {"max_logit_diff", "load_time_ratio", "peak_rss_ratio", "worst_load_time_ratio",
+                            "worst_peak_rss_ratio"}),  # fmt: skip
     "html_extraction.py": ("web/html/article-extraction-benchmark",
                            {"resiliparse_f1", "resiliparse_pages_s", "resiliparse_whole_page_f1",
                             "resiliparse_whole_page_pages_s"} | _TRAFILATURA_KEYS),
