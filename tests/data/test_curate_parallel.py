@@ -207,14 +207,21 @@ def test_curate_removes_boilerplate_lines_and_drops_pages_made_only_of_them(tmp_
 
 
 @pytest.mark.skipif(not (SHARED / "web").exists(), reason=f"real web data not found under {SHARED}")
-def test_cli_curates_real_warc_html_and_jsonl_with_the_web_recipe(tmp_path):
+# The web recipe's names and addresses (spaCy, about 14 pages/s per core) take minutes over the whole folder: that
+# run is slow; the default one switches them off and checks every other step of the recipe.
+@pytest.mark.parametrize(
+    "ner", [pytest.param(False, id="ner-off"), pytest.param(True, id="ner-on", marks=pytest.mark.slow)]
+)
+def test_cli_curates_real_warc_html_and_jsonl_with_the_web_recipe(tmp_path, ner):
     from typer.testing import CliRunner
 
     from lmforge.cli import app
 
     out = tmp_path / "out"
+    overrides = [] if ner else ["data.pii_ner=[]"]
     result = CliRunner().invoke(app, ["curate", str(SHARED / "web"), "-o", str(out), "--recipe", "web",
-                                      "--workers", "2", f"data.decontaminate=['{SHARED / 'eval'}']"])  # fmt: skip
+                                      "--workers", "2", f"data.decontaminate=['{SHARED / 'eval'}']",
+                                      *overrides])  # fmt: skip
     assert result.exit_code == 0, result.output
     stats = json.loads((out / "stats.json").read_text())
     removed = sum(e["docs"] for e in stats["removed"].values())
@@ -225,5 +232,6 @@ def test_cli_curates_real_warc_html_and_jsonl_with_the_web_recipe(tmp_path):
     assert sources == {"cc_text", "cc_warc", "html", "wget_warc"}  # every input kind contributes clean text
     assert any(r.startswith("language: ") for r in stats["removed"])  # non-English pages are in the crawl
     assert stats["modified"]["boilerplate"]["lines"] > 0 and stats["pii_found"].get("EMAIL", 0) > 0
+    assert (stats["pii_found"].get("PERSON", 0) > 0) == ner
     png = (out / "histograms.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 20_000

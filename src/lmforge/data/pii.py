@@ -32,16 +32,9 @@ from typing import NamedTuple
 
 from lmforge.data.base_filter import Filter
 from lmforge.data.base_reader import Document
+from lmforge.data.pii_span import Span
 
 log = logging.getLogger(__name__)
-
-
-class Span(NamedTuple):
-    """A half-open character range `[start, end)` of `text` holding one PII item of `kind` (e.g. "EMAIL")."""
-
-    start: int
-    end: int
-    kind: str
 
 
 # ---- validators: each takes the matched string and says whether it is the real thing ----
