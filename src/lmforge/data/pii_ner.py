@@ -31,6 +31,7 @@ import re
 from collections.abc import Collection
 from typing import Any
 
+from lmforge.data import pii_lexicon
 from lmforge.data.pii_span import Span
 
 NER_KINDS = ("PERSON", "ORG", "ADDRESS")
@@ -74,7 +75,8 @@ _NAME = rf"{_CAP}(?:\s(?:[A-Z]\.?\s)?{_CAP}){{0,2}}"
 _CONTEXT_NAME = re.compile(
     rf"(?i:\b(?:my name is|name is|call me|calls me|dear|name:\s*))\s*(?!{_TITLES}\s)({_NAME})|\b{_TITLES}\s({_NAME})"
 )
-_MIDDLE_INITIAL = re.compile(rf"\b{_CAP}\s[A-Z]\.?\s{_CAP}\b")
+_LOWER_CAP = r"[A-ZÀ-ÖØ-Þ][a-zß-ÿ][\w'’-]*"  # capitalised, not shouted: "CAN I SPEAK" is no name with an initial
+_MIDDLE_INITIAL = re.compile(rf"\b{_LOWER_CAP}\s[A-Z]\.?\s{_LOWER_CAP}\b")
 _ORG_WORD = (
     r"(?:inc|incorporated|llc|ltd|plc|corp|corporation|co|company|group|partners|holdings|technologies|systems"
     r"|bank|university|institute|foundation|association|agency|markets|labs?|solutions|services|industries"
@@ -84,7 +86,7 @@ _ORG_WORDS = re.compile(rf"(?i)\b{_ORG_WORD}|&|,\s.+\band\b")
 # A company word right after the candidate ("Shepherd Ltd.", "Fernandez Inc.") or after the list of names it
 # starts ("Clark, Romero and Hall Orchestra").
 _ORG_AFTER = re.compile(rf"(?:,\s{_CAP})*,?\s(?:and|&)\s{_CAP}\s(?i:{_ORG_WORD})|(?i:[ ,]{{0,2}}{_ORG_WORD})")
-_CAPITALISED = re.compile(r"[A-ZÀ-ÖØ-Þ]")
+_LETTER = re.compile(r"[^\W\d_]")
 _PLACEHOLDER = re.compile(r"<[A-Z_]+>")
 _TITLE_TOKEN = re.compile(_TITLES)
 # What may lie between an address and the town or country word the model reads as a name: "Suite 274 Ljubljana".
@@ -102,6 +104,12 @@ _NOUN_TAGS = {"NN", "NNS"}
 _NOT_A_NAME = "-"  # a candidate ruled out, which no later rule may turn into a name or an organisation
 # "in X", "from X", "near X": a place (or a company), where a name is rare.
 _PLACE_BEFORE = re.compile(r"\b(?:in|from|near|at|to|on|corner of)\s$")
+# A work's title: "the film X", "see X", or "X is a 2017 Polish action film".
+_WORK_BEFORE = re.compile(r"(?i)\b(?:film|movie|song|album|book|novel|series|show|single|track|see)\s[\"“']?$")
+_WORK_AFTER = re.compile(r"\s(?:is|was) an? \d{4}\b")
+# A street or place next to an address: "the corner of X", "X 7", "5850 X", "Csabai kapu 39. and X".
+_STREET_BEFORE = re.compile(r"(?i)\b(?:corner of|\d+\.?(?: and)?)[ \t]$")
+_STREET_AFTER_NAME = re.compile(r"[ \t]\d")
 _TRAVEL_BEFORE = re.compile(
     r"(?i)\b(?:flew to|arrived at|arrived in|returned to|travell?ed to|moved to|lives? in|lived in|i am in|year in"
     r"|city|town|village)\s$"
@@ -128,6 +136,11 @@ def _common_words() -> frozenset[str]:
         if count and int(count) >= _COMMON_WORD_COUNT:
             words.add(word)
     return frozenset(words)
+
+
+@functools.cache
+def _first_names() -> frozenset[str]:
+    return pii_lexicon.first_names(_common_words())
 
 
 @functools.cache
@@ -193,7 +206,55 @@ def _candidates(doc: Any) -> list[tuple[int, int, str]]:
         if run:
             found.append((run[0], run[-1] + 1, "PROPN"))
             run = []
+    taken = in_entity | {i for s, e, _ in found for i in range(s, e)}
+    return found + _first_name_runs(doc, taken)
+
+
+def _first_name_runs(doc: Any, taken: set[int]) -> list[tuple[int, int, str]]:
+    """Known first names outside the other candidates, in any case ("follow up with patricia desrosiers"), each with
+    the initial and surname after it. A lower-case one must be tagged a proper noun or be no ordinary word."""
+    found = []
+    i = 0
+    while i < len(doc):
+        tok = doc[i]
+        if i in taken or not tok.is_alpha or tok.lower_ not in _first_names():
+            i += 1
+            continue
+        if tok.is_lower and tok.tag_ not in _PROPER_TAGS and tok.lower_ in _common_words():
+            i += 1
+            continue
+        end = i + 1
+        if end < len(doc) and end not in taken and _is_initial(doc[end]):
+            end += 1
+        if end < len(doc) and end not in taken and _is_surname(doc[end], tok):
+            end += 1
+        found.append((i, end, "FIRST"))
+        i = end
     return found
+
+
+def _is_initial(tok: Any) -> bool:
+    return len(tok.text.rstrip(".")) == 1 and tok.text[:1].isalpha() and tok.whitespace_ != ""
+
+
+def _is_surname(tok: Any, first: Any) -> bool:
+    """Whether `tok`, right after the first name `first`, reads as its surname: written in the same case, and a
+    known surname or no ordinary word."""
+    if not tok.is_alpha or tok.is_title != first.is_title or tok.tag_ not in _PROPER_TAGS | _NOUN_TAGS:
+        return False
+    return tok.lower_ in pii_lexicon.surnames() or tok.lower_ not in _common_words()
+
+
+def _known_name(word: str) -> bool:
+    return word in _first_names() or word in pii_lexicon.surnames()
+
+
+def _work_or_street(text: str, first: int, last: int) -> bool:
+    """Whether the text at `first:last` is a work's title or a street by its context (see `_WORK_BEFORE`)."""
+    before = text[max(0, first - _CONTEXT_CHARS) : first]
+    if _WORK_BEFORE.search(before) or _STREET_BEFORE.search(before):
+        return True
+    return _WORK_AFTER.match(text, last) is not None or _STREET_AFTER_NAME.match(text, last) is not None
 
 
 def _leads_clause(doc: Any, start: int, end: int) -> bool:
@@ -243,11 +304,18 @@ def _kind(doc: Any, text: str, start: int, end: int, label: str) -> str:
         return _NOT_A_NAME
     if _person_cue(text, first, last):
         return "PERSON"
+    if _work_or_street(text, first, last):
+        return _NOT_A_NAME
     if _code_or_thing(doc, text, start, end, rare):
         return _NOT_A_NAME
-    if label == "PERSON":
-        return "PERSON"
     if len(words) > 1 and rare:  # two or more words, one of them not English: a foreign name, not a company
+        return "PERSON"
+    if words and words[0] in _first_names() and doc[start].tag_ in _PROPER_TAGS | _NOUN_TAGS:
+        if not _PLACE_BEFORE.search(text, max(0, first - _CONTEXT_CHARS), first):
+            return "PERSON"
+    if label == "PERSON" and len(words) == 1 and not rare and not _known_name(words[0]):
+        return ""  # one ordinary word ("Wisdom") that is no known name: a name only with a cue or a name beside it
+    if label == "PERSON":
         return "PERSON"
     if label in _PLACE_LABELS or _PLACE_BEFORE.search(text, max(0, first - _CONTEXT_CHARS), first):
         return ""
@@ -314,13 +382,13 @@ def find_entities(text: str, kinds: Collection[str] = NER_KINDS, taken: list[Spa
     blocked = list(taken or []) + [Span(m.start(), m.end(), "") for m in _PLACEHOLDER.finditer(text)]
     addresses = [a for a in find_addresses(text) if _free(blocked, a.start, a.end)]
     blocked += addresses
-    doc = _pipeline()(text) if kinds != {"ADDRESS"} and _CAPITALISED.search(text) else None
+    doc = _pipeline()(text) if kinds != {"ADDRESS"} and _LETTER.search(text) else None
     if doc is not None:
         addresses = _absorb_trailing_names(doc, text, addresses)
         blocked = blocked[: len(blocked) - len(addresses)] + addresses
     found: list[Span] = [a for a in addresses if "ADDRESS" in kinds]
     candidates: list[Span] = []
-    if doc is not None:  # without a capital letter there is no name the model could find
+    if doc is not None:
         for start, end, _, kind in _typed(doc, text, blocked):
             first = doc[start].idx
             last = _strip_possessive(text, first, doc[end - 1].idx + len(doc[end - 1]))
