@@ -60,7 +60,7 @@ _ADDRESS_CORE = re.compile(
 )
 # Town, region, postcode and country lines after the street: capitalised words and digits, one segment per comma or
 # line break, at most four, each of capitalised words or numbers; no full stops, so a tail never runs into the next sentence.
-_ADDRESS_TAIL = re.compile(r"(?:[ \t]*(?:,|\n)[ \t]*,?[ \t]*(?:[A-ZÀ-ÖØ-Þ0-9][\w'’-]*(?:[ \t][A-ZÀ-ÖØ-Þ0-9][\w'’-]*){0,3}))")
+_ADDRESS_TAIL = re.compile(r"(?:[ \t]*(?:,|\n[ \t]*(?:[>?]+[ \t]*)?)[ \t]*,?[ \t]*(?:[A-ZÀ-ÖØ-Þ0-9][\w'’-]*(?:[ \t][A-ZÀ-ÖØ-Þ0-9][\w'’-]*){0,3}))")
 _MAX_TAIL_SEGMENTS = 4
 
 _TITLES = r"(?i:Mr|Mrs|Ms|Miss|Mx|Dr|Prof|Sir|Madam|Mme|Mlle|Herr|Frau|Sr|Sra)\.?"
@@ -80,7 +80,8 @@ _MIDDLE_INITIAL = re.compile(rf"\b{_LOWER_CAP}\s[A-Z]\.?\s{_LOWER_CAP}\b")
 _ORG_WORD = (
     r"(?:inc|incorporated|llc|ltd|plc|corp|corporation|co|company|group|partners|holdings|technologies|systems"
     r"|bank|university|institute|foundation|association|agency|markets|labs?|solutions|services|industries"
-    r"|orchestra|band|club|associates|gmbh|ag|sa|bv|oy|ab)\b\.?"
+    r"|orchestra|band|club|associates|gmbh|ag|sa|bv|oy|ab|investments|software|consulting|global|analytics"
+    r"|capital|ventures|enterprises|logistics|transit|networks|media|studios|insurance)\b\.?"
 )
 _ORG_WORDS = re.compile(rf"(?i)\b{_ORG_WORD}|&|,\s.+\band\b")
 # A company word right after the candidate ("Shepherd Ltd.", "Fernandez Inc.") or after the list of names it
@@ -110,6 +111,7 @@ _WORK_AFTER = re.compile(r"\s(?:is|was) an? \d{4}\b")
 # A street or place next to an address: "the corner of X", "X 7", "5850 X", "Csabai kapu 39. and X".
 _STREET_BEFORE = re.compile(r"(?i)\b(?:corner of|\d+\.?(?: and)?)[ \t]$")
 _STREET_AFTER_NAME = re.compile(r"[ \t]\d")
+_EMPLOYER_BEFORE = re.compile(r"(?i)\b(?:work(?:s|ed|ing)? (?:for|at)|employed by|employer:?)\s$")
 _TRAVEL_BEFORE = re.compile(
     r"(?i)\b(?:flew to|arrived at|arrived in|returned to|travell?ed to|moved to|lives? in|lived in|i am in|year in"
     r"|city|town|village)\s$"
@@ -306,6 +308,8 @@ def _kind(doc: Any, text: str, start: int, end: int, label: str) -> str:
         return "PERSON"
     if _work_or_street(text, first, last):
         return _NOT_A_NAME
+    if _EMPLOYER_BEFORE.search(text, max(0, first - _CONTEXT_CHARS), first):
+        return "ORG"
     if _code_or_thing(doc, text, start, end, rare):
         return _NOT_A_NAME
     if len(words) > 1 and rare:  # two or more words, one of them not English: a foreign name, not a company
