@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from lmforge.data import pii_ner
+from lmforge.data import pii_lexicon, pii_ner
 from lmforge.data.base_reader import Document
 from lmforge.data.config import DataConfig
 from lmforge.data.curate import run_curate
@@ -85,6 +85,51 @@ def test_ordinary_capitalised_words_are_kept():
 )
 def test_names_from_word_rarity_context_and_earlier_mentions(text, expected):
     assert redact(text, ALL)[0] == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # a known first name with no other cue, even where the model calls it a place or a company
+        ("Why is Rebecca always late?", "Why is <PERSON> always late?"),
+        ("Scott is a patient listener.", "<PERSON> is a patient listener."),
+        # all-lower-case text goes through the model too; the first name takes its surname along
+        ("please call patricia desrosiers tomorrow", "please call <PERSON> tomorrow"),
+        ("the kids are adam, chad and silvana.", "the kids are <PERSON>, <PERSON> and <PERSON>."),
+        # names that are also ordinary words count only when common among people; a modal is no name
+        ("Will my order arrive today? May I ask?", "Will my order arrive today? May I ask?"),
+        ("We met in June near the King Street market.", "We met in June near the King Street market."),
+    ],
+)
+def test_known_first_names_are_a_person_cue(text, expected):
+    assert redact(text, ["PERSON"])[0] == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Have you seen the film Zoolander yet?",  # a work's title after film / song / see
+        "Moonraker is a 1979 spy film.",  # "X is a <year> ..."
+        "Turn at the corner of Kuusiku 7 and Alexander Flat.",  # streets next to a house number or "corner of"
+        "CAN I SPEAK TO A REAL PERSON?",  # shouted words are no name with a middle initial
+        "I work for Thinknum, and Rivet Software pays well.",  # an employer, a company word
+    ],
+)
+def test_titles_streets_and_employers_are_no_person(text):
+    assert [s for s in pii_ner.find_entities(text, ["PERSON"])] == []
+
+
+def test_census_first_names_skip_ordinary_words_that_are_rare_names():
+    first = pii_ner._first_names()
+    assert {"rebecca", "scott", "patricia", "june", "silvana"} <= first
+    assert not {"in", "see", "king", "numbers"} & first  # census entries under 0.01% that are ordinary words
+    assert {"smith", "desrosiers"} <= pii_lexicon.surnames()
+
+
+def test_missing_name_lists_name_the_package_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "names", None)
+    with pytest.raises(ImportError, match=r"census name lists.*lmforge\[ner\]"):
+        pii_lexicon.surnames.__wrapped__()
 
 
 def test_missing_word_list_names_the_package_to_install(monkeypatch):
