@@ -120,7 +120,7 @@ def test_titles_streets_and_employers_are_no_person(text):
 
 
 def test_census_first_names_skip_ordinary_words_that_are_rare_names():
-    first = pii_ner._first_names()
+    first = pii_lexicon.first_names()
     assert {"rebecca", "scott", "patricia", "june", "silvana"} <= first
     assert not {"in", "see", "king", "numbers"} & first  # census entries under 0.01% that are ordinary words
     assert {"smith", "desrosiers"} <= pii_lexicon.surnames()
@@ -133,13 +133,13 @@ def test_missing_name_lists_name_the_package_to_install(monkeypatch):
 
 
 def test_missing_word_list_names_the_package_to_install(monkeypatch):
-    pii_ner._common_words.cache_clear()
+    pii_lexicon.common_words.cache_clear()
     monkeypatch.setitem(sys.modules, "symspellpy", None)
     try:
         with pytest.raises(ImportError, match=r"symspellpy's English word list.*lmforge\[ner\]"):
             pii_ner.find_entities("Miklós Hajdu signed it.")
     finally:
-        pii_ner._common_words.cache_clear()
+        pii_lexicon.common_words.cache_clear()
 
 
 def test_only_the_kinds_asked_for_and_patterns_unchanged_without_ner():

