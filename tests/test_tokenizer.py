@@ -161,7 +161,9 @@ def test_run_tokenizer_caps_training_text(tmp_path):
     val_text = texts[-1]
     assert metrics["bytes_per_token"] == round(len(val_text.encode()) / len(tok.encode(val_text)), 4)
     assert metrics["bytes_per_token"] > 1.5
-    assert set(metrics) == {"vocab_size", "train_chars", "bytes_per_token", "train_seconds", "seconds"}
+    assert set(metrics) == {"vocab_size", "train_chars", "bytes_per_token", "bytes_per_token_split", "train_seconds",
+                            "seconds"}  # fmt: skip
+    assert metrics["bytes_per_token_split"] == "val"
 
 
 def test_run_tokenizer_needs_curated_data(tmp_path):

@@ -307,7 +307,7 @@ def test_held_out_scoring_says_it_is_still_working(monkeypatch, caplog):
     monkeypatch.setattr(perplexity, "token_nll", slow_nll)
 
     class Tok:
-        bos_id, pad_id = 0, 0
+        bos_id, doc_start_id, pad_id = 0, 0, 0
 
         def encode(self, text):
             return [1 + ord(c) % 50 for c in text]
