@@ -54,6 +54,13 @@ def test_import_converts_once_keeping_dtype_tokenizer_and_template(qwen_bf16, tm
     wide = invoke("import", qwen_bf16, "-o", tmp_path / "fp32", "--dtype", "float32")
     assert wide.exit_code == 0, wide.output
     assert next(load_model(tmp_path / "fp32")[0].parameters()).dtype == torch.float32
+    again = invoke("import", qwen_bf16, "-o", tmp_path / "fp32")  # an earlier import is replaced as a whole
+    assert again.exit_code == 0, again.output
+    assert next(load_model(tmp_path / "fp32")[0].parameters()).dtype == torch.bfloat16
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    refused = invoke("import", qwen_bf16, "-o", tmp_path / "mine")
+    assert refused.exit_code == 2 and "lmforge did not write it" in refused.output
 
 
 def test_hub_ids_come_from_the_local_cache_or_say_how_to_download(qwen_bf16, tmp_path, monkeypatch):

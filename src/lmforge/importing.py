@@ -26,8 +26,9 @@ import typer
 
 from lmforge import verbs
 from lmforge.hub import resolve_model_dir
-from lmforge.io import atomic_write_text
-from lmforge.model.io import TOKENIZER, load_checkpoint_tokenizer, load_model, save_model
+from lmforge.io import staged_dir
+from lmforge.model.io import TOKENIZER, load_checkpoint_tokenizer, load_model, write_model_files
+from lmforge.outdir import write_marker
 from lmforge.registry import ReportContext, Stage, StageContext, register
 from lmforge.report.format import fmt
 from lmforge.runs import files_fingerprint
@@ -48,12 +49,14 @@ def import_model(source: str | Path, out_dir: Path, dtype: str = "auto") -> dict
     model, args = load_model(model_dir, dtype=DTYPES[dtype])
     tokenizer = load_checkpoint_tokenizer(model_dir)
     stored = str(next(model.parameters()).dtype).removeprefix("torch.")
-    save_model(out_dir, model, args, tokenizer_path=model_dir / TOKENIZER)  # its other tokenizer files go along
     hf_config = model_dir / "config.json"  # absent when the source is an lmforge checkpoint
     config = json.loads(hf_config.read_text(encoding="utf-8")) if hf_config.is_file() else {}
     provenance = {"source": str(source), "path": str(model_dir.resolve()), "model_type": config.get("model_type"),
                   "architectures": config.get("architectures"), "dtype": stored}  # fmt: skip
-    atomic_write_text(Path(out_dir) / SOURCE, json.dumps(provenance, indent=2) + "\n")
+    with staged_dir(Path(out_dir)) as tmp:  # the whole checkpoint appears at once, replacing an earlier import
+        write_model_files(model, args, tmp, model_dir / TOKENIZER)  # its other tokenizer files go along
+        (tmp / SOURCE).write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+        write_marker(tmp, "import")
     metrics = {
         **provenance,
         "params": model.num_params(),
