@@ -111,6 +111,10 @@ def test_known_first_names_are_a_person_cue(text, expected):
         "Have you seen the film Zoolander yet?",  # a work's title after film / song / see
         "Moonraker is a 1979 spy film.",  # "X is a <year> ..."
         "Turn at the corner of Kuusiku 7 and Alexander Flat.",  # streets next to a house number or "corner of"
+        "The shop is at Nieuwe Baan 473 St. and Inna Loop St.",  # a street by its last word
+        "Please bring it to Leon and Eyrarodda 66 before noon.",  # a word joined to a street by "and"
+        "We met where Tasso Street and Rennie Union cross.",
+        "Awarded Salesperson of the Year twice.",  # one dictionary word, no known name: the model's label alone
         "CAN I SPEAK TO A REAL PERSON?",  # shouted words are no name with a middle initial
         "I work for Thinknum, and Rivet Software pays well.",  # an employer, a company word
         "Counsel:\nMarshall, Hernandez and Simpson\nBoston",  # surnames listed alone on a line: a firm

@@ -13,9 +13,12 @@ CONTEXT_CHARS = 24  # how far before a candidate its cue words are looked for
 # A work's title: "the film X", "see X", or "X is a 2017 Polish action film".
 _WORK_BEFORE = re.compile(r"(?i)\b(?:film|movie|song|album|book|novel|series|show|single|track|see)\s[\"“']?$")
 _WORK_AFTER = re.compile(r"\s(?:is|was) an? \d{4}\b")
-# A street or place next to an address: "the corner of X", "X 7", "5850 X", "Csabai kapu 39. and X".
-_STREET_BEFORE = re.compile(r"(?i)\b(?:corner of|\d+\.?(?: and)?)[ \t]$")
-_STREET_AFTER_NAME = re.compile(r"[ \t]\d")
+# A street or place next to an address: "the corner of X", "X 7", "5850 X", "Csabai kapu 39. and X", "X and
+# Hersnapvej 75", "Dili Street and X", or a street by its last word ("Inna Loop St.").
+_STREETS = r"(?:St|Str|Street|Road|Rd|Avenue|Ave|Lane)\.?"
+_STREET_BEFORE = re.compile(rf"(?i)\b(?:corner of|\d+\.?(?: and)?|{_STREETS} and)[ \t]$")
+_STREET_AFTER_NAME = re.compile(rf"[ \t]\d|[ \t]and[ \t](?:{CAP}[ \t]){{1,3}}\d")
+_STREET_END = re.compile(rf"\s{_STREETS}$")
 # "the Castro novel": a work named by its author, a person.
 _AUTHOR_OF = re.compile(r"\s(?:novel|book|film|movie|song|album|version|play|biography|poem)s?\b")
 # A company by how it is described ("X is a 501(c)3", "X is an Swedish multinational"), or by its name's shape:
@@ -52,7 +55,7 @@ def company_shape(text: str, first: int, last: int) -> bool:
 def work_or_street(text: str, first: int, last: int) -> bool:
     """Whether the text at `first:last` is a work's title or a street by its context (see `_WORK_BEFORE`)."""
     before = text[max(0, first - CONTEXT_CHARS) : first]
-    if _WORK_BEFORE.search(before) or _STREET_BEFORE.search(before):
+    if _WORK_BEFORE.search(before) or _STREET_BEFORE.search(before) or _STREET_END.search(text, first, last):
         return True
     return _WORK_AFTER.match(text, last) is not None or _STREET_AFTER_NAME.match(text, last) is not None
 

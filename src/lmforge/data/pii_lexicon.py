@@ -31,8 +31,8 @@ _DICTIONARY = "frequency_dictionary_en_82_765.txt"
 
 
 @functools.cache
-def common_words() -> frozenset[str]:
-    """Lower-case English words at least `_COMMON_WORD_COUNT` times in symspellpy's frequency list."""
+def common_words(min_count: int = _COMMON_WORD_COUNT) -> frozenset[str]:
+    """Lower-case English words at least `min_count` times in symspellpy's frequency list."""
     try:
         import symspellpy  # noqa: F401  (only its data file is read)
     except ImportError as e:
@@ -42,7 +42,7 @@ def common_words() -> frozenset[str]:
     words = set()
     for line in path.read_text(encoding="utf-8").splitlines():
         word, _, count = line.partition(" ")
-        if count and int(count) >= _COMMON_WORD_COUNT:
+        if count and int(count) >= min_count:
             words.add(word)
     return frozenset(words)
 

@@ -106,6 +106,9 @@ _PROPER_TAGS = {"NNP", "NNPS"}
 _VERB_TAGS = {"VBZ", "VBD", "MD"}
 _PLACE_LABELS = {"GPE", "LOC"}
 _NOUN_TAGS = {"NN", "NNS"}
+# A word seen this often in English books is a dictionary word (an occupation like "salesperson" is); with the model's
+# PERSON label alone it is not yet a name.
+_DICTIONARY_WORD_COUNT = 300_000
 _NOT_A_NAME = "-"  # a candidate ruled out, which no later rule may turn into a name or an organisation
 # "in X", "from X", "near X": a place (or a company), where a name is rare.
 _PLACE_BEFORE = re.compile(r"\b(?:in|from|near|at|to|on|corner of)\s$")
@@ -216,6 +219,10 @@ def _is_surname(tok: Any, first: Any) -> bool:
     return tok.lower_ in pii_lexicon.surnames() or tok.lower_ not in pii_lexicon.common_words()
 
 
+def _dictionary_word(word: str) -> bool:
+    return word in pii_lexicon.common_words(_DICTIONARY_WORD_COUNT)
+
+
 def _leads_clause(doc: Any, start: int, end: int) -> bool:
     """Whether the range is a clause's subject ("Asya spent", "Scott is") or a speaker's name ("Ella: ...")."""
     after = doc[end] if end < len(doc) else None
@@ -277,8 +284,8 @@ def _kind(doc: Any, text: str, start: int, end: int, label: str) -> str:
     if words and words[0] in pii_lexicon.first_names() and doc[start].tag_ in _PROPER_TAGS | _NOUN_TAGS:
         if not _PLACE_BEFORE.search(text, max(0, first - _CONTEXT_CHARS), first):
             return "PERSON"
-    if label == "PERSON" and len(words) == 1 and not rare and not pii_cues.known_name(words[0]):
-        return ""  # one ordinary word ("Wisdom") that is no known name: a name only with a cue or a name beside it
+    if label == "PERSON" and len(words) == 1 and _dictionary_word(words[0]) and not pii_cues.known_name(words[0]):
+        return ""  # one English word ("Wisdom", "Salesperson"), no known name: a name only with a cue or a name by it
     if label == "PERSON":
         return "PERSON"
     if label in _PLACE_LABELS or _PLACE_BEFORE.search(text, max(0, first - _CONTEXT_CHARS), first):
