@@ -10,21 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import (GGUF_TEXT, LLAMA3_ROPE, gguf_texts, gguf_tokenizer, imported_checkpoint, lmforge_logits,
-                     sharp_checkpoint)
+from helpers import GGUF_TEXT, LLAMA3_ROPE, gguf_texts, imported_checkpoint, lmforge_logits, sharp_checkpoint
+from test_export_gguf import llama_ckpt, tokenizer_path  # noqa: F401  (the same module fixtures)
 
 from lmforge.export_gguf import export_gguf
 from lmforge.model.io import load_checkpoint_tokenizer, load_model
-
-
-@pytest.fixture(scope="module")
-def tokenizer_path(tmp_path_factory) -> Path:
-    return gguf_tokenizer(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture(scope="module")
-def llama_ckpt(tmp_path_factory, tokenizer_path) -> Path:
-    return sharp_checkpoint(tmp_path_factory.mktemp("llama") / "ckpt", tokenizer_path)
 
 
 @pytest.fixture(scope="module")

@@ -43,23 +43,10 @@ def atomic_open(path: str | Path, mode: Literal["w", "wb"] = "w") -> Iterator[IO
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open mode must be 'w' or 'wb', got {mode!r}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(path)
-    if mode == "w":
-        handle: IO[Any] = open(tmp, "w", encoding="utf-8", newline="")
-    else:
-        handle = open(tmp, "wb")
-    try:
-        with handle:
+    with atomic_path(path) as tmp:
+        text = {"encoding": "utf-8", "newline": ""} if mode == "w" else {}
+        with open(tmp, mode, **text) as handle:
             yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
 
 
 @contextmanager
@@ -71,7 +58,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = _temp_path(path)
     try:
         yield tmp
-        with open(tmp, "rb") as f:
+        with open(tmp, "rb") as f:  # on disk before the rename, so a crash never leaves a short file in place
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
