@@ -106,7 +106,9 @@ from test_train_loop import config, run
 rank = int(os.environ["RANK"])
 ticks = iter(range(0, 10_000, 1 + 2 * rank))  # rank 1's clock runs three times as fast as rank 0's
 metrics = run(Path(sys.argv[1]), config(max_steps=1000, max_time=6), clock=lambda: float(next(ticks)))
-print(json.dumps({"rank": rank, "steps": metrics["steps"], "stopped_by": metrics["stopped_by"]}))
+# One file per rank: the ranks' prints could interleave on the shared stdout.
+outcome = {"rank": rank, "steps": metrics["steps"], "stopped_by": metrics["stopped_by"]}
+(Path(sys.argv[1]) / f"outcome-{rank}.json").write_text(json.dumps(outcome))
 """
 
 
@@ -126,8 +128,7 @@ def test_ranks_agree_on_the_schedule_and_the_stop_with_clocks_that_differ(tmp_pa
                              str(script), str(tmp_path / "ddp"), str(Path(__file__).parents[1])], env=env,
                             capture_output=True, text=True, timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    outcomes = sorted((json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")),
-                      key=lambda o: o["rank"])
+    outcomes = [json.loads((tmp_path / "ddp" / f"outcome-{r}.json").read_text()) for r in (0, 1)]
     assert outcomes == [{"rank": r, "steps": 6, "stopped_by": "max_time"} for r in (0, 1)]
     single = run(tmp_path / "single", config(max_steps=1000, max_time=6), clock=StepClock())
     assert [r["lr"] for r in records(tmp_path / "ddp")] == [r["lr"] for r in records(tmp_path / "single")]
