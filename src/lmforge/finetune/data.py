@@ -19,6 +19,7 @@ answer, and the template must reproduce the text byte for byte.
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -211,9 +212,11 @@ def validate(messages: Conversation) -> None:
 
 
 def iter_records(path: Path, skipped: Skipped) -> Iterator[tuple[str, Any]]:
-    """(location, record) for every record of a .json array or .jsonl file; unparsable JSONL lines are skipped."""
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
+    """(location, record) for every record of a .json array or .jsonl (.jsonl.gz) file; unparsable JSONL lines are
+    skipped."""
+    gzipped = path.suffixes[-2:] == [".jsonl", ".gz"]
+    if path.suffix == ".jsonl" or gzipped:
+        with (gzip.open(path, "rt", encoding="utf-8") if gzipped else path.open(encoding="utf-8")) as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue  # a blank line holds no record
@@ -231,7 +234,7 @@ def iter_records(path: Path, skipped: Skipped) -> Iterator[tuple[str, Any]]:
         for i, record in enumerate(data):
             yield f"{path}[{i}]", record
     else:
-        raise ValueError(f"{path}: unsupported extension {path.suffix!r}; expected .json or .jsonl")
+        raise ValueError(f"{path}: unsupported extension {path.suffix!r}; expected .json, .jsonl or .jsonl.gz")
 
 
 def read_conversations(
