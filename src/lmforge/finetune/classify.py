@@ -76,6 +76,15 @@ def pool(hidden: Tensor, lengths: Tensor, pooling: str) -> Tensor:
     return (hidden * real).sum(1) / real.sum(1).clamp(min=1.0)
 
 
+def right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Token id lists as one right-padded [B, T] batch and their lengths [B] (what `pool` reads)."""
+    lengths = torch.tensor([len(x) for x in seqs])
+    batch = torch.full((len(seqs), int(lengths.max())), pad_id, dtype=torch.long)
+    for row, x in enumerate(seqs):
+        batch[row, : len(x)] = torch.tensor(x, dtype=torch.long)
+    return batch, lengths
+
+
 @torch.no_grad()
 def extract_features(model: Transformer, tokenizer: Tokenizer, texts: Sequence[str], pooling: str = "mean",
                      batch_size: int = 32) -> tuple[Tensor, dict[str, Any]]:  # fmt: skip
@@ -99,10 +108,7 @@ def extract_features(model: Transformer, tokenizer: Tokenizer, texts: Sequence[s
     with evaluating(model):
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            lengths = torch.tensor([len(ids[i]) for i in chunk])
-            batch = torch.full((len(chunk), int(lengths.max())), tokenizer.pad_id, dtype=torch.long)
-            for row, i in enumerate(chunk):
-                batch[row, : len(ids[i])] = torch.tensor(ids[i])
+            batch, lengths = right_pad([ids[i] for i in chunk], tokenizer.pad_id)
             hidden = model(batch.to(device), return_hidden=True).float()
             out[chunk] = pool(hidden, lengths.to(device), pooling).cpu()
     seconds = time.perf_counter() - start_time
