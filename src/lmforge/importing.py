@@ -28,10 +28,9 @@ from lmforge import verbs
 from lmforge.hub import resolve_model_dir
 from lmforge.io import staged_dir
 from lmforge.model.io import TOKENIZER, load_checkpoint_tokenizer, load_model, write_model_files
-from lmforge.outdir import write_marker
+from lmforge.outdir import inputs_fingerprint, write_marker
 from lmforge.registry import ReportContext, Stage, StageContext, register
 from lmforge.report.format import fmt
-from lmforge.runs import files_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +85,7 @@ def _config(settings: Any) -> dict[str, Any]:
 
 def _sources(settings: Any) -> dict[str, str]:
     """The imported folder's files (names, sizes, times): a model replaced on disk is imported again."""
-    model_dir = resolve_model_dir(settings.model.init_from)
-    return {"model": files_fingerprint(sorted(p for p in model_dir.glob("*") if p.is_file()), model_dir)}
+    return {"model": inputs_fingerprint(resolve_model_dir(settings.model.init_from))}
 
 
 def _report(ctx: ReportContext) -> list[str]:

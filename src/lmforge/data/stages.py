@@ -173,12 +173,13 @@ def _tokenizer_config(settings: Any) -> dict[str, Any]:
 
 
 def _tokenizer_sources(settings: Any) -> dict[str, str]:
+    """The imported model's files, as the import stage and pretrain fingerprint them: a replaced model re-runs."""
     if not settings.model.init_from:
         return {}
     from lmforge.hub import resolve_model_dir
+    from lmforge.outdir import inputs_fingerprint
 
-    model_dir = resolve_model_dir(settings.model.init_from)
-    return {"model": files_fingerprint(sorted(p for p in model_dir.glob("*") if p.is_file()), model_dir)}
+    return {"model": inputs_fingerprint(resolve_model_dir(settings.model.init_from))}
 
 
 CURATE = register(Stage(
