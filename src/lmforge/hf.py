@@ -254,8 +254,9 @@ def gpt2_state_dict(state: dict[str, torch.Tensor], args: ModelArgs) -> dict[str
     return {name: t.contiguous() for name, t in out.items()}
 
 
-def _write_tokenizer(src: Path, out: Path, max_len: int) -> None:
-    ours = Tokenizer.from_file(src)
+def _write_tokenizer(ours: Tokenizer, src: Path, out: Path, max_len: int) -> None:
+    """The export's tokenizer files: an imported model's own, or lmforge's (`ours`, read from `src`) with the
+    BOS post-processor and chat template transformers needs."""
     if ours.imported is not None:  # an imported model's own files, as read
         ours.save_dir(out)
         return
@@ -324,7 +325,7 @@ def export_hf(checkpoint_dir: Path, out_dir: Path, dtype: str = "float32") -> Pa
     with staged_dir(out_dir) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         _write_json(tmp / "config.json", config)
-        _write_tokenizer(tokenizer_src, tmp, args.max_seq_len)
+        _write_tokenizer(tok, tokenizer_src, tmp, args.max_seq_len)
         # Every id that ends a reply, so that transformers' generate stops where lmforge's does: lmforge's <|end|>
         # (SFT puts EOS after it only at the end of a whole conversation), an imported template's end of turn.
         # An imported model's other generation settings stay.
