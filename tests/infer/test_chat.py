@@ -18,7 +18,7 @@ from lmforge.eval.suite import run_task
 from lmforge.finetune.data import Message
 from lmforge.finetune.template import END, prompt_ids
 from lmforge.infer import engine
-from lmforge.infer.chat import ChatSession, chat_once, chat_stop_ids, load_chat, run_chat, user_prompt_ids
+from lmforge.infer.chat import ChatSession, chat_once, load_chat, run_chat, user_prompt_ids
 from lmforge.model.io import save_model
 from lmforge.model.transformer import ModelArgs, Transformer
 from lmforge.eval.config import EvalConfig
@@ -101,7 +101,7 @@ def test_cached_turns_give_the_tokens_of_recomputing_the_whole_prompt(tok):
     for n, text in enumerate(["hello there", "tell me more", "ok"]):
         reply = s.send(text)
         list(reply)
-        fresh = engine.generate(m, [reply.prompt_ids], 6, temperature=0, stop_ids=chat_stop_ids(tok))[0]
+        fresh = engine.generate(m, [reply.prompt_ids], 6, temperature=0, stop_ids=tok.stop_ids)[0]
         assert reply.tokens == fresh
         assert (reply.reused > 0) == (n > 0)  # later turns run only what follows the shared prefix
     # Sampling draws from one seeded stream for the session: the same settings give the same conversation.

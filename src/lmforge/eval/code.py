@@ -34,7 +34,7 @@ import numpy as np
 from lmforge.io import atomic_write_json
 from lmforge.eval.sandbox import run_python
 from lmforge.stats import proportion
-from lmforge.infer.chat import chat_stop_ids, user_prompt_ids
+from lmforge.infer.chat import user_prompt_ids
 from lmforge.infer.engine import generate
 
 if TYPE_CHECKING:
@@ -290,7 +290,7 @@ def generate_completions(
     if budget < 2:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's "
                          f"max_seq_len={model.args.max_seq_len}")
-    stop_ids = chat_stop_ids(tokenizer) if chat else ()
+    stop_ids = tokenizer.stop_ids if chat else ()
     out: list[list[str]] = []
     cut = 0
     for i, prompt in enumerate(prompts):

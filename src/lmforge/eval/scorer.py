@@ -81,7 +81,7 @@ def _lmforge_model(path: Path, device: torch.device) -> LanguageModel:
 
 def from_lmforge(model: torch.nn.Module, tokenizer, name: str = "model") -> LanguageModel:  # noqa: ANN001
     """An lmforge Transformer and its Tokenizer, already loaded."""
-    from lmforge.infer.chat import chat_stop_ids, user_prompt_ids
+    from lmforge.infer.chat import user_prompt_ids
 
     model.eval()
     device = next(model.parameters()).device
@@ -90,7 +90,7 @@ def from_lmforge(model: torch.nn.Module, tokenizer, name: str = "model") -> Lang
                          prefix=[tokenizer.doc_start_id], eos_id=tokenizer.eos_id, max_len=model.args.max_seq_len,
                          device=device, name=name, module=model, tokenizer=tokenizer,
                          chat_prompt=(lambda text: user_prompt_ids(tokenizer, text)) if chat else None,
-                         chat_stop_ids=tuple(chat_stop_ids(tokenizer) if chat else tokenizer.eos_ids))  # fmt: skip
+                         chat_stop_ids=tuple(tokenizer.stop_ids if chat else tokenizer.eos_ids))  # fmt: skip
 
 
 def _hf_model(path: Path, device: torch.device) -> LanguageModel:

@@ -32,7 +32,6 @@ from lmforge.model.lora import LoRAConfig
 from lmforge.model.prefix import PrefixConfig
 from lmforge.finetune.sft import OUTPUTS, finetune_conversations, read_split, split_heldout
 from lmforge.finetune.template import prompt_ids, render
-from lmforge.infer.chat import chat_stop_ids
 from lmforge.infer.engine import cap_new_tokens, generate
 from lmforge.model.io import load_checkpoint_tokenizer, load_model, read_model_args, require_checkpoint
 from lmforge.outdir import inputs_fingerprint, start_job
@@ -115,7 +114,7 @@ def generation_check(
     log.info("generating greedy replies to %d held-out prompts, up to %d tokens each...", len(prompts), max_new_tokens)
     ids = [prompt_ids(tok, conv) for conv in prompts]
     with evaluating(model):
-        outs = generate(model, ids, max_new_tokens, temperature=0.0, stop_ids=chat_stop_ids(tok))
+        outs = generate(model, ids, max_new_tokens, temperature=0.0, stop_ids=tok.stop_ids)
     # A row that stopped early ended its turn; one that used every token ran on (or ended exactly at the limit,
     # which generate cannot tell apart and which counts against it).
     ended = [len(o) < max_new_tokens for o in outs]

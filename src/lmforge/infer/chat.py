@@ -43,10 +43,6 @@ COMMANDS = {
 }
 
 
-def chat_stop_ids(tokenizer: Tokenizer) -> list[int]:
-    """The tokens that end an assistant turn: the template's end of turn (`<|end|>`, `<|im_end|>`, ...) and EOS."""
-    return tokenizer.stop_ids
-
 
 def user_prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
     """The ids that prompt the reply to `text` as the only message (evaluation's chat prompts)."""
@@ -96,7 +92,7 @@ class Reply:
     def _run(self, s: ChatSession, user: Message, keep_from: int) -> Iterator[str]:
         tokens = stream_tokens(
             s.model, self.prompt_ids, self.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-            stop_ids=chat_stop_ids(s.tokenizer), generator=s._generator, cache=s._cache,
+            stop_ids=s.tokenizer.stop_ids, generator=s._generator, cache=s._cache,
         )  # fmt: skip
         try:
             yield from decode_stream(s.tokenizer, self._collect(tokens))
