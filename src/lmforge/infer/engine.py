@@ -171,9 +171,11 @@ def generate(
     stop_ids: Iterable[int] = (),
     seed: int | None = None,
     use_cache: bool = True,
+    include_stop: bool = False,
 ) -> list[list[int]]:
     """Continue each prompt; returns only the new tokens per prompt, stopping a row before eos_id or any of
-    stop_ids (the stop token is not returned)."""
+    stop_ids (the stop token is not returned, unless `include_stop`: then a row that stopped ends with it, which
+    an RL loss trains as the end of the turn)."""
     check_sampling(temperature, top_k, top_p)
     _validate_prompts(model, prompts, max_new_tokens)
     out: list[list[int]] = [[] for _ in prompts]
@@ -196,9 +198,8 @@ def generate(
             for j, t in enumerate(token.tolist()):
                 if done[j]:
                     continue
-                if t in stops:
-                    done[j] = True
-                else:
+                done[j] = t in stops
+                if not done[j] or include_stop:
                     out[rows[j]].append(t)
             if all(done):
                 break
