@@ -273,3 +273,18 @@ def test_loss_context_shares_and_means():
 
 if __name__ == "__main__":
     _worker(Path(sys.argv[1]))
+
+
+def test_the_spike_guard_judges_only_losses_whose_running_mean_is_positive():
+    """A cross-entropy 10x its running mean is a spike; an RL surrogate loss (PPO, GRPO) averages near or below 0,
+    where a ratio says nothing, so it is never skipped for one (non-finite losses still are)."""
+    from lmforge.train.checkpoint import TrainerState
+    from lmforge.train.step import GUARD_WARMUP, _bad_step_reason
+
+    positive = TrainerState(good_steps=GUARD_WARMUP, loss_mean=0.5)
+    assert "running mean" in _bad_step_reason(6.0, 1.0, positive, 10.0)
+    assert _bad_step_reason(4.0, 1.0, positive, 10.0) is None
+    for mean in (-0.02, 0.0):
+        around_zero = TrainerState(good_steps=GUARD_WARMUP, loss_mean=mean)
+        assert _bad_step_reason(0.3, 1.0, around_zero, 10.0) is None
+        assert "non-finite" in _bad_step_reason(float("nan"), 1.0, around_zero, 10.0)

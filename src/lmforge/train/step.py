@@ -99,7 +99,10 @@ def _bad_step_reason(loss: float, grad_norm: float, state: TrainerState, spike_f
         return f"non-finite loss {loss}"
     if not math.isfinite(grad_norm):
         return f"non-finite gradient norm {grad_norm}"
-    if state.good_steps >= GUARD_WARMUP and state.loss_mean is not None and loss > spike_factor * state.loss_mean:
+    # A ratio to the running mean judges only losses that stay positive (cross-entropy); an RL surrogate (PPO,
+    # GRPO) swings around 0, where any loss would be "many times" its mean.
+    if (state.good_steps >= GUARD_WARMUP and state.loss_mean is not None and state.loss_mean > 0
+            and loss > spike_factor * state.loss_mean):
         return f"loss {loss:.4g} > {spike_factor:g} x running mean {state.loss_mean:.4g}"
     return None
 
