@@ -164,7 +164,7 @@ def render_pack(tok: Any, convs: list, train_on: TrainOn, seq_len: int, one_per_
     return packed
 
 
-def _write_plain(model: nn.Module, args: ModelArgs, dest: Path, tokenizer_path: Path) -> None:
+def write_plain(model: nn.Module, args: ModelArgs, dest: Path, tokenizer_path: Path) -> None:
     """Merge the adapter, then write the base weights through a fresh plain Transformer, atomically."""
     merge_lora(model, ADAPTER_NAME)
     plain = Transformer(args)
@@ -181,7 +181,7 @@ def _write_base(model: nn.Module, args: ModelArgs, dest: Path, tokenizer_path: P
         write_model_files(model, args, tmp, tokenizer_path)
 
 
-def _live_checkpoint_writer(save_tuned: Callable[[nn.Module, Path], Any]) -> Callable[[nn.Module, Path], None]:
+def live_checkpoint_writer(save_tuned: Callable[[nn.Module, Path], Any]) -> Callable[[nn.Module, Path], None]:
     """LoRA and prefix checkpoints: the live wrapped weights (what the loop reloads on resume), and beside them
     what `save_tuned(model, directory)` writes (the adapter or the prefix alone)."""
 
@@ -274,11 +274,11 @@ def finetune_conversations(
     if method == "lora":
         torch.manual_seed(seed)  # the A matrices are drawn at random: the same seed gives the same adapters
         apply_lora(model, lora or LoRAConfig(), ADAPTER_NAME)
-        writer = _live_checkpoint_writer(lambda m, d: save_adapter(m, ADAPTER_NAME, d / ADAPTER_DIR))
+        writer = live_checkpoint_writer(lambda m, d: save_adapter(m, ADAPTER_NAME, d / ADAPTER_DIR))
     elif method == "prefix":
         torch.manual_seed(seed)
         apply_prefix(model, prefix or PrefixConfig())
-        writer = _live_checkpoint_writer(lambda m, d: save_prefix(m, d / PREFIX_DIR))
+        writer = live_checkpoint_writer(lambda m, d: save_prefix(m, d / PREFIX_DIR))
     else:
         freeze(model, freeze_blocks, freeze_embeddings)
         writer = lambda m, d: write_model_files(m, args, d, tokenizer_path)  # noqa: E731
@@ -307,7 +307,7 @@ def finetune_conversations(
     # Rank 0 writes, as the loop does: it replaces the loop's wrapped final/ by a plain checkpoint.
     if world.is_main and method == "lora":
         save_adapter(model, ADAPTER_NAME, out_dir / ADAPTER_DIR)  # before merging: the adapter alone
-        _write_plain(model, args, out_dir / FINAL_DIR, tokenizer_path)
+        write_plain(model, args, out_dir / FINAL_DIR, tokenizer_path)
     elif world.is_main and method == "prefix":
         save_prefix(model, out_dir / PREFIX_DIR)
         _write_base(model, args, out_dir / FINAL_DIR, tokenizer_path)
