@@ -208,7 +208,7 @@ def _function_problem(
     header = "".join(line + "\n" for line in future + [imports[n] for n in sorted(used)])
     prompt = (header + "\n\n" if header else "") + "\n".join(lines[node.lineno - 1 : doc_end.end_lineno]) + "\n"
     solution = "\n".join(lines[doc_end.end_lineno : node.end_lineno]) + "\n"
-    return CodeProblem(f"{prefix}:{node.name}", prompt, _doctest_check(node.name, doc, sorted(used)), node.name,
+    return CodeProblem(f"{prefix}:{node.name}", prompt, doctest_check(node.name, doc, sorted(used)), node.name,
                        solution)
 
 
@@ -252,7 +252,7 @@ def _names(tree: ast.AST) -> tuple[set[str], set[str]]:
     return loads, stores
 
 
-def _doctest_check(entry_point: str, doc: str, import_names: list[str]) -> str:
+def doctest_check(entry_point: str, doc: str, import_names: list[str]) -> str:
     """A check(candidate) that runs the docstring's examples against the candidate with doctest."""
     return (
         "def check(candidate):\n"
