@@ -55,6 +55,8 @@ CASES: dict[str, tuple[str | None, set[str]]] = {
                         | {"mb_per_s"}),  # fmt: skip
     "recipe_efficiency.py": (None, {"gpt2_final", "modern_final", "modern_time_ratio", "default_final",
                                     "default_time_ratio", "budget_s", "depth"}),  # fmt: skip
+    "reward_sandbox.py": ("code/mbpp.jsonl", {"samples"} | {f"{r}_{m}" for r in ("mbpp_tests", "doctests")
+                                                            for m in ("batched_per_s", "unbatched_per_s", "speedup")}),
     "train_throughput.py": (None, {"tokens_per_s", "mfu", "peak_gflops", "params"}),
 }
 
