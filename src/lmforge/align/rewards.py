@@ -26,7 +26,7 @@ from typing import Any
 from lmforge.align.prompts import PromptItem
 from lmforge.eval.code import doctest_check
 from lmforge.eval.sandbox_batch import CheckJob, run_checks
-from lmforge.finetune.code_pairs import completes_function
+from lmforge.finetune import code_pairs
 
 RewardFn = Callable[[Sequence["Sample"]], list[float]]
 
@@ -65,6 +65,7 @@ def reply_code(reply: str) -> str:
 
 
 def parses(code: str) -> bool:
+    """Whether `code` parses as Python once dedented (never run)."""
     try:
         ast.parse(textwrap.dedent(code))  # a function body alone is indented
     except (SyntaxError, ValueError, MemoryError, RecursionError):
@@ -98,13 +99,14 @@ def ends_turn() -> RewardFn:
     return lambda samples: [float(s.ended) for s in samples]
 
 
-def make_completes_function() -> RewardFn:
+def completes_function() -> RewardFn:
     """1 when the reply ended its turn and meta code_prompt + the reply parse as one function with a body (the sft
     stage's generation check, lmforge.finetune.code_pairs.completes_function), else 0."""
 
     def reward(samples: Sequence[Sample]) -> list[float]:
         _check_items("completes_function", samples, _lacks("code_prompt", "docstring prompts"))
-        return [float(s.ended and completes_function(s.prompt.meta["code_prompt"], s.completion)) for s in samples]
+        return [float(s.ended and code_pairs.completes_function(s.prompt.meta["code_prompt"], s.completion))
+                for s in samples]  # fmt: skip
 
     return reward
 
@@ -190,7 +192,7 @@ def _doctest_problem(item: PromptItem) -> str | None:
 
 
 def _doctest_job(s: Sample) -> CheckJob | None:
-    if not completes_function(s.prompt.meta["code_prompt"], s.completion):
+    if not code_pairs.completes_function(s.prompt.meta["code_prompt"], s.completion):
         return None  # nothing to run: scores 0 without a sandbox call
     code = s.prompt.meta["code_prompt"] + "\n" + s.completion
     name, doc = _examples(code)  # type: ignore[misc]  # the prompt's docstring has examples: _doctest_problem
@@ -218,7 +220,7 @@ def mbpp_tests(*, timeout_s: float = 2.0, memory_mb: int = 512, batch_size: int 
 
 REWARDS: dict[str, Callable[..., RewardFn]] = {
     "ends_turn": ends_turn,
-    "completes_function": make_completes_function,
+    "completes_function": completes_function,
     "code_parses": code_parses,
     "doctests": doctests,
     "mbpp_tests": mbpp_tests,
