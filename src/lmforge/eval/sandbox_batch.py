@@ -12,8 +12,9 @@ charged to the first job without a result: jobs report in order, so that job was
 after it run again in a fresh batch, so one bad sample costs the others nothing but a restart.
 
 What batching gives up: the jobs of one batch share an interpreter, so a job that changes shared state (a module's
-attributes, builtins, the harness itself) can change what later jobs of its batch see and report. Everything still
-runs inside the sandbox, with all its layers; `batch_size=1` gives every job its own interpreter.
+attributes, builtins, the harness itself, the timer) can change what later jobs of its batch see and report; the
+batch's own wall limit (`timeout_s` per job, plus a few seconds) still ends it. Everything runs inside the sandbox,
+with all its layers; `batch_size=1` gives every job its own interpreter.
 """
 
 from __future__ import annotations
