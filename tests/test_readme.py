@@ -28,6 +28,8 @@ BIN = Path(sys.executable).parent
 SMALL_RUN = ["data.max_docs=150", "tokenizer.vocab_size=1024", "train.max_steps=6", "train.eval_every=3",
              "train.ckpt_every=3", "train.eval_batches=2", "train.compile=false", "sft.max_pairs=48",
              "sft.heldout_pairs=8", "sft.gen_prompts=2", "sft.gen_tokens=16", "sft.train.max_steps=3",
+             "grpo.max_prompts=16", "grpo.heldout_size=2", "grpo.gen_tokens=16", "grpo.group_size=2",
+             "grpo.max_new_tokens=8", "grpo.train.max_steps=2", "grpo.train.batch_size=2",
              "eval.code_limit=2", "eval.samples=1", "eval.sample_tokens=16", "eval.max_tokens=4096"]  # fmt: skip
 SMALL = {
     "run": SMALL_RUN,

@@ -19,7 +19,7 @@ def test_default_recipe_loads_and_is_the_stdlib_code_recipe():
     r = load_recipe()
     assert r.name == DEFAULT_RECIPE == "stdlib-code"
     assert r.data.source == "stdlib"
-    assert r.stages == ["curate", "tokenizer", "shards", "pretrain", "sft", "eval", "export", "report"]
+    assert r.stages == ["curate", "tokenizer", "shards", "pretrain", "sft", "grpo", "eval", "export", "report"]
     assert r.sft.data == "docstring_pairs" and r.sft.train.max_steps == 100
     # A recipe that does not list its stages runs every stage but sft (fine-tuning needs data chosen for it).
     assert validate_recipe({}).stages == ["curate", "tokenizer", "shards", "pretrain", "eval", "export", "report"]

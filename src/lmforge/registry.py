@@ -33,6 +33,7 @@ BUILTIN = (
     "lmforge.pretrain",
     "lmforge.importing",
     "lmforge.finetune.stage",
+    "lmforge.align.grpo_stage",
     "lmforge.eval.run",
     "lmforge.hf",
     "lmforge.report.report",

@@ -211,7 +211,9 @@ def grpo_loss(model: nn.Module, batch: Mapping[str, Tensor], ctx: LossContext | 
     adv = batch["advantages"][:, None].to(logps.dtype)
     unclipped, clipped = ratio * adv, ratio.clamp(1 - epsilon, 1 + epsilon) * adv
     per_token = -torch.minimum(unclipped, clipped)
-    metrics: dict[str, Any] = {}
+    # The first three reach the progress line.
+    metrics: dict[str, Any] = {"reward": batch["rewards"].mean(), "ended_turn": batch["ended"].mean(),
+                               "response_length": batch["lengths"].mean()}  # fmt: skip
     if "ref_logps" in batch:
         kl = kl_per_token(logps, batch["ref_logps"], "k3")
         if beta:
@@ -219,9 +221,8 @@ def grpo_loss(model: nn.Module, batch: Mapping[str, Tensor], ctx: LossContext | 
         metrics["kl"] = ctx.mean((kl.detach() * mask).sum())
     loss = ctx.share((per_token * mask).sum())
     was_clipped = (clipped < unclipped).float() * mask
-    metrics.update({"entropy": ctx.mean((entropy.detach() * mask).sum()), "clip_fraction": ctx.mean(was_clipped.sum()),
-                    "reward": batch["rewards"].mean(), "response_length": batch["lengths"].mean(),
-                    "ended_turn": batch["ended"].mean()})  # fmt: skip
+    metrics["entropy"] = ctx.mean((entropy.detach() * mask).sum())
+    metrics["clip_fraction"] = ctx.mean(was_clipped.sum())
     metrics.update({k: v.mean() for k, v in batch.items() if k.startswith("reward/")})
     return loss, metrics
 
@@ -281,12 +282,15 @@ def train_grpo(checkpoint: Path, prompts: Sequence[PromptItem], heldout_prompts:
                          iterations=iterations, grad_accum=train_cfg.grad_accum, seed=seed, reference=reference,
                          guard=guard, rank=world.dp_rank, world_size=world.dp_size)  # fmt: skip
     loss = functools.partial(grpo_loss, epsilon=epsilon, beta=beta, temperature=temperature)
-    # The callback samples with the plain module (its own eval mode), whatever wrapper the loop trains.
-    callbacks = [lambda _m, _step: heldout_reward(model, tok, held_items, held_ids, reward, max_new_tokens)]
+
+    def heldout(_wrapped: nn.Module, _step: int) -> dict[str, float]:
+        # Samples with the plain module (in its own eval mode), whatever wrapper the loop trains.
+        return heldout_reward(model, tok, held_items, held_ids, reward, max_new_tokens)
+
     tokenizer_path = checkpoint / TOKENIZER
     metrics = train(model, loss, loader, train_cfg, out_dir, parallel=parallel,
                     write_model_files=lambda m, d: write_model_files(m, args, d, tokenizer_path),
-                    callbacks=callbacks if held_items else ())  # fmt: skip
+                    callbacks=[heldout] if held_items else ())  # fmt: skip
     extra = after_training(model) if after_training else {}
     return {**metrics, **extra, "prompts": len(items), "heldout_prompts": len(held_items),
             "skipped_prompts": len(prompts) - len(items) + len(heldout_prompts) - len(held_items),
