@@ -33,6 +33,8 @@ BUILTIN = (
     "lmforge.pretrain",
     "lmforge.importing",
     "lmforge.finetune.stage",
+    "lmforge.align.reward_stage",
+    "lmforge.align.dpo_stage",
     "lmforge.align.grpo_stage",
     "lmforge.eval.run",
     "lmforge.hf",
