@@ -142,6 +142,10 @@ def test_kto_learns_the_desirable_replies(ckpt, tok, tmp_path):
     # each example's second side: another example's reply after the same prompt, never its own
     assert all(p.chosen_ids[: p.prompt_len] == p.rejected_ids[: p.prompt_len] for p in pairs)
     assert sum(p.chosen_ids == p.rejected_ids for p in pairs) == 0 and desirable == [True, False] * 4
+    cut, _ = render_kto(tok, labelled, 64, Skipped(), seed=0, max_prompt_len=3)
+    assert [p.prompt_len for p in cut] == [min(3, p.prompt_len) for p in pairs]  # a long prompt keeps its tail
+    assert all(c.chosen_ids[: c.prompt_len] == p.chosen_ids[p.prompt_len - c.prompt_len : p.prompt_len]
+               for c, p in zip(cut, pairs))  # fmt: skip
     batch = next(KTOBatches(pairs, desirable, 4, tok.pad_id, seed=0))
     assert batch["desirable"].tolist() == [desirable[i] for i in batch["index"].tolist()]
     m = train_dpo(ckpt, toy_pairs(48, 0), toy_pairs(16, 1), tmp_path, cfg(max_steps=16), loss_type="kto", beta=0.5)
@@ -196,7 +200,7 @@ def test_the_verb_end_to_end(ckpt, tmp_path):
     data = write_pairs(tmp_path / "pairs.jsonl", toy_pairs(40, 0))
     args = ["dpo", str(ckpt), "--data", str(data), "-o", str(tmp_path / "out"), "--loss", "ipo", "--beta", "0.5",
             "--reference", "frozen", "--val-fraction", "0.2", "train.max_steps=6", "train.batch_size=8",
-            "train.warmup_steps=0", "train.lr=3e-3", "train.eval_every=3", "train.compile=false"]  # fmt: skip
+            "train.warmup_steps=0", "train.lr=3e-3", "train.eval_every=3", "train.compile=false", "dpo.max_prompt_len=64"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "loss ipo (beta 0.5), method full, reference frozen; 32 training and 8 held-out" in result.output

@@ -131,8 +131,8 @@ def unpair(pairs: Sequence[PreferencePair]) -> list[LabelledReply]:
             for p in pairs for reply, good in ((p.chosen, True), (p.rejected, False))]  # fmt: skip
 
 
-def render_kto(tok: Any, records: Sequence[LabelledReply], max_len: int, skipped: Skipped,
-               seed: int) -> tuple[list[RenderedPair], list[bool]]:  # fmt: skip
+def render_kto(tok: Any, records: Sequence[LabelledReply], max_len: int, skipped: Skipped, seed: int,
+               max_prompt_len: int | None = None) -> tuple[list[RenderedPair], list[bool]]:  # fmt: skip
     """Each labelled reply as a pair (its own reply, the reply of its partner after the same prompt), partners
     drawn as a seeded derangement (a shifted permutation: no example is its own partner); and the labels."""
     if len(records) < 2:
@@ -145,7 +145,7 @@ def render_kto(tok: Any, records: Sequence[LabelledReply], max_len: int, skipped
     before = skipped.count
     rendered, kept = [], []
     for record, pair in zip(records, mismatched):
-        out = render_pairs(tok, [pair], max_len, skipped)
+        out = render_pairs(tok, [pair], max_len, skipped, max_prompt_len)
         if out:
             rendered += out
             kept.append(record.desirable)
@@ -215,7 +215,7 @@ class _Data:
 
 
 def _render(tok: Any, train_records: Sequence[Any], heldout_records: Sequence[Any], loss_type: str, max_len: int,
-            seed: int) -> _Data:  # fmt: skip
+            max_prompt_len: int | None, seed: int) -> _Data:  # fmt: skip
     skipped = Skipped()
     if loss_type != "kto":
         if any(not isinstance(r, PreferencePair) for r in (*train_records, *heldout_records)):
@@ -226,12 +226,13 @@ def _render(tok: Any, train_records: Sequence[Any], heldout_records: Sequence[An
             ties = [p for p in records if p.tie]
             for p in ties:
                 skipped.add(p.source, "tie: the annotators preferred neither reply")
-            sides.append(render_pairs(tok, [p for p in records if not p.tie], max_len, skipped))
+            sides.append(render_pairs(tok, [p for p in records if not p.tie], max_len, skipped, max_prompt_len))
         return _Data(sides[0], sides[1], None, None, skipped)
     unpaired = [unpair([r]) if isinstance(r, PreferencePair) else [r] for r in train_records]
     held = [unpair([r]) if isinstance(r, PreferencePair) else [r] for r in heldout_records]
-    train_pairs, train_labels = render_kto(tok, [x for xs in unpaired for x in xs], max_len, skipped, seed)
-    held_pairs, held_labels = (render_kto(tok, [x for xs in held for x in xs], max_len, skipped, seed)
+    train_pairs, train_labels = render_kto(tok, [x for xs in unpaired for x in xs], max_len, skipped, seed,
+                                           max_prompt_len)  # fmt: skip
+    held_pairs, held_labels = (render_kto(tok, [x for xs in held for x in xs], max_len, skipped, seed, max_prompt_len)
                                if heldout_records else ([], []))  # fmt: skip
     return _Data(train_pairs, held_pairs, train_labels, held_labels, skipped)
 
@@ -273,6 +274,7 @@ def train_dpo(
     lora: LoRAConfig | None = None,
     reference: Literal["cached", "frozen"] = "cached",
     max_len: int | None = None,
+    max_prompt_len: int | None = None,
     falling_evals: int = 3,
     seed: int = 0,
     parallel: ParallelConfig | None = None,
@@ -280,7 +282,8 @@ def train_dpo(
     """Tune `checkpoint` with one loss of the DPO family on `train_pairs` (KTO: labelled replies, or pairs it
     unpairs), reporting the loss's metrics on `heldout_pairs` before and after and at every evaluation
     (`heldout/...` in metrics.jsonl). Writes out_dir/final/ (see the module docstring). `max_len` caps prompt +
-    reply in tokens (default: the model's context). `chosen_reward_falling` in the result is True when the held-out
+    reply in tokens (default: the model's context); with `max_prompt_len` a longer prompt keeps its tail, without it
+    a prompt that leaves no room for a reply is skipped and counted. `chosen_reward_falling` in the result is True when the held-out
     chosen reward fell at each of the last `falling_evals` evaluations and ended below its start (logged too)."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if loss_type not in LOSS_TYPES:
@@ -300,7 +303,7 @@ def train_dpo(
     max_len = max_len or args.max_seq_len
     if max_len > args.max_seq_len:
         raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={args.max_seq_len}")
-    data = _render(tok, train_pairs, heldout_pairs, loss_type, max_len, seed)
+    data = _render(tok, train_pairs, heldout_pairs, loss_type, max_len, max_prompt_len, seed)
     if not data.train:
         raise ValueError(f"no training pair could be rendered ({data.skipped.count} skipped: "
                          f"{data.skipped.examples[:3]})")  # fmt: skip

@@ -49,5 +49,8 @@ class DPOConfig(Section):
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     lora_targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"])
     max_len: int | None = Field(None, gt=0)  # tokens of prompt + reply per side; None: the model's max_seq_len
+    # A longer prompt keeps its last max_prompt_len tokens (the turns the reply answers); None: a prompt that leaves
+    # no room for a reply within max_len is skipped and counted.
+    max_prompt_len: int | None = Field(None, gt=0)
     falling_evals: int = Field(3, ge=1)  # warn when the held-out chosen reward fell at this many evaluations in a row
     train: DPOTrainConfig = Field(default_factory=DPOTrainConfig)

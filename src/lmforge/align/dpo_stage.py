@@ -65,7 +65,8 @@ def run_dpo(checkpoint: Path, cfg: DPOConfig, out: Path, parallel: ParallelConfi
                         beta=cfg.beta, label_smoothing=cfg.label_smoothing, gamma=cfg.gamma,
                         desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight,
                         method=cfg.method, lora=lora, reference=cfg.reference, max_len=cfg.max_len,
-                        falling_evals=cfg.falling_evals, seed=cfg.train.seed, parallel=parallel)  # fmt: skip
+                        max_prompt_len=cfg.max_prompt_len, falling_evals=cfg.falling_evals, seed=cfg.train.seed,
+                        parallel=parallel)  # fmt: skip
     return {**metrics, "read_skipped": read_skipped, "data": cfg.data}
 
 
