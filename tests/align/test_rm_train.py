@@ -93,10 +93,11 @@ def test_reward_loss_equals_bradley_terry_by_hand(ckpt, tok):
     expected = (-F.logsigmoid(c - r - 0.5) + 0.01 * (c + r) ** 2).mean()
     assert float(loss.detach()) == pytest.approx(float(expected), abs=1e-6)
     assert float(metrics["rewards/margin"]) == pytest.approx(float((c - r).mean()), abs=1e-6)
-    reply = lambda ids, n: len(ids) - n  # noqa: E731  the reply tokens, its end of turn included
-    assert float(metrics["length/chosen"]) == pytest.approx(sum(reply(x.chosen_ids, x.prompt_len) for x in rendered) / 4)
-    assert float(metrics["length/rejected"]) == pytest.approx(
-        sum(reply(x.rejected_ids, x.prompt_len) for x in rendered) / 4)
+    # the reply tokens, its end of turn included
+    chosen_len = sum(len(x.chosen_ids) - x.prompt_len for x in rendered) / 4
+    rejected_len = sum(len(x.rejected_ids) - x.prompt_len for x in rendered) / 4
+    assert float(metrics["length/chosen"]) == pytest.approx(chosen_len)
+    assert float(metrics["length/rejected"]) == pytest.approx(rejected_len) and chosen_len != rejected_len
 
 
 def test_a_crashed_run_resumes_to_the_uninterrupted_weights(ckpt, tmp_path, monkeypatch):
@@ -138,13 +139,29 @@ def test_bad_records_and_unrenderable_pairs_are_skipped_and_counted(ckpt, tmp_pa
     assert read["records"] == 2 and read["by_reason"].get("chosen equals rejected") == 1
     assert any(e.startswith(f"{data}:22: chosen equals rejected") for e in read["examples"]), read["examples"]
     # 21 pairs read, 4 held out (20%), 17 to train on; the long prompt cannot be rendered in max_len 128
-    in_training = m["train_pairs"] + m["skipped_pairs"]
-    assert m["heldout_pairs"] + in_training == 21 and m["heldout_pairs"] == 4
-    if m["skipped_pairs"]:  # the seeded split put the long prompt in the training part
-        assert m["skipped_by_reason"] == {"prompt too long": 1}
-        assert m["skipped_examples"][0].startswith(f"{data}:21: prompt too long")
-    else:
-        assert m["heldout_after"]["skipped"] == 1
+    assert m["heldout_pairs"] == 4
+    # the seeded split holds the long prompt out: it is counted where it is scored, and training lost nothing
+    assert m["train_pairs"] == 17 and m["skipped_pairs"] == 0
+    assert m["heldout_before"]["skipped"] == m["heldout_after"]["skipped"] == 1
+    assert m["heldout_after"]["accuracy"]["n"] == 3
+    # with reward.max_prompt_len the long prompt keeps its tail and the pair counts
+    kept = run_reward(ckpt, cfg.model_copy(update={"max_prompt_len": 32}), tmp_path / "kept")
+    assert kept["skipped_pairs"] == 0 and kept["heldout_after"]["skipped"] == 0
+    assert kept["train_pairs"] + kept["heldout_pairs"] == 21 and kept["max_prompt_len"] == 32
+
+
+def test_training_pairs_that_are_ties_or_too_long_are_skipped_and_counted(ckpt, tmp_path):
+    prompt = [Message("user", "Say something.")]
+    tie = PreferencePair(prompt, "the water", "good time", source="votes.json[3]", tie=True)
+    long_prompt = PreferencePair([Message("user", " ".join(["water"] * 200))], "sun", "the", source="f.jsonl:9")
+    cfg = TrainConfig(**{**TRAIN, "batch_size": 4}, max_steps=1)
+    m = train_reward_model(ckpt, [*toy_pairs(8, seed=9), tie, long_prompt], [], tmp_path / "out", cfg)
+    assert m["train_pairs"] == 8 and m["skipped_pairs"] == 2
+    assert m["skipped_by_reason"] == {"tie": 1, "prompt too long": 1}
+    assert m["skipped_examples"][0].startswith("votes.json[3]: tie") and m["skipped_examples"][1].startswith("f.jsonl:9")
+    assert m["heldout_before"] is None and m["heldout_after"] is None and m["steps"] == 1
+    with pytest.raises(ValueError, match="none of the 2 training pairs could be rendered"):
+        train_reward_model(ckpt, [tie, long_prompt], [], tmp_path / "none", cfg)
 
 
 def test_the_reward_verb_trains_and_reports(ckpt, tmp_path):
@@ -193,7 +210,8 @@ def test_two_ranks_match_one_process(ckpt, tmp_path):
         assert result.returncode == 0, result.stdout[-4000:]
         accuracy_lines.append([line[line.index("- held-out"):] for line in result.stdout.splitlines()
                                if "pairwise accuracy" in line])  # fmt: skip
-    one, two = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("n1", "n2"))
+    one, two = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+                for d in ("n1", "n2"))  # fmt: skip
     assert [r["step"] for r in two] == list(range(1, 7))
     for x, y in zip(one, two):
         assert abs(x["loss"] - y["loss"]) < 1e-5, (x["step"], x["loss"], y["loss"])

@@ -35,7 +35,10 @@ class RewardConfig(Section):
     format: Literal["hh_rlhf", "trl", "llamafactory_dpo", "pandalm"] | None = None
     limit: int | None = Field(None, gt=0)  # read only the first N pairs of each file
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # the share of `data` held out when no heldout_data
-    max_len: int | None = Field(None, gt=0)  # tokens per side; a longer prompt is skipped, a longer reply cut
+    max_len: int | None = Field(None, gt=0)  # tokens per side (prompt + reply); a longer reply keeps its head
+    # A longer prompt keeps its last max_prompt_len tokens (the turns the reply answers); None: a prompt that leaves
+    # no room for a reply within max_len is skipped and counted.
+    max_prompt_len: int | None = Field(None, gt=0)
     margin: float | None = None  # the chosen score must lead the rejected one by this much (None: no margin)
     center_coef: float = Field(0.0, ge=0.0)  # weight of (r_chosen + r_rejected)^2, keeping scores near 0
     train: RewardTrainConfig = Field(default_factory=RewardTrainConfig)

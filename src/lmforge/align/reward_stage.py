@@ -71,7 +71,8 @@ def run_reward(checkpoint: Path, cfg: RewardConfig, out: Path, parallel: Paralle
     start_job(out, "reward", cfg.semantic(), files, OUTPUTS, world)
     train_pairs, heldout_pairs, read_skipped = split_pairs(cfg)
     metrics = train_reward_model(checkpoint, train_pairs, heldout_pairs, out, cfg.train, margin=cfg.margin,
-                                 center_coef=cfg.center_coef, max_len=cfg.max_len, seed=cfg.train.seed,
+                                 center_coef=cfg.center_coef, max_len=cfg.max_len,
+                                 max_prompt_len=cfg.max_prompt_len, seed=cfg.train.seed,
                                  parallel=parallel)  # fmt: skip
     return {**metrics, "read_skipped": read_skipped, "data": cfg.data, "heldout_data": cfg.heldout_data}
 
@@ -119,7 +120,9 @@ def reward_verb(
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", min=0.0, max=0.9,
                                                  help="Share of --data held out (default 0.1)."),
     max_len: Optional[int] = typer.Option(None, "--max-len", min=1, help="Tokens per side (default: the model's "
-                                          "max_seq_len); a longer prompt is skipped, a longer reply cut."),
+                                          "max_seq_len); a longer reply keeps its head."),
+    max_prompt_len: Optional[int] = typer.Option(None, "--max-prompt-len", min=1, help="A longer prompt keeps its "
+                                                 "last N tokens (default: a prompt leaving no room is skipped)."),
     margin: Optional[float] = typer.Option(None, "--margin", help="The chosen score must lead by this much."),
     center_coef: Optional[float] = typer.Option(None, "--center-coef", min=0.0, help="Weight of the term keeping "
                                                 "scores near 0 (e.g. 0.01)."),
@@ -129,8 +132,8 @@ def reward_verb(
     """Train a reward model (the backbone plus a scalar head, Bradley-Terry loss) on preference pairs, reporting
     held-out pairwise accuracy before and after, next to the longer-answer baseline."""
     chosen = {"data": str(data), "heldout_data": str(heldout_data) if heldout_data else None, "format": format,
-              "limit": limit, "val_fraction": val_fraction, "max_len": max_len, "margin": margin,
-              "center_coef": center_coef}  # fmt: skip
+              "limit": limit, "val_fraction": val_fraction, "max_len": max_len, "max_prompt_len": max_prompt_len,
+              "margin": margin, "center_coef": center_coef}  # fmt: skip
     verbs.settings(list(overrides or []), {"train", "parallel"})  # names a bad override as the user wrote it
     moved = [f"reward.{o}" if o.startswith("train.") else o for o in overrides or []]
     cfg = verbs.settings(moved, {"reward", "parallel"},

@@ -62,10 +62,10 @@ def reward_loss(margin: float | None = None, center_coef: float = 0.0) -> Callab
 
 
 def heldout_accuracy(rm: RewardModel, tok: Tokenizer, pairs: Sequence[PreferencePair], max_len: int,
-                     batch_size: int = 16) -> dict[str, Any]:  # fmt: skip
+                     max_prompt_len: int | None = None, batch_size: int = 16) -> dict[str, Any]:  # fmt: skip
     """Pairwise accuracy of `rm` on `pairs` (ties half, Wilson 95% interval), the longer-answer baseline on the
-    same pairs, and how many pairs could not be scored."""
-    scored = score_pairs(rm, tok, pairs, batch_size=batch_size, max_len=max_len)
+    same pairs, and how many pairs could not be scored (rendered as in training: `render_pair`)."""
+    scored = score_pairs(rm, tok, pairs, batch_size=batch_size, max_len=max_len, max_prompt_len=max_prompt_len)
     if not scored.index:
         raise ValueError(f"none of the {len(pairs)} held-out pairs could be scored: {scored.skipped.by_reason}")
     return {"accuracy": pairwise_accuracy(scored.chosen, scored.rejected),
@@ -98,14 +98,17 @@ def train_reward_model(
     margin: float | None = None,
     center_coef: float = 0.0,
     max_len: int | None = None,
+    max_prompt_len: int | None = None,
     seed: int = 0,
     parallel: ParallelConfig | None = None,
 ) -> dict[str, Any]:
     """Train a reward model from `checkpoint` on `train_pairs` into `out_dir/final/` (see the module docstring);
     `heldout_pairs` (may be empty) are scored before and after. `max_len` (default: train_cfg.seq_len, else the
-    model's max_seq_len) caps each side's tokens; `margin` asks every chosen score to lead by that much;
-    `center_coef` weighs the centring term that keeps scores near 0. Ties (PandaLM kept ties) are not preferences
-    and are skipped and counted. Returns the loop's metrics plus the held-out results and skip counts."""
+    model's max_seq_len) caps each side's tokens, and a prompt longer than `max_prompt_len` keeps its last
+    `max_prompt_len` tokens (the turns the reply answers; without it, a prompt leaving no room is skipped);
+    `margin` asks every chosen score to lead by that much; `center_coef` weighs the centring term that keeps
+    scores near 0. Ties (PandaLM kept ties) are not preferences and are skipped and counted. Returns the loop's
+    metrics plus the held-out results and skip counts."""
     checkpoint, out_dir = require_checkpoint(checkpoint), Path(out_dir)
     world = init_world(parallel or ParallelConfig(), train_cfg.device)
     if world.distributed and (world.pp_size > 1 or (parallel and parallel.data != "ddp")):
@@ -125,7 +128,7 @@ def train_reward_model(
             skipped.add(pair.source or f"pair[{i}]", "tie: the annotators preferred neither reply")
         else:
             usable.append(pair)
-    rendered = render_pairs(tok, usable, max_len, skipped)
+    rendered = render_pairs(tok, usable, max_len, skipped, max_prompt_len)
     if skipped.count:
         log.warning("%d of %d training pairs skipped: %s", skipped.count, len(train_pairs), skipped.by_reason)
     if not rendered:
@@ -139,13 +142,13 @@ def train_reward_model(
     rm = RewardModel.from_checkpoint(checkpoint)
     if not args.tie_embeddings:  # the output layer plays no part in a score: keep it out of the optimizer
         rm.backbone.lm_head.requires_grad_(False)
-    before = heldout_accuracy(rm, tok, heldout, max_len) if heldout else None
+    before = heldout_accuracy(rm, tok, heldout, max_len, max_prompt_len) if heldout else None
     if before:
         log.info("held-out accuracy before training: %s (longer answer: %s)", _fmt(before["accuracy"]),
                  _fmt(before["length_baseline"]))  # fmt: skip
     metrics = train(rm, reward_loss(margin, center_coef), loader, train_cfg, out_dir,
                     write_model_files=_checkpoint_writer(checkpoint), parallel=parallel)  # fmt: skip
-    after = heldout_accuracy(rm, tok, heldout, max_len) if heldout else None
+    after = heldout_accuracy(rm, tok, heldout, max_len, max_prompt_len) if heldout else None
     if after:
         log.info("held-out accuracy after training: %s (longer answer: %s)", _fmt(after["accuracy"]),
                  _fmt(after["length_baseline"]))  # fmt: skip
@@ -155,5 +158,5 @@ def train_reward_model(
         torch.distributed.barrier()
     return {**metrics, "heldout_before": before, "heldout_after": after, "train_pairs": len(rendered),
             "heldout_pairs": len(heldout), "skipped_pairs": skipped.count, "skipped_by_reason": skipped.by_reason,
-            "skipped_examples": skipped.examples, "max_len": max_len, "margin": margin,
-            "center_coef": center_coef}  # fmt: skip
+            "skipped_examples": skipped.examples, "max_len": max_len, "max_prompt_len": max_prompt_len,
+            "margin": margin, "center_coef": center_coef}  # fmt: skip
