@@ -4,6 +4,7 @@ prompts, as that reward model judges them.
 
     python benchmarks/dpo_hh_rlhf.py --model runs/stdlib-code/sft/final --out runs/dpo-hh \
         [--reward-model runs/rm-hh/final] [--limit 800] [--steps 40] [--loss sigmoid] [--beta 0.1]
+    python benchmarks/dpo_hh_rlhf.py --smoke     # seconds: a tiny random model and reward model, 2 steps
 
 The pairs are `--limit` records of the file, of which a seeded 10% is held out (lmforge.align.dpo_stage, the same
 split as `lmforge dpo` and `lmforge reward` with the same limit and train.seed): the win rate is measured on held-out
@@ -13,7 +14,9 @@ prompts only. Re-running into the same --out resumes (or reuses) the DPO run. Th
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -63,10 +66,32 @@ def win_rate(args: argparse.Namespace, cfg: DPOConfig, final: Path) -> dict[str,
     return out
 
 
+def smoke_models(directory: Path, data: Path) -> tuple[Path, Path]:
+    """--smoke: a tiny random model with a tokenizer trained on the file's first records, and a reward model (a
+    random head) on it."""
+    import gzip
+
+    from lmforge.align.reward_model import RewardModel
+    from lmforge.model.io import save_model
+    from lmforge.model.transformer import ModelArgs, Transformer
+    from lmforge.tokenizer import train_tokenizer
+
+    with gzip.open(data, "rt", encoding="utf-8") as f:
+        texts = [json.loads(line)["chosen"] for _, line in zip(range(200), f)]
+    tok = train_tokenizer(iter(texts), vocab_size=512)
+    tok.save(directory / "tokenizer.json")
+    args = ModelArgs(vocab_size=tok.vocab_size, n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, head_dim=16,
+                     mlp_hidden=64, max_seq_len=128)  # fmt: skip
+    torch.manual_seed(0)
+    model = save_model(directory / "model", Transformer(args), args, directory / "tokenizer.json")
+    RewardModel.from_checkpoint(model).save(directory / "rm", tokenizer_dir=model)
+    return model, directory / "rm"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, required=True, help="the model to tune (normally sft/final)")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", type=Path, help="the model to tune (normally sft/final)")
+    parser.add_argument("--out", type=Path)
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--reward-model", type=Path, help="a reward model folder (lmforge reward's final/)")
     parser.add_argument("--limit", type=int, default=800)
@@ -79,8 +104,24 @@ def main() -> None:
     parser.add_argument("--max-prompt-len", type=int, default=160)
     parser.add_argument("--prompts", type=int, default=64, help="held-out prompts for the win rate")
     parser.add_argument("--gen-tokens", type=int, default=64)
+    parser.add_argument("--smoke", action="store_true", help="a few seconds on a tiny random model: does it run?")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING if args.smoke else logging.INFO,
+                        format="%(asctime)s %(name)s: %(message)s")  # fmt: skip
+    if args.smoke:
+        with tempfile.TemporaryDirectory() as tmp:
+            args.model, args.reward_model = smoke_models(Path(tmp), args.data)
+            args.out = Path(tmp) / "out"
+            vars(args).update(limit=40, steps=2, batch_size=4, max_len=128, max_prompt_len=64, prompts=4, gen_tokens=8)
+            run(args)
+        return
+    if args.model is None or args.out is None:
+        parser.error("--model and --out are required (or --smoke)")
+    run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    """DPO, the held-out table, the win rate with a reward model, and the summary line."""
     cfg = DPOConfig(data=str(args.data), limit=args.limit, loss=args.loss, beta=args.beta, max_len=args.max_len,
                     max_prompt_len=args.max_prompt_len,
                     train={"max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,

@@ -39,6 +39,8 @@ CASES: dict[str, tuple[str | None, set[str]]] = {
     "dedup_accuracy.py": (None, {"precision", "recall", "f1", "pairs", "docs_per_s", "mb_per_s", "bytes_per_doc"}),
     "distributed_throughput.py": (None, {"steps", "single_tokens_per_s", "single_mfu", "ddp_tokens_per_s", "ddp_mfu",
                                          "ddp_vs_single", "ddp_max_loss_diff"}),  # fmt: skip
+    "dpo_hh_rlhf.py": ("preference/hh-rlhf_helpful-base_test.jsonl.gz", {"train_pairs", "heldout_pairs", "steps",
+                       "heldout_margin", "heldout_accuracy", "chosen_reward_falling", "win_rate", "win_ci95"}),
     "eval_throughput.py": ("eval/mc/arc_easy.jsonl", {"examples", "requests", "lmforge_examples_per_s",
                                                       "lmforge_examples_per_s_tuned", "max_logprob_diff"}
                            | _HFLM_KEYS),  # fmt: skip

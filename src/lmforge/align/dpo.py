@@ -313,7 +313,7 @@ def train_dpo(
     if loss_type != "simpo" and reference == "cached":
         train_ref, held_ref = _reference_caches(model, data, out_dir, checkpoint, tok.pad_id, batch, world)
     elif loss_type != "simpo":
-        frozen["reference"] = copy.deepcopy(model)  # before any adapter: the starting model
+        frozen["reference"] = copy.deepcopy(model).eval().requires_grad_(False)  # before any adapter: the start
     writer = lambda m, d: write_model_files(m, args, d, checkpoint / TOKENIZER)  # noqa: E731
     if method == "lora":
         torch.manual_seed(seed)  # the A matrices are drawn at random: the same seed gives the same adapters
