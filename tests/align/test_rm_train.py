@@ -222,3 +222,20 @@ def test_two_ranks_match_one_process(ckpt, tmp_path):
     assert len(accuracy_lines[0]) == 1 and accuracy_lines[1] == accuracy_lines[0]
     head = load_file(str(tmp_path / "n2" / "final" / "reward_head.safetensors"))
     assert set(head) == {"weight", "bias"}
+
+
+def test_the_report_section_shows_accuracy_before_and_after_next_to_the_length_baseline(tmp_path):
+    from lmforge.align.reward_stage import REWARD_STAGE
+    from lmforge.registry import ReportContext
+
+    acc = lambda value, lo, hi: {"value": value, "n": 200, "ci95": [lo, hi]}  # noqa: E731
+    metrics = {"data": "pairs.jsonl", "train_pairs": 800, "skipped_pairs": 3, "heldout_pairs": 200, "steps": 50,
+               "train_seconds": 61.04, "heldout_before": {"accuracy": acc(0.5, 0.431, 0.569)},
+               "heldout_after": {"accuracy": acc(0.62, 0.551, 0.685), "length_baseline": acc(0.57, 0.5, 0.637)}}
+    lines = REWARD_STAGE.report(ReportContext(tmp_path, {"metrics": metrics}, tmp_path, tmp_path))
+    assert lines[:3] == ["## Reward model", "", "- data: pairs.jsonl"]
+    assert "- 800 training pairs (3 skipped), 200 held out; 50 steps in 61.0 s" in lines
+    assert ("- held-out pairwise accuracy (ties half, 95% interval, 200 pairs): 0.500 [0.431, 0.569] before, "
+            "0.620 [0.551, 0.685] after") in lines
+    assert "- longer answer wins, on the same pairs: 0.570 [0.500, 0.637]" in lines
+    assert REWARD_STAGE.order == 52 and REWARD_STAGE.produces == {"reward_model": "final"}
