@@ -35,6 +35,7 @@ BUILTIN = (
     "lmforge.finetune.stage",
     "lmforge.align.reward_stage",
     "lmforge.align.dpo_stage",
+    "lmforge.align.ppo_stage",
     "lmforge.align.grpo_stage",
     "lmforge.eval.run",
     "lmforge.hf",

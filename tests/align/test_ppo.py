@@ -144,8 +144,238 @@ def test_ppo_loss_at_the_rollouts_own_policy_is_minus_the_mean_advantage_plus_th
     loss, metrics = PPOLoss(temperature=0.7, cliprange=0.2, cliprange_value=0.2, vf_coef=0.5)(model, batch)
     n = mask.sum()
     expected_vf = 0.5 * float((returns**2 * mask).sum() / n)  # values are 0 at the start
-    assert float(loss) == pytest.approx(float(-(adv * mask).sum() / n) + 0.5 * expected_vf, abs=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(-(adv * mask).sum() / n) + 0.5 * expected_vf, abs=1e-6)
     assert float(metrics["value_loss"]) == pytest.approx(expected_vf, abs=1e-6)
     assert float(metrics["clip_fraction"]) == 0.0 and float(metrics["approx_kl"]) == pytest.approx(0.0, abs=1e-10)
     assert float(metrics["reward"]) == 0.25
     assert 0 < float(metrics["entropy"]) <= math.log(40) + 1e-5
+
+
+# --- training -----------------------------------------------------------------------------------------------------
+
+WORDS = ["Give three tips", "Name a color", "Write a list", "Describe water", "Make a plan", "Explain time",
+         "List plants", "Say hello", "Count to ten", "Find a word", "Draw a cat", "Sing a song"]  # fmt: skip
+
+
+def items(words=WORDS):
+    from lmforge.align.prompts import PromptItem
+    from lmforge.finetune.data import Message
+
+    return [PromptItem([Message("user", w)], {"id": str(i), "source": f"words:{i}"}) for i, w in enumerate(words)]
+
+
+@pytest.fixture(scope="module")
+def coin(tmp_path_factory):
+    """A chat model that answers any prompt with "y" or "n" at even odds and then ends its turn (its residual
+    branches zeroed, so each next token depends on the current one alone): a two-armed bandit it already plays,
+    so a few PPO steps show the reward moving, and the KL penalty has a turn ending to keep."""
+    from helpers import make_chain, tiny_chat_model
+    from lmforge.finetune.data import Message
+    from lmforge.finetune.template import prompt_ids
+    from lmforge.model.io import load_checkpoint_tokenizer, load_model, save_model
+
+    root = tmp_path_factory.mktemp("ppo")
+    ckpt = tiny_chat_model(root)
+    model, args = load_model(ckpt)
+    tok = load_checkpoint_tokenizer(ckpt)
+    assistant = prompt_ids(tok, [Message("user", "x")])[-1]
+    (yes,), (no,), stop = tok.encode("y"), tok.encode("n"), tok.stop_ids[0]
+    make_chain(model, {assistant: yes, yes: stop})
+    with torch.no_grad():
+        model.lm_head.weight[no] = model.lm_head.weight[yes]
+        emb = model.model.embed_tokens.weight
+        model.lm_head.weight[stop] += 10 * emb[no] / emb[no].norm()
+    return save_model(root / "coin", model, args, root / "tok.json")
+
+
+def says_yes(samples):
+    values = [float(s.completion.startswith("y")) for s in samples]
+    return values, {"yes": values}
+
+
+def train_cfg(**kw):
+    from lmforge.align.ppo_config import PPOTrainConfig
+
+    base = {"max_steps": 12, "lr": 2e-3, "eval_every": 100, "ckpt_every": 100, "compile": False, "threads": 1}
+    return PPOTrainConfig(**{**base, **kw})
+
+
+def run(ckpt, out, train, **kw):
+    from lmforge.align.ppo_train import train_ppo
+
+    options = {"reward": says_yes, "rollout_size": 16, "minibatches": 2, "epochs": 2, "max_new_tokens": 3,
+               "kl_coef": 0.05, "seed": 0, **kw}  # fmt: skip
+    return train_ppo(ckpt, items()[:8], items()[8:], out, train, **options)
+
+
+def records(out):
+    import json
+
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(coin, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ppo_run") / "out"
+    return out, run(coin, out, train_cfg())
+
+
+def yes_probability(checkpoint) -> float:
+    """The mean chance over the held-out prompts that the reply starts with "y"."""
+    from lmforge.finetune.template import prompt_ids
+    from lmforge.model.io import load_checkpoint_tokenizer, load_model
+
+    model, _ = load_model(checkpoint)
+    tok = load_checkpoint_tokenizer(checkpoint)
+    (yes,) = tok.encode("y")
+    with torch.no_grad():
+        return float(sum(torch.softmax(model(torch.tensor([prompt_ids(tok, item.messages)]))[0, -1], -1)[yes]
+                         for item in items()[8:]) / len(items()[8:]))  # fmt: skip
+
+
+def test_ppo_raises_the_reward_of_a_toy_task_and_keeps_the_turn_ending(coin, trained):
+    out, metrics = trained
+    recs = records(out)
+    # The expected reward is the chance of "y" first: about 1/2 at the start (two equal logits), well above after.
+    assert yes_probability(coin) == pytest.approx(0.5, abs=0.01)
+    assert yes_probability(out / "final") > 0.75
+    per_rollout = [recs[i]["reward"] for i in (0, 4, 8)]  # 4 steps per rollout: 2 minibatches x 2 epochs
+    assert per_rollout[-1] > per_rollout[0], per_rollout
+    assert metrics["heldout_reward_after"] > metrics["heldout_reward_before"]
+    assert all(r["ended_turn"] == 1.0 and r["response_length"] == 2.0 for r in recs)  # "y"/"n", then the turn ends
+    first = recs[0]
+    assert first["kl"] == 0.0 and first["kl_coef"] == pytest.approx(0.05)  # rollout 1: the policy is the reference
+    assert first["clip_fraction"] == 0.0 and first["approx_kl"] < 1e-10  # ratio 1 before any update
+    assert recs[1]["clip_fraction"] >= 0 and 0 < recs[-1]["kl"] < 1.0
+    for name in ("value_loss", "value_clip_fraction", "entropy", "explained_variance", "policy_loss", "reward/yes"):
+        assert name in first
+
+
+def test_final_is_a_plain_policy_and_checkpoints_keep_the_value_head(trained):
+    from safetensors.torch import load_file
+
+    from lmforge.model.io import load_model
+
+    out, _ = trained
+    policy, _ = load_model(out / "final")
+    final = load_file(str(out / "final" / "model.safetensors"))
+    assert not any("value_head" in k for k in final) and set(final) == set(policy.state_dict())
+    live = load_file(str(next((out / "checkpoints").iterdir()) / "model.safetensors"))
+    assert {"value_head.weight", "value_head.bias"} <= set(live)
+    assert all(torch.equal(final[k], live[f"policy.{k}"]) for k in final)  # the last checkpoint is the last step
+
+
+def test_a_run_killed_between_minibatches_resumes_to_the_uninterrupted_weights(coin, tmp_path, monkeypatch):
+    """A crash in step 5, after the step-3 checkpoint taken between two minibatches of the first rollout: the same
+    call resumes with that pending rollout (its tensors, the minibatch cursor, the KL coefficient) and the sampling
+    state, and ends with the uninterrupted run's weights, records and held-out figures."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from lmforge.align import ppo_train
+
+    train = train_cfg(max_steps=6, ckpt_every=3, eval_every=3)
+    options = {"target_kl": 0.01, "kl_horizon": 100}  # the adaptive coefficient moves, so it must resume too
+    reference = run(coin, tmp_path / "reference", train, **options)
+    real, calls = ppo_train.PPOLoss, []
+
+    class Crashing(real):
+        def __call__(self, *args, **kwargs):
+            calls.append(1)
+            if len(calls) == 5:
+                raise RuntimeError("simulated crash")
+            return super().__call__(*args, **kwargs)
+
+    monkeypatch.setattr(ppo_train, "PPOLoss", Crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(coin, tmp_path / "crashed", train, **options)
+    monkeypatch.setattr(ppo_train, "PPOLoss", real)
+    state = json.loads((tmp_path / "crashed" / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
+    loader = json.dumps(state)
+    assert '"cursor": 3' in loader and '"pending": {' in loader  # 3 of the rollout's 4 minibatches taken
+    resumed = run(coin, tmp_path / "crashed", train, **options)
+    assert resumed["resumed_from"] == 3
+    a, b = (load_file(str(tmp_path / d / "final/model.safetensors")) for d in ("reference", "crashed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    same = lambda r: {k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")}  # noqa: E731
+    assert [same(r) for r in records(tmp_path / "reference")] == [same(r) for r in records(tmp_path / "crashed")]
+    assert records(tmp_path / "reference")[-1]["kl_coef"] != pytest.approx(0.05)  # the controller did move
+    assert reference["final_eval_metrics"] == resumed["final_eval_metrics"]
+
+
+def test_a_reward_model_scores_the_rollout_tokens_as_it_scores_the_rendered_conversation(coin, tmp_path):
+    """With the policy's tokenizer the reward model reads the rollout's own ids; they are the tokens the chat
+    template renders for the prompt and the reply, so both paths give the same scores."""
+    from lmforge.align.ppo_train import encode_prompts, reward_model_scorer
+    from lmforge.align.reward_model import RewardModel, load_reward_model, score_conversations
+    from lmforge.align.rollout import sample_rollout
+    from lmforge.finetune.data import Message
+    from lmforge.model.io import load_checkpoint_tokenizer, load_model
+
+    torch.manual_seed(0)  # the reward model: the untouched tiny model (a trunk that reads the whole sequence)
+    RewardModel.from_checkpoint(coin.parent / "ckpt").save(tmp_path / "rm", tokenizer_dir=coin)
+    tok = load_checkpoint_tokenizer(coin)
+    policy, _ = load_model(coin)
+    prompts, kept, skipped = encode_prompts(tok, items(), room=120)
+    assert len(kept) == len(items()) and skipped.count == 0
+    rollout = sample_rollout(policy, tok, prompts, list(range(len(prompts))), 1, 3, 1.0, seed=0)
+    assert all(rollout.ended)
+    scores, parts = reward_model_scorer(tmp_path / "rm", coin)(rollout, kept)
+    convs = [[*item.messages, Message("assistant", text)] for item, text in zip(kept, rollout.texts)]
+    rendered, index, _ = score_conversations(load_reward_model(tmp_path / "rm"), tok, convs)
+    assert index == list(range(len(kept))) and parts == {}
+    assert torch.allclose(scores, rendered, atol=1e-6) and float(scores.std()) > 0
+
+
+def test_prompts_without_room_for_a_reply_are_skipped_and_counted(coin):
+    from lmforge.align.ppo_train import encode_prompts
+    from lmforge.model.io import load_checkpoint_tokenizer
+
+    tok = load_checkpoint_tokenizer(coin)
+    long = items([" ".join(["word"] * 200)])[0]
+    ids, kept, skipped = encode_prompts(tok, [*items()[:2], long], room=100)
+    assert len(ids) == len(kept) == 2 and skipped.count == 1
+    assert skipped.examples[0].startswith("words:0: prompt too long")
+
+
+def write_prompts(path, words=WORDS):
+    import json
+
+    path.write_text("".join(json.dumps({"prompt": w}) + "\n" for w in words), encoding="utf-8")
+    return path
+
+
+def test_the_ppo_verb_trains_with_a_reward_model_or_reward_functions(coin, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from lmforge.align.reward_model import RewardModel
+    from lmforge.cli import app
+    from lmforge.model.io import load_model
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    torch.manual_seed(0)
+    RewardModel.from_checkpoint(coin.parent / "ckpt").save(tmp_path / "rm", tokenizer_dir=coin)
+    small = ["ppo.rollout_size=4", "ppo.minibatches=2", "ppo.epochs=1", "ppo.max_new_tokens=3", "ppo.val_fraction=0.25",
+             "train.max_steps=4", "train.compile=false", "train.threads=1"]  # fmt: skip
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["ppo", str(coin), "--prompts", str(prompts), "--reward-model",
+                                      str(tmp_path / "rm"), "-o", str(out), "ppo.kl_coef=0.1", *small])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "9 training prompts, 3 held out (0 too long); scored by" in result.output and "4 steps" in result.output
+    marker = json.loads((out / ".lmforge").read_text())
+    assert marker["job"]["config"]["kl_coef"] == 0.1 and marker["job"]["config"]["train"]["max_steps"] == 4
+    load_model(out / "final")
+    recs = records(out)
+    assert len(recs) == 4 and recs[0]["reward"] != recs[2]["reward"]  # steps 1-2 and 3-4: two rollouts
+    functions = CliRunner().invoke(app, ["ppo", str(coin), "--prompts", str(prompts), "--reward", "ends_turn=2",
+                                         "-o", str(tmp_path / "fn"), *small])  # fmt: skip
+    assert functions.exit_code == 0, functions.output
+    assert records(tmp_path / "fn")[0]["reward"] == 2.0 and records(tmp_path / "fn")[0]["reward/ends_turn"] == 1.0
+    bad = CliRunner().invoke(app, ["ppo", str(coin), "--prompts", str(prompts), "--reward", "ends_turn=lots", "-o",
+                                   str(tmp_path / "bad")])  # fmt: skip
+    assert bad.exit_code == 2 and "expected NAME=WEIGHT" in bad.output
+    neither = CliRunner().invoke(app, ["ppo", str(coin), "--prompts", str(prompts), "-o", str(tmp_path / "none")])
+    assert neither.exit_code != 0 and "exactly one source of scores" in str(neither.exception or neither.output)
