@@ -379,3 +379,46 @@ def test_the_ppo_verb_trains_with_a_reward_model_or_reward_functions(coin, tmp_p
     assert bad.exit_code == 2 and "expected NAME=WEIGHT" in bad.output
     neither = CliRunner().invoke(app, ["ppo", str(coin), "--prompts", str(prompts), "-o", str(tmp_path / "none")])
     assert neither.exit_code != 0 and "exactly one source of scores" in str(neither.exception or neither.output)
+
+
+def _ppo_command(ckpt, prompts, rm, out, nproc):
+    import sys
+
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [*launcher, "-m", "lmforge.cli", "ppo", str(ckpt), "--prompts", str(prompts), "--reward-model", str(rm),
+            "-o", str(out), "ppo.rollout_size=8", "ppo.minibatches=2", "ppo.epochs=2", "ppo.max_new_tokens=3",
+            "ppo.val_fraction=0.25", "ppo.target_kl=0.01", "ppo.kl_horizon=100", "train.max_steps=6",
+            "train.lr=2e-3", "train.ckpt_every=3", "train.eval_every=3", "train.compile=false"]  # fmt: skip
+
+
+@pytest.mark.slow  # about 40 s on 2 cores: torchrun starts two interpreters
+def test_two_ranks_match_one_process(coin, tmp_path):
+    """Every rank makes the whole rollout and trains on its own rows of each minibatch: the losses, the rollout
+    measures, the held-out reward and the final weights match one process."""
+    import os
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    from lmforge.align.reward_model import RewardModel
+
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    torch.manual_seed(0)
+    RewardModel.from_checkpoint(coin.parent / "ckpt").save(tmp_path / "rm", tokenizer_dir=coin)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"
+    for nproc in (1, 2):
+        result = subprocess.run(_ppo_command(coin, prompts, tmp_path / "rm", tmp_path / f"n{nproc}", nproc),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300, env=env)  # fmt: skip
+        assert result.returncode == 0, result.stdout[-4000:]
+    one, two = records(tmp_path / "n1"), records(tmp_path / "n2")
+    assert [r["step"] for r in two] == list(range(1, 7))
+    for x, y in zip(one, two):
+        assert abs(x["loss"] - y["loss"]) < 1e-5, (x["step"], x["loss"], y["loss"])
+        for name in ("reward", "kl", "kl_coef", "clip_fraction", "value_loss", "heldout_reward"):
+            assert x.get(name) == pytest.approx(y.get(name), abs=1e-5), (x["step"], name)
+    a, b = (load_file(str(tmp_path / d / "final" / "model.safetensors")) for d in ("n1", "n2"))
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    assert not any("value_head" in k for k in b)
