@@ -410,8 +410,9 @@ def test_two_ranks_match_one_process(coin, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     env["OMP_NUM_THREADS"] = "1"
     for nproc in (1, 2):
-        result = subprocess.run(_ppo_command(coin, prompts, tmp_path / "rm", tmp_path / f"n{nproc}", nproc),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300, env=env)  # fmt: skip
+        command = _ppo_command(coin, prompts, tmp_path / "rm", tmp_path / f"n{nproc}", nproc)
+        result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+                                env=env)  # fmt: skip
         assert result.returncode == 0, result.stdout[-4000:]
     one, two = records(tmp_path / "n1"), records(tmp_path / "n2")
     assert [r["step"] for r in two] == list(range(1, 7))
