@@ -104,6 +104,18 @@ def test_trl_plain_and_conversational(tmp_path):
     assert len(records) == 2 and skipped.by_reason == {"consecutive same role": 1, "empty content": 1, "wrong type": 1}
 
 
+def test_trl_margin_column(tmp_path):
+    path = write_jsonl(tmp_path / "trl.jsonl", [
+        {"prompt": "Q", "chosen": "A", "rejected": "B", "margin": 2},
+        {"prompt": "Q", "chosen": "A", "rejected": "B", "margin": "big"},
+        {"prompt": "Q", "chosen": "A", "rejected": "B", "margin": 0.25},
+        {"prompt": "Q", "chosen": "A", "rejected": "B"},
+    ])  # fmt: skip
+    records, skipped = read_preferences(path)
+    assert [r.margin for r in records] == [2.0, 0.25, None]
+    assert skipped.examples == [f"{path}:2: wrong type: 'margin' must be a number, got 'big'"]
+
+
 def test_llamafactory_dpo_and_kto(tmp_path):
     dpo = tmp_path / "dpo.json"
     dpo.write_text(json.dumps([

@@ -98,6 +98,22 @@ def test_reward_loss_equals_bradley_terry_by_hand(ckpt, tok):
     rejected_len = sum(len(x.rejected_ids) - x.prompt_len for x in rendered) / 4
     assert float(metrics["length/chosen"]) == pytest.approx(chosen_len)
     assert float(metrics["length/rejected"]) == pytest.approx(rejected_len) and chosen_len != rejected_len
+    # per-pair margins (margin="from data") are read at the batch's positions in the PairBatches
+    margins = torch.tensor([9.0, 0.1, 0.2, 0.3, 0.4, 9.0])
+    per_pair, _ = reward_loss(margins)(rm, {**batch, "index": torch.tensor([4, 3, 2, 1])})
+    expected = (-F.logsigmoid(c - r - torch.tensor([0.4, 0.3, 0.2, 0.1]))).mean()
+    assert float(per_pair.detach()) == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_margin_from_data_uses_each_pairs_margin_and_counts_pairs_without_one(ckpt, tmp_path):
+    pairs = toy_pairs(9, seed=12)
+    for i, pair in enumerate(pairs[:8]):
+        pair.margin = 0.5 * i
+    cfg = TrainConfig(**{**TRAIN, "batch_size": 4}, max_steps=1)
+    m = train_reward_model(ckpt, pairs, [], tmp_path / "out", cfg, margin="from data")
+    assert m["train_pairs"] == 8 and m["skipped_by_reason"] == {"no margin": 1} and m["margin"] == "from data"
+    assert m["skipped_examples"] == ["toy[8]: no margin: margin='from data' needs each pair's margin (a TRL "
+                                     "record's 'margin' key)"]  # fmt: skip
 
 
 def test_a_crashed_run_resumes_to_the_uninterrupted_weights(ckpt, tmp_path, monkeypatch):

@@ -5,7 +5,8 @@ Formats, auto-detected per file from the first record's keys (or named with `for
 - `hh_rlhf`: `{chosen, rejected}`, each a whole "\\n\\nHuman: ... \\n\\nAssistant: ..." transcript. The text up to
   the last "\\n\\nAssistant:" is the prompt and must be the same in both; what follows is the reply.
 - `trl`: `{prompt, chosen, rejected}`, plain strings or conversational (`prompt` a list of {role, content},
-  `chosen` / `rejected` a list holding one assistant message).
+  `chosen` / `rejected` a list holding one assistant message), with an optional numeric `margin` (how strongly
+  chosen is preferred: a reward model trained with `margin="from data"` asks its scores to differ by at least it).
 - `llamafactory_dpo`: `{conversations: [{from, value}], chosen: {from, value}, rejected: {from, value}}`.
 - `llamafactory_kto`: `{messages: [{role, content}], label: bool}`, the last message the labelled reply.
 - `pandalm`: `{instruction, input, response1, response2, annotator1..3}`, votes 0 (tie), 1 or 2: the majority
@@ -43,7 +44,8 @@ _VOTES = {"0": 0, "1": 1, "2": 2}
 class PreferencePair:
     """`chosen` is preferred over `rejected` as the assistant's next message after `prompt` (which ends with a
     user message). `tie=True` (PandaLM with ties="keep"): the annotators preferred neither, and chosen / rejected
-    are just the first and second response; preference losses must not train on such a pair as a preference."""
+    are just the first and second response; preference losses must not train on such a pair as a preference.
+    `margin`: the record's own preference strength, where its format has one (TRL's `margin` column)."""
 
     prompt: Conversation
     chosen: str
@@ -51,6 +53,7 @@ class PreferencePair:
     id: str | None = None
     source: str = ""
     tie: bool = False
+    margin: float | None = None
 
 
 @dataclass
@@ -131,7 +134,16 @@ def _trl(record: dict[str, Any]) -> PreferencePair:
                             "of one message")  # fmt: skip
         sides.append(_split_reply(to_conversation({"messages": [*prompt, *reply]}, "openai")))
     (prompt_c, chosen), (prompt_r, rejected) = sides
-    return _pair(prompt_c, chosen, prompt_r, rejected, id=_id(record, "id"))
+    return _pair(prompt_c, chosen, prompt_r, rejected, id=_id(record, "id"), margin=_margin(record))
+
+
+def _margin(record: dict[str, Any]) -> float | None:
+    value = record.get("margin")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise BadRecord(f"wrong type: 'margin' must be a number, got {value!r}")
+    return float(value)
 
 
 def _llamafactory_dpo(record: dict[str, Any]) -> PreferencePair:

@@ -39,6 +39,8 @@ class RewardConfig(Section):
     # A longer prompt keeps its last max_prompt_len tokens (the turns the reply answers); None: a prompt that leaves
     # no room for a reply within max_len is skipped and counted.
     max_prompt_len: int | None = Field(None, gt=0)
-    margin: float | None = None  # the chosen score must lead the rejected one by this much (None: no margin)
+    # The chosen score must lead the rejected one by this much; "from data": by each pair's own margin (a TRL
+    # record's `margin` key; a pair without one is skipped and counted); None: no margin.
+    margin: float | Literal["from data"] | None = None
     center_coef: float = Field(0.0, ge=0.0)  # weight of (r_chosen + r_rejected)^2, keeping scores near 0
     train: RewardTrainConfig = Field(default_factory=RewardTrainConfig)

@@ -123,7 +123,8 @@ def reward_verb(
                                           "max_seq_len); a longer reply keeps its head."),
     max_prompt_len: Optional[int] = typer.Option(None, "--max-prompt-len", min=1, help="A longer prompt keeps its "
                                                  "last N tokens (default: a prompt leaving no room is skipped)."),
-    margin: Optional[float] = typer.Option(None, "--margin", help="The chosen score must lead by this much."),
+    margin: Optional[str] = typer.Option(None, "--margin", help="The chosen score must lead by this much: a "
+                                         "number, or 'from data' (each TRL record's margin key)."),
     center_coef: Optional[float] = typer.Option(None, "--center-coef", min=0.0, help="Weight of the term keeping "
                                                 "scores near 0 (e.g. 0.01)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="train.* settings (train.max_steps=200 ...); under "

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from safetensors.torch import save_model as st_save_model
@@ -29,9 +29,9 @@ from torch import Tensor, nn
 
 from lmforge.align.losses import bradley_terry_loss
 from lmforge.align.pair_batches import PairBatches, split_sides
-from lmforge.align.preferences import PreferencePair, render_pairs
+from lmforge.align.preferences import PreferencePair, RenderedPair, render_pair
 from lmforge.align.reward_model import RewardModel, longer_answer_baseline, pairwise_accuracy, score_pairs
-from lmforge.finetune.data import Skipped
+from lmforge.finetune.data import BadRecord, Skipped
 from lmforge.losses import LossContext, LossResult
 from lmforge.model.io import WEIGHTS, load_checkpoint_tokenizer, read_model_args, require_checkpoint
 from lmforge.tokenizer import IGNORE_INDEX, Tokenizer
@@ -44,16 +44,20 @@ log = logging.getLogger(__name__)
 
 RM_DIR = "reward_model"  # inside each training checkpoint: that step's reward-model folder
 OUTPUTS = LOOP_OUTPUTS  # what a job writes in its folder
+FROM_DATA = "from data"  # margin setting: each pair's own margin (PreferencePair.margin)
+Margin = float | Literal["from data"] | None
 
 
-def reward_loss(margin: float | None = None, center_coef: float = 0.0) -> Callable[..., LossResult]:
+def reward_loss(margin: float | Tensor | None = None, center_coef: float = 0.0) -> Callable[..., LossResult]:
     """The loop's loss for a RewardModel on PairBatches: Bradley-Terry over the batch's pairs (the loss units),
     with its `rewards/*` metrics plus the mean reply length in tokens of each side (`length/chosen`,
-    `length/rejected`), which shows whether the scores follow length."""
+    `length/rejected`), which shows whether the scores follow length. `margin` is one number for every pair or a
+    tensor of per-pair margins, read at the batch's `index` (the pairs' positions in the PairBatches)."""
 
     def loss_fn(model: nn.Module, batch: dict[str, Tensor], ctx: LossContext | None = None) -> LossResult:
         chosen, rejected = split_sides(model(batch["input_ids"], batch["lengths"]))
-        loss, metrics = bradley_terry_loss(chosen, rejected, margin, center_coef, ctx)
+        pair_margin = margin[batch["index"]].to(chosen.device) if isinstance(margin, Tensor) else margin
+        loss, metrics = bradley_terry_loss(chosen, rejected, pair_margin, center_coef, ctx)
         reply = (batch["labels"] != IGNORE_INDEX).sum(-1).float()
         chosen_len, rejected_len = split_sides(reply)
         return loss, {**metrics, "length/chosen": chosen_len.mean(), "length/rejected": rejected_len.mean()}
@@ -84,6 +88,16 @@ def _checkpoint_writer(tokenizer_dir: Path) -> Callable[[nn.Module, Path], None]
     return write
 
 
+def _trainable(tok: Tokenizer, pair: PreferencePair, margin: Margin, max_len: int,
+               max_prompt_len: int | None) -> RenderedPair:  # fmt: skip
+    """A pair rendered for training; BadRecord when it is a tie, lacks the margin asked for, or cannot render."""
+    if pair.tie:
+        raise BadRecord("tie: the annotators preferred neither reply")
+    if margin == FROM_DATA and pair.margin is None:
+        raise BadRecord("no margin: margin='from data' needs each pair's margin (a TRL record's 'margin' key)")
+    return render_pair(tok, pair, max_len, max_prompt_len)
+
+
 def _fmt(acc: dict[str, Any]) -> str:
     return f"{acc['value']:.3f} [{acc['ci95'][0]:.3f}, {acc['ci95'][1]:.3f}]"
 
@@ -95,7 +109,7 @@ def train_reward_model(
     out_dir: Path | str,
     train_cfg: TrainConfig,
     *,
-    margin: float | None = None,
+    margin: Margin = None,
     center_coef: float = 0.0,
     max_len: int | None = None,
     max_prompt_len: int | None = None,
@@ -106,7 +120,8 @@ def train_reward_model(
     `heldout_pairs` (may be empty) are scored before and after. `max_len` (default: train_cfg.seq_len, else the
     model's max_seq_len) caps each side's tokens, and a prompt longer than `max_prompt_len` keeps its last
     `max_prompt_len` tokens (the turns the reply answers; without it, a prompt leaving no room is skipped);
-    `margin` asks every chosen score to lead by that much; `center_coef` weighs the centring term that keeps
+    `margin` asks every chosen score to lead by that much (`"from data"`: by each pair's own `margin`, a pair
+    without one skipped and counted); `center_coef` weighs the centring term that keeps
     scores near 0. Ties (PandaLM kept ties) are not preferences and are skipped and counted. Returns the loop's
     metrics plus the held-out results and skip counts."""
     checkpoint, out_dir = require_checkpoint(checkpoint), Path(out_dir)
@@ -122,13 +137,13 @@ def train_reward_model(
     train_cfg = train_cfg.model_copy(update={"seq_len": max_len})
     tok = load_checkpoint_tokenizer(checkpoint)
 
-    skipped, usable = Skipped(), []
+    skipped, rendered, margins = Skipped(), [], []
     for i, pair in enumerate(train_pairs):
-        if pair.tie:
-            skipped.add(pair.source or f"pair[{i}]", "tie: the annotators preferred neither reply")
-        else:
-            usable.append(pair)
-    rendered = render_pairs(tok, usable, max_len, skipped, max_prompt_len)
+        try:
+            rendered.append(_trainable(tok, pair, margin, max_len, max_prompt_len))
+            margins.append(pair.margin)
+        except BadRecord as e:
+            skipped.add(pair.source or f"pair[{i}]", str(e))
     if skipped.count:
         log.warning("%d of %d training pairs skipped: %s", skipped.count, len(train_pairs), skipped.by_reason)
     if not rendered:
@@ -146,7 +161,8 @@ def train_reward_model(
     if before:
         log.info("held-out accuracy before training: %s (longer answer: %s)", _fmt(before["accuracy"]),
                  _fmt(before["length_baseline"]))  # fmt: skip
-    metrics = train(rm, reward_loss(margin, center_coef), loader, train_cfg, out_dir,
+    pair_margins = torch.tensor(margins, dtype=torch.float32) if margin == FROM_DATA else margin
+    metrics = train(rm, reward_loss(pair_margins, center_coef), loader, train_cfg, out_dir,
                     write_model_files=_checkpoint_writer(checkpoint), parallel=parallel)  # fmt: skip
     after = heldout_accuracy(rm, tok, heldout, max_len, max_prompt_len) if heldout else None
     if after:
