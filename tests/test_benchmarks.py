@@ -30,9 +30,13 @@ _HFLM_KEYS = {f"{key}{suffix}" for key in ("adapter_examples_per_s", "hflm_examp
               for suffix in ("", "_tuned")} if _have("lm_eval") else set()  # fmt: skip
 _DATATROVE_KEYS = {"datatrove_spacy_docs_per_s", "agreement_whitespace"} if _have("datatrove") else set()
 _TRAFILATURA_KEYS = {"trafilatura_f1", "trafilatura_pages_s"} if _have("trafilatura") else set()
+_TRL_KEYS = {"dpo_speed_ratio", "dpo_mem_ratio"} | {f"{side}_{m}" for side in ("trl", "trl_precomputed")
+                                                   for m in ("step_ms", "peak_mb")} if _have("trl") else set()
 
 # script: (the shared data it reads, relative to ../shared/data, or None; the keys its summary line must hold)
 CASES: dict[str, tuple[str | None, set[str]]] = {
+    "align_vs_trl.py": ("preference/hh-rlhf_helpful-base_test.jsonl.gz", {"lmforge_step_ms", "lmforge_peak_mb"}
+                        | _TRL_KEYS),  # fmt: skip
     "compile_speed.py": (None, {f"{mode}_{key}" for mode in ("eager", "compiled")
                                 for key in ("step_ms", "tokens_per_s", "wall_s")}),  # fmt: skip
     "curate_throughput.py": ("web/cc_text", {"docs", "lmforge_docs_per_s"} | _DATATROVE_KEYS),
