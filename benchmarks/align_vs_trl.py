@@ -17,8 +17,8 @@ same sequence of batches of --batch-size pairs (chosen and rejected rows in one 
 torch AdamW. A step is forward, DPO loss (sigmoid, beta 0.1), backward and the optimizer step, timed after warm-up
 steps; TRL's runs through DPOTrainer.compute_loss, with no Trainer loop around it (its best case):
 
-- "lmforge": the reference log-probabilities cached once before training with the starting policy
-  (lmforge.align.ref_cache.compute_reference), so a step runs one forward;
+- "lmforge": lmforge.align.dpo.PreferenceLoss, the loss `lmforge dpo` trains with, its reference log-probabilities
+  cached once before training with the starting policy (lmforge.align.ref_cache), so a step runs one forward;
 - "TRL": DPOTrainer as configured by default, a frozen reference model run on every batch;
 - "TRL, precomputed reference": precompute_ref_log_probs=True, the reference log-probabilities computed once when
   the trainer is built, as lmforge does.
@@ -117,10 +117,10 @@ def _timed_steps(step, batches: list, warmup: int) -> tuple[list[float], float]:
 
 def run_lmforge(checkpoint: Path, pairs_file: Path, batch_size: int, n_batches: int, warmup: int,
                 max_len: int) -> dict:  # fmt: skip
-    from lmforge.align.losses import dpo_loss
-    from lmforge.align.pair_batches import collate_pairs, split_sides
+    from lmforge.align.dpo import PreferenceLoss
+    from lmforge.align.pair_batches import collate_pairs
     from lmforge.align.preferences import read_preferences, render_pair
-    from lmforge.align.ref_cache import compute_reference, pair_logps
+    from lmforge.align.ref_cache import compute_reference
     from lmforge.model.io import load_checkpoint_tokenizer, load_model
 
     base = _peak_mb()
@@ -129,7 +129,8 @@ def run_lmforge(checkpoint: Path, pairs_file: Path, batch_size: int, n_batches: 
     tok = load_checkpoint_tokenizer(checkpoint)
     records, _ = read_preferences(pairs_file, format="trl")
     pairs = [render_pair(tok, p, max_len) for p in records]
-    reference = compute_reference(model, pairs, tok.pad_id, batch_size)  # the starting policy is the reference
+    # The starting policy is the reference: its log-probabilities, cached before the first step.
+    loss_fn = PreferenceLoss("sigmoid", BETA, reference=compute_reference(model, pairs, tok.pad_id, batch_size))
     setup_s = time.perf_counter() - t0
     batches = []
     for k in range(n_batches):
@@ -139,9 +140,7 @@ def run_lmforge(checkpoint: Path, pairs_file: Path, batch_size: int, n_batches: 
     model.train()
 
     def step(batch: dict) -> float:
-        logp, _ = pair_logps(model, batch)
-        ref_logp, _ = reference.take(batch["index"])
-        loss, _ = dpo_loss(*split_sides(logp), *split_sides(ref_logp), beta=BETA)
+        loss, _ = loss_fn(model, batch)  # what lmforge.align.dpo.train_dpo hands the training loop
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
