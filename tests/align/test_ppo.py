@@ -423,3 +423,30 @@ def test_two_ranks_match_one_process(coin, tmp_path):
     a, b = (load_file(str(tmp_path / d / "final" / "model.safetensors")) for d in ("n1", "n2"))
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
     assert not any("value_head" in k for k in b)
+
+
+def test_ppo_reward_model_reward_names_the_runs_reward_stage_and_its_files_fingerprint_the_stage(tmp_path):
+    from pathlib import Path
+
+    from lmforge import registry
+    from lmforge.align.ppo_config import PPOConfig
+    from lmforge.align.ppo_stage import reward_model_path
+    from lmforge.recipe import validate_recipe
+
+    cfg = PPOConfig(reward_model="reward")
+    assert reward_model_path(cfg, tmp_path) == tmp_path / "reward" / "final"
+    with pytest.raises(ValueError, match="outside `lmforge run`"):
+        reward_model_path(cfg, None)
+    assert reward_model_path(PPOConfig(reward_model="x/rm"), None) == Path("x/rm")
+    assert reward_model_path(PPOConfig(rewards={"ends_turn": 1.0}), tmp_path) is None
+    prompts = write_prompts(tmp_path / "prompts.jsonl")
+    recipe = validate_recipe({"name": "r", "run_dir": str(tmp_path), "ppo": {"reward_model": "reward",
+                                                                             "prompts": str(prompts)}})  # fmt: skip
+    sources = registry.get("ppo").sources
+    assert set(sources(recipe)) == {"prompts"}  # the reward stage has not run yet
+    rm = tmp_path / "r" / "reward" / "final"
+    rm.mkdir(parents=True)
+    (rm / "model.safetensors").write_bytes(b"one")
+    before = sources(recipe)["reward_model"]
+    (rm / "model.safetensors").write_bytes(b"other")
+    assert sources(recipe)["reward_model"] != before  # a retrained reward model re-runs ppo

@@ -88,11 +88,13 @@ def _ppo_stage(ctx: StageContext) -> dict[str, Any]:
 
 
 def _sources(settings: Any) -> dict[str, str]:
-    """The prompt file and an outside reward model folder: a changed one re-runs the stage."""
+    """The prompt file and the reward model folder (the run's own too, which the stage does not `need`, since
+    reward functions may score instead): a changed one re-runs the stage."""
     cfg = settings.ppo
     found = {"prompts": inputs_fingerprint(Path(cfg.prompts))} if cfg.prompts and Path(cfg.prompts).exists() else {}
-    if cfg.reward_model and cfg.reward_model != RUN_REWARD_MODEL and Path(cfg.reward_model).exists():
-        found["reward_model"] = inputs_fingerprint(Path(cfg.reward_model))
+    rm_dir = reward_model_path(cfg, settings.run_path)
+    if rm_dir is not None and rm_dir.exists():
+        found["reward_model"] = inputs_fingerprint(rm_dir)
     return found
 
 

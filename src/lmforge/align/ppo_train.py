@@ -141,10 +141,13 @@ class PPOBatches:
     def _prompt_indices(self) -> list[int]:
         """The prompts of the current rollout: positions [k R, (k + 1) R) of the prompts' seeded epochs."""
         n, size = len(self.prompts), self.plan.rollout_size
+        orders: dict[int, np.ndarray] = {}
         out = []
         for position in range(self.rollout * size, (self.rollout + 1) * size):
             epoch, i = divmod(position, n)
-            out.append(int(np.random.default_rng((self.plan.seed, epoch)).permutation(n)[i]))
+            if epoch not in orders:
+                orders[epoch] = np.random.default_rng((self.plan.seed, epoch)).permutation(n)
+            out.append(int(orders[epoch][i]))
         return out
 
     @torch.no_grad()
