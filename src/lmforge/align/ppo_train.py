@@ -58,6 +58,7 @@ from lmforge.tokenizer import IGNORE_INDEX, Tokenizer
 from lmforge.train.config import ParallelConfig, TrainConfig
 from lmforge.train.distributed import init_world
 from lmforge.train.loop import FINAL_DIR, train
+from lmforge.train.precision import autocast_context
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ class RolloutPlan:
     lam: float
     whiten_rewards: bool
     seed: int
+    precision: str = "fp32"  # train.precision: the rollout's log-probs are taken under the loss's autocast
 
     @property
     def steps_per_rollout(self) -> int:
@@ -180,7 +182,8 @@ class PPOBatches:
         """The policy's log-probs and values and the reference's log-probs [N, T] of the rollout, in eval mode."""
         device = next(self.model.parameters()).device
         logps, values, ref_logps = [], [], []
-        with evaluating(self.model):
+        # The loss's autocast too, so that before any update the ratio is 1 up to batch-shape rounding.
+        with evaluating(self.model), autocast_context(device, self.plan.precision):
             for start in range(0, len(rollout.ids), SCORE_CHUNK):
                 ids = rollout.ids[start : start + SCORE_CHUNK].to(device)
                 labels = rollout.labels[start : start + SCORE_CHUNK].to(device)
@@ -301,7 +304,7 @@ def train_ppo(checkpoint: Path, prompts: Sequence[PromptItem], heldout_prompts: 
         raise ValueError("PPO runs data parallel with parallel.data=ddp only (no fsdp or pipeline): every rank "
                          "generates the whole rollout with the whole policy")  # fmt: skip
     plan = RolloutPlan(rollout_size, minibatches, epochs, train_cfg.grad_accum, max_new_tokens, temperature, gamma,
-                       lam, whiten_rewards, seed)  # fmt: skip
+                       lam, whiten_rewards, seed, train_cfg.precision)  # fmt: skip
     plan.check(world.dp_size)
     policy, args = load_model(checkpoint, dtype=torch.float32)  # fp32 master weights
     reference = copy.deepcopy(policy).to(world.device).eval().requires_grad_(False)
