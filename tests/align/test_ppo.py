@@ -450,3 +450,19 @@ def test_ppo_reward_model_reward_names_the_runs_reward_stage_and_its_files_finge
     before = sources(recipe)["reward_model"]
     (rm / "model.safetensors").write_bytes(b"other")
     assert sources(recipe)["reward_model"] != before  # a retrained reward model re-runs ppo
+
+
+def test_the_report_section_names_the_held_out_reward_before_and_after(trained):
+    from lmforge import registry
+    from lmforge.registry import ReportContext
+    from lmforge.report.format import fmt
+
+    out, metrics = trained
+    manifest = {"metrics": {**metrics, "prompts_file": "prompts.jsonl", "scored_by": "says_yes"}}
+    lines = registry.get("ppo").report(ReportContext(stage_dir=out, manifest=manifest, root=out, out=out))
+    text = "\n".join(lines)
+    assert lines[0] == "## PPO" and "- prompts: prompts.jsonl" in text
+    assert "8 training prompts, 4 held out (0 too long); scored by says_yes; 12 steps" in text
+    assert (f"held-out reward: {fmt(metrics['heldout_reward_before'])} before, "
+            f"{fmt(metrics['heldout_reward_after'])} after") in text  # fmt: skip
+    assert f"last rollout: reward {fmt(metrics['final_metrics']['reward'])}" in text
