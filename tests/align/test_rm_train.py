@@ -255,3 +255,13 @@ def test_the_report_section_shows_accuracy_before_and_after_next_to_the_length_b
             "0.620 [0.551, 0.685] after") in lines
     assert "- longer answer wins, on the same pairs: 0.570 [0.500, 0.637]" in lines
     assert REWARD_STAGE.order == 52 and REWARD_STAGE.produces == {"reward_model": "final"}
+
+
+def test_a_recipe_running_the_reward_stage_must_name_its_data():
+    from lmforge.recipe import RecipeError, validate_recipe
+
+    stages = ["curate", "tokenizer", "shards", "pretrain", "sft", "reward"]
+    with pytest.raises(RecipeError, match="set reward.data to a preference file"):
+        validate_recipe({"stages": stages})
+    recipe = validate_recipe({"stages": stages, "reward": {"data": "pairs.jsonl", "margin": "from data"}})
+    assert recipe.reward.margin == "from data" and recipe.reward.train.lr == 1e-4

@@ -81,6 +81,13 @@ def _reward_stage(ctx: StageContext) -> dict[str, Any]:
     return run_reward(ctx.input("model"), ctx.settings.reward, ctx.out, ctx.settings.parallel)
 
 
+def _check_data(settings: Any) -> None:
+    """A recipe that runs the reward stage names its preference file (there is no default data to learn from)."""
+    if settings.reward.data is None:
+        raise ValueError("the reward stage needs preference data: set reward.data to a preference file (hh-rlhf, "
+                         "TRL, LLaMA-Factory dpo or PandaLM records)")  # fmt: skip
+
+
 def _interval(acc: dict[str, Any] | None) -> str:
     if not acc:
         return "n/a"
@@ -148,7 +155,7 @@ def reward_verb(
 # Not a default stage: a reward model needs preference data chosen for it (a recipe adds "reward" to its stages).
 REWARD_STAGE = register(Stage(
     name="reward", order=52, run=_reward_stage, sections={"reward": RewardConfig}, needs=("model",), training=True,
-    default=False, produces={"reward_model": "final"}, report=_reward_report, verb=reward_verb,
+    default=False, check=_check_data, produces={"reward_model": "final"}, report=_reward_report, verb=reward_verb,
 ))  # fmt: skip
 
 
