@@ -47,10 +47,12 @@ from lmforge.tokenizer import IGNORE_INDEX, Tokenizer
 from lmforge.train.config import ParallelConfig, TrainConfig
 from lmforge.train.distributed import check_batch, init_world
 from lmforge.train.loop import train
+from lmforge.train.precision import autocast_context
 
 log = logging.getLogger(__name__)
 
 ADVANTAGE_EPS = 1e-4  # keeps a group of equal rewards at advantage 0 (TRL's value)
+SCORE_ROWS = 16  # rows per forward when scoring a rollout without gradients
 Reward = Callable[[Sequence[Sample]], tuple[list[float], Mapping[str, list[float]]]]
 
 
@@ -103,7 +105,7 @@ class GRPOBatches:
                  reward: Reward, *, batch_size: int, group_size: int, max_new_tokens: int, temperature: float,
                  scale_rewards: bool = True, iterations: int = 1, grad_accum: int = 1, seed: int = 0,
                  reference: nn.Module | None = None, guard: RLGuard | None = None, rank: int = 0,
-                 world_size: int = 1) -> None:  # fmt: skip
+                 world_size: int = 1, precision: str = "fp32") -> None:  # fmt: skip
         if not prompts or len(prompts) != len(items):
             raise ValueError(f"{len(prompts)} encoded prompts for {len(items)} prompt items: need as many, at least 1")
         if batch_size % world_size:
@@ -113,7 +115,7 @@ class GRPOBatches:
         self.policy, self.tok, self.items, self.prompts, self.reward = policy, tok, list(items), list(prompts), reward
         self.group_size, self.max_new_tokens, self.temperature = group_size, max_new_tokens, temperature
         self.scale_rewards, self.iterations, self.grad_accum, self.seed = scale_rewards, iterations, grad_accum, seed
-        self.reference, self.guard, self.world_size = reference, guard, world_size
+        self.reference, self.guard, self.world_size, self.precision = reference, guard, world_size, precision
         self.order = ShuffledRows(len(prompts), batch_size // world_size, seed, rank, world_size, carry_over=True)
         self.rollouts = 0  # rollouts drawn so far (the seed's rollout number)
         self.served = 0  # micro-batches handed out so far
@@ -150,13 +152,21 @@ class GRPOBatches:
                  "lengths": torch.tensor([len(x) for x in r.replies], dtype=torch.float32)}  # fmt: skip
         for name, values in parts.items():
             batch[f"reward/{name}"] = torch.tensor(values, dtype=torch.float32)
-        device = next(self.policy.parameters()).device
-        ids, labels = r.ids.to(device), r.labels.to(device)
         with evaluating(self.policy):
-            batch["old_logps"] = logits_token_stats(self.policy(ids), labels, self.temperature)[0].cpu()
+            batch["old_logps"] = self._score(self.policy, r.ids, r.labels)
         if self.reference is not None:
-            batch["ref_logps"] = logits_token_stats(self.reference(ids), labels, self.temperature)[0].cpu()
+            batch["ref_logps"] = self._score(self.reference, r.ids, r.labels)
         return batch
+
+    def _score(self, model: nn.Module, ids: Tensor, labels: Tensor) -> Tensor:
+        """Log-probs [N, T] of the labelled tokens, SCORE_ROWS rows at a time (a full-vocabulary tensor each), under
+        the loss's autocast (train.precision), so that a fresh rollout's ratio is 1 up to batch-shape rounding."""
+        device = next(model.parameters()).device
+        with autocast_context(device, self.precision):
+            parts = [logits_token_stats(model(ids[i : i + SCORE_ROWS].to(device)),
+                                        labels[i : i + SCORE_ROWS].to(device), self.temperature)[0].cpu()
+                     for i in range(0, len(ids), SCORE_ROWS)]  # fmt: skip
+        return torch.cat(parts)
 
     def _check(self, step: int) -> None:
         """The guard on this cycle's rollouts: mean reward per reply and k3 KL per reply token, over all ranks."""
@@ -280,7 +290,8 @@ def train_grpo(checkpoint: Path, prompts: Sequence[PromptItem], heldout_prompts:
     loader = GRPOBatches(model, tok, items, ids, reward, batch_size=train_cfg.batch_size, group_size=group_size,
                          max_new_tokens=max_new_tokens, temperature=temperature, scale_rewards=scale_rewards,
                          iterations=iterations, grad_accum=train_cfg.grad_accum, seed=seed, reference=reference,
-                         guard=guard, rank=world.dp_rank, world_size=world.dp_size)  # fmt: skip
+                         guard=guard, rank=world.dp_rank, world_size=world.dp_size,
+                         precision=train_cfg.precision)  # fmt: skip
     loss = functools.partial(grpo_loss, epsilon=epsilon, beta=beta, temperature=temperature)
 
     def heldout(_wrapped: nn.Module, _step: int) -> dict[str, float]:

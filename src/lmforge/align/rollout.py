@@ -83,11 +83,14 @@ def sample_rollout(model: nn.Module, tok: Tokenizer, prompts: Sequence[list[int]
 
 def logits_token_stats(logits: Tensor, labels: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
     """(log-probs, entropies) [N, T] in fp32 of the labelled tokens under `log_softmax(logits / temperature)`, both
-    0 where labels are IGNORE_INDEX."""
-    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
+    0 where labels are IGNORE_INDEX; the entropies carry no gradient."""
+    logits = logits.float()
+    # Each full-vocabulary tensor here is rows x positions x vocabulary floats: make as few as the gradient needs.
+    logp_all = torch.log_softmax(logits / temperature if temperature != 1.0 else logits, dim=-1)
     mask = labels != IGNORE_INDEX
     logps = logp_all.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    with torch.no_grad():  # a measure, never a loss term: no graph, no saved tensors
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
     return logps * mask, entropy * mask
 
 
