@@ -171,10 +171,12 @@ def test_training_pairs_that_are_ties_or_too_long_are_skipped_and_counted(ckpt, 
     tie = PreferencePair(prompt, "the water", "good time", source="votes.json[3]", tie=True)
     long_prompt = PreferencePair([Message("user", " ".join(["water"] * 200))], "sun", "the", source="f.jsonl:9")
     cfg = TrainConfig(**{**TRAIN, "batch_size": 4}, max_steps=1)
-    m = train_reward_model(ckpt, [*toy_pairs(8, seed=9), tie, long_prompt], [], tmp_path / "out", cfg)
+    m = train_reward_model(ckpt, [*toy_pairs(8, seed=9), tie, long_prompt], [tie], tmp_path / "out", cfg)
     assert m["train_pairs"] == 8 and m["skipped_pairs"] == 2
+    assert m["heldout_ties"] == 1 and m["heldout_pairs"] == 0  # a held-out tie is counted, not scored
     assert m["skipped_by_reason"] == {"tie": 1, "prompt too long": 1}
-    assert m["skipped_examples"][0].startswith("votes.json[3]: tie") and m["skipped_examples"][1].startswith("f.jsonl:9")
+    first, second = m["skipped_examples"]
+    assert first.startswith("votes.json[3]: tie") and second.startswith("f.jsonl:9: prompt too long")
     assert m["heldout_before"] is None and m["heldout_after"] is None and m["steps"] == 1
     with pytest.raises(ValueError, match="none of the 2 training pairs could be rendered"):
         train_reward_model(ckpt, [tie, long_prompt], [], tmp_path / "none", cfg)

@@ -121,9 +121,9 @@ def train_reward_model(
     model's max_seq_len) caps each side's tokens, and a prompt longer than `max_prompt_len` keeps its last
     `max_prompt_len` tokens (the turns the reply answers; without it, a prompt leaving no room is skipped);
     `margin` asks every chosen score to lead by that much (`"from data"`: by each pair's own `margin`, a pair
-    without one skipped and counted); `center_coef` weighs the centring term that keeps
-    scores near 0. Ties (PandaLM kept ties) are not preferences and are skipped and counted. Returns the loop's
-    metrics plus the held-out results and skip counts."""
+    without one skipped and counted); `center_coef` weighs the centring term that keeps scores near 0. Ties
+    (PandaLM with ties kept) are not preferences: skipped and counted on both sides. Returns the loop's metrics
+    plus the held-out results and skip counts."""
     checkpoint, out_dir = require_checkpoint(checkpoint), Path(out_dir)
     world = init_world(parallel or ParallelConfig(), train_cfg.device)
     if world.distributed and (world.pp_size > 1 or (parallel and parallel.data != "ddp")):
@@ -149,7 +149,7 @@ def train_reward_model(
     if not rendered:
         raise ValueError(f"none of the {len(train_pairs)} training pairs could be rendered within max_len={max_len}"
                          f": {skipped.by_reason} (first: {skipped.examples[:3]})")  # fmt: skip
-    heldout = [p for p in heldout_pairs if not p.tie]
+    heldout = [p for p in heldout_pairs if not p.tie]  # a tie has no right answer to score
     loader = PairBatches(rendered, train_cfg.batch_size, tok.pad_id, seed, rank=world.dp_rank,
                          world_size=world.dp_size)  # fmt: skip
 
@@ -173,6 +173,7 @@ def train_reward_model(
     if world.distributed:
         torch.distributed.barrier()
     return {**metrics, "heldout_before": before, "heldout_after": after, "train_pairs": len(rendered),
-            "heldout_pairs": len(heldout), "skipped_pairs": skipped.count, "skipped_by_reason": skipped.by_reason,
+            "heldout_pairs": len(heldout), "heldout_ties": len(heldout_pairs) - len(heldout),
+            "skipped_pairs": skipped.count, "skipped_by_reason": skipped.by_reason,
             "skipped_examples": skipped.examples, "max_len": max_len, "max_prompt_len": max_prompt_len,
             "margin": margin, "center_coef": center_coef}  # fmt: skip
