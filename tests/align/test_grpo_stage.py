@@ -134,3 +134,32 @@ def test_two_ranks_match_one_process(ckpt, tmp_path):
     a, b = (load_file(str(tmp_path / d / "final" / "model.safetensors")) for d in ("n1", "n2"))
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
     assert torch.is_tensor(next(iter(a.values())))
+
+
+@pytest.mark.slow
+def test_the_recipe_stage_tunes_the_sft_model_on_docstring_prompts(tmp_path):
+    """curate -> ... -> sft -> grpo on a small package: grpo reads sft/final and the curated splits, its held-out
+    prompts are sft's generation-check prompts (so its "before" is sft's "after"), and the report has its section."""
+    from lmforge.data.readers import stdlib_root
+    from lmforge.pipeline import run_recipe
+    from lmforge.recipe import load_recipe
+
+    recipe = load_recipe(None, [
+        f"data.source={stdlib_root() / 'email'}", "data.val_fraction=0.25", "data.near_dedup=false", "data.pii=false",
+        "tokenizer.vocab_size=512", "model.depth=1", "model.max_seq_len=256", "train.seq_len=256",
+        "train.batch_size=8", "train.max_steps=20", "train.compile=false", "train.optimizer=adamw",
+        "sft.train.max_steps=20", "sft.train.batch_size=8", "sft.train.lr=0.003", "sft.train.compile=false",
+        "sft.gen_prompts=6", "sft.gen_tokens=48", "grpo.heldout_size=6", "grpo.gen_tokens=48", "grpo.group_size=4",
+        "grpo.max_new_tokens=32", "grpo.max_prompts=40", "grpo.train.max_steps=3", "grpo.train.batch_size=2",
+        "stages=[curate, tokenizer, shards, pretrain, sft, grpo, report]", f"run_dir={tmp_path}", "name=r",
+    ])  # fmt: skip
+    outcomes = run_recipe(recipe)
+    assert [o.stage for o in outcomes][-2:] == ["grpo", "report"]
+    root = recipe.run_path
+    sft = json.loads((root / "sft" / "manifest.json").read_text())["metrics"]
+    m = json.loads((root / "grpo" / "manifest.json").read_text())["metrics"]
+    assert m["steps"] == 3 and m["prompts_source"] == "docstring_pairs" and m["heldout_prompts"] == 6
+    for key in ("ended_turn", "completes_function"):
+        assert m["check_before"][key] == sft["generation_after"][key]
+    assert (root / "grpo" / "final" / "model.safetensors").is_file()
+    assert "## Alignment (GRPO)" in (root / "report.md").read_text()
