@@ -125,7 +125,8 @@ def test_two_ranks_match_one_process(ckpt, tmp_path):
         result = subprocess.run(_command(ckpt, data, tmp_path / f"n{nproc}", nproc), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, timeout=300, env=env)  # fmt: skip
         assert result.returncode == 0, result.stdout[-4000:]
-    one, two = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("n1", "n2"))
+    one, two = ([json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+                for d in ("n1", "n2"))  # fmt: skip
     assert [r["step"] for r in two] == [1, 2, 3]
     for x, y in zip(one, two):
         # The same samples (per-prompt seeds), so the same rewards exactly; the loss up to summation order.

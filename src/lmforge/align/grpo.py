@@ -67,10 +67,10 @@ def group_advantages(rewards: Tensor, group_size: int, scale_rewards: bool = Tru
     return centred.reshape(-1)
 
 
-def encode_prompts(tok: Tokenizer, items: Sequence[PromptItem], max_seq_len: int,
-                   max_new_tokens: int) -> tuple[list[PromptItem], list[list[int]]]:  # fmt: skip
+def encode_prompts(tok: Tokenizer, items: Sequence[PromptItem], max_seq_len: int, max_new_tokens: int,
+                   setting: str = "max_new_tokens") -> tuple[list[PromptItem], list[list[int]]]:  # fmt: skip
     """The prompts whose template rendering leaves room for max_new_tokens, and their ids; the others are counted
-    and logged, never silently dropped."""
+    and logged (naming `setting`), never silently dropped."""
     kept, ids = [], []
     for item in items:
         p = prompt_ids(tok, item.messages)
@@ -78,8 +78,8 @@ def encode_prompts(tok: Tokenizer, items: Sequence[PromptItem], max_seq_len: int
             kept.append(item)
             ids.append(p)
     if len(kept) < len(items):
-        log.warning("%d of %d prompts leave no room for max_new_tokens=%d in the model's %d-token context: "
-                    "skipped", len(items) - len(kept), len(items), max_new_tokens, max_seq_len)  # fmt: skip
+        log.warning("%d of %d prompts leave no room for %s=%d in the model's %d-token context: skipped",
+                    len(items) - len(kept), len(items), setting, max_new_tokens, max_seq_len)  # fmt: skip
     return kept, ids
 
 

@@ -97,7 +97,7 @@ def run_grpo(checkpoint: Path, curate_dir: Path | None, cfg: GRPOConfig, out: Pa
     start_job(out, "grpo", cfg.semantic(), inputs, OUTPUTS, world)
     tok, max_seq_len = load_checkpoint_tokenizer(checkpoint), read_model_args(checkpoint).max_seq_len
     train_items, heldout, counts = grpo_prompts(cfg, curate_dir, tok, max_seq_len)
-    held_items, held_ids = encode_prompts(tok, heldout, max_seq_len, cfg.gen_tokens)
+    held_items, held_ids = encode_prompts(tok, heldout, max_seq_len, cfg.gen_tokens, "grpo.gen_tokens")
     held_items, held_ids = _spread(held_items, cfg.heldout_size), _spread(held_ids, cfg.heldout_size)
     reward = build_reward(cfg.rewards, **cfg.reward_options)
     before = None
@@ -113,7 +113,8 @@ def run_grpo(checkpoint: Path, curate_dir: Path | None, cfg: GRPOConfig, out: Pa
     metrics = train_grpo(checkpoint, train_items, held_items, reward, out, cfg.train, group_size=cfg.group_size,
                          max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, beta=cfg.beta,
                          epsilon=cfg.epsilon, iterations=cfg.iterations, scale_rewards=cfg.scale_rewards,
-                         seed=cfg.train.seed, parallel=parallel, guard=guard, after_training=after_training)  # fmt: skip
+                         seed=cfg.train.seed, parallel=parallel, guard=guard,
+                         after_training=after_training)  # fmt: skip
     return {**metrics, **counts, "check_before": before, "prompts_source": cfg.prompts, "rewards": cfg.rewards,
             "group_size": cfg.group_size}  # fmt: skip
 

@@ -77,8 +77,9 @@ def sample_rollout(model: nn.Module, tok: Tokenizer, prompts: Sequence[list[int]
                 replies.append(out[:-1] if stopped else out)
                 ended.append(stopped)
                 index.append(i)
+    texts = [tok.decode(r, skip_special_tokens=True) for r in replies]
     return Rollout(ids=pad_rows(rows, tok.pad_id), labels=pad_rows(labels, IGNORE_INDEX), prompt_index=index,
-                   replies=replies, ended=ended, texts=[tok.decode(r, skip_special_tokens=True) for r in replies])  # fmt: skip
+                   replies=replies, ended=ended, texts=texts)  # fmt: skip
 
 
 def logits_token_stats(logits: Tensor, labels: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
