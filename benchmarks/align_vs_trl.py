@@ -24,8 +24,9 @@ steps; TRL's runs through DPOTrainer.compute_loss, with no Trainer loop around i
   the trainer is built, as lmforge does.
 
 "peak MB" is the growth of the process's peak resident memory (ru_maxrss) from after the imports to the end: models,
-reference cache or model, data, gradients, AdamW state and activations (the libraries' own code is left out). "setup
-s" is the time spent before the first step (lmforge: the reference cache; TRL: building the trainer, tokenising).
+reference cache or model, data, gradients, AdamW state and activations (the libraries' own code is left out); "of
+which setup MB" is that growth by the first step. "setup s" is the time spent before the first step (lmforge: the
+reference cache; TRL: building the trainer, tokenising, its reference pass when precomputed).
 
 The last line: dpo_speed_ratio = TRL step time / lmforge step time and dpo_mem_ratio = lmforge peak / TRL peak (both
 against TRL as configured by default), then each side's figures.
@@ -131,7 +132,7 @@ def run_lmforge(checkpoint: Path, pairs_file: Path, batch_size: int, n_batches: 
     pairs = [render_pair(tok, p, max_len) for p in records]
     # The starting policy is the reference: its log-probabilities, cached before the first step.
     loss_fn = PreferenceLoss("sigmoid", BETA, reference=compute_reference(model, pairs, tok.pad_id, batch_size))
-    setup_s = time.perf_counter() - t0
+    setup_s, setup_mb = time.perf_counter() - t0, _peak_mb() - base
     batches = []
     for k in range(n_batches):
         index = torch.arange(k * batch_size, (k + 1) * batch_size) % len(pairs)
@@ -149,7 +150,7 @@ def run_lmforge(checkpoint: Path, pairs_file: Path, batch_size: int, n_batches: 
     times, first_loss = _timed_steps(step, batches, warmup)
     tokens = sum(int(b["lengths"].sum()) for b in batches)
     return {"step_ms": 1000 * statistics.median(times), "peak_mb": _peak_mb() - base, "process_peak_mb": _peak_mb(),
-            "setup_s": setup_s, "first_loss": first_loss, "tokens": tokens}  # fmt: skip
+            "setup_s": setup_s, "setup_mb": setup_mb, "first_loss": first_loss, "tokens": tokens}  # fmt: skip
 
 
 def run_trl(hf_dir: Path, pairs_file: Path, batch_size: int, n_batches: int, warmup: int, precompute: bool,
@@ -172,7 +173,7 @@ def run_trl(hf_dir: Path, pairs_file: Path, batch_size: int, n_batches: int, war
     examples = [{k: trainer.train_dataset[i][k] for k in keys} for i in range(len(records))]
     batches = [trainer.data_collator([examples[i % len(examples)] for i in range(k * batch_size, (k + 1) * batch_size)])
                for k in range(n_batches)]  # fmt: skip
-    setup_s = time.perf_counter() - t0
+    setup_s, setup_mb = time.perf_counter() - t0, _peak_mb() - base
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     model.train()
 
@@ -186,7 +187,7 @@ def run_trl(hf_dir: Path, pairs_file: Path, batch_size: int, n_batches: int, war
     times, first_loss = _timed_steps(step, batches, warmup)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     return {"step_ms": 1000 * statistics.median(times), "peak_mb": _peak_mb() - base, "process_peak_mb": _peak_mb(),
-            "setup_s": setup_s, "first_loss": first_loss, "tokens": tokens}  # fmt: skip
+            "setup_s": setup_s, "setup_mb": setup_mb, "first_loss": first_loss, "tokens": tokens}  # fmt: skip
 
 
 def _measure_in_child(side: str, args: list[str]) -> dict:
@@ -260,11 +261,12 @@ def main() -> None:
     if len({r["tokens"] for r in rows.values()}) > 1:
         sys.exit(f"the sides tokenised the pairs differently: tokens {({s: r['tokens'] for s, r in rows.items()})}")
     ours = rows["lmforge"]
-    print("\n| DPO step | step ms | vs lmforge | peak MB | process peak MB | setup s | first loss |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| DPO step | step ms | vs lmforge | peak MB | of which setup MB | process peak MB | setup s "
+          "| first loss |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for side, r in rows.items():
         print(f"| {side} | {r['step_ms']:.0f} | {r['step_ms'] / ours['step_ms']:.2f}x | {r['peak_mb']:.0f} | "
-              f"{r['process_peak_mb']:.0f} | {r['setup_s']:.1f} | {r['first_loss']:.6f} |")
+              f"{r['setup_mb']:.0f} | {r['process_peak_mb']:.0f} | {r['setup_s']:.1f} | {r['first_loss']:.6f} |")
     summary = []
     if have_trl:
         trl = rows["TRL"]
