@@ -6,6 +6,7 @@ holding the same weights."""
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
@@ -183,3 +184,15 @@ def test_bradley_terry_loss_and_gradients_match_reward_trainer(setup: dict, tmp_
     ours["score.weight"] = ours.pop("head.weight")
     errors = grad_errors(ours, dict(hf.named_parameters()))
     assert max(errors.values()) < TOL, errors
+
+
+def test_lmforge_never_imports_trl():
+    """TRL is a test and benchmark peer (the dev and bench extras), never a dependency of the package."""
+    src = Path(__file__).resolve().parents[2] / "src" / "lmforge"
+    found = []
+    for path in sorted(src.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            found += [f"{path.relative_to(src)}:{node.lineno} imports {n}" for n in names if n.split(".")[0] == "trl"]
+    assert not found, found
