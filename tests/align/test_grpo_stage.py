@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from lmforge.align.grpo_config import GRPOConfig
 from lmforge.align.grpo_stage import _grpo_report, greedy_check, grpo_prompts
 from lmforge.align.prompts import PromptItem
-from lmforge.align.rewards import build_reward
+from lmforge.align.rewards import build_reward, chrf
 from lmforge.cli import app
 from lmforge.finetune.data import Message
 from lmforge.finetune.template import prompt_ids
@@ -70,14 +70,16 @@ def test_report_shows_before_and_after_rates(tmp_path):
                "group_size": 8, "steps": 20, "train_seconds": 61.5, "heldout_prompts": 24,
                "final_metrics": {"reward": 0.5, "response_length": 40.0, "ended_turn": 0.75},
                "check_before": {"ended_turn": 0.375, "reward": 0.25, "mean_new_tokens": 70.0,
-                                "completes_function": 0.25, "replies": ["a"]},
+                                "completes_function": 0.25, "reference_similarity": 0.3125, "replies": ["a"]},
                "check_after": {"ended_turn": 0.625, "reward": 0.5, "mean_new_tokens": 50.0,
-                               "completes_function": 0.5, "replies": ["b"]}}  # fmt: skip
+                               "completes_function": 0.5, "reference_similarity": 0.25, "replies": ["b"]}}  # fmt: skip
     lines = _grpo_report(ReportContext(tmp_path, {"metrics": metrics}, tmp_path, tmp_path))
     text = "\n".join(lines)
     assert "- greedy replies to 24 held-out prompts that end their turn: 38% before, 62% after" in text
     assert "- replies that end their turn and complete a function which parses: 25% before, 50% after" in text
     assert "100 training prompts x 8 replies; 20 steps in 61.5 s" in text and "### GRPO sample 1" in text
+    assert "mean reply 70.0 -> 50.0 tokens" in text
+    assert "- similarity of the replies to the held-out functions' own bodies (chrF): 0.312 before, 0.250 after" in text
 
 
 def test_greedy_check_counts_ends_and_functions(ckpt):
@@ -90,6 +92,12 @@ def test_greedy_check_counts_ends_and_functions(ckpt):
     # An untrained model runs on: nothing ends, so nothing completes a function, whatever it wrote.
     assert check["ended_turn"] == 0.0 and check["completes_function"] == 0.0 and check["mean_new_tokens"] == 5.0
     assert check["reward"] == 0.0 and len(check["replies"]) == 2
+    assert "reference_similarity" not in check  # no reference body to compare with
+    refs = ["    return 2 * x", "    return x + x"]
+    items = [PromptItem(it.messages, {**it.meta, "reference": ref}) for it, ref in zip(items, refs)]
+    check = greedy_check(model, tok, items, ids, build_reward({"ends_turn": 1.0}), 5)
+    expected = (chrf(check["replies"][0], refs[0]) + chrf(check["replies"][1], refs[1])) / 2
+    assert check["reference_similarity"] == pytest.approx(expected)
 
 
 def test_docstring_prompts_come_from_the_curated_splits(tmp_path, monkeypatch):

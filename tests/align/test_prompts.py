@@ -138,5 +138,7 @@ def test_docstring_prompts_match_the_sft_user_turn():
     pairs = list(function_pairs(source, "m.py"))
     (item,) = docstring_prompts(pairs)
     assert item.messages == conversation(pairs[0])[:1]
-    assert item.meta == {"id": pairs[0].id, "source": pairs[0].id, "code_prompt": pairs[0].prompt}
+    assert item.meta == {"id": pairs[0].id, "source": pairs[0].id, "code_prompt": pairs[0].prompt,
+                         "reference": "    return a + b"}
+    assert "return a + b" not in item.messages[0].content  # the reference body stays out of the prompt
     assert item.meta["code_prompt"] == 'def add(a, b):\n    """Add two numbers.\n\n    >>> add(2, 3)\n    5\n    """'

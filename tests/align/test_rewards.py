@@ -9,7 +9,7 @@ import pytest
 
 import lmforge.eval.sandbox_batch as sandbox_batch
 from lmforge.align.prompts import PromptItem, read_prompts
-from lmforge.align.rewards import REWARDS, Sample, build_reward, final_number, reply_code
+from lmforge.align.rewards import REWARDS, Sample, build_reward, chrf, final_number, reply_code
 from lmforge.finetune.data import Message
 
 DATA = Path("/work/shared/data")
@@ -75,6 +75,29 @@ def test_completes_function_ends_turn_and_code_parses():
                      "code_parses": [1.0, 1.0, 0.0, 0.0, 1.0]}  # fmt: skip
 
 
+def test_chrf_by_hand():
+    # "ab" against "abc": orders 1-3 (the reference's length); P = (2/2 + 1/1 + 0) / 3 = 2/3,
+    # R = (2/3 + 1/2 + 0) / 3 = 7/18; F2 = 5PR / (4P + R) = 14/33, F1 = 2PR / (P + R) = 28/57
+    assert chrf("ab", "abc") == pytest.approx(14 / 33)
+    assert chrf("ab", "abc", beta=1.0) == pytest.approx(28 / 57)
+    assert chrf("ab", "abc", order=2) == pytest.approx(7 / 11)  # P = 1, R = 7/12
+    assert chrf("aa", "a") == pytest.approx(5 / 6)  # a repeated "a" matches once: P = 1/2, R = 1
+    assert chrf("  a b\n\tc", "abc") == pytest.approx(1.0)  # whitespace does not count
+    assert chrf("", "abc") == chrf("abc", " ") == chrf("xyz", "abc") == 0.0
+
+
+def test_reference_similarity_scores_the_body_against_the_reference():
+    item = PromptItem(DOC_ITEM.messages, {**DOC_ITEM.meta, "reference": "    return a + b"})
+    replies = ["    return a + b\n", "    return a - b\n", "    return self\n", ""]
+    _, parts = build_reward({"reference_similarity": 1.0})([sample(item, r) for r in replies])
+    same, minus, hack, empty = parts["reference_similarity"]
+    assert same == pytest.approx(1.0) and empty == 0.0
+    assert 0 < hack < minus < 1  # `return self` completes a function as well as the real body, but scores lower
+    assert minus == pytest.approx(chrf("returna-b", "returna+b"))
+    _, f1 = build_reward({"reference_similarity": 1.0}, chrf_beta=1.0)([sample(item, "ab")])
+    assert f1["reference_similarity"] == [chrf("ab", "returna+b", beta=1.0)]
+
+
 def test_reply_code_takes_the_first_fenced_block():
     assert reply_code("Sure:\n```python\nx = 1\n```\nand\n```\ny = 2\n```") == "x = 1\n"
     assert reply_code("```py\nx = 1\n") == "x = 1\n"  # cut off inside the block
@@ -130,7 +153,7 @@ def test_build_errors():
     with pytest.raises(ValueError, match="length_mode must be 'target' or 'penalty'"):
         build_reward({"length": 1.0}, length_target=4, length_mode="exact")
     assert set(REWARDS) >= {"ends_turn", "completes_function", "code_parses", "doctests", "mbpp_tests",
-                            "gsm8k_answer", "length"}  # fmt: skip
+                            "gsm8k_answer", "length", "reference_similarity"}  # fmt: skip
 
 
 @pytest.mark.parametrize("name, item, needs", [
@@ -138,6 +161,7 @@ def test_build_errors():
     ("gsm8k_answer", DOC_ITEM, "no meta 'answer'"),
     ("completes_function", MATH_ITEM, "no meta 'code_prompt'"),
     ("doctests", MATH_ITEM, "no meta 'code_prompt'"),
+    ("reference_similarity", DOC_ITEM, "no meta 'reference'"),
     ("doctests", PromptItem([], {"code_prompt": 'def f():\n    """No examples."""', "source": "m.py:9:f"}),
      "no >>> examples|has >>> examples"),
 ])  # fmt: skip

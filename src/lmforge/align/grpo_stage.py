@@ -23,7 +23,7 @@ from lmforge.align.grpo import Reward, encode_prompts, greedy_samples, train_grp
 from lmforge.align.grpo_config import GRPOConfig
 from lmforge.align.guards import RLGuard
 from lmforge.align.prompts import PromptItem, docstring_prompts, read_prompts
-from lmforge.align.rewards import build_reward
+from lmforge.align.rewards import build_reward, chrf
 from lmforge.finetune.code_pairs import completes_function
 from lmforge.finetune.config import SFTConfig
 from lmforge.finetune.sft import split_heldout
@@ -70,7 +70,8 @@ def grpo_prompts(cfg: GRPOConfig, curate_dir: Path | None, tok: Tokenizer,
 def greedy_check(model: nn.Module, tok: Tokenizer, items: list[PromptItem], ids: list[list[int]], reward: Reward,
                  gen_tokens: int) -> dict[str, Any]:  # fmt: skip
     """Greedy replies to the held-out prompts: the share that end their turn, for code prompts the share that
-    also complete a function which parses, their mean reward and length, and the first replies."""
+    also complete a function which parses, for prompts with a reference body the mean chrF to it (whatever the
+    rewards: a reply that games them shows here), their mean reward and length, and the first replies."""
     samples = greedy_samples(model, tok, items, ids, gen_tokens)
     totals, _ = reward(samples)
     result: dict[str, Any] = {"ended_turn": float(np.mean([s.ended for s in samples])),
@@ -80,6 +81,9 @@ def greedy_check(model: nn.Module, tok: Tokenizer, items: list[PromptItem], ids:
     if all("code_prompt" in it.meta for it in items):
         result["completes_function"] = float(np.mean([s.ended and completes_function(s.prompt.meta["code_prompt"],
                                                                                       s.completion) for s in samples]))
+    if all("reference" in it.meta for it in items):
+        result["reference_similarity"] = float(np.mean([chrf(s.completion, s.prompt.meta["reference"])
+                                                         for s in samples]))  # fmt: skip
     return result
 
 
@@ -147,6 +151,10 @@ def summary(m: dict[str, Any]) -> list[str]:
     if "completes_function" in before:
         lines.append(f"- replies that end their turn and complete a function which parses: "
                      f"{_pct(before['completes_function'])} before, {_pct(after.get('completes_function'))} after")
+    if "reference_similarity" in before:
+        lines.append(f"- similarity of the replies to the held-out functions' own bodies (chrF): "
+                     f"{fmt(before['reference_similarity'], '.3f')} before, "
+                     f"{fmt(after.get('reference_similarity'), '.3f')} after")
     return lines
 
 

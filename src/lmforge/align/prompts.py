@@ -216,6 +216,8 @@ def read_prompts(path: str | Path, format: str | None = None,
 
 def docstring_prompts(pairs: Sequence[CodePair]) -> list[PromptItem]:
     """The sft stage's docstring -> body pairs as prompts: the user turn the sft stage trains on (signature and
-    docstring); meta code_prompt is that text, which the reply's body completes."""
-    return [PromptItem(conversation(pair)[:1], {"id": pair.id, "source": pair.id, "code_prompt": pair.prompt})
+    docstring); meta code_prompt is that text, which the reply's body completes, and meta reference the pair's own
+    body (the `reference_similarity` reward reads it; the prompt never shows it)."""
+    return [PromptItem(conversation(pair)[:1], {"id": pair.id, "source": pair.id, "code_prompt": pair.prompt,
+                                                "reference": pair.body})
             for pair in pairs]  # fmt: skip

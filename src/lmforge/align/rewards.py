@@ -111,6 +111,39 @@ def completes_function() -> RewardFn:
     return reward
 
 
+def chrf(hypothesis: str, reference: str, order: int = 6, beta: float = 2.0) -> float:
+    """chrF (Popović, 2015): the F-beta score of character n-gram precision and recall, each the mean over
+    n = 1..order, whitespace ignored (indentation and spacing do not count). Orders longer than the reference are
+    left out; an order the hypothesis is too short for counts precision and recall 0. Repeated n-grams match at
+    most as often as the other side has them. 0 when either side has no characters."""
+    hyp, ref = "".join(hypothesis.split()), "".join(reference.split())
+    orders = range(1, min(order, len(ref)) + 1)
+    if not hyp or not orders:
+        return 0.0
+    precision = recall = 0.0
+    for n in orders:
+        h = Counter(hyp[i : i + n] for i in range(len(hyp) - n + 1))
+        r = Counter(ref[i : i + n] for i in range(len(ref) - n + 1))
+        matches = sum((h & r).values())
+        precision += matches / max(1, sum(h.values())) / len(orders)
+        recall += matches / sum(r.values()) / len(orders)
+    if precision + recall == 0:
+        return 0.0
+    return (1 + beta**2) * precision * recall / (beta**2 * precision + recall)
+
+
+def reference_similarity(*, chrf_beta: float = 2.0) -> RewardFn:
+    """chrF (`chrf`, n-grams up to 6, recall weighted by `chrf_beta`) of the reply against meta reference (the
+    pair's own body, which the prompt never shows): partial credit for a body close to the real one, where
+    `completes_function` pays as much for `return self`."""
+
+    def reward(samples: Sequence[Sample]) -> list[float]:
+        _check_items("reference_similarity", samples, _lacks("reference", "docstring prompts"))
+        return [chrf(s.completion, s.prompt.meta["reference"], beta=chrf_beta) for s in samples]
+
+    return reward
+
+
 def code_parses() -> RewardFn:
     """1 when the reply's code (its first fenced block, else the reply; dedented) parses as Python, else 0."""
     return lambda samples: [float(parses(reply_code(s.completion))) for s in samples]
@@ -226,6 +259,7 @@ REWARDS: dict[str, Callable[..., RewardFn]] = {
     "mbpp_tests": mbpp_tests,
     "gsm8k_answer": gsm8k_answer,
     "length": length,
+    "reference_similarity": reference_similarity,
 }
 
 
