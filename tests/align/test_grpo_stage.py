@@ -116,6 +116,26 @@ def test_docstring_prompts_come_from_the_curated_splits(tmp_path, monkeypatch):
         grpo_prompts(GRPOConfig(), None, None, 256)
 
 
+def test_the_verb_takes_docstring_prompts_from_a_curated_folder(ckpt, tmp_path, monkeypatch):
+    import lmforge.align.grpo_stage as stage
+    from lmforge.data.code_pairs import function_pairs
+
+    source = "".join(f'def f{i}(x):\n    """Add {i}."""\n    return x + {i}\n' for i in range(6))
+    pairs = list(function_pairs(source, "m.py"))
+    seen = []
+    monkeypatch.setattr(stage, "docstring_pairs", lambda d, tok, sft: (seen.append(d), pairs[:4], pairs[4:], {})[1:])
+    args = ["grpo", str(ckpt), "-o", str(tmp_path / "out"), "--reward", "reference_similarity=1", "train.max_steps=1",
+            "train.batch_size=2", "train.threads=1", "grpo.group_size=2", "grpo.max_new_tokens=4", "grpo.gen_tokens=4"]
+    (tmp_path / "curate").mkdir()
+    result = CliRunner().invoke(app, [*args[:2], "--curated", str(tmp_path / "curate"), *args[2:]])
+    assert result.exit_code == 0, result.output
+    assert seen == [tmp_path / "curate"] and "4 training prompts x 2 replies; 1 steps" in result.output
+    assert "similarity of the replies to the held-out functions' own bodies (chrF)" in result.output
+    for extra in ([], ["--curated", str(tmp_path), "--prompts", str(prompts_file(tmp_path / "p.jsonl"))]):
+        neither = CliRunner().invoke(app, [*args[:2], *extra, *args[2:]])
+        assert neither.exit_code == 2 and "give either --prompts FILE or --curated DIR" in neither.output
+
+
 def _command(ckpt, data, out, nproc):
     launcher = [sys.executable]
     if nproc > 1:

@@ -171,8 +171,10 @@ def _grpo_report(ctx: ReportContext) -> list[str]:
 def grpo_verb(
     checkpoint: Path = typer.Argument(..., help="The model to start from (normally a fine-tuned one): an lmforge "
                                       "checkpoint or a Hugging Face model directory."),
-    prompts: Path = typer.Option(..., "--prompts", help="Prompts: MBPP, GSM8K, messages or prompt records "
-                                 "(.json, .jsonl)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts: MBPP, GSM8K, messages or prompt "
+                                           "records (.json, .jsonl)."),
+    curated: Optional[Path] = typer.Option(None, "--curated", help="Instead of --prompts: a run's curate/ folder, "
+                                           "whose docstring pairs give the prompts as in the recipe's grpo stage."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory; re-running the same job resumes, a "
                              "changed setting, prompts file or checkpoint starts it over."),
     reward: Optional[List[str]] = typer.Option(None, "--reward", help="NAME=WEIGHT, repeatable (default "
@@ -191,6 +193,8 @@ def grpo_verb(
     """Train with GRPO: G sampled replies per prompt, rewards from plain functions, group-normalised advantages,
     a clipped token-level loss and an optional KL to the reference; greedy held-out replies checked before and
     after."""
+    if (prompts is None) == (curated is None):
+        verbs.fail("give either --prompts FILE or --curated DIR (a run's curate/ folder, for its docstring pairs)", 2)
     weights: dict[str, float] = {}
     for item in reward or []:
         name, sep, weight = item.partition("=")
@@ -198,14 +202,15 @@ def grpo_verb(
             weights[name.strip()] = float(weight) if sep else 1.0
         except ValueError:
             verbs.fail(f"--reward {item!r}: expected NAME=WEIGHT with a number, e.g. completes_function=1", 2)
-    chosen = {"prompts": str(prompts), "heldout_prompts": str(heldout) if heldout else None, "format": format,
-              "limit": limit, "val_fraction": val_fraction, "rewards": weights or None}  # fmt: skip
+    chosen = {"prompts": str(prompts) if prompts else DOCSTRING_PAIRS,
+              "heldout_prompts": str(heldout) if heldout else None, "format": format, "limit": limit,
+              "val_fraction": val_fraction, "rewards": weights or None}  # fmt: skip
     verbs.settings(list(overrides or []), {"train", "grpo", "parallel"})  # names a bad override as the user wrote it
     moved = [f"grpo.{o}" if o.startswith("train.") else o for o in overrides or []]
     cfg = verbs.settings(moved, {"grpo", "parallel"},
                          given={"grpo": {k: v for k, v in chosen.items() if v is not None}})  # fmt: skip
     with verbs.output_checked():
-        m = verbs.run_stage(GRPO_STAGE, cfg, out, model=checkpoint)
+        m = verbs.run_stage(GRPO_STAGE, cfg, out, model=checkpoint, curated=curated)
     for line in [*summary(m), f"- model in {out / 'final'}"]:
         log.info("%s", line)  # through the log, as rank 0 alone reports under torchrun
 
