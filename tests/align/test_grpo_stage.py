@@ -16,12 +16,13 @@ from typer.testing import CliRunner
 from lmforge.align.grpo_config import GRPOConfig
 from lmforge.align.grpo_stage import _grpo_report, greedy_check, grpo_prompts
 from lmforge.align.prompts import PromptItem
-from lmforge.align.rewards import build_reward, chrf
+from lmforge.align.rewards import Sample, build_reward, chrf
 from lmforge.cli import app
 from lmforge.finetune.data import Message
 from lmforge.finetune.template import prompt_ids
 from lmforge.model.io import load_checkpoint_tokenizer, load_model
 from lmforge.registry import ReportContext
+from lmforge.stats import proportion
 
 WORDS = ["Give three tips", "Name a color", "Write a list", "Describe water", "Make a plan", "Explain time",
          "List plants", "Say hello", "Tell a story", "Count to five"]  # fmt: skip
@@ -98,6 +99,32 @@ def test_greedy_check_counts_ends_and_functions(ckpt):
     check = greedy_check(model, tok, items, ids, build_reward({"ends_turn": 1.0}), 5)
     expected = (chrf(check["replies"][0], refs[0]) + chrf(check["replies"][1], refs[1])) / 2
     assert check["reference_similarity"] == pytest.approx(expected)
+
+
+def test_greedy_check_scores_gsm8k_exact_answers_with_an_interval(monkeypatch):
+    import lmforge.align.grpo_stage as stage
+
+    items = [PromptItem([Message("user", f"q{i}")], {"answer": a}) for i, a in enumerate(["72", "5", "1200"])]
+    # "#### 72" matches; "The answer is 6" names a wrong number; "1,200 cents" matches once normalised.
+    replies = ["48 + 24 = 72\n#### 72", "2 + 3 = 5. The answer is 6", "It costs 1,200 cents"]
+    monkeypatch.setattr(stage, "greedy_samples", lambda model, tok, its, ids, n: [
+        Sample(it, r, ended=True, tokens=4) for it, r in zip(its, replies)])  # fmt: skip
+    check = greedy_check(None, None, items, [[1]] * 3, build_reward({"ends_turn": 1.0}), 8)
+    # Scored whatever the rewards (here only ends_turn): 2 of 3, with the Wilson 95% interval.
+    assert check["reward"] == 1.0
+    assert check["exact_match"]["n"] == 3 and check["exact_match"]["value"] == pytest.approx(2 / 3)
+    assert check["exact_match"]["ci95"] == pytest.approx([0.2077, 0.9385], abs=1e-4)
+    code = [PromptItem([Message("user", "def f():")], {"code_prompt": "def f():"})]
+    monkeypatch.setattr(stage, "greedy_samples", lambda model, tok, its, ids, n: [Sample(code[0], "1", True, 1)])
+    assert "exact_match" not in greedy_check(None, None, code, [[1]], build_reward({"ends_turn": 1.0}), 8)
+
+
+def test_report_shows_gsm8k_exact_answers_before_and_after(tmp_path):
+    metrics = {"rewards": {"gsm8k_answer": 1.0}, "heldout_prompts": 64,
+               "check_before": {"ended_turn": 0.5, "reward": 2 / 64, "exact_match": proportion(2, 64)},
+               "check_after": {"ended_turn": 0.5, "reward": 5 / 64, "exact_match": proportion(5, 64)}}  # fmt: skip
+    text = "\n".join(_grpo_report(ReportContext(tmp_path, {"metrics": metrics}, tmp_path, tmp_path)))
+    assert "- held-out exact final answers: 2/64 = 3.1% [0.9%, 10.7%] before, 5/64 = 7.8% [3.4%, 17.0%] after" in text
 
 
 def test_docstring_prompts_come_from_the_curated_splits(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ from lmforge.align.grpo import Reward, encode_prompts, greedy_samples, train_grp
 from lmforge.align.grpo_config import GRPOConfig
 from lmforge.align.guards import RLGuard
 from lmforge.align.prompts import PromptItem, docstring_prompts, read_prompts
-from lmforge.align.rewards import build_reward, chrf
+from lmforge.align.rewards import build_reward, chrf, gsm8k_answer
 from lmforge.finetune.code_pairs import completes_function
 from lmforge.finetune.config import SFTConfig
 from lmforge.finetune.sft import split_heldout
@@ -32,6 +32,7 @@ from lmforge.model.io import load_checkpoint_tokenizer, load_model, read_model_a
 from lmforge.outdir import inputs_fingerprint, start_job
 from lmforge.registry import ReportContext, Stage, StageContext, register
 from lmforge.report.format import fmt
+from lmforge.stats import proportion
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.config import ParallelConfig
 from lmforge.train.distributed import init_world
@@ -84,6 +85,9 @@ def greedy_check(model: nn.Module, tok: Tokenizer, items: list[PromptItem], ids:
     if all("reference" in it.meta for it in items):
         result["reference_similarity"] = float(np.mean([chrf(s.completion, s.prompt.meta["reference"])
                                                          for s in samples]))  # fmt: skip
+    if all("answer" in it.meta for it in items):
+        # GSM8K's score, whatever the rewards: exact final-answer matches, with the Wilson interval a small n needs.
+        result["exact_match"] = proportion(sum(gsm8k_answer()(samples)), len(samples))
     return result
 
 
@@ -155,7 +159,18 @@ def summary(m: dict[str, Any]) -> list[str]:
         lines.append(f"- similarity of the replies to the held-out functions' own bodies (chrF): "
                      f"{fmt(before['reference_similarity'], '.3f')} before, "
                      f"{fmt(after.get('reference_similarity'), '.3f')} after")
+    if "exact_match" in before:
+        lines.append(f"- held-out exact final answers: {_share(before['exact_match'])} before, "
+                     f"{_share(after.get('exact_match'))} after")
     return lines
+
+
+def _share(p: dict[str, Any] | None) -> str:
+    """A proportion as "k/n = 2.5% [0.9%, 7.1%]" (Wilson 95%)."""
+    if not p:
+        return "-"
+    lo, hi = p["ci95"]
+    return f"{round(p['value'] * p['n'])}/{p['n']} = {fmt(p['value'], '.1%')} [{fmt(lo, '.1%')}, {fmt(hi, '.1%')}]"
 
 
 def _grpo_report(ctx: ReportContext) -> list[str]:
@@ -179,7 +194,8 @@ def grpo_verb(
                              "changed setting, prompts file or checkpoint starts it over."),
     reward: Optional[List[str]] = typer.Option(None, "--reward", help="NAME=WEIGHT, repeatable (default "
                                                "completes_function=1): ends_turn, completes_function, code_parses, "
-                                               "doctests, mbpp_tests, gsm8k_answer, length."),
+                                               "doctests, mbpp_tests, gsm8k_answer, length, "
+                                               "reference_similarity."),
     heldout: Optional[Path] = typer.Option(None, "--heldout", help="Held-out prompts; without it, --val-fraction "
                                            "of --prompts is held out."),
     format: Optional[str] = typer.Option(None, "--format", help="mbpp, gsm8k, messages or prompt (default: "
