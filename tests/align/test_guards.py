@@ -44,3 +44,10 @@ def test_on_blowup_warn_only_warns_and_returns_the_messages(caplog):
 def test_bad_on_blowup_is_refused():
     with pytest.raises(ValueError, match="grpo.on_blowup='ignore': expected stop or warn"):
         RLGuard("grpo", on_blowup="ignore")  # type: ignore[arg-type]
+
+
+def test_kl_advice_names_the_sections_own_kl_weight():
+    with pytest.raises(AlignmentDiverged, match=r"raise ppo\.kl_coef, or raise ppo\.max_kl"):
+        RLGuard("ppo", max_kl=0.5, kl_setting="kl_coef").check(3, {"kl": 0.9})
+    with pytest.raises(AlignmentDiverged, match=r"raise grpo\.beta, or raise grpo\.max_kl"):
+        RLGuard("grpo", max_kl=0.5).check(3, {"kl": 0.9})

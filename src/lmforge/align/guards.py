@@ -27,12 +27,14 @@ class AlignmentDiverged(RuntimeError):
 class RLGuard:
     """Limits on the `kl` and `reward` measures of a step; `setting_prefix` ("grpo", "ppo") names the section
     whose `max_kl`, `max_reward` and `on_blowup` settings the messages point to. A limit of None checks only that
-    the measure is finite."""
+    the measure is finite. `kl_setting` is the section's KL weight, which the advice on a KL blow-up names (GRPO:
+    beta; PPO: kl_coef)."""
 
     setting_prefix: str
     max_kl: float | None = None
     max_reward: float | None = None
     on_blowup: OnBlowup = "stop"
+    kl_setting: str = "beta"
 
     def __post_init__(self) -> None:
         if self.on_blowup not in ("stop", "warn"):
@@ -43,7 +45,7 @@ class RLGuard:
         p = self.setting_prefix
         found = []
         for name, limit, setting, advice in (
-            ("kl", self.max_kl, "max_kl", f"lower the learning rate or raise {p}.beta"),
+            ("kl", self.max_kl, "max_kl", f"lower the learning rate or raise {p}.{self.kl_setting}"),
             ("reward", self.max_reward, "max_reward", "check the reward for a loophole the policy exploits"),
         ):
             if name not in metrics:

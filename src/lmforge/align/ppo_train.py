@@ -321,7 +321,7 @@ def train_ppo(checkpoint: Path, prompts: Sequence[PromptItem], heldout_prompts: 
     scorer = (reward_model_scorer(Path(reward_model), checkpoint, world.device) if reward_model is not None
               else reward_fn_scorer(reward))  # fmt: skip
     model = PolicyWithValue(policy)
-    guard = RLGuard("ppo", max_kl, max_reward, on_blowup)  # without limits it still stops a non-finite KL or reward
+    guard = RLGuard("ppo", max_kl, max_reward, on_blowup, kl_setting="kl_coef")  # without limits it still stops a non-finite KL or reward
     source = PPOBatches(model, reference, tok, train_ids, train_items, scorer, plan,
                         AdaptiveKL(kl_coef, target_kl, kl_horizon), guard, world.dp_rank, world.dp_size)  # fmt: skip
 
