@@ -21,6 +21,8 @@ def test_default_recipe_loads_and_is_the_stdlib_code_recipe():
     assert r.data.source == "stdlib"
     assert r.stages == ["curate", "tokenizer", "shards", "pretrain", "sft", "grpo", "eval", "export", "report"]
     assert r.sft.data == "docstring_pairs" and r.sft.train.max_steps == 100
+    # completes_function alone is won by `return self`; the similarity to the real body keeps replies honest
+    assert r.grpo.rewards == {"completes_function": 1.0, "reference_similarity": 3.0} and r.grpo.train.max_steps == 14
     # A recipe that does not list its stages runs every stage but sft (fine-tuning needs data chosen for it).
     assert validate_recipe({}).stages == ["curate", "tokenizer", "shards", "pretrain", "eval", "export", "report"]
 
