@@ -219,3 +219,8 @@ def test_the_recipe_stage_tunes_the_sft_model_on_docstring_prompts(tmp_path):
         assert m["check_before"][key] == sft["generation_after"][key]
     assert (root / "grpo" / "final" / "model.safetensors").is_file()
     assert "## Alignment (GRPO)" in (root / "report.md").read_text()
+    # the default rewards: the similarity to each pair's own body is trained on and reported before and after
+    assert m["rewards"] == {"completes_function": 1.0, "reference_similarity": 3.0}
+    assert "reward/reference_similarity" in m["final_metrics"]
+    assert 0 <= m["check_before"]["reference_similarity"] <= 1 and 0 <= m["check_after"]["reference_similarity"] <= 1
+    assert "similarity of the replies to the held-out functions' own bodies (chrF)" in (root / "report.md").read_text()
