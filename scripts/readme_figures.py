@@ -36,8 +36,9 @@ def _metrics(run: Path, stage: str) -> dict:
 
 def record(run: Path, wall_seconds: float | None) -> dict:
     """The figures the README quotes, read from a finished run of the default recipe."""
-    manifests = {s: _metrics(run, s) for s in ("curate", "tokenizer", "pretrain", "sft", "eval")}
-    cur, tok, pre, sft, ev = (manifests[s]["metrics"] for s in ("curate", "tokenizer", "pretrain", "sft", "eval"))
+    stages = ("curate", "tokenizer", "pretrain", "sft", "grpo", "eval")
+    manifests = {s: _metrics(run, s) for s in stages}
+    cur, tok, pre, sft, grpo, ev = (manifests[s]["metrics"] for s in stages)
     model = manifests["pretrain"]["config"]["model"]
     results = json.loads((run / "eval" / "results.json").read_text(encoding="utf-8"))
     code = results["tasks"]["stdlib"]
@@ -62,6 +63,11 @@ def record(run: Path, wall_seconds: float | None) -> dict:
         "parses_before": sft["generation_before"]["completes_function"],
         "parses_after": sft["generation_after"]["completes_function"],
         "ended_before": sft["generation_before"]["ended_turn"], "ended_after": sft["generation_after"]["ended_turn"],
+        "grpo_steps": grpo["steps"], "grpo_parses_after": grpo["check_after"]["completes_function"],
+        "grpo_chrf_before": round(grpo["check_before"]["reference_similarity"], 3),
+        "grpo_chrf_after": round(grpo["check_after"]["reference_similarity"], 3),
+        "grpo_tokens_before": round(grpo["check_before"]["mean_new_tokens"], 1),
+        "grpo_tokens_after": round(grpo["check_after"]["mean_new_tokens"], 1),
         "code_problems": code["n_problems"], "code_pass1": code["pass@1"],
         "code_ci95": [round(x, 3) for x in code["pass@1_ci95"]],
         "code_contaminated": code["contamination"]["contaminated"],
@@ -114,6 +120,12 @@ def render(f: dict) -> str:
         f"greedy replies to held-out prompts, those that end their turn go from {_pct(f['ended_before'])} to "
         f"{_pct(f['ended_after'])}, and those that end with a function that parses from {_pct(f['parses_before'])} "
         f"to {_pct(f['parses_after'])} (`lmforge chat runs/stdlib-code/sft/final`);",
+        f"- then {f['grpo_steps']} GRPO steps rewarding replies that end with a function that parses, plus their "
+        f"similarity to the real body: of the same prompts, those that end with a function that parses go from "
+        f"{_pct(f['parses_after'])} to {_pct(f['grpo_parses_after'])}, chrF to the real bodies from "
+        f"{f['grpo_chrf_before']:.3f} to {f['grpo_chrf_after']:.3f}, while the replies shrink from "
+        f"{f['grpo_tokens_before']:.0f} to {f['grpo_tokens_after']:.0f} tokens, mostly one-line calls (what the "
+        "reward can check is what it gets: docs/benchmarks.md, \"GRPO in the default recipe\");",
         f"- a score card with the {f['code_problems']} standard-library doctest tasks run in the sandbox (pass@1 "
         f"{f['code_pass1']:.2f} [{lo:.2f}, {hi:.2f}] for a model this small; {f['code_contaminated']} of the "
         f"{f['code_problems']} functions are in its training data, and the contamination column says so);",
