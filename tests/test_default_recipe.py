@@ -18,7 +18,7 @@ def default_run(tmp_path_factory):
 @pytest.mark.slow
 def test_default_recipe_beats_xz_and_writes_a_report(default_run):
     tmp_path, outcomes = default_run
-    assert [o.action for o in outcomes] == ["ran"] * 8
+    assert [o.action for o in outcomes] == ["ran"] * 9  # curate ... sft, grpo, eval, export, report
     ev = json.loads((tmp_path / "stdlib-code" / "eval" / "manifest.json").read_text())["metrics"]
     assert ev["val_bpb"] < ev["xz_bpb"], f"model {ev['val_bpb']:.3f} bits/byte vs xz {ev['xz_bpb']:.3f}"
     pre = json.loads((tmp_path / "stdlib-code" / "pretrain" / "manifest.json").read_text())["metrics"]
@@ -32,6 +32,10 @@ def test_default_recipe_beats_xz_and_writes_a_report(default_run):
     assert sft["heldout_loss_after"] < sft["heldout_loss_before"] - 0.5
     assert sft["generation_after"]["ended_turn"] >= sft["generation_before"]["ended_turn"] + 0.25
     assert sft["generation_after"]["completes_function"] > sft["generation_before"]["completes_function"]
+    # GRPO after sft: the held-out check before it is sft's after, and the rate the reward checks does not fall.
+    grpo = json.loads((tmp_path / "stdlib-code" / "grpo" / "manifest.json").read_text())["metrics"]
+    assert grpo["check_before"]["completes_function"] == sft["generation_after"]["completes_function"]
+    assert grpo["check_after"]["completes_function"] >= grpo["check_before"]["completes_function"]
 
 
 @pytest.mark.slow
