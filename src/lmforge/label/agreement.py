@@ -56,7 +56,9 @@ def pairwise_cohen_kappa(labels: Mapping[Hashable, Mapping[Hashable, Hashable]])
     out = []
     for ra, rb in itertools.combinations(labels, 2):
         shared = [item for item in labels[ra] if item in labels[rb]]
-        kappa = cohen_kappa([labels[ra][i] for i in shared], [labels[rb][i] for i in shared]) if shared else float("nan")
+        kappa = float("nan")
+        if shared:
+            kappa = cohen_kappa([labels[ra][i] for i in shared], [labels[rb][i] for i in shared])
         out.append(PairKappa(ra, rb, len(shared), kappa))
     return out
 
