@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from lmforge.finetune.data import BadRecord, Conversation, Message, Skipped, iter_records, to_conversation
+from lmforge.finetune.data import BadRecord, Conversation, Message, Skipped, read_formatted, to_conversation
 from lmforge.finetune.template import render
 from lmforge.tokenizer import IGNORE_INDEX, Tokenizer
 
@@ -220,31 +220,13 @@ def read_preferences(path: str | Path, format: str | None = None, ties: Ties = "
                      limit: int | None = None) -> tuple[list[Record], Skipped]:  # fmt: skip
     """Every valid record of `path` (at most `limit`) and the skipped ones with where and why. The format is
     detected from the first record whose keys name one, unless `format` names it."""
-    if format is not None and format not in FORMATS:
-        raise ValueError(f"unknown preference format {format!r}; expected one of {list(FORMATS)}")
     if ties not in ("drop", "keep"):
         raise ValueError(f"ties must be 'drop' or 'keep', got {ties!r}")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"preference data file {path} does not exist")
-    skipped, records, fmt = Skipped(), [], format
-    for location, raw in iter_records(path, skipped):
-        if limit is not None and len(records) >= limit:
-            break
-        fmt = fmt or detect_format(raw)
-        try:
-            if fmt is None:
-                raise BadRecord(f"unknown format: keys {sorted(raw)[:6] if isinstance(raw, dict) else raw!r} name "
-                                f"none of {list(FORMATS)}")  # fmt: skip
-            item = to_record(raw, fmt, ties)
-        except BadRecord as e:
-            skipped.add(location, str(e))
-            continue
-        item.source = location
-        records.append(item)
-    log.info("%s: format %s; %d records kept, %d skipped %s", path, fmt, len(records), skipped.count,
-             skipped.by_reason)  # fmt: skip
-    return records, skipped
+    found, skipped, _ = read_formatted(Path(path), ("preference", "preference data file"), FORMATS, format,
+                                       detect_format, lambda raw, fmt: to_record(raw, fmt, ties), limit)  # fmt: skip
+    for location, record in found:
+        record.source = location
+    return [record for _, record in found], skipped
 
 
 @dataclass

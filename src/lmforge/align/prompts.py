@@ -34,7 +34,7 @@ from typing import Any
 
 from lmforge.data.code_pairs import CodePair
 from lmforge.finetune.code_pairs import conversation
-from lmforge.finetune.data import BadRecord, Conversation, Message, Skipped, iter_records, validate
+from lmforge.finetune.data import BadRecord, Conversation, Message, Skipped, read_formatted, validate
 
 log = logging.getLogger(__name__)
 
@@ -188,30 +188,12 @@ def read_prompts(path: str | Path, format: str | None = None,
     """Every valid prompt of `path` (at most `limit`) and the skipped records with where and why. The format is
     detected from the first record whose keys name one, unless `format` names it. meta["source"] is the record's
     location; meta["id"] defaults to it."""
-    if format is not None and format not in FORMATS:
-        raise ValueError(f"unknown prompt format {format!r}; expected one of {list(FORMATS)}")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    skipped, items, fmt = Skipped(), [], format
-    for location, raw in iter_records(path, skipped):
-        if limit is not None and len(items) >= limit:
-            break
-        fmt = fmt or detect_format(raw)
-        try:
-            if fmt is None:
-                raise BadRecord(f"unknown format: keys {sorted(raw)[:6] if isinstance(raw, dict) else raw!r} name "
-                                f"none of {list(FORMATS)}")  # fmt: skip
-            item = to_prompt(raw, fmt)
-        except BadRecord as e:
-            skipped.add(location, str(e))
-            continue
+    found, skipped, _ = read_formatted(Path(path), ("prompt", "prompt file"), FORMATS, format, detect_format, to_prompt,
+                                       limit)
+    for location, item in found:
         item.meta["source"] = location
         item.meta.setdefault("id", location)
-        items.append(item)
-    log.info("%s: format %s; %d prompts kept, %d skipped %s", path, fmt, len(items), skipped.count,
-             skipped.by_reason)  # fmt: skip
-    return items, skipped
+    return [item for _, item in found], skipped
 
 
 def docstring_prompts(pairs: Sequence[CodePair]) -> list[PromptItem]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -235,6 +235,33 @@ def iter_records(path: Path, skipped: Skipped) -> Iterator[tuple[str, Any]]:
             yield f"{path}[{i}]", record
     else:
         raise ValueError(f"{path}: unsupported extension {path.suffix!r}; expected .json, .jsonl or .jsonl.gz")
+
+
+def read_formatted(path: Path, what: tuple[str, str], formats: Sequence[str], format: str | None,
+                   detect: Callable[[Any], str | None], convert: Callable[[Any, str], Any],
+                   limit: int | None = None) -> tuple[list[tuple[str, Any]], Skipped, str | None]:  # fmt: skip
+    """(location, item) for the records of `path` that `convert(record, fmt)` accepts (at most `limit`), the skipped
+    ones with where and why, and the format: `format`, else detected by `detect(record)` from the first record whose
+    keys name one. `what` names the records and the file in errors (("prompt", "prompt file"))."""
+    if format is not None and format not in formats:
+        raise ValueError(f"unknown {what[0]} format {format!r}; expected one of {list(formats)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"{what[1]} {path} does not exist")
+    skipped, items, fmt = Skipped(), [], format
+    for location, raw in iter_records(path, skipped):
+        if limit is not None and len(items) >= limit:
+            break
+        fmt = fmt or detect(raw)
+        try:
+            if fmt is None:
+                raise BadRecord(f"unknown format: keys {sorted(raw)[:6] if isinstance(raw, dict) else raw!r} name "
+                                f"none of {list(formats)}")  # fmt: skip
+            items.append((location, convert(raw, fmt)))
+        except BadRecord as e:
+            skipped.add(location, str(e))
+    log.info("%s: format %s; %d records kept, %d skipped %s", path, fmt, len(items), skipped.count,
+             skipped.by_reason)  # fmt: skip
+    return items, skipped, fmt
 
 
 def read_conversations(
