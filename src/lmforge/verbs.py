@@ -81,6 +81,17 @@ def settings(overrides: list[str], allowed: set[str], given: dict | None = None)
         fail(str(e), 2)
 
 
+def stage_settings(section: str, overrides: list[str] | None, chosen: dict[str, Any], *,
+                   section_overrides: bool = False) -> Any:
+    """The settings of a verb that runs one training stage: its options (`chosen`; None: not given) as the
+    `section`'s settings, `train.*` overrides as `section.train.*` (the stage's own training defaults), `parallel.*`
+    as given, and `section.*` overrides too when `section_overrides`. A bad override is named as the user wrote it."""
+    overrides = list(overrides or [])
+    settings(overrides, {"train", "parallel"} | ({section} if section_overrides else set()))
+    moved = [f"{section}.{o}" if o.startswith("train.") else o for o in overrides]
+    return settings(moved, {section, "parallel"}, given={section: {k: v for k, v in chosen.items() if v is not None}})
+
+
 def recipe_settings(recipe: str, overrides: list[str]) -> Any:
     """A recipe's settings (a file or a built-in name) with overrides; a bad one is a usage error."""
     try:

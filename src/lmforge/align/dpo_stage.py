@@ -130,9 +130,7 @@ def dpo_verb(
               "label_smoothing": label_smoothing, "format": format, "limit": limit, "val_fraction": val_fraction,
               "max_len": max_len, "lora_rank": lora_rank,
               "lora_targets": [t.strip() for t in lora_targets.split(",") if t.strip()] if lora_targets else None}
-    verbs.settings(list(overrides or []), {"train", "dpo", "parallel"})  # names a bad override as the user wrote it
-    moved = [f"dpo.{o}" if o.startswith("train.") else o for o in overrides or []]
-    cfg = verbs.settings(moved, {"dpo", "parallel"}, given={"dpo": {k: v for k, v in chosen.items() if v is not None}})
+    cfg = verbs.stage_settings("dpo", overrides, chosen, section_overrides=True)
     with verbs.output_checked():
         m = verbs.run_stage(DPO_STAGE, cfg, out, model=checkpoint)
     typer.echo("\n".join([*summary(m), f"model in {out / 'final'}"]))

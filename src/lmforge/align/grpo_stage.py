@@ -221,10 +221,7 @@ def grpo_verb(
     chosen = {"prompts": str(prompts) if prompts else DOCSTRING_PAIRS,
               "heldout_prompts": str(heldout) if heldout else None, "format": format, "limit": limit,
               "val_fraction": val_fraction, "rewards": weights or None}  # fmt: skip
-    verbs.settings(list(overrides or []), {"train", "grpo", "parallel"})  # names a bad override as the user wrote it
-    moved = [f"grpo.{o}" if o.startswith("train.") else o for o in overrides or []]
-    cfg = verbs.settings(moved, {"grpo", "parallel"},
-                         given={"grpo": {k: v for k, v in chosen.items() if v is not None}})  # fmt: skip
+    cfg = verbs.stage_settings("grpo", overrides, chosen, section_overrides=True)
     with verbs.output_checked():
         m = verbs.run_stage(GRPO_STAGE, cfg, out, model=checkpoint, curated=curated)
     for line in [*summary(m), f"- model in {out / 'final'}"]:

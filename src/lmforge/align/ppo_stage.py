@@ -153,9 +153,7 @@ def ppo_verb(
     to the start model), reporting the held-out prompts' reward before and after."""
     chosen = {"prompts": str(prompts), "reward_model": str(reward_model) if reward_model else None,
               "rewards": parse_rewards(reward) if reward else None, "format": format, "limit": limit}  # fmt: skip
-    verbs.settings(list(overrides or []), {"train", "parallel", "ppo"})  # names a bad override as the user wrote it
-    moved = [f"ppo.{o}" if o.startswith("train.") else o for o in overrides or []]
-    cfg = verbs.settings(moved, {"ppo", "parallel"}, given={"ppo": {k: v for k, v in chosen.items() if v is not None}})
+    cfg = verbs.stage_settings("ppo", overrides, chosen, section_overrides=True)
     with verbs.output_checked():
         m = verbs.run_stage(PPO_STAGE, cfg, out, model=checkpoint)
     typer.echo("\n".join([*summary(m), f"policy in {out / 'final'}"]))

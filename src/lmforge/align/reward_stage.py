@@ -142,10 +142,7 @@ def reward_verb(
     chosen = {"data": str(data), "heldout_data": str(heldout_data) if heldout_data else None, "format": format,
               "limit": limit, "val_fraction": val_fraction, "max_len": max_len, "max_prompt_len": max_prompt_len,
               "margin": margin, "center_coef": center_coef}  # fmt: skip
-    verbs.settings(list(overrides or []), {"train", "parallel"})  # names a bad override as the user wrote it
-    moved = [f"reward.{o}" if o.startswith("train.") else o for o in overrides or []]
-    cfg = verbs.settings(moved, {"reward", "parallel"},
-                         given={"reward": {k: v for k, v in chosen.items() if v is not None}})  # fmt: skip
+    cfg = verbs.stage_settings("reward", overrides, chosen)
     with verbs.output_checked():
         m = verbs.run_stage(REWARD_STAGE, cfg, out, model=checkpoint)
     for line in [*summary(m), f"- reward model in {out / 'final'}"]:

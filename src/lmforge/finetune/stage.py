@@ -363,9 +363,7 @@ def sft_verb(
               "prompt_field": prompt_field, "response_field": response_field, "system_field": system_field,
               "val_fraction": val_fraction, "limit": limit,
               "lora_targets": [t.strip() for t in lora_targets.split(",") if t.strip()] if lora_targets else None}
-    verbs.settings(list(overrides or []), {"train", "parallel"})  # names a bad override as the user wrote it
-    moved = [f"sft.{o}" if o.startswith("train.") else o for o in overrides or []]
-    cfg = verbs.settings(moved, {"sft", "parallel"}, given={"sft": {k: v for k, v in chosen.items() if v is not None}})
+    cfg = verbs.stage_settings("sft", overrides, chosen)
     with verbs.output_checked():
         m = verbs.run_stage(SFT_STAGE, cfg, out, model=checkpoint)
     before, after = m.get("heldout_loss_before"), m.get("heldout_loss_after")
