@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from helpers import hf_tokenizer_dir, tiny_chat_model
 
-from lmforge.align.preferences import (LabelledReply, PreferencePair, majority, read_preferences, render_pair,
-                                       render_pairs)  # fmt: skip
+from lmforge.align.preferences import (LabelledReply, PreferencePair, majority, preference_record, read_preferences,
+                                       render_pair, render_pairs)  # fmt: skip
 from lmforge.finetune.data import BadRecord, Message, Skipped
 from lmforge.tokenizer import IGNORE_INDEX, Tokenizer
 
@@ -79,7 +79,7 @@ def test_hh_rlhf_multi_turn_and_bad_records(tmp_path):
     other = write_jsonl(tmp_path / "other.jsonl", [{"text": "x"}, {"chosen": turns + " A.", "rejected": turns + " B."}])
     assert read_preferences(other)[1].examples == [
         f"{other}:1: unknown format: keys ['text'] name none of "
-        "['hh_rlhf', 'trl', 'llamafactory_dpo', 'llamafactory_kto', 'pandalm']"]
+        "['hh_rlhf', 'trl', 'llamafactory_dpo', 'llamafactory_kto', 'pandalm', 'lmforge']"]
     assert read_preferences(other, format="hh_rlhf")[1].examples == [f"{other}:1: missing key: 'chosen'"]
     with pytest.raises(ValueError, match="unknown preference format 'dpo'"):
         read_preferences(other, format="dpo")
@@ -162,6 +162,28 @@ def test_pandalm_majority_and_ties(tmp_path):
     assert skipped.by_reason == {"no majority": 1}
     with pytest.raises(ValueError, match="ties must be"):
         read_preferences(path, ties="half")
+
+
+def test_lmforge_records_round_trip_with_ties_and_both_bad(tmp_path):
+    prompt = [Message("system", "Be brief."), Message("user", "Name a colour.")]
+    votes = {"source": "human", "votes": [{"annotator": "ann1", "choice": "b"}]}
+    records = [preference_record(prompt, "Red.", "Blue.", choice, votes, id=f"c{i}")
+               for i, choice in enumerate(["a", "b", "tie", "both_bad"])]  # fmt: skip
+    assert records[1]["chosen"] == [{"role": "assistant", "content": "Blue."}] and records[1]["provenance"] == votes
+    assert (records[2]["tie"], records[2]["both_bad"], records[3]["tie"], records[3]["both_bad"]) == (1, 0, 0, 1)
+    path = write_jsonl(tmp_path / "labels.jsonl", [*records, {**records[0], "tie": "yes"},
+                                                    {**records[0], "provenance": "human"}])  # fmt: skip
+    kept, skipped = read_preferences(path)
+    assert kept == [PreferencePair(prompt, "Red.", "Blue.", id="c0", source=f"{path}:1"),
+                    PreferencePair(prompt, "Blue.", "Red.", id="c1", source=f"{path}:2")]  # fmt: skip
+    assert skipped.by_reason == {"tie": 1, "both bad": 1, "wrong type": 2}
+    kept, skipped = read_preferences(path, ties="keep")
+    assert [(p.chosen, p.tie) for p in kept] == [("Red.", False), ("Blue.", False), ("Red.", True), ("Red.", True)]
+    assert skipped.by_reason == {"wrong type": 2}
+    with pytest.raises(ValueError, match="choice must be one of"):
+        preference_record(prompt, "Red.", "Blue.", "left", votes)
+    with pytest.raises(ValueError, match="ending with a user message"):
+        preference_record(prompt[:1], "Red.", "Blue.", "a", votes)
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,9 @@ Formats, auto-detected per file from the first record's keys (or named with `for
 - `llamafactory_kto`: `{messages: [{role, content}], label: bool}`, the last message the labelled reply.
 - `pandalm`: `{instruction, input, response1, response2, annotator1..3}`, votes 0 (tie), 1 or 2: the majority
   vote picks the chosen response; a tie is dropped (counted) or, with `ties="keep"`, kept with `tie=True`.
+- `lmforge`: what lmforge's labelling app and judges write (`preference_record`): TRL's conversational record
+  plus `tie`, `both_bad` and `provenance` (who decided, every vote, the models). A tie or "both bad" is dropped
+  (counted) or kept with `tie=True`, as PandaLM's ties are.
 
 Files are .json arrays, .jsonl or .jsonl.gz (lmforge.finetune.data.iter_records). A bad record is skipped and
 counted in `Skipped` with its location (`file:line`, or `file[index]` in a JSON array) and a reason; it never
@@ -32,7 +35,8 @@ from lmforge.tokenizer import IGNORE_INDEX, Tokenizer
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("hh_rlhf", "trl", "llamafactory_dpo", "llamafactory_kto", "pandalm")
+FORMATS = ("hh_rlhf", "trl", "llamafactory_dpo", "llamafactory_kto", "pandalm", "lmforge")
+CHOICES = ("a", "b", "tie", "both_bad")  # a vote on replies a and b of one prompt
 Ties = Literal["drop", "keep"]
 _HH_ASSISTANT = "\n\nAssistant:"
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -80,6 +84,8 @@ def detect_format(record: Any) -> str | None:
         return "llamafactory_kto"
     if "response1" in record and "annotator1" in record:
         return "pandalm"
+    if "provenance" in record and "chosen" in record:
+        return "lmforge"
     if "chosen" in record and "rejected" in record:
         return "trl" if "prompt" in record else "hh_rlhf"
     return None
@@ -193,6 +199,42 @@ def _pandalm(record: dict[str, Any], ties: Ties) -> PreferencePair:
     return _pair(prompt_c, chosen, prompt_r, rejected, id=_id(record, "idx"), tie=winner == 0)
 
 
+def _lmforge(record: dict[str, Any], ties: Ties) -> PreferencePair:
+    tie = record.get("tie", False)
+    both_bad = record.get("both_bad", False)
+    if not isinstance(tie, bool) or not isinstance(both_bad, bool):
+        raise BadRecord(f"wrong type: 'tie' and 'both_bad' must be true or false, got {tie!r} and {both_bad!r}")
+    if not isinstance(record.get("provenance"), dict):
+        raise BadRecord("wrong type: 'provenance' must be an object (who decided, the votes, the models)")
+    undecided = tie or both_bad
+    if undecided and ties == "drop":
+        kind = "both bad" if both_bad else "tie"
+        raise BadRecord(f"{kind}: the labels prefer neither reply (keep with ties='keep')")
+    pair = _trl(record)
+    pair.tie = undecided
+    return pair
+
+
+def preference_record(prompt: Conversation, a: str, b: str, choice: str, provenance: dict[str, Any],
+                      id: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """One `lmforge`-format record: replies `a` and `b` to `prompt` and the decision `choice` ("a", "b", "tie" or
+    "both_bad"). On a tie or both bad, chosen / rejected are a / b in that order and `tie` / `both_bad` say so."""
+    if choice not in CHOICES:
+        raise ValueError(f"choice must be one of {list(CHOICES)}, got {choice!r}")
+    if not prompt or prompt[-1].role != "user":
+        raise ValueError("the prompt must be a conversation ending with a user message")
+    chosen, rejected = (b, a) if choice == "b" else (a, b)
+    return {
+        "id": id,
+        "prompt": [{"role": m.role, "content": m.content} for m in prompt],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+        "tie": choice == "tie",
+        "both_bad": choice == "both_bad",
+        "provenance": provenance,
+    }
+
+
 def _string(record: dict[str, Any], key: str) -> str:
     value = record.get(key)
     if key not in record:
@@ -212,6 +254,8 @@ def to_record(record: Any, fmt: str, ties: Ties = "drop") -> Record:
         raise BadRecord(f"wrong type: record must be an object, got {type(record).__name__}")
     if fmt == "pandalm":
         return _pandalm(record, ties)
+    if fmt == "lmforge":
+        return _lmforge(record, ties)
     return {"hh_rlhf": _hh_rlhf, "trl": _trl, "llamafactory_dpo": _llamafactory_dpo,
             "llamafactory_kto": _llamafactory_kto}[fmt](record)  # fmt: skip
 
