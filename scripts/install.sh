@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install lmforge into a virtual environment (default .venv; set VENV to change it).
 #   scripts/install.sh         the package and its runtime dependencies
-#   scripts/install.sh --dev   plus the test tools (pytest, transformers for the export checks)
+#   scripts/install.sh --dev   plus the test tools (pytest, transformers for the export checks) and Debian's
+#                              Chromium for the browser tests (scripts/install_chromium.sh: apt-get, as root)
 #   scripts/install.sh --bench plus the peers the benchmarks compare against
 # Without an NVIDIA GPU it installs the CPU build of PyTorch (pinned, small, no CUDA download); with one it lets
 # pip pick the default CUDA build. Set TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cpu) to choose the
@@ -12,9 +13,10 @@ cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 PYTHON="${PYTHON:-python3}"
 EXTRAS=""
+DEV=""
 for arg in "$@"; do
   case "$arg" in
-    --dev) EXTRAS="${EXTRAS:+$EXTRAS,}dev" ;;
+    --dev) EXTRAS="${EXTRAS:+$EXTRAS,}dev"; DEV=1 ;;
     --bench) EXTRAS="${EXTRAS:+$EXTRAS,}bench" ;;
     *) echo "unknown option $arg (allowed: --dev, --bench)" >&2; exit 2 ;;
   esac
@@ -39,4 +41,5 @@ then
 fi
 
 "${PIP[@]}" -e ".${EXTRAS:+[$EXTRAS]}"
+[ -z "$DEV" ] || scripts/install_chromium.sh
 "$VENV/bin/python" -c "import torch, lmforge; print(f'lmforge {lmforge.__version__} with torch {torch.__version__} in $VENV')"
