@@ -22,7 +22,7 @@ class EvalConfig(Section):
     # max_seq_len - stride tokens of context. None = disjoint windows (each token's context starts at its window).
     stride: int | None = Field(None, gt=0)
     # Benchmarks (docs/evaluation.md): built-in names (arc_easy, arc_challenge, hellaswag, piqa, copa, openbook_qa,
-    # winogrande, lambada, gsm8k) found under task_dir, or NAME=FILE.jsonl in any supported format.
+    # winogrande, lambada, gsm8k, hhh, hhh_replies) found under task_dir, or NAME=FILE.jsonl in any supported format.
     tasks: list[str] = Field(default_factory=list)
     task_dir: str | None = None
     limit: int | None = Field(None, gt=0)  # examples per task; None = all

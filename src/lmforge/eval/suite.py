@@ -42,10 +42,13 @@ def task_kind(name: str, path: Path) -> str:
             return "lambada"
         if {"question", "answer"} <= keys:
             return "gsm8k"
+        if {"prompt", "corrects", "incorrects"} <= keys:
+            return "hhh"
         if {"prompt", "reference"} <= keys:
             return "generation"
         raise T.TaskError(f"{path}: cannot tell the task format from keys {sorted(keys)}; expected query/choices/gold, "
-                          "context_options/continuation/gold, context/continuation, question/answer or prompt/reference")
+                          "context_options/continuation/gold, context/continuation, question/answer, "
+                          "prompt/corrects/incorrects or prompt/reference")
     raise T.TaskError(f"{path} has no JSON records")
 
 
@@ -57,6 +60,10 @@ def run_task(lm: LanguageModel, name: str, path: Path, cfg: EvalConfig) -> tuple
     if kind == "mc":
         delimiter = T.MC_TASKS.get(name, ("", " "))[1]
         examples, skipped = T.load_mc(path, delimiter, cfg.limit)
+        result = T.score_mc(lm, examples, label=name, **opts)
+        texts = [ex.texts for ex in examples]
+    elif kind in T.HHH_TASKS:
+        examples, skipped = T.load_hhh(path, cfg.limit, replies=kind == "hhh_replies")
         result = T.score_mc(lm, examples, label=name, **opts)
         texts = [ex.texts for ex in examples]
     elif kind == "lambada":

@@ -45,7 +45,12 @@ MC_TASKS: dict[str, tuple[str, str]] = {
     "openbook_qa": ("openbook_qa.jsonl", " "),
     "winogrande": ("winogrande.jsonl", " "),
 }
-OTHER_TASKS = {"lambada": "lambada_openai.jsonl", "gsm8k": "gsm8k.jsonl"}
+# The Constitutional AI paper's 438 HHH evaluations: `hhh` scores the record's own question (the dialogue, both
+# replies as options, "The answer is:") with the two option letters as the choices; `hhh_replies` scores the two
+# replies themselves as continuations of the dialogue (text_correct / text_incorrect), which a small model that
+# cannot answer a lettered question can still be measured on.
+HHH_TASKS = {"hhh": "438HHHEvaluations.jsonl", "hhh_replies": "438HHHEvaluations.jsonl"}
+OTHER_TASKS = {"lambada": "lambada_openai.jsonl", "gsm8k": "gsm8k.jsonl", **HHH_TASKS}
 TASK_NAMES = (*MC_TASKS, *OTHER_TASKS)
 _NO_SPACE_BEFORE = tuple(",.;:!?)'\"")
 
@@ -157,6 +162,49 @@ def load_records(path: Path, parse: Callable[[dict], T_], what: str,
     if not items:
         raise TaskError(f"{path} has no valid {what} record ({skipped.count} skipped: {skipped.examples})")
     return items, skipped
+
+
+_ASSISTANT = "\n\nAssistant:"
+
+
+def _one(rec: dict, key: str) -> str:
+    value = rec.get(key)
+    if not isinstance(value, list) or len(value) != 1 or not isinstance(value[0], str) or not value[0]:
+        raise ValueError(f"'{key}' must be a list of one non-empty string, got {value!r}")
+    return value[0]
+
+
+def _reply(rec: dict, key: str) -> tuple[str, str]:
+    """(the dialogue up to and including the last "\n\nAssistant:", the reply after it) of a transcript."""
+    text = rec.get(key)
+    cut = text.rfind(_ASSISTANT) if isinstance(text, str) else -1
+    if cut < 0 or not text[cut + len(_ASSISTANT) :].strip():
+        raise ValueError(f"'{key}' must be a transcript ending with an Assistant turn")
+    return text[: cut + len(_ASSISTANT)], text[cut + len(_ASSISTANT) :]
+
+
+def hhh_example(rec: dict, replies: bool = False) -> MCExample:
+    """One HHH record ({prompt, corrects, incorrects, text_correct?, text_incorrect?}) as a two-way choice. The
+    choices keep the order of the options the prompt shows ((A) before (B)), so a model that always prefers one
+    position scores what that position's share of correct answers is, not 100%. With `replies`, the choices are the
+    two replies as continuations of the shared dialogue."""
+    prompt, correct, incorrect = rec.get("prompt"), _one(rec, "corrects"), _one(rec, "incorrects")
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError("'prompt' must be a non-empty string")
+    gold = int(correct.strip() > incorrect.strip())  # the options' letters: " (A)" sorts before " (B)"
+    if replies:
+        (context, right), (other, wrong) = _reply(rec, "text_correct"), _reply(rec, "text_incorrect")
+        if context != other:
+            raise ValueError("'text_correct' and 'text_incorrect' must share the dialogue before the last reply")
+        contexts, pair = [context, context], [right, wrong]
+    else:
+        contexts, pair = [prompt, prompt], [correct, incorrect]
+    continuations = pair if gold == 0 else pair[::-1]
+    return MCExample(contexts, continuations, [len(c) for c in continuations], gold, [contexts[0], *continuations])
+
+
+def load_hhh(path: Path, limit: int | None = None, replies: bool = False) -> tuple[list[MCExample], Skipped]:
+    return load_records(path, lambda rec: hhh_example(rec, replies), "HHH", limit)
 
 
 def load_mc(path: Path, delimiter: str = " ", limit: int | None = None) -> tuple[list[MCExample], Skipped]:
