@@ -162,6 +162,20 @@ def test_artifacts_come_from_the_latest_producer_in_the_recipe():
     assert paths == {"model": Path("/r/sft/final")}
 
 
+def test_an_optional_need_is_read_only_from_a_stage_of_the_recipe():
+    reader = Stage(name="toy_reader", order=17, run=_total, needs=("counts", "total?"), default=False)
+    with registry.registered(COUNT, TOTAL, reader):
+        assert registry.upstream(reader, ["toy_count", "toy_total", "toy_reader"]) == ["toy_count", "toy_total"]
+        assert registry.upstream(reader, ["toy_count", "toy_reader"]) == ["toy_count"]
+        assert registry.artifact_paths(reader, ["toy_count", "toy_total", "toy_reader"], Path("/r")) == {
+            "counts": Path("/r/toy_count/counts.jsonl"), "total": Path("/r/toy_total/manifest.json")}
+        assert registry.artifact_paths(reader, ["toy_reader"], Path("/r")) == {
+            "counts": Path("/r/toy_count/counts.jsonl")}, "a plain need falls back to the first producer"
+    # The reward and dpo stages train on the labels of a judge or cai stage when the recipe has one.
+    for name in ("reward", "dpo"):
+        assert "preferences?" in registry.get(name).needs
+
+
 SPINE = ("pipeline.py", "recipe.py", "registry.py", "runs.py", "verbs.py", "cli.py", "outdir.py", "report/report.py")
 
 

@@ -9,7 +9,9 @@ section of the report, and optionally its command-line verb. `lmforge run` (lmfo
 
 Stages talk only through artifacts. A stage `needs` artifacts by name ("model"), taken from the latest stage
 before it in the recipe that produces one (or, when the recipe has none, from the earliest registered producer:
-the base every later one derives from), or pinned to a stage ("pretrain.model").
+the base every later one derives from), or pinned to a stage ("pretrain.model"). An optional need ends with "?"
+("preferences?"): it is read only from a stage of the recipe that produces it (the reward stage trains on the
+judge stage's labels when the recipe has one), and is absent otherwise.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ BUILTIN = (
     "lmforge.align.dpo_stage",
     "lmforge.align.ppo_stage",
     "lmforge.align.grpo_stage",
+    "lmforge.judge.stage",
     "lmforge.eval.run",
     "lmforge.hf",
     "lmforge.report.report",
@@ -98,7 +101,8 @@ class Stage:
     sections: Mapping[str, type[BaseModel]] = field(default_factory=dict)  # recipe sections it owns
     # The sections whose settings invalidate its output (a changed one re-runs it); None: the sections it owns.
     fingerprinted: tuple[str, ...] | None = None
-    needs: tuple[str, ...] = ()  # artifacts it reads: "model", or pinned to a stage, "pretrain.model"
+    # artifacts it reads: "model", or pinned to a stage, "pretrain.model"; optional (only from the recipe) "name?"
+    needs: tuple[str, ...] = ()
     produces: Mapping[str, str] = field(default_factory=dict)  # artifact -> path inside its folder
     report: Renderer | None = None  # its section of report.md
     headline: Renderer | None = None  # lines at the top of report.md (the run's main result)
@@ -198,6 +202,16 @@ def in_default_recipe(stage: Stage, settings: Any) -> bool:
     return stage.default(settings) if callable(stage.default) else stage.default
 
 
+def optional_producer(artifact: str, stage: Stage, recipe_stages: list[str]) -> Stage | None:
+    """The stage of the recipe, before `stage`, whose output `stage` reads as `artifact`: the latest producer for a
+    plain or optional need ("name?"), None when an optional need has no producer in the recipe."""
+    if not artifact.endswith("?"):
+        return producer(artifact, stage, recipe_stages)
+    name = artifact[:-1]
+    in_recipe = [s for s in all_stages() if s.order < stage.order and name in s.produces and s.name in recipe_stages]
+    return in_recipe[-1] if in_recipe else None
+
+
 def producer(artifact: str, stage: Stage, recipe_stages: list[str]) -> Stage:
     """The stage whose output `stage` reads as `artifact` in a recipe with these stages."""
     pinned, _, name = artifact.rpartition(".")
@@ -215,24 +229,29 @@ def producer(artifact: str, stage: Stage, recipe_stages: list[str]) -> Stage:
 
 
 def artifact_name(artifact: str) -> str:
-    """"pretrain.model" -> "model"."""
-    return artifact.rpartition(".")[2]
+    """"pretrain.model" -> "model"; "preferences?" -> "preferences"."""
+    return artifact.rpartition(".")[2].rstrip("?")
+
+
+def _sources(stage: Stage, recipe_stages: list[str]) -> Iterator[tuple[str, Stage]]:
+    for artifact in stage.needs:
+        source = optional_producer(artifact, stage, recipe_stages)
+        if source is not None:
+            yield artifact_name(artifact), source
 
 
 def upstream(stage: Stage, recipe_stages: list[str]) -> list[str]:
     """The stages whose output `stage` reads, in the order its `needs` names them, without repeats."""
-    return list(dict.fromkeys(producer(a, stage, recipe_stages).name for a in stage.needs))
+    return list(dict.fromkeys(source.name for _, source in _sources(stage, recipe_stages)))
 
 
 def artifact_paths(stage: Stage, recipe_stages: list[str], root: Path) -> dict[str, Path]:
-    """Where each artifact `stage` needs lies in the run directory `root`."""
-    paths = {}
-    for artifact in stage.needs:
-        source = producer(artifact, stage, recipe_stages)
-        paths[artifact_name(artifact)] = root / source.name / source.produces[artifact_name(artifact)]
-    return paths
+    """Where each artifact `stage` needs lies in the run directory `root` (an optional one without a producer in
+    the recipe is left out)."""
+    return {name: root / source.name / source.produces[name] for name, source in _sources(stage, recipe_stages)}
 
 
 __all__ = ["Stage", "StageContext", "ReportContext", "StageError", "register", "unregister", "registered", "get",
-           "all_stages", "names", "section_owners", "upstream", "artifact_paths", "producer", "in_default_recipe",
+           "all_stages", "names", "section_owners", "upstream", "artifact_paths", "producer", "optional_producer",
+           "in_default_recipe",
            "BUILTIN"]

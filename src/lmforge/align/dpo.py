@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from lmforge.align.losses import dpo_loss, kto_loss, simpo_loss
 from lmforge.align.pair_batches import PairBatches, collate_pairs, split_sides
 from lmforge.align.preferences import LabelledReply, PreferencePair, RenderedPair, render_pairs
-from lmforge.align.ref_cache import ReferenceLogps, compute_reference, pair_logps, reference_logps
+from lmforge.align.ref_cache import ReferenceLogps, pair_logps, reference_logps
 from lmforge.finetune.data import Skipped
 from lmforge.finetune.sft import ADAPTER_DIR, ADAPTER_NAME, live_checkpoint_writer, write_plain
 from lmforge.losses import LossContext, LossResult, Metrics

@@ -29,7 +29,7 @@ class DPOConfig(Section):
 
     # A preference file (hh-rlhf, TRL, LLaMA-Factory dpo or kto, PandaLM: lmforge.align.preferences); required.
     data: str | None = None
-    format: Literal["hh_rlhf", "trl", "llamafactory_dpo", "llamafactory_kto", "pandalm"] | None = None
+    format: Literal["hh_rlhf", "trl", "llamafactory_dpo", "llamafactory_kto", "pandalm", "lmforge"] | None = None
     limit: int | None = Field(None, gt=0)  # read only the first N records
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # share of the records held out, by train.seed
     heldout_limit: int = Field(200, gt=0)  # at most this many held-out records (the first of the held-out share)

@@ -18,6 +18,7 @@ from lmforge import verbs
 from lmforge.align.dpo import FALLING_ADVICE, HELDOUT, OUTPUTS, train_dpo
 from lmforge.align.dpo_config import DPOConfig
 from lmforge.align.preferences import LabelledReply, read_preferences
+from lmforge.align.reward_stage import data_from_run
 from lmforge.finetune.sft import split_heldout
 from lmforge.model.io import require_checkpoint
 from lmforge.model.lora import LoRAConfig
@@ -71,7 +72,7 @@ def run_dpo(checkpoint: Path, cfg: DPOConfig, out: Path, parallel: ParallelConfi
 
 
 def _dpo_stage(ctx: StageContext) -> dict[str, Any]:
-    return run_dpo(ctx.input("model"), ctx.settings.dpo, ctx.out, ctx.settings.parallel)
+    return run_dpo(ctx.input("model"), data_from_run(ctx.settings.dpo, ctx), ctx.out, ctx.settings.parallel)
 
 
 def summary(m: dict[str, Any]) -> list[str]:
@@ -138,7 +139,8 @@ def dpo_verb(
 
 # Not a default stage: preference tuning needs preference data chosen for it (a recipe adds "dpo" to its stages).
 DPO_STAGE = register(Stage(
-    name="dpo", order=53, run=_dpo_stage, sections={"dpo": DPOConfig}, needs=("model",), training=True,
+    name="dpo", order=55, run=_dpo_stage, sections={"dpo": DPOConfig}, needs=("model", "preferences?"),
+    training=True,
     default=False, produces={"model": "final"}, report=_dpo_report, verb=dpo_verb,
 ))  # fmt: skip
 

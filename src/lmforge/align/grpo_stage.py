@@ -231,6 +231,6 @@ def grpo_verb(
 # Not a default stage: it needs a model that already follows the chat template (the default recipe lists it after
 # sft).
 GRPO_STAGE = register(Stage(
-    name="grpo", order=55, run=_grpo_stage, sections={"grpo": GRPOConfig}, needs=("model", "curated"), training=True,
+    name="grpo", order=57, run=_grpo_stage, sections={"grpo": GRPOConfig}, needs=("model", "curated"), training=True,
     default=False, produces={"model": "final"}, report=_grpo_report, verb=grpo_verb,
 ))  # fmt: skip

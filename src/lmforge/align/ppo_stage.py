@@ -161,7 +161,7 @@ def ppo_verb(
 
 # Not a default stage: PPO needs prompts and a reward chosen for them (a recipe adds "ppo" to its stages).
 PPO_STAGE = register(Stage(
-    name="ppo", order=54, run=_ppo_stage, sections={"ppo": PPOConfig}, needs=("model",), training=True,
+    name="ppo", order=56, run=_ppo_stage, sections={"ppo": PPOConfig}, needs=("model",), training=True,
     default=False, produces={"model": "final"}, report=_ppo_report, verb=ppo_verb, sources=_sources,
 ))  # fmt: skip
 

@@ -32,7 +32,7 @@ class RewardConfig(Section):
     # A second preference file to evaluate on; without it, val_fraction of `data` is held out by train.seed.
     heldout_data: str | None = None
     # The files' format (lmforge.align.preferences), else detected from the first record.
-    format: Literal["hh_rlhf", "trl", "llamafactory_dpo", "pandalm"] | None = None
+    format: Literal["hh_rlhf", "trl", "llamafactory_dpo", "pandalm", "lmforge"] | None = None
     limit: int | None = Field(None, gt=0)  # read only the first N pairs of each file
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # the share of `data` held out when no heldout_data
     max_len: int | None = Field(None, gt=0)  # tokens per side (prompt + reply); a longer reply keeps its head

@@ -22,7 +22,7 @@ from lmforge.align.rm_train import OUTPUTS, train_reward_model
 from lmforge.finetune.sft import split_heldout
 from lmforge.model.io import require_checkpoint
 from lmforge.outdir import inputs_fingerprint, start_job
-from lmforge.registry import ReportContext, Stage, StageContext, register
+from lmforge.registry import ReportContext, Stage, StageContext, optional_producer, register
 from lmforge.report.format import fmt
 from lmforge.train.config import ParallelConfig
 from lmforge.train.distributed import init_world
@@ -77,15 +77,25 @@ def run_reward(checkpoint: Path, cfg: RewardConfig, out: Path, parallel: Paralle
     return {**metrics, "read_skipped": read_skipped, "data": cfg.data, "heldout_data": cfg.heldout_data}
 
 
+def data_from_run(cfg: Any, ctx: StageContext) -> Any:
+    """`cfg` with `data` set to the labels an earlier stage of the run wrote (the judge or cai stage's
+    "preferences") when the recipe names no file; unchanged otherwise."""
+    if cfg.data is None and "preferences" in ctx.inputs:
+        return cfg.model_copy(update={"data": str(ctx.inputs["preferences"])})
+    return cfg
+
+
 def _reward_stage(ctx: StageContext) -> dict[str, Any]:
-    return run_reward(ctx.input("model"), ctx.settings.reward, ctx.out, ctx.settings.parallel)
+    return run_reward(ctx.input("model"), data_from_run(ctx.settings.reward, ctx), ctx.out, ctx.settings.parallel)
 
 
 def _check_data(settings: Any) -> None:
-    """A recipe that runs the reward stage names its preference file (there is no default data to learn from)."""
-    if settings.reward.data is None:
+    """A recipe that runs the reward stage names its preference file, or has a stage before it that labels pairs
+    (judge, cai): there is no default data to learn from."""
+    if settings.reward.data is None and optional_producer("preferences?", REWARD_STAGE, list(settings.stages)) is None:
         raise ValueError("the reward stage needs preference data: set reward.data to a preference file (hh-rlhf, "
-                         "TRL, LLaMA-Factory dpo or PandaLM records)")  # fmt: skip
+                         "TRL, LLaMA-Factory dpo, PandaLM or lmforge records), or add a stage that labels pairs "
+                         "(judge, cai) before it")  # fmt: skip
 
 
 def _interval(acc: dict[str, Any] | None) -> str:
@@ -121,7 +131,7 @@ def reward_verb(
                              "changed setting, data file or checkpoint starts it over."),
     heldout_data: Optional[Path] = typer.Option(None, "--heldout-data", help="Pairs to evaluate on; without it, "
                                                 "--val-fraction of --data is held out."),
-    format: Optional[str] = typer.Option(None, "--format", help="hh_rlhf, trl, llamafactory_dpo or pandalm "
+    format: Optional[str] = typer.Option(None, "--format", help="hh_rlhf, trl, llamafactory_dpo, pandalm or lmforge "
                                          "(default: detected)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Read only the first N pairs of each file."),
     val_fraction: Optional[float] = typer.Option(None, "--val-fraction", min=0.0, max=0.9,
@@ -151,9 +161,10 @@ def reward_verb(
 
 # Not a default stage: a reward model needs preference data chosen for it (a recipe adds "reward" to its stages).
 REWARD_STAGE = register(Stage(
-    name="reward", order=52, run=_reward_stage, sections={"reward": RewardConfig}, needs=("model",), training=True,
+    name="reward", order=54, run=_reward_stage, sections={"reward": RewardConfig}, needs=("model", "preferences?"),
+    training=True,
     default=False, check=_check_data, produces={"reward_model": "final"}, report=_reward_report, verb=reward_verb,
 ))  # fmt: skip
 
 
-__all__ = ["run_reward", "split_pairs", "read_pairs"]
+__all__ = ["run_reward", "split_pairs", "read_pairs", "data_from_run"]
