@@ -12,6 +12,7 @@ import typer
 from typer.core import TyperGroup
 
 from lmforge import registry, verbs
+from lmforge.label.cli import label_app
 from lmforge.recipe import RecipeError, load_recipe
 
 VERBOSE_FLAGS = ("-v", "--verbose")
@@ -149,6 +150,8 @@ def add_stage_verbs() -> None:
 
 
 add_stage_verbs()
+
+app.add_typer(label_app, name="label")  # `lmforge label ...`: the labelling app's commands
 
 
 @app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
