@@ -35,6 +35,7 @@ BUILTIN = (
     "lmforge.pretrain",
     "lmforge.importing",
     "lmforge.finetune.stage",
+    "lmforge.label.pairs_stage",
     "lmforge.align.reward_stage",
     "lmforge.align.dpo_stage",
     "lmforge.align.ppo_stage",
