@@ -216,18 +216,22 @@ def test_exports_download_what_read_preferences_reads(tmp_path) -> None:
 
 def test_results_tables_shape_any_results_dict() -> None:
     results = {"n_votes": 12, "fleiss_kappa": 0.41234, "alpha": float("nan"),
-               "ratings": {"bradley_terry": {"sft": {"rating": 1012.3456, "ci95": [990.0, 1030.5]},
-                                             "dpo": {"rating": 987.6, "ci95": [960.25, 1001.0]}}},
+               "bradley_terry": {"rating": {"dpo": 987.6, "sft": 1012.3456},
+                                 "ci95": {"sft": [990.0, 1030.5], "dpo": [960.25, 1001.0]}, "n_comparisons": 9},
+               "elo": {"sft": 1003.0, "dpo": 997.0},
+               "by_judge": {"length": {"accuracy": 0.5, "kappa": None}, "llm": {"accuracy": 0.75, "kappa": 0.25}},
                "pairwise_kappa": [{"a": "ann1", "b": "ann2", "kappa": 0.5, "n_items": 4}],
-               "judges": {}}  # fmt: skip
+               "judges": []}  # fmt: skip
     tables = results_tables(results)
-    assert tables[0] == Table("summary", ["", "value"], [["n votes", "12"], ["fleiss kappa", "0.412"],
-                                                         ["alpha", "undefined"]])  # fmt: skip
-    assert tables[1] == Table("ratings / bradley_terry", ["", "rating", "ci95"],
-                              [["sft", "1012.346", "[990.000, 1030.500]"], ["dpo", "987.600", "[960.250, 1001.000]"]])
-    assert tables[2] == Table("pairwise kappa", ["a", "b", "kappa", "n_items"], [["ann1", "ann2", "0.500", "4"]])
-    assert tables[3] == Table("judges", ["", "value"], [])
-    text = tables_text(tables[2:3])
+    assert tables == [
+        Table("summary", ["", "value"], [["n votes", "12"], ["fleiss kappa", "0.412"], ["alpha", "undefined"]]),
+        Table("ratings (9 comparisons)", ["model", "Bradley-Terry", "95% interval", "Elo"],
+              [["sft", "1012.346", "[990.000, 1030.500]", "1003.000"],
+               ["dpo", "987.600", "[960.250, 1001.000]", "997.000"]]),
+        Table("by judge", ["", "accuracy", "kappa"], [["length", "0.500", "-"], ["llm", "0.750", "0.250"]]),
+        Table("pairwise kappa", ["a", "b", "kappa", "n_items"], [["ann1", "ann2", "0.500", "4"]]),
+    ]  # the empty "judges" is left out
+    text = tables_text(tables[3:])
     assert text == ("pairwise kappa\na     b     kappa  n_items\n----  ----  -----  -------\n"
                     "ann1  ann2  0.500  4\n")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
 from pathlib import Path
 from typing import List, Optional
 
@@ -179,8 +180,15 @@ def serve(db: Path = DB_ARG, host: str = typer.Option("127.0.0.1", help="Address
         log.warning("binding to %s: the app is reachable from other machines over plain HTTP; put a TLS proxy in "
                     "front and use --secure-cookie", host)
     _store(db)  # a missing or newer database is a usage error before the server starts
-    # uvicorn handles SIGINT and SIGTERM itself: it stops accepting, lets requests in flight finish, and returns
+    # uvicorn catches SIGINT and SIGTERM itself (stops accepting, lets requests in flight finish), then raises the
+    # signal again against the handler it found: this one, so a requested stop ends with status 0, not a kill.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stopped)
     uvicorn.run(create_app(db, secure_cookie=secure_cookie), host=host, port=port, log_level="info")
+
+
+def _stopped(signum: int, frame: object) -> None:
+    log.info("stopped by %s", signal.Signals(signum).name)
 
 
 @label_app.command()
@@ -192,12 +200,12 @@ def export(db: Path = DB_ARG, project: str = typer.Argument(...),
 
     store = _store(db)
     try:
-        export_jsonl(store, project, out)
+        written = export_jsonl(store, project, out)
         if csv is not None:
             export_csv(store, project, csv)
     except KeyError as e:
         verbs.fail(e.args[0], 2)
-    log.info("exported %s -> %s%s", project, out, f" and {csv}" if csv else "")
+    log.info("exported %d preferences of %s -> %s%s", written, project, out, f" and {csv}" if csv else "")
 
 
 @label_app.command()
@@ -232,7 +240,7 @@ def import_judge(db: Path = DB_ARG, project: str = typer.Argument(...),
                 skipped.add(location, str(e))
                 continue
             records.append(record)
-        added = _store(db).add_judge_votes(project, judge, records)
+        added = _store(db).add_judge_votes(project, judge, records, skipped)
     except (FileNotFoundError, ValueError, KeyError) as e:
         verbs.fail(str(e.args[0] if isinstance(e, KeyError) else e), 2)
     _report_skipped(str(file), skipped)

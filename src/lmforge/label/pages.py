@@ -62,14 +62,26 @@ def _tables(title: str, value: Any, out: list[Table]) -> None:
         out.append(Table(title, ["value"], [[cell(value)]]))
 
 
+def _ratings_table(bt: dict[str, Any], elo: dict[str, Any]) -> Table:
+    """Bradley-Terry ratings with their 95% intervals beside online Elo, one row per model, best first."""
+    models = sorted(bt["rating"], key=lambda m: -bt["rating"][m])
+    rows = [[m, cell(bt["rating"][m]), cell(bt.get("ci95", {}).get(m)), cell(elo.get(m))] for m in models]
+    title = f"ratings ({bt['n_comparisons']} comparisons)" if "n_comparisons" in bt else "ratings"
+    return Table(title, ["model", "Bradley-Terry", "95% interval", "Elo"], rows)
+
+
 def results_tables(results: dict[str, Any]) -> list[Table]:
-    """The tables of a results dict: its plain top-level values in one "summary" table first, then one table per
-    mapping of records (row per key) or list of records, nested mappings titled "outer / inner"."""
+    """The tables of a results dict: its plain top-level values in one "summary" table first, the ratings
+    (`bradley_terry` with `rating` and `ci95` per model, and `elo`) in one table, then one table per mapping of
+    records (row per key) or list of records, nested mappings titled "outer / inner". Empty ones are left out."""
     plain = {k: v for k, v in results.items() if not isinstance(v, (dict, list))}
     tables = [Table("summary", ["", "value"], [[k.replace("_", " "), cell(v)] for k, v in plain.items()])] if plain else []
-    for key, value in results.items():
-        if key not in plain:
-            _tables(key.replace("_", " "), value, tables)
+    rest = {k: v for k, v in results.items() if k not in plain and v}
+    bt = rest.get("bradley_terry")
+    if isinstance(bt, dict) and isinstance(bt.get("rating"), dict):
+        tables.append(_ratings_table(rest.pop("bradley_terry"), rest.pop("elo", None) or {}))
+    for key, value in rest.items():
+        _tables(key.replace("_", " "), value, tables)
     return tables
 
 
