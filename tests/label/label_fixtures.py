@@ -38,3 +38,11 @@ def label_all(store: LabelStore, project: str, user: User, choose) -> int:
         store.vote(assignment.id, user, choose(assignment))
         n += 1
     return n
+
+
+def click(assignment, want: str) -> str:
+    """The side an annotator clicks to vote `want` (a / b in the item's order, or tie / both_bad) on what they were
+    shown."""
+    if want not in ("a", "b"):
+        return want
+    return "left" if (want == "a") != assignment.flipped else "right"

@@ -7,7 +7,7 @@ import csv
 import json
 
 import pytest
-from label_fixtures import checks, items, store_with
+from label_fixtures import checks, click, items, store_with
 
 from lmforge.align.preferences import read_preferences
 from lmforge.finetune.data import Message
@@ -17,13 +17,6 @@ from lmforge.label.export import consensus, export_csv, export_jsonl, export_rec
 # per item, what annotators ann0, ann1, ann2 choose (a / b in the item's order); p4 is skipped by everyone
 PLAN = {"p0": "aaa", "p1": "bba", "p2": "abt", "p3": "xxa"}
 LETTERS = {"a": "a", "b": "b", "t": "tie", "x": "both_bad"}
-
-
-def click(assignment, want: str) -> str:
-    """The side an annotator clicks to vote `want` (a / b in item order) on what they were shown."""
-    if want not in ("a", "b"):
-        return want
-    return "left" if (want == "a") != assignment.flipped else "right"
 
 
 @pytest.fixture

@@ -27,13 +27,20 @@ CSV_COLUMNS = ("id", "project", "item_id", "model_a", "model_b", "majority", "ch
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
+def top_vote(choices: Sequence[str]) -> str | None:
+    """The choice with more votes than any other, or None when two or more share the most (or there is none)."""
+    if not choices:
+        return None
+    (top, n), *rest = Counter(choices).most_common()
+    return None if rest and rest[0][1] == n else top
+
+
 def consensus(choices: Sequence[str]) -> str:
-    """The choice with more votes than any other, else "tie" (no majority). Choices are "a", "b", "tie" or
+    """A comparison's decision: its top vote, or "tie" when there is no majority. Choices are "a", "b", "tie" or
     "both_bad"."""
     if not choices:
         raise ValueError("consensus of no votes: a comparison needs at least one vote to be decided")
-    (top, n), *rest = Counter(choices).most_common()
-    return "tie" if rest and rest[0][1] == n else top
+    return top_vote(choices) or "tie"
 
 
 def export_records(store: LabelStore, project: str) -> list[dict[str, Any]]:
