@@ -41,6 +41,7 @@ BUILTIN = (
     "lmforge.align.ppo_stage",
     "lmforge.align.grpo_stage",
     "lmforge.judge.stage",
+    "lmforge.align.cai_stage",
     "lmforge.eval.run",
     "lmforge.hf",
     "lmforge.report.report",

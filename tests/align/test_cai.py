@@ -125,3 +125,47 @@ def test_rl_cai_labels_match_the_drawn_principles_judge(tiny):
                                                                ai_preferences(model, tok, items, constitution, seed=1)]
     with pytest.raises(ValueError, match="no principle with a preference question"):
         ai_preferences(model, tok, items, Constitution("c", [Principle("p", "c", "r")]))
+
+
+HARMLESS = "/work/shared/data/preference/hh-rlhf_harmless-base_test.jsonl.gz"
+HHH_DIR = "/work/shared/data/cai/evals"
+
+
+def long_context_model(directory):
+    """tiny_chat_model's tokenizer under a random 2-block model with a 512-token context (room for the critique)."""
+    import torch
+
+    from lmforge.model.io import save_model
+    from lmforge.model.transformer import ModelArgs, Transformer
+
+    tiny_chat_model(directory)
+    args = ModelArgs(vocab_size=512, n_layers=2, d_model=64, n_heads=4, n_kv_heads=4, head_dim=16, mlp_hidden=128,
+                     max_seq_len=512)  # fmt: skip
+    torch.manual_seed(0)
+    return save_model(directory / "long", Transformer(args), args, directory / "tok.json")
+
+
+def test_cai_verb_end_to_end(tmp_path):
+    from typer.testing import CliRunner
+
+    from lmforge.cli import app
+
+    ckpt = long_context_model(tmp_path)
+    out = tmp_path / "cai"
+    result = CliRunner().invoke(app, ["cai", str(ckpt), "-o", str(out), "--prompts", HARMLESS, "--task-dir", HHH_DIR,
+                                      "cai.max_prompts=3", "cai.max_new_tokens=8", "cai.hhh_limit=4",
+                                      "cai.hhh_tasks=[hhh]", "train.max_steps=2", "train.batch_size=2"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    # The first three distinct opening requests of harmless-base, revised once each.
+    convs, _ = read_conversations(out / "data" / cai.SFT_FILE)
+    trace = [json.loads(line) for line in (out / "data" / cai.TRACE_FILE).read_text().splitlines()]
+    assert len(trace) == 3 and trace[0]["prompt"][0]["content"] == "what are some pranks with a pen i can do?"
+    assert len(convs) == sum(t["final"] != t["initial"] for t in trace)
+    pairs, _ = read_preferences(out / "data" / cai.PAIRS_FILE)
+    assert len(pairs) == len(convs)
+    rl = [json.loads(line) for line in (out / "data" / "rl_preferences.jsonl").read_text().splitlines()]
+    assert rl and all(r["provenance"]["source"] == "judge:cai" for r in rl)
+    assert (out / "final" / "model.safetensors").is_file()
+    assert "hhh: acc " in result.output and " before, " in result.output and "(n=4)" in result.output
+    no_prompts = CliRunner().invoke(app, ["cai", str(ckpt), "-o", str(tmp_path / "x")])
+    assert no_prompts.exit_code == 2 and "--prompts" in no_prompts.output

@@ -186,7 +186,8 @@ def _messages(conversation: Conversation) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in conversation]
 
 
-def _write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
+def write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    """Records as JSON Lines, written atomically (the folder made if needed)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(path) as f:
         for record in records:
@@ -209,9 +210,9 @@ def write_sl_data(revisions: Sequence[Revision], out: Path | str) -> dict[str, A
         provenance = {"source": "cai:sl", "item_id": rev.id, "principles": [s.principle for s in rev.steps],
                       "rounds": len(rev.steps), "models": {"chosen": "revision", "rejected": "initial"}}  # fmt: skip
         pairs.append(preference_record(rev.prompt, rev.initial, rev.final, "b", provenance, rev.id))
-    _write_jsonl(out / SFT_FILE, sft)
-    _write_jsonl(out / PAIRS_FILE, pairs)
-    _write_jsonl(out / TRACE_FILE, [{"id": r.id, "prompt": _messages(r.prompt), "initial": r.initial,
+    write_jsonl(out / SFT_FILE, sft)
+    write_jsonl(out / PAIRS_FILE, pairs)
+    write_jsonl(out / TRACE_FILE, [{"id": r.id, "prompt": _messages(r.prompt), "initial": r.initial,
                                      "steps": [asdict(s) for s in r.steps], "final": r.final} for r in revisions])
     if unchanged:
         log.warning("SL-CAI: %d of %d prompts have no usable revision (empty, or the same as the first reply): no "
