@@ -51,7 +51,8 @@ def init(db: Path = DB_ARG) -> None:
 
 @user_app.command("add")
 def user_add(db: Path = DB_ARG, name: str = typer.Argument(..., help="Login name (letters, digits, . _ -)."),
-             role: str = typer.Option("annotator", help="annotator or admin (admins see results and exports).")) -> None:
+             role: str = typer.Option("annotator", help="annotator or admin (admins see results and exports)."),
+             ) -> None:  # fmt: skip
     """Add a user and print their login token: it is shown this once (only its hash is stored)."""
     try:
         token = _store(db).add_user(name, role)

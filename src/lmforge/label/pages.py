@@ -75,7 +75,8 @@ def results_tables(results: dict[str, Any]) -> list[Table]:
     (`bradley_terry` with `rating` and `ci95` per model, and `elo`) in one table, then one table per mapping of
     records (row per key) or list of records, nested mappings titled "outer / inner". Empty ones are left out."""
     plain = {k: v for k, v in results.items() if not isinstance(v, (dict, list))}
-    tables = [Table("summary", ["", "value"], [[k.replace("_", " "), cell(v)] for k, v in plain.items()])] if plain else []
+    summary = [[k.replace("_", " "), cell(v)] for k, v in plain.items()]
+    tables = [Table("summary", ["", "value"], summary)] if plain else []
     rest = {k: v for k, v in results.items() if k not in plain and v}
     bt = rest.get("bradley_terry")
     if isinstance(bt, dict) and isinstance(bt.get("rating"), dict):
