@@ -2,7 +2,6 @@
 read_preferences), agreement with known labels, the settings, and the stage in a run fed by a candidates producer."""
 
 import json
-from pathlib import Path
 
 import pytest
 from helpers import tiny_chat_model
@@ -12,8 +11,8 @@ from lmforge import registry
 from lmforge.align.preferences import read_preferences
 from lmforge.cli import app
 from lmforge.finetune.data import Message
-from lmforge.judge.stage import JudgeConfig, judge_candidates, run_judge
 from lmforge.judge.base import LengthJudge
+from lmforge.judge.stage import JudgeConfig, judge_candidates, run_judge
 from lmforge.label.candidates import Candidate, Response, write_candidates
 from lmforge.pipeline import run_recipe
 from lmforge.recipe import RecipeError, validate_recipe
@@ -119,3 +118,18 @@ def test_the_judge_stage_in_a_run_labels_the_candidates_it_is_given(tmp_path):
         assert changed[1].metrics["judge"] == "verifier:code_parses"
     with pytest.raises(RecipeError, match="judge.judge"):
         recipe("judge.judge=oracle")
+
+
+def test_an_llm_judge_asks_a_constitution_principles_preference_question(tmp_path):
+    from lmforge.align.constitution import default_constitution
+    from lmforge.judge.stage import instruction
+
+    honesty = next(p for p in default_constitution().principles if p.name == "honesty")
+    assert instruction(JudgeConfig(judge="llm:x", constitution="default", principle="honesty")) == honesty.preference
+    first = next(p for p in default_constitution().principles if p.preference)
+    assert instruction(JudgeConfig(judge="llm:x", constitution="default")) == first.preference
+    assert instruction(JudgeConfig(judge="llm:x", rubric="Be brief.")) == "Be brief."
+    with pytest.raises(ValueError, match=r"no principle 'tact' with a preference question \(those with one: \['harm'"):
+        instruction(JudgeConfig(judge="llm:x", constitution="default", principle="tact"))
+    with pytest.raises(ValueError, match="both set"):
+        instruction(JudgeConfig(judge="llm:x", constitution="default", rubric="Be brief."))

@@ -42,6 +42,9 @@ class JudgeConfig(Section):
 
     judge: str = "length"  # KIND[:SPEC]: length, reward:DIR, llm:CKPT, verifier:NAME
     rubric: str | None = None  # an LLM judge's instruction: text, or a file holding it (default: judge.llm's)
+    # Or the preference question of one principle of a constitution (a file, or "default": lmforge's own)
+    constitution: str | None = None
+    principle: str | None = None  # the principle's name (default: the first with a preference question)
     batch_size: int = Field(8, gt=0)  # items per forward (an LLM judge runs two rows per item)
     tie_margin: float = Field(0.0, ge=0.0)  # a reward judge's scores this close tie
     limit: int | None = Field(None, gt=0)  # judge only the first N items
@@ -67,6 +70,24 @@ def rubric_text(rubric: str | None) -> str | None:
     return rubric
 
 
+def instruction(cfg: JudgeConfig) -> str | None:
+    """An LLM judge's instruction: the rubric, or a constitution principle's preference question (None: the
+    judge's default rubric)."""
+    if cfg.constitution is None:
+        return rubric_text(cfg.rubric)
+    from lmforge.align.constitution import default_constitution, load_constitution
+
+    if cfg.rubric is not None:
+        raise ValueError("judge.rubric and judge.constitution both set: give one instruction")
+    found = default_constitution() if cfg.constitution == "default" else load_constitution(cfg.constitution)
+    usable = [p for p in found.principles if p.preference and cfg.principle in (None, p.name)]
+    if not usable:
+        names = [p.name for p in found.principles if p.preference]
+        raise ValueError(f"constitution {cfg.constitution}: no principle {cfg.principle!r} with a preference question "
+                         f"(those with one: {names})")  # fmt: skip
+    return usable[0].preference
+
+
 def build_judge(cfg: JudgeConfig) -> Judge:
     """The judge `cfg.judge` names, loaded (models on cfg.device)."""
     kind, _, spec = cfg.judge.partition(":")
@@ -79,8 +100,8 @@ def build_judge(cfg: JudgeConfig) -> Judge:
     if kind == "llm":
         from lmforge.judge.llm import DEFAULT_RUBRIC, LLMJudge
 
-        instruction = rubric_text(cfg.rubric) or DEFAULT_RUBRIC
-        return LLMJudge.from_checkpoint(spec, instruction, cfg.judge, cfg.device, cfg.batch_size)
+        return LLMJudge.from_checkpoint(spec, instruction(cfg) or DEFAULT_RUBRIC, cfg.judge, cfg.device,
+                                        cfg.batch_size)  # fmt: skip
     from lmforge.judge.verifier import VerifierJudge
 
     return VerifierJudge(spec, cfg.judge)
@@ -166,8 +187,9 @@ def _judge_sources(settings: Any) -> dict[str, str]:
     cfg = settings.judge
     kind, _, spec = cfg.judge.partition(":")
     found = {"judge": inputs_fingerprint(Path(spec))} if kind in ("reward", "llm") else {}
-    if cfg.rubric is not None and Path(cfg.rubric).is_file():
-        found["rubric"] = inputs_fingerprint(Path(cfg.rubric))
+    for key in ("rubric", "constitution"):
+        if getattr(cfg, key) is not None and Path(getattr(cfg, key)).exists():
+            found[key] = inputs_fingerprint(Path(getattr(cfg, key)))
     return found
 
 
@@ -186,6 +208,10 @@ def judge_verb(
     judge: str = typer.Option(..., "--judge", help="length, reward:DIR, llm:CKPT or verifier:NAME (gsm8k_answer, "
                               "mbpp_tests, doctests, ...)."),
     rubric: Optional[str] = typer.Option(None, "--rubric", help="An LLM judge's instruction: text or a file."),
+    constitution: Optional[str] = typer.Option(None, "--constitution", help="Or a constitution (a file, or "
+                                               "'default') whose principle's preference question instructs it."),
+    principle: Optional[str] = typer.Option(None, "--principle", help="That principle's name (default: the first "
+                                            "with a preference question)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Judge only the first N items."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Items per forward (default 8)."),
     tie_margin: Optional[float] = typer.Option(None, "--tie-margin", min=0.0, help="A reward judge's scores this "
@@ -194,8 +220,8 @@ def judge_verb(
 ) -> None:
     """Label every pair of responses with an AI judge (an LLM, a reward model, a verifier or the length baseline),
     writing preference records with their provenance."""
-    chosen = {"judge": judge, "rubric": rubric, "limit": limit, "batch_size": batch_size, "tie_margin": tie_margin,
-              "device": device}  # fmt: skip
+    chosen = {"judge": judge, "rubric": rubric, "constitution": constitution, "principle": principle, "limit": limit,
+              "batch_size": batch_size, "tie_margin": tie_margin, "device": device}  # fmt: skip
     cfg = verbs.settings([], {"judge"}, given={"judge": {k: v for k, v in chosen.items() if v is not None}})
     try:
         m = run_judge(items, cfg.judge, out)
