@@ -15,12 +15,14 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers import tiny_chat_model
 from typer.testing import CliRunner
 from webapp import client, login, vote
 
 from lmforge.align.preferences import preference_record, read_preferences
 from lmforge.cli import app
 from lmforge.finetune.data import Message
+from lmforge.label.candidates import read_candidates
 from lmforge.label.store import LabelStore
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,6 +148,26 @@ def test_import_judge_adds_verdicts(tmp_path) -> None:
     assert "2 bad records" in r.stderr
     verdicts = LabelStore(db).judge_votes("pl")
     assert [(v.judge, v.choice) for v in verdicts] == [("length", "a")] * 3
+
+
+def test_project_generate_from_two_checkpoints(tmp_path) -> None:
+    db, _ = _db_with_users(tmp_path)
+    ckpt = tiny_chat_model(tmp_path)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Name a colour {i}."}]}) + "\n"
+                               for i in range(3)))  # fmt: skip
+    out = tmp_path / "gen.jsonl"
+    r = lmforge("project", "generate", db, "gen", "--prompts", prompts, "--checkpoint", f"first={ckpt}",
+                "--checkpoint", f"second={ckpt}", "--max-new-tokens", "4", "--temperature", "1.0", "--k", "1",
+                "-o", out, "--device", "cpu")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    items, skipped = read_candidates(out)
+    assert len(items) + skipped.count == 3 and items
+    assert all([x.model for x in item.responses] == ["first", "second"] for item in items)
+    project = LabelStore(db).project("gen")
+    assert (project.items, project.comparisons, project.k) == (len(items), len(items), 1)
+    bad = lmforge("project", "generate", db, "gen2", "--prompts", prompts, "--checkpoint", str(ckpt))
+    assert bad.exit_code == 2 and "NAME=DIR" in bad.stderr
 
 
 def _free_port() -> int:
