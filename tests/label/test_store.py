@@ -253,6 +253,18 @@ def test_a_version_1_file_migrates_on_open_and_keeps_its_data(tmp_path):
     assert store.add_judge_votes("demo", "len", [record]) == 1
 
 
+def test_a_failing_migration_leaves_the_file_at_its_old_version(tmp_path, monkeypatch):
+    path = tmp_path / "l.db"
+    LabelStore(path, create=True)
+    broken = "CREATE TABLE extra (a INTEGER); INSERT INTO no_such_table VALUES (1)"
+    monkeypatch.setattr(db, "MIGRATIONS", [*db.MIGRATIONS, broken])
+    monkeypatch.setattr(db, "VERSION", len(db.MIGRATIONS))
+    with pytest.raises(sqlite3.OperationalError, match="no_such_table"):
+        LabelStore(path)
+    assert db.user_version(db.connect(path)) == len(db.MIGRATIONS) - 1
+    assert "extra" not in _tables(path)  # the first statement was rolled back with the second
+
+
 def test_a_newer_file_is_refused_naming_both_versions(tmp_path):
     path = tmp_path / "new.db"
     LabelStore(path, create=True)

@@ -140,10 +140,11 @@ def user_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("PRAGMA user_version").fetchone()[0])
 
 
-def migrate(conn: sqlite3.Connection, path: Path | str, target: int = VERSION) -> int:
+def migrate(conn: sqlite3.Connection, path: Path | str, target: int | None = None) -> int:
     """Bring the file to schema version `target` (default: the current one) and return the version it had.
     Refuses a file newer than this code. The scripts run inside one transaction with the version bump, so a crash
     mid-migration leaves the old version intact."""
+    target = VERSION if target is None else target
     with write(conn):
         found = user_version(conn)
         if found > VERSION:
@@ -159,6 +160,7 @@ def migrate(conn: sqlite3.Connection, path: Path | str, target: int = VERSION) -
 
 def _statements(script: str) -> list[str]:
     # executescript would COMMIT the open transaction first; one execute per statement keeps the migration atomic
+    # (so a migration script must not hold ';' inside a literal)
     return [s.strip() for s in script.split(";") if s.strip()]
 
 
