@@ -243,6 +243,6 @@ def cai_verb(
 
 # Not a default stage: it needs red-team prompts chosen for it and a model that follows the chat template.
 CAI_STAGE = register(Stage(
-    name="cai", order=58, run=_cai_stage, sections={"cai": CAIConfig}, needs=("model",), default=False,
+    name="cai", order=51, run=_cai_stage, sections={"cai": CAIConfig}, needs=("model",), default=False,
     produces={"model": "final", "preferences": f"{DATA_DIR}/{RL_FILE}"}, report=_cai_report, verb=cai_verb,
 ))  # fmt: skip
