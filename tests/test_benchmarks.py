@@ -56,6 +56,7 @@ CASES: dict[str, tuple[str | None, set[str]]] = {
     "html_extraction.py": ("web/html/article-extraction-benchmark",
                            {"resiliparse_f1", "resiliparse_pages_s", "resiliparse_whole_page_f1",
                             "resiliparse_whole_page_pages_s"} | _TRAFILATURA_KEYS),
+    "judge_agreement.py": ("preference/pandalm_testset-v1.json", {"best", "kappa_pandalm", "acc_hh", "position_bias"}),
     "label_store.py": (None, {"votes_per_s_1", "votes_per_s_32", "p95_ms_32", "exact_k", "duplicates"}),
     "pii_accuracy.py": ("pii", {f"{kind}_{m}" for kind in ("email", "phone", "credit_card", "ip_address", "us_ssn",
                                                            "iban", "dolma_email") for m in ("p", "r")}
