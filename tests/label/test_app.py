@@ -70,7 +70,7 @@ def test_progress_counts_votes_of_the_total(tmp_path) -> None:
     assert element_text(page, "progress") == "3 / 3"
     assert "Nothing left for you" in element_text(page, "done")
     assert 'id="vote-form"' not in page and 'id="skip"' not in page
-    assert f"<td>3 / 3</td>" in c.get("/").text  # the projects page shows the same progress
+    assert "<td>3 / 3</td>" in c.get("/").text  # the projects page shows the same progress
 
 
 def test_vote_keeps_note_rubric_and_seconds(tmp_path) -> None:

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from helpers import tiny_chat_model
 from typer.testing import CliRunner
-from webapp import client, login, vote
+from webapp import client, hidden, login
 
 from lmforge.align.preferences import preference_record, read_preferences
 from lmforge.cli import app
@@ -104,8 +104,7 @@ def test_project_from_a_pandalm_file_then_export_reads_back(tmp_path) -> None:
         c = client(db)
         csrf = login(c, tokens[name])
         while 'id="vote-form"' in (page := c.get("/p/pl").text):
-            assignment = page.split('name="assignment" value="')[1].split('"')[0]
-            r = c.post("/p/pl/vote", data={"assignment": assignment, "choice": "left", "csrf": csrf})
+            r = c.post("/p/pl/vote", data={"assignment": hidden(page, "assignment"), "choice": "left", "csrf": csrf})
             assert r.status_code == 303
     out, csv = tmp_path / "prefs.jsonl", tmp_path / "prefs.csv"
     r = lmforge("export", db, "pl", "-o", out, "--csv", csv)
@@ -125,8 +124,9 @@ def test_results_prints_tables(tmp_path) -> None:
         c = client(db)
         csrf = login(c, tokens[name])
         for _ in range(4):
-            vote_pl = c.get("/p/pl").text.split('name="assignment" value="')[1].split('"')[0]
-            c.post("/p/pl/vote", data={"assignment": vote_pl, "choice": "tie", "csrf": csrf})
+            assignment = hidden(c.get("/p/pl").text, "assignment")
+            r = c.post("/p/pl/vote", data={"assignment": assignment, "choice": "tie", "csrf": csrf})
+            assert r.status_code == 303
     r = lmforge("results", db, "pl", "--n-boot", "20")
     assert r.exit_code == 0, r.output
     assert "response1" in r.stdout and "response2" in r.stdout  # the models' ratings

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmforge.label.auth import (CSRF_FIELD, SESSION_COOKIE, LoginLimiter, LoginRequired, check_csrf, client_address,
                                 require_admin, session_token)
 from lmforge.label.pages import results_tables
-from lmforge.label.store import LabelStore
+from lmforge.label.store import LabelStore, Project, Session
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,6 @@ def create_app(db_path: str | Path, *, secure_cookie: bool = False, login_limit:
     env = _templates()
     reveals = _Reveals()
     app = FastAPI(title="lmforge label", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.store = store
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     def page(name: str, code: int = 200, headers: dict[str, str] | None = None, **context: Any) -> HTMLResponse:
@@ -144,7 +143,7 @@ def create_app(db_path: str | Path, *, secure_cookie: bool = False, login_limit:
     async def error_page(request: Request, exc: StarletteHTTPException) -> Response:
         return page("error.html", exc.status_code, exc.headers, status=exc.status_code, message=str(exc.detail))
 
-    def current(request: Request) -> Any:
+    def current(request: Request) -> Session:
         token = session_token(request)
         session = store.session(token) if token else None
         if session is None:
@@ -154,11 +153,11 @@ def create_app(db_path: str | Path, *, secure_cookie: bool = False, login_limit:
     async def form_of(request: Request) -> dict[str, str]:
         return {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
 
-    def posted(request: Request, form: dict[str, str] = Depends(form_of), session: Any = Depends(current)) -> Any:
+    def posted(request: Request, form: dict[str, str] = Depends(form_of), session: Session = Depends(current)) -> Session:
         check_csrf(request, session.csrf, form.get(CSRF_FIELD))
         return session
 
-    def project_named(name: str) -> Any:
+    def project_named(name: str) -> Project:
         try:
             return store.project(name)
         except KeyError:
@@ -190,19 +189,19 @@ def create_app(db_path: str | Path, *, secure_cookie: bool = False, login_limit:
         return response
 
     @app.post("/logout")
-    def logout(request: Request, session: Any = Depends(posted)) -> Response:
+    def logout(request: Request, session: Session = Depends(posted)) -> Response:
         store.end_session(session_token(request) or "")
         response = RedirectResponse("/login", status_code=303)
         response.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict", secure=secure_cookie)
         return response
 
     @app.get("/", response_class=HTMLResponse)
-    def projects(session: Any = Depends(current)) -> HTMLResponse:
+    def projects(session: Session = Depends(current)) -> HTMLResponse:
         rows = [(p, store.progress(p.name, session.user)) for p in store.projects()]
         return page("projects.html", session=session, rows=rows)
 
     @app.get("/p/{name}", response_class=HTMLResponse)
-    def label(name: str, revealed: int | None = None, session: Any = Depends(current)) -> HTMLResponse:
+    def label(name: str, revealed: int | None = None, session: Session = Depends(current)) -> HTMLResponse:
         project = project_named(name)
         reveal = reveals.get((session.user.id, revealed)) if revealed is not None else None
         assignment = store.next_assignment(name, session.user)
@@ -210,7 +209,7 @@ def create_app(db_path: str | Path, *, secure_cookie: bool = False, login_limit:
                     progress=store.progress(name, session.user), rubric=tuple(project.rubric), shown=time.time())
 
     @app.post("/p/{name}/vote")
-    def vote(name: str, form: dict[str, str] = Depends(form_of), session: Any = Depends(posted)) -> Response:
+    def vote(name: str, form: dict[str, str] = Depends(form_of), session: Session = Depends(posted)) -> Response:
         project = project_named(name)
         assignment = _int_field(form, "assignment")
         choice = form.get("choice", "")
@@ -227,20 +226,20 @@ def create_app(db_path: str | Path, *, secure_cookie: bool = False, login_limit:
         return RedirectResponse(f"/p/{name}?revealed={assignment}", status_code=303)
 
     @app.post("/p/{name}/skip")
-    def skip(name: str, form: dict[str, str] = Depends(form_of), session: Any = Depends(posted)) -> Response:
+    def skip(name: str, form: dict[str, str] = Depends(form_of), session: Session = Depends(posted)) -> Response:
         project_named(name)
         with _refused():
             store.skip(_int_field(form, "assignment"), session.user)
         return RedirectResponse(f"/p/{name}", status_code=303)
 
     @app.post("/p/{name}/undo")
-    def undo(name: str, session: Any = Depends(posted)) -> Response:
+    def undo(name: str, session: Session = Depends(posted)) -> Response:
         project_named(name)
         store.undo_last(name, session.user)  # the reopened item is this user's open assignment: shown next
         return RedirectResponse(f"/p/{name}", status_code=303)
 
     @app.get("/p/{name}/results", response_class=HTMLResponse)
-    def results(name: str, session: Any = Depends(current)) -> HTMLResponse:
+    def results(name: str, session: Session = Depends(current)) -> HTMLResponse:
         require_admin(session.user.role)
         project_named(name)
         from lmforge.label.results import project_results
@@ -248,7 +247,7 @@ def create_app(db_path: str | Path, *, secure_cookie: bool = False, login_limit:
         tables = results_tables(project_results(store, name))
         return page("results.html", session=session, project=name, tables=tables)
 
-    def export(name: str, session: Any, suffix: str, media_type: str) -> Response:
+    def export(name: str, session: Session, suffix: str, media_type: str) -> Response:
         require_admin(session.user.role)
         project_named(name)
         from lmforge.label.export import export_csv, export_jsonl
@@ -261,11 +260,11 @@ def create_app(db_path: str | Path, *, secure_cookie: bool = False, login_limit:
         return Response(body, media_type=media_type, headers={"Content-Disposition": disposition})
 
     @app.get("/p/{name}/export.jsonl")
-    def export_jsonl_route(name: str, session: Any = Depends(current)) -> Response:
+    def export_jsonl_route(name: str, session: Session = Depends(current)) -> Response:
         return export(name, session, ".jsonl", "application/x-ndjson")
 
     @app.get("/p/{name}/export.csv")
-    def export_csv_route(name: str, session: Any = Depends(current)) -> Response:
+    def export_csv_route(name: str, session: Session = Depends(current)) -> Response:
         return export(name, session, ".csv", "text/csv; charset=utf-8")
 
     return app
