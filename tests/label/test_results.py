@@ -75,7 +75,7 @@ def test_ratings_are_level_when_the_models_win_equally(results):
     # 8 votes for m1 (a), 8 for m2 (b), 2 ties: equal strengths, both at the scale's mean 1000
     bt = results["bradley_terry"]
     assert bt["rating"] == {"m1": pytest.approx(1000.0), "m2": pytest.approx(1000.0)}
-    assert bt["n_comparisons"] == 18 and bt["n_boot"] == 50
+    assert (bt["n_comparisons"], bt["n_same_model"], bt["n_boot"]) == (18, 0, 50)
     for lo, hi in bt["ci95"].values():
         assert lo < 1000.0 < hi
     assert set(results["elo"]) == {"m1", "m2"}
@@ -116,3 +116,13 @@ def test_ratings_order_the_models_by_their_wins_and_match_bradley_terry(tmp_path
     assert results["bradley_terry"]["rating"] == pytest.approx(peer.rating)
     assert results["fleiss_kappa"]["value"] == 1.0 and results["krippendorff_alpha"]["value"] == 1.0
     assert results["elo"]["strong"] > results["elo"]["mid"] > results["elo"]["weak"]
+
+
+def test_votes_between_replies_of_one_model_are_left_out_of_the_ratings_and_counted(tmp_path):
+    store, users = store_with(tmp_path / "l.db", ["ann"])
+    store.create_project("demo", items(2) + items(1, ("m1", "m1"), prefix="same"), k=1)
+    while (a := store.next_assignment("demo", users["ann"])) is not None:
+        store.vote(a.id, users["ann"], click(a, "a"))
+    bt = project_results(store, "demo", n_boot=10)["bradley_terry"]
+    assert (bt["n_comparisons"], bt["n_same_model"]) == (2, 1)
+    assert bt["rating"]["m1"] > bt["rating"]["m2"]

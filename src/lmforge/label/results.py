@@ -79,14 +79,16 @@ def _krippendorff(labels: dict[int, list[str]]) -> dict[str, Any] | None:
 
 def _ratings(votes: list[VoteRow], n_boot: int, seed: int) -> dict[str, Any]:
     """Bradley-Terry (with intervals) and Elo over every human vote, each vote one comparison ("both bad" counts
-    as a tie). None when the votes involve fewer than two models."""
+    as a tie). A vote between two replies of one model says nothing about models: it is left out and counted.
+    None when the votes involve fewer than two models."""
     comparisons = [(v.model_a, v.model_b, v.choice) for v in votes if v.model_a != v.model_b]
+    same_model = len(votes) - len(comparisons)
     if len({m for a, b, _ in comparisons for m in (a, b)}) < 2:
         return {"bradley_terry": None, "elo": None}
     fit = bradley_terry(comparisons, n_boot=n_boot, seed=seed)
     order = sorted(fit.rating, key=lambda m: -fit.rating[m])
     return {"bradley_terry": {"rating": {m: fit.rating[m] for m in order}, "ci95": {m: fit.ci95[m] for m in order},
-                              "n_comparisons": fit.n_comparisons, "n_boot": fit.n_boot},
+                              "n_comparisons": fit.n_comparisons, "n_same_model": same_model, "n_boot": fit.n_boot},
             "elo": elo(comparisons)}  # fmt: skip
 
 
