@@ -95,7 +95,8 @@ def test_sl_data_is_read_back_by_sft_and_preference_readers(tmp_path):
     counts = write_sl_data(revs, tmp_path)
     assert counts == {"revisions": 3, "sft_records": 2, "pairs": 2, "unchanged": 1, "degenerate_steps": 1}
     convs, skipped = read_conversations(tmp_path / cai.SFT_FILE)
-    assert skipped.count == 0 and convs == [[*prompt, Message("assistant", "good")], [*prompt, Message("assistant", "z")]]
+    assert skipped.count == 0
+    assert convs == [[*prompt, Message("assistant", "good")], [*prompt, Message("assistant", "z")]]
     pairs, skipped = read_preferences(tmp_path / cai.PAIRS_FILE)
     assert skipped.count == 0 and [(p.chosen, p.rejected) for p in pairs] == [("good", "bad"), ("z", "x")]
     assert all(isinstance(p, PreferencePair) and p.prompt == prompt for p in pairs)
