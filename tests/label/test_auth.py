@@ -39,6 +39,18 @@ def test_limiter_counts_failures_in_a_sliding_window() -> None:
         LoginLimiter(0, 60)
 
 
+def test_limiter_forgets_addresses_whose_failures_are_old() -> None:
+    clock = Clock()
+    limiter = LoginLimiter(5, 60, clock)
+    for i in range(1024):  # one failure each from many addresses
+        limiter.failed(f"10.0.{i // 256}.{i % 256}")
+    assert len(limiter._failures) == 1024
+    clock.now += 61
+    limiter.failed("192.168.0.1")  # the next failure sweeps the stale ones
+    assert list(limiter._failures) == ["192.168.0.1"]
+    assert limiter.retry_after("10.0.0.0") is None
+
+
 def test_login_sets_a_strict_httponly_session_cookie(tmp_path) -> None:
     _, tokens = make_db(tmp_path / "l.db")
     r = client(tmp_path / "l.db").post("/login", data={"token": tokens["ann1"]})

@@ -20,7 +20,7 @@ from fastapi import HTTPException, Request
 SESSION_COOKIE = "lmforge_session"
 CSRF_FIELD = "csrf"
 CSRF_HEADER = "X-CSRF-Token"
-ROLES = ("admin", "annotator")
+_PRUNE_AT = 1024  # failing addresses kept before stale ones are swept
 
 
 class LoginRequired(Exception):
@@ -59,6 +59,9 @@ class LoginLimiter:
     def failed(self, client: str) -> None:
         with self._lock:
             now = self.clock()
+            if len(self._failures) >= _PRUNE_AT:  # many addresses that failed once and left: drop the stale ones
+                for other in list(self._failures):
+                    self._recent(other, now)
             self._recent(client, now)
             self._failures.setdefault(client, deque()).append(now)
 
