@@ -74,7 +74,9 @@ def test_init_and_user_add_print_a_token_that_logs_in(tmp_path) -> None:
     assert listed.stdout.splitlines() == ["boss\tadmin", "ann1\tannotator", "ann2\tannotator"]
     assert lmforge("user", "add", db, "ann1").exit_code == 2  # a name is taken once
     assert lmforge("user", "add", db, "x", "--role", "owner").exit_code == 2
-    assert lmforge("user", "list", tmp_path / "missing.db").exit_code == 2
+    for command in (("user", "list"), ("serve",)):  # a missing database is refused before any work
+        missing = lmforge(*command, tmp_path / "missing.db")
+        assert missing.exit_code == 2 and "missing.db" in missing.stderr
 
 
 def test_rotate_and_disable(tmp_path) -> None:
