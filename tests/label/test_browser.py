@@ -150,6 +150,7 @@ def test_label_by_keyboard_then_results_and_exports(tmp_path, browser):
         width, height = save_png(driver, tmp_path / "labelling.png")
         assert width == 1280 and height > 600  # the viewport of the 1280 x 900 window
         if os.environ.get("LMFORGE_DOCS_SCREENSHOT"):
+            DOCS_SHOT.parent.mkdir(exist_ok=True)
             shutil.copy(tmp_path / "labelling.png", DOCS_SHOT)
 
         first = shown(driver)
