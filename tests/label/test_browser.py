@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from live import Annotator, Server, make_db
 
+from lmforge.align.preferences import read_preferences
 from lmforge.label.store import LabelStore
 
 DOCS_SHOT = Path(__file__).resolve().parents[2] / "docs" / "img" / "labelling.png"
@@ -213,5 +214,7 @@ def test_label_by_keyboard_then_results_and_exports(tmp_path, browser):
         assert len(records_out) == 6  # one per comparison with a vote
         votes = [v for r in records_out for v in r["provenance"]["votes"]]
         assert Counter(v["annotator"] for v in votes) == {"ann00": 5, "ann01": 6}
+        decided, _ = read_preferences(exported)  # as the reward and dpo stages read it: ties and both-bad left out
+        assert 0 < len(decided) == sum(not (r["tie"] or r["both_bad"]) for r in records_out)
         with open(download(driver, "export-csv", ".csv"), newline="") as f:
             assert len(list(csv.DictReader(f))) == 6
