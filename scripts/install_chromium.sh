@@ -25,10 +25,8 @@ if ! command -v apt-get >/dev/null 2>&1; then
 fi
 
 echo "installing Debian's ${PACKAGES[*]} for the browser tests"
-# DEBIAN_FRONTEND through env, since sudo drops the caller's environment
-if ! { $AS_ROOT env DEBIAN_FRONTEND=noninteractive apt-get -qq update &&
-       $AS_ROOT env DEBIAN_FRONTEND=noninteractive apt-get -qq install -y --no-install-recommends "${PACKAGES[@]}"; } >/dev/null
-then
+APT="$AS_ROOT env DEBIAN_FRONTEND=noninteractive apt-get -qq"  # through env: sudo drops the caller's environment
+if ! { $APT update && $APT install -y --no-install-recommends "${PACKAGES[@]}"; } >/dev/null; then
   echo "apt-get could not install ${PACKAGES[*]} (its errors are above); fix that, then run: $HOW" >&2
   exit 1
 fi
