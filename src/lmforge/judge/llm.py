@@ -114,9 +114,9 @@ class LLMJudge:
     def _rows(self, item: JudgeItem) -> tuple[list[int], list[int], bool] | str:
         """The two orders' ids, and whether the replies were cut to fit the context; or why the item cannot fit."""
         question, a, b = question_text(item.prompt), item.a, item.b
-        longest = max(len(self._ids(question, a, b)), len(self._ids(question, b, a)))
-        if longest <= self.max_len:
-            return self._ids(question, a, b), self._ids(question, b, a), False
+        first, second = self._ids(question, a, b), self._ids(question, b, a)
+        if max(len(first), len(second)) <= self.max_len:
+            return first, second, False
         bare = max(len(self._ids(question, "", "")), 1)
         if bare >= self.max_len:
             return (f"prompt too long: the judging prompt without the replies is {bare} tokens, the model's context "
