@@ -170,3 +170,14 @@ def test_cai_verb_end_to_end(tmp_path):
     assert "hhh: acc " in result.output and " before, " in result.output and "(n=4)" in result.output
     no_prompts = CliRunner().invoke(app, ["cai", str(ckpt), "-o", str(tmp_path / "x")])
     assert no_prompts.exit_code == 2 and "--prompts" in no_prompts.output
+
+
+def test_a_recipe_chains_cai_into_dpo_and_reward():
+    from pathlib import Path
+
+    from lmforge import registry
+
+    for name in ("dpo", "reward"):
+        paths = registry.artifact_paths(registry.get(name), ["sft", "cai", name], Path("/r"))
+        assert paths == {"model": Path("/r/cai/final"), "preferences": Path("/r/cai/data/rl_preferences.jsonl")}
+    assert registry.artifact_paths(registry.get("cai"), ["sft", "cai"], Path("/r")) == {"model": Path("/r/sft/final")}
