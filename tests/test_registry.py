@@ -145,7 +145,7 @@ def test_registry_refuses_conflicts_and_unfed_stages():
                                              "produces one"):  # fmt: skip
             registry.upstream(lonely, ["lonely"])
     with pytest.raises(StageError, match=r"no stage named 'nope'; stages: curate, tokenizer, shards, pretrain, import, "
-                                         r"sft, reward, dpo, ppo, grpo, eval, export, report"):  # fmt: skip
+                                         r"sft, cai, pairs, reward, dpo, ppo, grpo, judge, eval, export, report"):  # fmt: skip
         registry.get("nope")
 
 
