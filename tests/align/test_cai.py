@@ -181,3 +181,12 @@ def test_a_recipe_chains_cai_into_dpo_and_reward():
         paths = registry.artifact_paths(registry.get(name), ["sft", "cai", name], Path("/r"))
         assert paths == {"model": Path("/r/cai/final"), "preferences": Path("/r/cai/data/rl_preferences.jsonl")}
     assert registry.artifact_paths(registry.get("cai"), ["sft", "cai"], Path("/r")) == {"model": Path("/r/sft/final")}
+
+
+def test_a_recipe_running_cai_names_its_prompts_at_load_time():
+    from lmforge.recipe import load_recipe
+
+    stages = "stages=[curate, tokenizer, shards, pretrain, sft, cai]"
+    with pytest.raises(ValueError, match="the cai stage needs red-team prompts: set cai.prompts"):
+        load_recipe(None, [stages])
+    assert load_recipe(None, [stages, f"cai.prompts={HARMLESS}"]).cai.prompts == HARMLESS

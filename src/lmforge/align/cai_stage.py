@@ -186,6 +186,14 @@ def run_cai(checkpoint: Path, cfg: CAIConfig, out: Path) -> dict[str, Any]:
             "constitution": constitution.name, "rounds": cfg.rounds, "prompts_source": cfg.prompts}  # fmt: skip
 
 
+def _check_prompts(settings: Any) -> None:
+    """A recipe that runs the cai stage names its red-team prompts (a clear error at load time, not after the stages
+    before it ran)."""
+    if settings.cai.prompts is None:
+        raise ValueError("the cai stage needs red-team prompts: set cai.prompts to a preference file (hh-rlhf "
+                         "harmless-base: the first human turns) or a prompts file")  # fmt: skip
+
+
 def _cai_stage(ctx: StageContext) -> dict[str, Any]:
     return run_cai(ctx.input("model"), ctx.settings.cai, ctx.out)
 
@@ -244,5 +252,6 @@ def cai_verb(
 # Not a default stage: it needs red-team prompts chosen for it and a model that follows the chat template.
 CAI_STAGE = register(Stage(
     name="cai", order=51, run=_cai_stage, sections={"cai": CAIConfig}, needs=("model",), default=False,
-    produces={"model": "final", "preferences": f"{DATA_DIR}/{RL_FILE}"}, report=_cai_report, verb=cai_verb,
+    produces={"model": "final", "preferences": f"{DATA_DIR}/{RL_FILE}"}, check=_check_prompts, report=_cai_report,
+    verb=cai_verb,
 ))  # fmt: skip
