@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from lmforge.judge.base import Judge, LengthJudge, position_bias_rate
+from lmforge.judge.base import Judge, LengthJudge, Verdict, position_bias_rate
 from lmforge.judge.llm import LLMJudge
 from lmforge.judge.reward import RewardJudge
 from lmforge.judge.stage import agreement, pair_items
@@ -41,25 +41,35 @@ def hh_sample(path: Path, skip: int, n: int, limit: int | None) -> list[Candidat
     return random.Random(0).sample(rest, min(n, len(rest)))
 
 
+def score(verdicts: list[Verdict], labels: list[str], ties_half: bool) -> dict:
+    """Agreement of the judged verdicts with the labels: exact accuracy and Cohen's kappa (PandaLM, where ties are
+    a class), or accuracy with a tie counting half and its Wilson interval (hh-rlhf, where none is a tie)."""
+    judged = [(v, label) for v, label in zip(verdicts, labels) if not v.skipped]
+    out = {"n": len(judged), "ties": sum(v.choice == "tie" for v, _ in judged) / max(len(judged), 1),
+           "bias": position_bias_rate([v for v, _ in judged]),
+           "first": sum(v.p_a_first > 0.5 > v.p_a_second for v, _ in judged if v.p_a_first is not None)}
+    if ties_half:
+        out["accuracy"] = proportion(sum((v.choice == lab) + 0.5 * (v.choice == "tie") for v, lab in judged), out["n"])
+    else:
+        out.update(agreement([v for v, _ in judged], [lab for _, lab in judged]) or {})
+    return out
+
+
 def measure(judge: Judge, pandalm: list[Candidate], hh: list[Candidate], batch_size: int) -> dict:
-    """One judge on both sets: PandaLM accuracy and kappa, hh accuracy (ties half), position bias, skips, seconds."""
+    """One judge on both sets, and the length baseline on the very pairs it judged (a judge may skip some)."""
     start = time.perf_counter()
     row: dict = {"judge": judge.name}
     for name, items in (("pandalm", pandalm), ("hh", hh)):
         pairs = pair_items(items)
-        verdicts = []
+        verdicts: list[Verdict] = []
         for i in range(0, len(pairs), batch_size * 8):
             verdicts += judge.compare_many([item for *_, item in pairs[i : i + batch_size * 8]])
-        judged = [(v, c.label) for v, (c, *_) in zip(verdicts, pairs) if not v.skipped]
-        row[f"{name}_skipped"] = len(verdicts) - len(judged)
-        row[f"{name}_ties"] = sum(v.choice == "tie" for v, _ in judged) / max(len(judged), 1)
-        row[f"{name}_bias"] = position_bias_rate([v for v, _ in judged])
-        if name == "pandalm":
-            agreed = agreement(verdicts, [c.label for c, *_ in pairs]) or {}
-            row.update({f"pandalm_{k}": v for k, v in agreed.items()})
-        else:
-            correct = sum((v.choice == label) + 0.5 * (v.choice == "tie") for v, label in judged)
-            row["hh"] = proportion(correct, len(judged))
+        labels = [c.label for c, *_ in pairs]
+        kept = [k for k, v in enumerate(verdicts) if not v.skipped]
+        row[name] = score(verdicts, labels, name == "hh")
+        row[f"{name}_skipped"] = len(pairs) - len(kept)
+        baseline = LengthJudge().compare_many([pairs[k][3] for k in kept])
+        row[f"{name}_length"] = score(baseline, [labels[k] for k in kept], name == "hh")
     row["seconds"] = time.perf_counter() - start
     row["truncated"] = getattr(judge, "truncated", 0)
     return row
@@ -86,22 +96,27 @@ def fmt(x: float | None, spec: str = ".3f") -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _bias(m: dict) -> str:
+    return "-" if m["bias"] is None else f"{m['bias']:.3f} ({m['first']} A)"
+
+
 def report(rows: list[dict], pandalm_n: int, pandalm_skipped: int, hh_n: int) -> None:
     print(f"PandaLM: {pandalm_n} pairs with a majority ({pandalm_skipped} records without one or unreadable, left "
-          f"out); hh-rlhf helpful-base: {hh_n} pairs\n")
-    print("| judge | PandaLM acc | PandaLM kappa | PandaLM ties | hh acc [95% CI] | hh ties | position bias "
-          "(PandaLM / hh) | skipped | replies cut | s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"out); hh-rlhf helpful-base: {hh_n} pairs. 'length' columns: the length baseline on the same pairs.\n")
+    print("| judge | PandaLM pairs | acc | kappa | length kappa | ties | position bias (A) | hh pairs | acc [95% CI] | "
+          "length acc | ties | position bias (A) | replies cut | s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        hh = r["hh"]
-        print(f"| {r['judge']} | {fmt(r.get('pandalm_accuracy'))} | {fmt(r.get('pandalm_kappa'))} | "
-              f"{fmt(r['pandalm_ties'])} | {fmt(hh['value'])} [{fmt(hh['ci95'][0])}, {fmt(hh['ci95'][1])}] | "
-              f"{fmt(r['hh_ties'])} | {fmt(r['pandalm_bias'])} / {fmt(r['hh_bias'])} | "
-              f"{r['pandalm_skipped']} + {r['hh_skipped']} | {r['truncated']} | {r['seconds']:.0f} |")
-    best = max(rows, key=lambda r: r.get("pandalm_kappa", float("-inf")))
-    bias = best["pandalm_bias"] if best["pandalm_bias"] is not None else 0.0  # length, reward: 0 by construction
-    print(f"\nbest={best['judge'].replace(' ', '_')} kappa_pandalm={best['pandalm_kappa']:.4f} "
-          f"acc_hh={best['hh']['value']:.4f} position_bias={bias:.4f}")
+        p, h, hl = r["pandalm"], r["hh"], r["hh_length"]["accuracy"]
+        acc = h["accuracy"]
+        print(f"| {r['judge']} | {p['n']} | {fmt(p.get('accuracy'))} | {fmt(p.get('kappa'))} | "
+              f"{fmt(r['pandalm_length'].get('kappa'))} | {fmt(p['ties'])} | {_bias(p)} | {h['n']} | "
+              f"{fmt(acc['value'])} [{fmt(acc['ci95'][0])}, {fmt(acc['ci95'][1])}] | {fmt(hl['value'])} | "
+              f"{fmt(h['ties'])} | {_bias(h)} | {r['truncated']} | {r['seconds']:.0f} |")
+    best = max(rows, key=lambda r: r["pandalm"].get("kappa", float("-inf")))
+    bias = best["pandalm"]["bias"] or 0.0  # length, reward: 0 by construction
+    print(f"\nbest={best['judge'].replace(' ', '_')} kappa_pandalm={best['pandalm']['kappa']:.4f} "
+          f"acc_hh={best['hh']['accuracy']['value']:.4f} position_bias={bias:.4f}")
 
 
 def main() -> None:
