@@ -133,3 +133,23 @@ def test_an_llm_judge_asks_a_constitution_principles_preference_question(tmp_pat
         instruction(JudgeConfig(judge="llm:x", constitution="default", principle="tact"))
     with pytest.raises(ValueError, match="both set"):
         instruction(JudgeConfig(judge="llm:x", constitution="default", rubric="Be brief."))
+
+
+def test_the_judge_stage_labels_what_the_pairs_stage_wrote(tmp_path):
+    """The real pairs stage (a tiny model's two sampled replies per prompt) feeds the judge stage's function."""
+    from lmforge import verbs
+    from lmforge.judge.stage import JUDGE_STAGE
+    from lmforge.label.pairs_config import PairsConfig
+    from lmforge.label.pairs_stage import run_pairs
+
+    ckpt = tiny_chat_model(tmp_path)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Add {i} and 1.", "answer": str(i + 1)}) + "\n"
+                               for i in range(3)))  # fmt: skip
+    run_pairs(ckpt, PairsConfig(prompts=str(prompts), max_new_tokens=6), tmp_path / "pairs")
+    settings = validate_recipe({"judge": {"judge": f"llm:{ckpt}", "device": "cpu"}})
+    m = verbs.run_stage(JUDGE_STAGE, settings, tmp_path / "judge", candidates=tmp_path / "pairs" / "candidates.jsonl")
+    assert (m["items"], m["pairs"], m["records"]) == (3, 3, 3) and sum(m["choices"].values()) == 3
+    records = [json.loads(line) for line in (tmp_path / "judge" / "preferences.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == [f"{r['provenance']['item_id']}/0-1" for r in records]
+    assert all(set(r["provenance"]["models"].values()) == {"ckpt#1", "ckpt#2"} for r in records)
