@@ -110,3 +110,11 @@ def test_choice_tokens_that_do_not_differ_are_refused_naming_the_tokenizer():
     same = SimpleNamespace(encode=lambda text: [7], imported=SimpleNamespace(source="/models/odd"))
     with pytest.raises(ValueError, match=r"/models/odd.*must exist and differ"):
         choice_token_ids(same)
+
+
+def test_the_judge_leaves_a_training_model_in_training_mode(tmp_path):
+    model, _ = load_model(tiny_chat_model(tmp_path), "cpu", dtype=torch.float32)
+    tok = load_checkpoint_tokenizer(tmp_path / "ckpt")
+    judge = LLMJudge(model.train(), tok, "Compare.")
+    verdict = judge.compare(Q, A, B)  # dropout-free model: eval mode changes nothing but must be restored
+    assert model.training and 0 < verdict.p_a_first < 1

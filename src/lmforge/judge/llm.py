@@ -35,6 +35,7 @@ from lmforge.finetune.data import Conversation, Message
 from lmforge.finetune.template import prompt_ids
 from lmforge.infer.loading import load_for_generation
 from lmforge.judge.base import JudgeItem, Verdict, as_item
+from lmforge.model.modes import evaluating
 from lmforge.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class LLMJudge:
                  batch_size: int = 8) -> None:  # fmt: skip
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.model, self.tok, self.instruction, self.name = model.eval(), tokenizer, instruction, name
+        self.model, self.tok, self.instruction, self.name = model, tokenizer, instruction, name
         self.batch_size = batch_size
         self.choice_ids = choice_token_ids(tokenizer)
         self.max_len = model.args.max_seq_len
@@ -138,7 +139,8 @@ class LLMJudge:
         """[len(seqs), 2] log-probabilities (fp32) of the choice tokens at each row's last real position."""
         device = next(self.model.parameters()).device
         batch, lengths = right_pad(seqs, self.tok.pad_id)
-        logits = self.model(batch.to(device))
+        with evaluating(self.model):  # a model in training (RL-CAI's) goes back to its mode after
+            logits = self.model(batch.to(device))
         last = logits[torch.arange(len(seqs), device=device), lengths.to(device) - 1].float()
         return torch.log_softmax(last, dim=-1)[:, list(self.choice_ids)].cpu()
 
