@@ -102,19 +102,21 @@ PAIRS = Stage(name="toy_pairs", order=55, run=_write_candidates, produces={"cand
 
 def test_the_judge_stage_in_a_run_labels_the_candidates_it_is_given(tmp_path):
     def recipe(*overrides: str):
-        return validate_recipe({"name": "j", "run_dir": str(tmp_path / "runs"), "stages": ["toy_pairs", "judge"]},
+        return validate_recipe({"name": "j", "run_dir": str(tmp_path / "runs"), "stages": ["toy_pairs", "judge", "report"]},
                                overrides=list(overrides))  # fmt: skip
 
     with registry.registered(PAIRS):
         outcomes = run_recipe(recipe("judge.judge=length"))
-        assert [(o.stage, o.action) for o in outcomes] == [("toy_pairs", "ran"), ("judge", "ran")]
+        assert [(o.stage, o.action) for o in outcomes] == [("toy_pairs", "ran"), ("judge", "ran"), ("report", "ran")]
         assert outcomes[1].metrics["records"] == 6
+        report = (tmp_path / "runs" / "j" / "report.md").read_text()
+        assert "## AI judge\n\n- length: 6 preferences from 6 pairs of 2 items" in report
         prefs = tmp_path / "runs" / "j" / "judge" / "preferences.jsonl"
         assert len(read_preferences(prefs, ties="keep")[0]) == 6
         again = run_recipe(recipe("judge.judge=length", "judge.batch_size=2"))  # speed only: skipped
-        assert [o.action for o in again] == ["skipped", "skipped"]
+        assert [o.action for o in again] == ["skipped", "skipped", "skipped"]
         changed = run_recipe(recipe("judge.judge=verifier:code_parses"))
-        assert [o.action for o in changed] == ["skipped", "re-ran"]
+        assert [o.action for o in changed] == ["skipped", "re-ran", "re-ran"]
         assert changed[1].metrics["judge"] == "verifier:code_parses"
     with pytest.raises(RecipeError, match="judge.judge"):
         recipe("judge.judge=oracle")
