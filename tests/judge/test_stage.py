@@ -102,7 +102,8 @@ PAIRS = Stage(name="toy_pairs", order=55, run=_write_candidates, produces={"cand
 
 def test_the_judge_stage_in_a_run_labels_the_candidates_it_is_given(tmp_path):
     def recipe(*overrides: str):
-        return validate_recipe({"name": "j", "run_dir": str(tmp_path / "runs"), "stages": ["toy_pairs", "judge", "report"]},
+        stages = ["toy_pairs", "judge", "report"]
+        return validate_recipe({"name": "j", "run_dir": str(tmp_path / "runs"), "stages": stages},
                                overrides=list(overrides))  # fmt: skip
 
     with registry.registered(PAIRS):
