@@ -132,6 +132,8 @@ def test_registry_refuses_conflicts_and_unfed_stages():
     with registry.registered(COUNT):
         with pytest.raises(StageError, match="a stage named 'toy_count' is already registered"):
             registry.register(COUNT)
+        with pytest.raises(StageError, match="stage 'other' takes order 15, which stage 'toy_count' already has"):
+            registry.register(Stage(name="other", order=15, run=_total))
         clash = Stage(name="other", order=99, run=_total, sections={"toy_count": CountConfig})
         with pytest.raises(StageError, match=r"declares section\(s\) \['toy_count'\], which stage 'toy_count' "
                                              r"already owns"):  # fmt: skip
@@ -145,7 +147,7 @@ def test_registry_refuses_conflicts_and_unfed_stages():
                                              "produces one"):  # fmt: skip
             registry.upstream(lonely, ["lonely"])
     with pytest.raises(StageError, match=r"no stage named 'nope'; stages: curate, tokenizer, shards, pretrain, import, "
-                                         r"sft, cai, pairs, reward, dpo, ppo, grpo, judge, eval, export, report"):  # fmt: skip
+                                         r"sft, cai, pairs, judge, reward, dpo, ppo, grpo, eval, export, report"):  # fmt: skip
         registry.get("nope")
 
 
@@ -249,7 +251,7 @@ def test_a_registered_stage_brings_its_verb(toy, tmp_path):
             metrics = verbs.run_stage(with_verb, cfg, out)
         typer.echo(f"words={metrics['words']}")
 
-    with_verb = Stage(**{**COUNT.__dict__, "name": "toy_verb_count", "sections": {}, "verb": toy_verb})
+    with_verb = Stage(**{**COUNT.__dict__, "name": "toy_verb_count", "order": 14, "sections": {}, "verb": toy_verb})
     _, text = toy
     with registry.registered(with_verb):
         cli.add_stage_verbs()

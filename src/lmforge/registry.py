@@ -125,10 +125,14 @@ _version = 0  # bumped on every change, so the recipe schema built from the regi
 
 
 def register(stage: Stage) -> Stage:
-    """Add a stage; a second stage under a taken name or section is refused."""
+    """Add a stage; a second stage under a taken name, order or section is refused (the order places it in every
+    recipe, so two stages at one order would have no defined sequence)."""
     for other in _STAGES.values():
         if other.name == stage.name:
             raise StageError(f"a stage named '{stage.name}' is already registered (by {other.run.__module__})")
+        if other.order == stage.order:
+            raise StageError(f"stage '{stage.name}' takes order {stage.order}, which stage '{other.name}' already "
+                             "has: choose a free one")  # fmt: skip
         taken = set(other.sections) & set(stage.sections)
         if taken:
             raise StageError(f"stage '{stage.name}' declares section(s) {sorted(taken)}, which stage "

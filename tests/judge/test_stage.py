@@ -96,7 +96,7 @@ def _write_candidates(ctx: StageContext) -> dict:
     return {"items": 2}
 
 
-PAIRS = Stage(name="toy_pairs", order=55, run=_write_candidates, produces={"candidates": "candidates.jsonl"},
+PAIRS = Stage(name="toy_pairs", order=46, run=_write_candidates, produces={"candidates": "candidates.jsonl"},
               default=False)  # fmt: skip
 
 

@@ -233,7 +233,7 @@ def judge_verb(
 
 # Not a default stage: it labels the candidates of the pairs stage, which a recipe adds with it.
 JUDGE_STAGE = register(Stage(
-    name="judge", order=57, run=_judge_stage, sections={"judge": JudgeConfig}, needs=("candidates",),
+    name="judge", order=53, run=_judge_stage, sections={"judge": JudgeConfig}, needs=("candidates",),
     produces={"preferences": OUTPUT}, sources=_judge_sources, report=_judge_report, verb=judge_verb, default=False,
 ))  # fmt: skip
 
