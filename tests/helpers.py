@@ -276,3 +276,50 @@ def imported_checkpoint(directory: Path, pre: str) -> Path:
     (ckpt / "tokenizer_config.json").write_bytes((directory / "tok" / "tokenizer_config.json").read_bytes())
     return ckpt
 
+
+
+CHROMIUM_INSTALL = "scripts/install_chromium.sh (or, as root: apt-get install chromium chromium-driver)"
+
+
+def chromium_driver(downloads: Path | None = None):
+    """Debian's headless Chromium under Selenium (a 1280x900 window; files it downloads go to `downloads`). Skips the
+    test when chromium or chromedriver is not on PATH, except under CI (env CI set), where that fails the test: CI
+    installs them (scripts/install.sh --dev) and must run the browser tests."""
+    import os
+    import shutil
+
+    import pytest
+
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver_path):
+        missing = "chromium and chromedriver are not both on PATH; install them with " + CHROMIUM_INSTALL
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the browser tests: {missing}")
+        pytest.skip(missing)
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    # --no-sandbox: Chromium refuses to start as root (CI containers) with its sandbox; it only loads our loopback app
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
+        options.add_argument(arg)
+    if downloads is not None:
+        options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
+                                                  "download.prompt_for_download": False})  # fmt: skip
+    return webdriver.Chrome(service=Service(driver_path), options=options)
+
+
+def wait_for(condition, what: str, timeout: float = 10.0):
+    """Poll `condition()` every 50 ms until it returns something truthy (returned) or `timeout` seconds pass."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if found := condition():
+                return found
+        except Exception:  # noqa: BLE001 - a page mid-navigation: its elements go stale; look again
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -12,18 +12,17 @@ import json
 import os
 import shutil
 import struct
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import chromium_driver, wait_for
 from live import Annotator, Server, make_db
 
 from lmforge.align.preferences import read_preferences
 from lmforge.label.store import LabelStore
 
 DOCS_SHOT = Path(__file__).resolve().parents[2] / "docs" / "img" / "labelling.png"
-INSTALL = "scripts/install_chromium.sh (or, as root: apt-get install chromium chromium-driver)"
 MODELS = ("sft", "dpo")  # neither appears in a prompt or reply below, so seeing one on the page means it was revealed
 HOSTILE = ('<script>window.__xss = 1; alert(1)</script> <img src=x onerror="window.__xss = 2; alert(2)"> '
            '[click me](javascript:window.__xss=3) "><svg onload="window.__xss = 4">')  # fmt: skip
@@ -51,25 +50,9 @@ def records() -> list[dict]:
 
 @pytest.fixture
 def browser(tmp_path):
-    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver_path):
-        missing = "chromium and chromedriver are not both on PATH; install them with " + INSTALL
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the browser test: {missing}")
-        pytest.skip(missing)
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    # --no-sandbox: Chromium refuses to start as root (CI containers) with its sandbox; it only loads our loopback app
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
-        options.add_argument(arg)
     downloads = tmp_path / "downloads"
     downloads.mkdir()
-    options.add_experimental_option("prefs", {"download.default_directory": str(downloads),
-                                              "download.prompt_for_download": False})  # fmt: skip
-    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    driver = chromium_driver(downloads)
     driver.downloads = downloads
     yield driver
     driver.quit()
@@ -86,18 +69,6 @@ def press(driver, key: str) -> None:
     from selenium.webdriver.common.action_chains import ActionChains
 
     ActionChains(driver).send_keys(key).perform()
-
-
-def wait_for(condition, what: str, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if found := condition():
-                return found
-        except Exception:  # noqa: BLE001 - a page mid-navigation: its elements go stale; look again
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def progress(driver) -> str:
