@@ -13,6 +13,8 @@ from torch import nn
 class KVCache:
     """Per-layer key/value tensors [B, n_kv_heads, max_len, head_dim]; `pos` counts the positions filled."""
 
+    per_row = False  # every row at the same position (see SlotKVCache for one position per row)
+
     def __init__(
         self,
         n_layers: int,
@@ -51,3 +53,107 @@ class KVCache:
     def advance(self, n: int) -> None:
         """Called by the model once every layer has written its n new positions."""
         self.pos += n
+
+
+class SlotKVCache:
+    """Per-layer key/value tensors [slots, n_kv_heads, max_len, head_dim] with one filled length per slot.
+
+    Each slot holds one sequence, at positions 0..lens[slot]-1. Before a forward the caller names the slots its
+    batch rows write to (`use`); each row then continues at its own position: the model takes the rotary/learned
+    positions from `positions` and the attention mask from `attn_mask` (a row sees only its own filled positions).
+    Contiguous rows are read as views without copying, which is why the batching engine keeps its running
+    requests in slots 0..n-1 (`move` packs them when one leaves).
+    """
+
+    per_row = True
+
+    def __init__(
+        self,
+        n_layers: int,
+        slots: int,
+        n_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (slots, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.max_len = max_len
+        self.device = self.k[0].device
+        self.lens = [0] * slots
+        self._slots: list[int] = []
+        self._rows: slice | torch.Tensor = slice(0, 0)
+        self._starts = torch.zeros(0, dtype=torch.long)
+        self._mask: torch.Tensor | None = None
+
+    @classmethod
+    def for_model(cls, model: nn.Module, slots: int, max_len: int | None = None) -> SlotKVCache:
+        """A cache in the model's parameter dtype and device, by default as long as its context."""
+        a = model.args
+        length = max_len if max_len is not None else a.max_seq_len
+        p = next(model.parameters())
+        return cls(a.n_layers, slots, a.n_kv_heads, length, a.head_dim, device=p.device, dtype=p.dtype)
+
+    def use(self, rows: list[int]) -> SlotKVCache:
+        """Make `rows` (slot per batch row) the slots the next forward reads and writes; returns the cache."""
+        self._slots = list(rows)
+        if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+            self._rows = slice(rows[0], rows[0] + len(rows))
+        else:
+            self._rows = torch.tensor(rows, dtype=torch.long, device=self.device)
+        self._starts = torch.tensor([self.lens[r] for r in rows], dtype=torch.long, device=self.device)
+        self._mask = None
+        return self
+
+    @property
+    def pos(self) -> int:
+        """The furthest filled position among the rows in use (the model checks it against its context)."""
+        return max((self.lens[r] for r in self._slots), default=0)
+
+    def positions(self, n: int) -> torch.Tensor:
+        """The positions [B, n] of the next n tokens of each row."""
+        return self._starts[:, None] + torch.arange(n, device=self.device)
+
+    def attn_mask(self, n: int) -> torch.Tensor:
+        """[B, 1, n, pos + n] bool: query i of row b sees key j when j <= lens[b] + i (its own filled slots)."""
+        if self._mask is None:
+            keys = torch.arange(self.pos + n, device=self.device)
+            self._mask = (keys[None, None, :] <= self.positions(n)[:, :, None])[:, None]
+        return self._mask
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v [B, H, n, D] at each row's own positions; return each row's keys/values [B, H, pos + n, D]."""
+        n = k.shape[2]
+        end = self.pos + n
+        if end > self.max_len:
+            raise ValueError(f"KV cache of {self.max_len} positions cannot hold {end}")
+        ck, cv = self.k[layer][self._rows], self.v[layer][self._rows]  # views when the rows are contiguous
+        b = torch.arange(k.shape[0], device=self.device)[:, None]
+        pos = self.positions(n)
+        if isinstance(self._rows, slice):
+            ck[b, :, pos] = k.transpose(1, 2)
+            cv[b, :, pos] = v.transpose(1, 2)
+        else:
+            self.k[layer][self._rows[:, None], :, pos] = k.transpose(1, 2)
+            self.v[layer][self._rows[:, None], :, pos] = v.transpose(1, 2)
+            ck, cv = self.k[layer][self._rows], self.v[layer][self._rows]
+        return ck[:, :, :end].to(k.dtype), cv[:, :, :end].to(v.dtype)
+
+    def advance(self, n: int) -> None:
+        """Called by the model once every layer has written its n new positions."""
+        for r in self._slots:
+            self.lens[r] += n
+        self._mask = None
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot src's filled positions into slot dst (which then holds that sequence); src is left as is."""
+        n = self.lens[src]
+        for k in (*self.k, *self.v):
+            k[dst, :, :n] = k[src, :, :n]
+        self.lens[dst] = n
+
+    def clear(self, slot: int) -> None:
+        self.lens[slot] = 0

@@ -26,7 +26,8 @@ the absolute row positions 0..T-1: document masking does not restart rotary or l
 
 The model knows nothing of parallelism, precision, activation checkpointing or compilation; those are applied from
 outside (see `lmforge.train.activation_checkpointing`). A `KVCache` (see `lmforge.model.kv_cache`) may be passed
-to `forward` for incremental decoding (causal attention only).
+to `forward` for incremental decoding (causal attention only); a `SlotKVCache` continues each row at its own
+position, with its own rotary/learned positions and a mask over its own filled slots (continuous batching).
 
 Prefix tuning hooks in through one plain attribute: when `Attention.prefix_kv` is set (by
 `lmforge.model.prefix`), its P learned keys/values are prepended on every call and every query sees them, under
@@ -239,7 +240,10 @@ class Attention(nn.Module):
         if cos is not None and sin is not None:
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
-        if cache is not None:
+        if cache is not None and cache.per_row:
+            k, v = cache.update(self.layer_idx, k, v)
+            mask, causal = cache.attn_mask(T), False
+        elif cache is not None:
             start = cache.pos
             k, v = cache.update(self.layer_idx, k, v)
             if start == 0:
@@ -378,8 +382,13 @@ class Transformer(nn.Module):
         if cache is not None and (attn != "causal" or prefix_len is not None or doc_ids is not None):
             raise ValueError("a KV cache supports plain causal attention only (no attn kind, prefix_len or doc_ids)")
         mask, causal = attention_mask(attn, T, prefix_len=prefix_len, doc_ids=doc_ids, device=input_ids.device)
-        x = self.embed(input_ids, start)
-        cos, sin = self.rope(start, T)
+        if cache is not None and cache.per_row:  # a SlotKVCache: each row continues at its own position
+            positions = cache.positions(T)
+            x = self.embed(input_ids, positions=positions)
+            cos, sin = self.rope_at(positions, start + T)
+        else:
+            x = self.embed(input_ids, start)
+            cos, sin = self.rope(start, T)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache=cache, mask=mask, causal=causal)
         if cache is not None:
@@ -388,13 +397,15 @@ class Transformer(nn.Module):
 
     # The forward's parts, which a pipeline stage (lmforge.train.pipelining) runs for its share of the model.
 
-    def embed(self, input_ids: torch.Tensor, start: int = 0) -> torch.Tensor:
-        """Token embeddings, plus learned position embeddings (gpt2 arch) for positions start, start + 1, ..."""
+    def embed(self, input_ids: torch.Tensor, start: int = 0, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings, plus learned position embeddings (gpt2 arch) for positions start, start + 1, ...
+        (or the given per-row `positions` [B, T])."""
         x = self.model.embed_tokens(input_ids)
         if self.rotary:
             return x
-        T = input_ids.shape[1]
-        return x + self.model.embed_positions(torch.arange(start, start + T, device=input_ids.device))
+        if positions is None:
+            positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        return x + self.model.embed_positions(positions)
 
     def rope(self, start: int, length: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The rotary tables (cos, sin) of positions start..start + length; (None, None) without rotary positions."""
@@ -404,6 +415,13 @@ class Transformer(nn.Module):
             # At least double, so a growing generation rebuilds the tables O(log n) times.
             self.build_rope(min(self.args.max_seq_len, max(start + length, 2 * self.rope_cos.shape[0])))
         return self.rope_cos[start : start + length], self.rope_sin[start : start + length]
+
+    def rope_at(self, positions: torch.Tensor, end: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The rotary tables [B, 1, T, D] of per-row positions [B, T] (all below `end`); (None, None) without."""
+        if not self.rotary:
+            return None, None
+        self.rope(0, end)  # grows the tables to cover `end`
+        return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
 
     def build_rope(self, length: int | None = None, device: torch.device | str | None = None) -> None:
         """(Re)compute the rotary tables for positions 0..length-1 (default: min(max_seq_len, ROPE_TABLE_START))

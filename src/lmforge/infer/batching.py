@@ -1,0 +1,312 @@
+"""The continuous-batching engine the server runs: many requests decoded together, joining and leaving token by token.
+
+A background thread runs the loop. Each step it (1) drops cancelled requests, (2) admits waiting requests while a
+slot is free, running each one's prompt (prefill) into its own rows of the KV cache, and (3) runs one decode
+forward for every request that was already running, all rows at once, each row at its own position (see
+`lmforge.model.kv_cache.SlotKVCache`). Each request then samples its next token with its own parameters and
+generator (`lmforge.infer.sampling`), so a seeded request gives the same tokens whatever shares its batch, and
+greedy output equals `lmforge.infer.engine.generate` on the same prompt.
+
+Events: every sampled token gives one `TokenEvent` (its text delta, UTF-8 safe and never part of a stop string;
+the token that ends a request, a stop token included, gives one too, with the text held back until then), then one
+`Finished`. The deltas join to `Finished.text` and `completion_tokens` counts the events. A request ends with
+"stop" at a stop token (`stop_token_ids` and the tokenizer's `stop_ids`) or a stop string (the text is cut before
+it), "length" at max_tokens or the end of the context, "cancelled" after `RequestHandle.cancel()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from lmforge.infer.sampling import SamplingParams, StopText, pick, sampling_logits
+from lmforge.model.kv_cache import SlotKVCache
+
+if TYPE_CHECKING:
+    from lmforge.model.transformer import Transformer
+    from lmforge.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BatchEngine", "Finished", "RequestHandle", "SamplingParams", "TokenEvent"]
+
+
+@dataclass
+class TokenEvent:
+    """One generated token: its id, the text it releases, and (when asked) its logprob and the top alternatives."""
+
+    token_id: int
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[tuple[str, float]] | None = None
+
+
+@dataclass
+class Finished:
+    """The last event of a request; `text` is the whole completion (the events' deltas joined)."""
+
+    finish_reason: str  # "stop" | "length" | "cancelled"
+    prompt_tokens: int
+    completion_tokens: int
+    text: str
+
+
+Event = TokenEvent | Finished
+
+
+class RequestHandle:
+    """A submitted request: iterate it (blocking) or `async for ev in handle.aiter()` for its events."""
+
+    def __init__(self, request_id: int) -> None:
+        self.id = request_id
+        self._events: queue.Queue[Event] = queue.Queue()
+        self.cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Ask the engine to end this request; it finishes with "cancelled" at the next step and frees its slot."""
+        self.cancelled.set()
+
+    def __iter__(self) -> Iterator[Event]:
+        while True:
+            ev = self._events.get()
+            yield ev
+            if isinstance(ev, Finished):
+                return
+
+    async def aiter(self) -> AsyncIterator[Event]:
+        """The events without blocking the event loop (each wait runs in the default executor)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            ev = await loop.run_in_executor(None, self._events.get)
+            yield ev
+            if isinstance(ev, Finished):
+                return
+
+
+class _Request:
+    """The engine's state of one request."""
+
+    def __init__(self, handle: RequestHandle, prompt: list[int], params: SamplingParams, tokenizer: Tokenizer,
+                 room: int, vocab: int, device: torch.device) -> None:  # fmt: skip
+        self.handle, self.prompt, self.params = handle, prompt, params
+        self.max_tokens = min(params.max_tokens, room)
+        self.stops = frozenset(params.stop_token_ids) | frozenset(tokenizer.stop_ids)
+        self.text = StopText(tokenizer, params.stop)
+        self.tokenizer = tokenizer
+        self.generated = 0
+        self.released: list[str] = []
+        self.generator: torch.Generator | None = None
+        if params.seed is not None:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(params.seed)
+        self.seen = self.counts = None
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
+            self.seen[torch.tensor(prompt, device=device)] = True
+        if params.presence_penalty or params.frequency_penalty:
+            self.counts = torch.zeros(vocab, device=device)
+        self.last = -1  # the token to feed next step
+
+    def step(self, logits: torch.Tensor) -> Finished | None:
+        """Sample one token from this request's logits [V], emit its event; the Finished when it ends here."""
+        p = self.params
+        x = sampling_logits(logits, p, seen=self.seen, counts=self.counts)
+        token = pick(x, p, self.generator)
+        self.generated += 1
+        stopped = token in self.stops
+        delta = ""
+        if not stopped:
+            delta, stopped = self.text.push(token)
+            if self.seen is not None:
+                self.seen[token] = True
+            if self.counts is not None:
+                self.counts[token] += 1
+        done = stopped or self.generated >= self.max_tokens
+        if done:
+            delta += self.text.flush()
+        self._emit(TokenEvent(token, delta, *self._logprobs(x, token)))
+        self.last = token
+        if done:
+            return self.finish("stop" if stopped else "length")
+        return None
+
+    def _logprobs(self, x: torch.Tensor, token: int) -> tuple[float | None, list[tuple[str, float]] | None]:
+        if not self.params.logprobs:
+            return None, None
+        lp = torch.log_softmax(x, dim=-1)
+        top = None
+        if self.params.top_logprobs:
+            values, ids = torch.topk(lp, self.params.top_logprobs)
+            top = [(self.tokenizer.decode([i], skip_special_tokens=False), v)
+                   for i, v in zip(ids.tolist(), values.tolist(), strict=True)]  # fmt: skip
+        return float(lp[token]), top
+
+    def _emit(self, ev: TokenEvent) -> None:
+        self.released.append(ev.text)
+        self.handle._events.put(ev)
+
+    def finish(self, reason: str) -> Finished:
+        done = Finished(reason, len(self.prompt), self.generated, "".join(self.released))
+        self.handle._events.put(done)
+        return done
+
+
+class BatchEngine:
+    """Continuous batching over one model: `submit` requests from any thread, a background thread decodes them.
+
+    `max_batch` requests run at once (one KV cache slot each); more wait in order. `max_seq_len` (default and at
+    most the model's context) bounds prompt plus completion: a longer prompt is refused, a completion is cut there.
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch: int = 32,
+                 max_seq_len: int | None = None, prefix_cache: bool = True,
+                 device: torch.device | str | None = None) -> None:  # fmt: skip
+        if max_batch < 1:
+            raise ValueError(f"max_batch={max_batch} must be >= 1")
+        if device is not None:
+            model.to(device)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        limit = model.args.max_seq_len
+        self.max_seq_len = min(max_seq_len or limit, limit)
+        self.max_batch = max_batch
+        self.cache = SlotKVCache.for_model(model, max_batch, self.max_seq_len)
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Request] = []  # _running[i] lives in cache slot i
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._drain = True
+        self._ids = itertools.count(1)
+        self._counts = {"requests_finished": 0, "prompt_tokens": 0, "tokens_generated": 0, "steps": 0}
+
+    # -- the public side, called from any thread
+
+    def start(self) -> None:
+        """Start the background loop (once)."""
+        if self._thread is not None:
+            raise RuntimeError("the engine is already started")
+        self._thread = threading.Thread(target=self._loop, name="lmforge-batch-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, drain: bool = True) -> None:
+        """Stop the loop: with `drain` after every submitted request has finished, else ending them "cancelled"."""
+        with self._cv:
+            self._stopping, self._drain = True, drain
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
+        """Queue a request; ValueError for invalid params, an empty prompt, unknown ids or a prompt too long."""
+        params.validate()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("the prompt is empty; start it with the document-start token")
+        vocab = self.model.args.vocab_size
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token id {bad[0]} is outside the model's vocabulary of {vocab} ids")
+        if len(prompt) >= self.max_seq_len:
+            raise ValueError(f"the prompt has {len(prompt)} tokens and the engine's context is {self.max_seq_len} "
+                             "tokens, leaving no room for a completion: shorten the prompt")  # fmt: skip
+        handle = RequestHandle(next(self._ids))
+        req = _Request(handle, prompt, params, self.tokenizer, self.max_seq_len - len(prompt), vocab, self.device)
+        with self._cv:
+            if self._stopping:
+                raise RuntimeError("the engine is stopping and takes no new requests")
+            self._waiting.append(req)
+            self._cv.notify_all()
+        return handle
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> Finished:
+        """Run one request to its end (in this thread when the engine is not started) and return its Finished."""
+        handle = self.submit(prompt_ids, params)
+        if self._thread is None:
+            while handle._events.empty() or not isinstance(handle._events.queue[-1], Finished):
+                self._step()
+        *_, done = iter(handle)
+        assert isinstance(done, Finished)
+        return done
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters for /metrics: running and waiting requests, slots, finished requests, tokens, steps."""
+        return {"running": len(self._running), "waiting": len(self._waiting), "slots": self.max_batch,
+                **self._counts}  # fmt: skip
+
+    # -- the loop, in the engine's thread
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._waiting or self._running or self._stopping):
+                    self._cv.wait()
+                if self._stopping and (not self._drain or not (self._waiting or self._running)):
+                    break
+            try:
+                self._step()
+            except Exception:  # a failed step must not hang every client: end their requests, keep serving
+                log.exception("batch engine step failed; ending the %d running requests", len(self._running))
+                for req in list(self._running):
+                    self._leave(req, "error")
+        with self._cv:
+            left, self._waiting = [*self._running, *self._waiting], deque()
+        for req in left:
+            req.finish("cancelled")
+        self._running = []
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        """Drop cancelled requests, decode one token for every running request, then prefill newly admitted ones."""
+        with self._cv:
+            for req in [r for r in self._waiting if r.handle.cancelled.is_set()]:
+                self._waiting.remove(req)
+                req.finish("cancelled")
+                self._counts["requests_finished"] += 1
+            for req in [r for r in self._running if r.handle.cancelled.is_set()]:
+                self._leave(req, "cancelled")
+            free = self.max_batch - len(self._running)
+            new = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+        running = list(self._running)
+        if running:
+            tokens = torch.tensor([[r.last] for r in running], dtype=torch.long, device=self.device)
+            logits = self.model(tokens, cache=self.cache.use(list(range(len(running)))))[:, -1]
+            self._sample(running, logits)
+        for req in new:
+            self.cache.clear(len(self._running))
+            self._running.append(req)
+            ids = torch.tensor([req.prompt], dtype=torch.long, device=self.device)
+            logits = self.model(ids, cache=self.cache.use([len(self._running) - 1]))[:, -1]
+            self._counts["prompt_tokens"] += len(req.prompt)
+            self._sample([req], logits)
+        self._counts["steps"] += 1
+
+    def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> None:
+        for req, row in zip(reqs, logits, strict=True):
+            done = req.step(row)
+            self._counts["tokens_generated"] += 1
+            if done is not None:
+                self._leave(req, None)
+
+    def _leave(self, req: _Request, reason: str | None) -> None:
+        """Free req's slot (finishing it with `reason` unless it finished itself); the last slot moves into it."""
+        i = self._running.index(req)
+        last = self._running.pop()
+        if last is not req:
+            self._running[i] = last
+            self.cache.move(len(self._running), i)
+        self.cache.clear(len(self._running))
+        if reason is not None:
+            req.finish(reason)
+        self._counts["requests_finished"] += 1
