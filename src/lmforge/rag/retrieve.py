@@ -1,7 +1,8 @@
 """Retrieval: BM25 (bm25s) and dense embeddings (lmforge.embed), fused by reciprocal rank.
 
 - `bm25`: Okapi BM25 over the chunks' heading and text, tokenised by bm25s (lower case, words of two or more
-  letters or digits, English stop words removed, no stemming); the score is BM25's.
+  letters or digits, bm25s's longer English stop word list (`STOPWORDS_EN_PLUS`, 179 words: question words such
+  as "how" and "does" included) removed, no stemming); the score is BM25's (Lucene's variant, k1 1.5, b 0.75).
 - `dense`: the cosine of the query's embedding with each chunk's (mean-pooled, unit-norm rows of
   `lmforge.embed.embed_texts`, from an lmforge checkpoint or an imported Hugging Face encoder).
 - `hybrid` (the default): reciprocal rank fusion of the two rankings' top `CANDIDATES` (at least 4k):
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import bm25s
 import numpy as np
+from bm25s.stopwords import STOPWORDS_EN_PLUS
 
 from lmforge.rag.chunking import Chunk
 
@@ -39,14 +41,18 @@ class Hit:
 
 
 def terms(text: str) -> list[str]:
-    """The words BM25 matches on: bm25s's tokenisation (lower case, 2+ word characters, no English stop words)."""
-    return bm25s.tokenize([text], return_ids=False, show_progress=False)[0]
+    """The words BM25 matches on (see the module docstring)."""
+    return _tokenize([text])[0]
+
+
+def _tokenize(texts: list[str]) -> list[list[str]]:
+    return bm25s.tokenize(texts, stopwords=STOPWORDS_EN_PLUS, return_ids=False, show_progress=False)
 
 
 def build_bm25(texts: Sequence[str]) -> bm25s.BM25:
     """A BM25 index of `texts` (at least one)."""
     index = bm25s.BM25()
-    index.index(bm25s.tokenize(list(texts), return_ids=False, show_progress=False), show_progress=False)
+    index.index(_tokenize(list(texts)), show_progress=False)
     return index
 
 
