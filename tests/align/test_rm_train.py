@@ -256,7 +256,7 @@ def test_the_report_section_shows_accuracy_before_and_after_next_to_the_length_b
     assert ("- held-out pairwise accuracy (ties half, 95% interval, 200 pairs): 0.500 [0.431, 0.569] before, "
             "0.620 [0.551, 0.685] after") in lines
     assert "- longer answer wins, on the same pairs: 0.570 [0.500, 0.637]" in lines
-    assert REWARD_STAGE.order == 52 and REWARD_STAGE.produces == {"reward_model": "final"}
+    assert REWARD_STAGE.order == 54 and REWARD_STAGE.produces == {"reward_model": "final"}
 
 
 def test_a_recipe_running_the_reward_stage_must_name_its_data():

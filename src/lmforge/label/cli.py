@@ -69,7 +69,7 @@ def user_list(db: Path = DB_ARG) -> None:
 
 
 @user_app.command("rotate")
-def user_rotate(db: Path = DB_ARG, name: str = typer.Argument(...)) -> None:
+def user_rotate(db: Path = DB_ARG, name: str = typer.Argument(..., help="The user whose token is replaced.")) -> None:
     """Print a new token for NAME; the old token and every session made with it stop working."""
     try:
         typer.echo(_store(db).rotate_token(name))
@@ -78,7 +78,7 @@ def user_rotate(db: Path = DB_ARG, name: str = typer.Argument(...)) -> None:
 
 
 @user_app.command("disable")
-def user_disable(db: Path = DB_ARG, name: str = typer.Argument(...)) -> None:
+def user_disable(db: Path = DB_ARG, name: str = typer.Argument(..., help="The user who can no longer log in.")) -> None:
     """NAME can no longer log in (their votes stay)."""
     try:
         _store(db).disable_user(name)
@@ -109,7 +109,7 @@ SEED_OPTION = typer.Option(0, help="Seed of the per-annotator A/B sides.")
 
 
 @project_app.command("create")
-def project_create(db: Path = DB_ARG, name: str = typer.Argument(...),
+def project_create(db: Path = DB_ARG, name: str = typer.Argument(..., help="The new project's name."),
                    items: Path = typer.Option(..., "--items", help="A candidates file (lmforge.label.candidates) or "
                                               "any preference file (hh-rlhf, TRL, PandaLM, lmforge)."),
                    k: int = K_OPTION, attention: Optional[Path] = ATTENTION_OPTION, seed: int = SEED_OPTION) -> None:
@@ -125,13 +125,14 @@ def project_create(db: Path = DB_ARG, name: str = typer.Argument(...),
 
 
 @project_app.command("generate")
-def project_generate(db: Path = DB_ARG, name: str = typer.Argument(...),
+def project_generate(db: Path = DB_ARG, name: str = typer.Argument(..., help="The new project's name."),
                      prompts: Path = typer.Option(..., "--prompts", help="Prompts: messages, prompt, MBPP or GSM8K "
                                                   "records (lmforge.align.prompts)."),
                      checkpoint: List[str] = typer.Option(..., "--checkpoint", help="NAME=DIR, twice or more."),
                      candidates_out: Optional[Path] = typer.Option(None, "--candidates-out", "-o",
                                                                    help="Also keep the replies as a candidates file."),
-                     max_new_tokens: int = typer.Option(128, min=1), temperature: float = typer.Option(0.7, min=0.0),
+                     max_new_tokens: int = typer.Option(128, min=1, help="At most this many tokens per reply."),
+                     temperature: float = typer.Option(0.7, min=0.0, help="Sampling temperature (0 = greedy)."),
                      limit: Optional[int] = typer.Option(None, min=1, help="At most this many prompts."),
                      k: int = K_OPTION, attention: Optional[Path] = ATTENTION_OPTION, seed: int = SEED_OPTION,
                      device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N.")) -> None:
@@ -193,7 +194,7 @@ def _stopped(signum: int, frame: object) -> None:
 
 
 @label_app.command()
-def export(db: Path = DB_ARG, project: str = typer.Argument(...),
+def export(db: Path = DB_ARG, project: str = typer.Argument(..., help="The project's name."),
            out: Path = typer.Option(..., "--out", "-o", help="Preferences JSONL (the `lmforge` format)."),
            csv: Optional[Path] = typer.Option(None, "--csv", help="Also the same rows as CSV.")) -> None:
     """Write a project's majority preferences with provenance, ready for the reward-model and DPO stages."""
@@ -210,9 +211,9 @@ def export(db: Path = DB_ARG, project: str = typer.Argument(...),
 
 
 @label_app.command()
-def results(db: Path = DB_ARG, project: str = typer.Argument(...),
+def results(db: Path = DB_ARG, project: str = typer.Argument(..., help="The project's name."),
             n_boot: int = typer.Option(1000, min=1, help="Bootstrap resamples of the rating intervals."),
-            seed: int = typer.Option(0)) -> None:
+            seed: int = typer.Option(0, help="Seed of the bootstrap resamples.")) -> None:
     """Print a project's agreement, ratings, per-annotator and judge tables."""
     from lmforge.label.pages import results_tables, tables_text
     from lmforge.label.results import project_results
@@ -225,7 +226,7 @@ def results(db: Path = DB_ARG, project: str = typer.Argument(...),
 
 
 @label_app.command("import-judge")
-def import_judge(db: Path = DB_ARG, project: str = typer.Argument(...),
+def import_judge(db: Path = DB_ARG, project: str = typer.Argument(..., help="The project's name."),
                  file: Path = typer.Argument(..., help="A judge's preferences (`lmforge judge` output)."),
                  judge: str = typer.Option(..., "--judge", help="The judge's name on the results page.")) -> None:
     """Add an AI judge's verdicts on a project's items, to compare with the people's votes."""
