@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, NonNegativeInt
 
 from lmforge.settings import Section
 
@@ -22,7 +22,8 @@ class EvalConfig(Section):
     # max_seq_len - stride tokens of context. None = disjoint windows (each token's context starts at its window).
     stride: int | None = Field(None, gt=0)
     # Benchmarks (docs/evaluation.md): built-in names (arc_easy, arc_challenge, hellaswag, piqa, copa, openbook_qa,
-    # winogrande, lambada, gsm8k, hhh, hhh_replies) found under task_dir, or NAME=FILE.jsonl in any supported format.
+    # winogrande, lambada, gsm8k, hhh, hhh_replies, and the RAG tasks below) found under task_dir, or NAME=FILE.jsonl
+    # in any supported format.
     tasks: list[str] = Field(default_factory=list)
     task_dir: str | None = None
     limit: int | None = Field(None, gt=0)  # examples per task; None = all
@@ -39,3 +40,10 @@ class EvalConfig(Section):
     # Generation tasks (gsm8k, prompt -> reference files) and code tasks prompt through the chat template: the
     # prompt becomes a user message, and decoding stops at the end of the assistant's turn. For SFT models.
     chat_template: bool = False
+    # RAG tasks (squad_retrieval, squad_answer, rgb_counterfactual, rgb_noise, rgb_negative; docs/evaluation.md):
+    # an embedding checkpoint adds dense and hybrid retrieval to bm25; rag_k passages go into each prompt;
+    # rgb_noise scores one positive among each number of irrelevant passages in rag_noise.
+    rag_embedder: str | None = None
+    rag_k: int = Field(4, gt=0)
+    rag_noise: list[NonNegativeInt] = Field(default_factory=lambda: [0, 2, 4], min_length=1)
+    rag_max_new_tokens: int = Field(32, gt=0)

@@ -223,7 +223,9 @@ def eval_verb(
                                         "or directory the readers accept."),
     tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated benchmarks: built-in names found "
                                         "under --task-dir (arc_easy, arc_challenge, hellaswag, piqa, copa, "
-                                        "openbook_qa, winogrande, lambada, gsm8k, hhh, hhh_replies) or NAME=FILE.jsonl."),
+                                        "openbook_qa, winogrande, lambada, gsm8k, hhh, hhh_replies; the RAG tasks "
+                                        "squad_retrieval, squad_answer, rgb_counterfactual, rgb_noise, rgb_negative) "
+                                        "or NAME=FILE.jsonl."),
     task_dir: Optional[Path] = typer.Option(None, "--task-dir", help="Where the built-in tasks' files are."),
     code: Optional[str] = typer.Option(None, "--code", help="Code execution tasks: humaneval, stdlib (comma-separated)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="At most N examples per benchmark and N "

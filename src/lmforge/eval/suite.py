@@ -29,9 +29,11 @@ def parse_task(spec: str, task_dir: str | None) -> tuple[str, Path]:
 
 
 def task_kind(name: str, path: Path) -> str:
-    """mc, lambada, gsm8k or generation: from the built-in name, else from the first record's keys."""
+    """mc, rag, lambada, gsm8k or generation: from the built-in name, else from the first record's keys."""
     if name in T.MC_TASKS:
         return "mc"
+    if name in T.RAG_TASKS:
+        return "rag"
     if name in T.OTHER_TASKS:
         return name
     for _, rec in T.records(path, T.Skipped()):
@@ -57,7 +59,11 @@ def run_task(lm: LanguageModel, name: str, path: Path, cfg: EvalConfig) -> tuple
     kind = task_kind(name, path)
     t0 = time.perf_counter()
     opts = {"batch_size": cfg.batch_size}
-    if kind == "mc":
+    if kind == "rag":
+        from lmforge.eval.rag_tasks import run_rag_task
+
+        result, texts, skipped = run_rag_task(lm, name, path, cfg)
+    elif kind == "mc":
         delimiter = T.MC_TASKS.get(name, ("", " "))[1]
         examples, skipped = T.load_mc(path, delimiter, cfg.limit)
         result = T.score_mc(lm, examples, label=name, **opts)
@@ -129,6 +135,8 @@ def headline(result: dict[str, Any]) -> str:
     for key in sorted(k for k in result if k.startswith("pass@") and not k.endswith("_ci95")):
         ci = result.get(f"{key}_ci95")
         parts.append(f"{key} {result[key]:.4f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""))
+    for key, m in result.get("metrics", {}).items():  # the RAG tasks' named rates
+        parts.append(f"{key} {m['value']:.4f} [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}]")
     if "perplexity" in result:
         parts.append(f"perplexity {result['perplexity']:.4g}")
     return f"{', '.join(parts)} (n={result['n']})"
@@ -141,11 +149,10 @@ def markdown_table(results: dict[str, Any]) -> str:
         c = r.get("contamination")
         dirty = f"{c['contaminated']}/{c['examples']} ({c['fraction']:.1%})" if c else "n/a"
         chance = f"{r['chance']:.3f}" if "chance" in r else ""
-        for key in ("acc", "acc_norm", "exact_match", "normalized_match"):
-            if key in r:
-                m = r[key]
-                lines.append(f"| {name} | {key} | {m['value']:.4f} | [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}] | "
-                             f"{m['n']} | {chance} | {dirty} |")  # fmt: skip
+        named = [(key, r[key]) for key in ("acc", "acc_norm", "exact_match", "normalized_match") if key in r]
+        for key, m in named + list(r.get("metrics", {}).items()):
+            lines.append(f"| {name} | {key} | {m['value']:.4f} | [{m['ci95'][0]:.3f}, {m['ci95'][1]:.3f}] | "
+                         f"{m['n']} | {chance} | {dirty} |")  # fmt: skip
         for key in sorted(k for k in r if k.startswith("pass@") and not k.endswith("_ci95")):
             ci = r.get(f"{key}_ci95")
             interval = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""

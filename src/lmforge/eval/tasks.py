@@ -51,7 +51,12 @@ MC_TASKS: dict[str, tuple[str, str]] = {
 # cannot answer a lettered question can still be measured on.
 HHH_TASKS = {"hhh": "438HHHEvaluations.jsonl", "hhh_replies": "438HHHEvaluations.jsonl"}
 OTHER_TASKS = {"lambada": "lambada_openai.jsonl", "gsm8k": "gsm8k.jsonl", **HHH_TASKS}
-TASK_NAMES = (*MC_TASKS, *OTHER_TASKS)
+# Retrieval-augmented generation (lmforge.eval.rag_tasks): SQuAD 2.0's JSON file (found as *squad2*.json) and RGB's
+# en_fact records (JSON Lines despite the .json name).
+SQUAD_TASKS = {"squad_retrieval": "squad2.json", "squad_answer": "squad2.json"}
+RGB_TASKS = {name: "rgb_en_fact.json" for name in ("rgb_counterfactual", "rgb_noise", "rgb_negative")}
+RAG_TASKS = {**SQUAD_TASKS, **RGB_TASKS}
+TASK_NAMES = (*MC_TASKS, *OTHER_TASKS, *RAG_TASKS)
 _NO_SPACE_BEFORE = tuple(",.;:!?)'\"")
 
 
@@ -328,11 +333,11 @@ def score_generation(lm: LanguageModel, items: list[tuple[str, list[str]]], *, u
 
 def find_task_file(name: str, task_dir: Path) -> Path:
     """A built-in task's file under `task_dir` (searched recursively), e.g. arc_easy -> .../mc/arc_easy.jsonl."""
-    wanted = MC_TASKS[name][0] if name in MC_TASKS else OTHER_TASKS.get(name)
+    wanted = MC_TASKS[name][0] if name in MC_TASKS else {**OTHER_TASKS, **RAG_TASKS}.get(name)
     if wanted is None:
         raise TaskError(f"unknown task {name!r}; built-in tasks: {list(TASK_NAMES)}, or give NAME=FILE.jsonl")
-    stem = Path(wanted).stem
-    hits = sorted(p for p in Path(task_dir).rglob("*.jsonl") if p.name == wanted or stem in p.stem)
+    stem, suffix = Path(wanted).stem, Path(wanted).suffix
+    hits = sorted(p for p in Path(task_dir).rglob(f"*{suffix}") if p.name == wanted or stem in p.stem)
     if not hits:
-        raise TaskError(f"task {name!r}: no {wanted} (or *{stem}*.jsonl) under {task_dir}; give NAME=FILE.jsonl")
+        raise TaskError(f"task {name!r}: no {wanted} (or *{stem}*{suffix}) under {task_dir}; give NAME=FILE.jsonl")
     return hits[0]
