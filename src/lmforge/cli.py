@@ -13,6 +13,7 @@ from typer.core import TyperGroup
 
 from lmforge import registry, verbs
 from lmforge.label.cli import label_app
+from lmforge.rag.cli import rag_app
 from lmforge.recipe import RecipeError, load_recipe
 
 VERBOSE_FLAGS = ("-v", "--verbose")
@@ -152,6 +153,7 @@ def add_stage_verbs() -> None:
 add_stage_verbs()
 
 app.add_typer(label_app, name="label")  # `lmforge label ...`: the labelling app's commands
+app.add_typer(rag_app, name="rag")  # `lmforge rag index|ask`: answers from documents (lmforge.rag)
 
 
 @app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
@@ -237,6 +239,9 @@ def chat(
     seed: Optional[int] = typer.Option(None, help="Seed of the sampling generator: the same seed and settings give "
                                        "the same text."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    docs: Optional[Path] = typer.Option(None, "--docs", help="An index (lmforge rag index): each message is sent "
+                                        "with the chunks retrieved for it, numbered for [n] citations."),
+    k: int = typer.Option(4, "--k", min=1, help="With --docs: chunks retrieved per message."),
 ) -> None:
     """Chat with a model in the terminal through its chat template: replies stream as they are generated and the
     conversation is kept (oldest turns dropped when it outgrows the context). /help lists the commands."""
@@ -249,6 +254,12 @@ def chat(
     try:
         session = load_chat(checkpoint, device=device, system=system, max_new_tokens=max_tokens,
                             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)  # fmt: skip
+        if docs is not None:
+            from lmforge.rag.answer import docs_augmenter
+            from lmforge.rag.index import Index
+
+            budget = session.model.args.max_seq_len - session.max_new_tokens
+            session.augment = docs_augmenter(Index.open(docs), session.tokenizer, budget, k)
     except (FileNotFoundError, ValueError) as e:  # e.g. no such checkpoint, an unknown device
         verbs.fail(str(e), 2)
     run_chat(session)

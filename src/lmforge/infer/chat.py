@@ -123,6 +123,7 @@ class ChatSession:
         top_k: int | None = 50,
         top_p: float | None = None,
         seed: int | None = None,
+        augment: Callable[[str], str] | None = None,
     ) -> None:
         check_sampling(temperature, top_k, top_p)
         if not 0 < max_new_tokens < model.args.max_seq_len:
@@ -137,6 +138,9 @@ class ChatSession:
         self._cache = KVCache.for_model(model, 1)
         self._cached: list[int] = []  # the ids whose keys and values the cache holds
         self._reply: Reply | None = None
+        # What the model is shown for a user message (`lmforge chat --docs`: the message with retrieved sources);
+        # only this turn's prompt carries it, the history keeps the message as typed.
+        self.augment = augment
 
     @property
     def system(self) -> str | None:
@@ -160,12 +164,13 @@ class ChatSession:
         """Add a user message and start the reply (iterate it to stream the text; see `Reply`)."""
         self._finish_reply()
         user = Message("user", text)
+        shown = Message("user", self.augment(text)) if self.augment else user
         limit = self.model.args.max_seq_len - self.max_new_tokens
         keep_from = 0
-        ids = prompt_ids(self.tokenizer, self.history + [user])
+        ids = prompt_ids(self.tokenizer, self.history + [shown])
         while len(ids) > limit and keep_from < len(self._turns):
             keep_from += 2  # a user message and its reply
-            ids = prompt_ids(self.tokenizer, _with_system(self.system, self._turns[keep_from:] + [user]))
+            ids = prompt_ids(self.tokenizer, _with_system(self.system, self._turns[keep_from:] + [shown]))
         # Raises when the prompt alone fills the context; a shorter reply is logged.
         max_new = cap_new_tokens(self.max_new_tokens, self.model.args.max_seq_len, len(ids))
         self._reply = Reply(self, user, ids, keep_from, keep_from // 2, max_new)

@@ -146,3 +146,14 @@ def answer(index: Any, model: Any, tokenizer: Any, question: str, *, k: int = 4,
     out = generate(model, [ids], new, temperature=temperature, stop_ids=tokenizer.stop_ids, seed=seed)[0]
     text = tokenizer.decode(out).strip()
     return Answer(text, check_citations(text, hits), False, hits)
+
+
+def docs_augmenter(index: Any, tokenizer: Any, budget: int, k: int = 4, mode: str = "hybrid") -> Any:
+    """For `lmforge chat --docs`: a function turning a user message into the sources message for it (as many of
+    the `k` hits as fit in `budget` prompt tokens), or the message unchanged when nothing is retrieved."""
+
+    def augment(text: str) -> str:
+        hits = index.search(text, k=k, mode=mode)
+        return sources_message(text, fit_hits(tokenizer, text, hits, budget)) if hits else text
+
+    return augment
