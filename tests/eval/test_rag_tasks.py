@@ -187,12 +187,38 @@ def test_squad_answer_scores_a_scripted_answerer_exactly(monkeypatch, squad):
         return f"the {q.answers[-1]}." if found else "The documents do not contain the answer."
 
     scripted(monkeypatch, answer)
-    result = R.squad_answer(_LM(), squad, EvalConfig(limit=40, rag_k=2))
+    result = R.squad_answer(_LM(), squad, EvalConfig(limit=40, rag_k=2, rag_threshold=0.0))  # no refusal
     m = result["metrics"]
+    assert m["refused answerable"]["value"] == m["refused unanswerable"]["value"] == 0.0
     assert (result["answerable"], result["unanswerable"], result["retrieval"]) == (40, 40, "bm25")
     assert 0.5 < m["bm25 recall@2"]["value"] < 1.0  # some answers are right, some are "not in the documents"
     assert m["exact_match"]["value"] == m["f1"]["value"] == m["bm25 recall@2"]["value"]
     assert m["no_answer_acc"]["value"] == 1.0 and m["no_answer_acc"]["n"] == 40
+
+
+def test_squad_answer_refuses_where_lmforge_rag_refuses(monkeypatch, squad, tiny):
+    from lmforge.infer.loading import load_for_generation
+    from lmforge.rag.answer import NOT_FOUND, answer
+
+    asked = []
+    scripted(monkeypatch, lambda prompt: asked.append(_question(prompt)) or "Paris")
+    cfg = EvalConfig(limit=15, rag_threshold=0.6)  # lmforge.rag's 0.3 refuses 1-2% of SQuAD's questions
+    result = R.squad_answer(_LM(), squad, cfg)
+    questions = squad.answerable[:15] + squad.unanswerable[:15]
+    index, (model, tok) = R.squad_index(squad, cfg), load_for_generation(tiny, "cpu")
+    refused = []
+    for q in questions:  # lmforge.rag's own answers: refused before the model runs, or answered (or too long)
+        try:
+            refused.append(answer(index, model, tok, q.question, k=4, threshold=0.6, mode="bm25",
+                                  max_new_tokens=2).refused)  # fmt: skip
+        except ValueError:  # the tiny model's 128-token context holds no paragraph: it was not refused
+            refused.append(False)
+    assert 0 < sum(refused) < 30 and asked == [q.question for q, r in zip(questions, refused) if not r]
+    m = result["metrics"]
+    assert m["refused answerable"]["value"] == pytest.approx(sum(refused[:15]) / 15)
+    assert m["refused unanswerable"]["value"] == pytest.approx(sum(refused[15:]) / 15)
+    assert m["no_answer_acc"]["value"] == pytest.approx(sum(refused[15:]) / 15)  # "Paris" is never a refusal
+    assert result["samples"][0]["answer"] in ("Paris", NOT_FOUND)
 
 
 @pytest.fixture(scope="module")
@@ -213,7 +239,8 @@ def test_every_rag_task_runs_end_to_end_on_a_tiny_model(tiny):
     assert results["squad_retrieval"]["n"] == 3 and results["squad_retrieval"]["paragraphs"] == 646
     answer = results["squad_answer"]
     assert answer["n"] == 6 and answer["truncated"] == 6  # four paragraphs do not fit in 128 - 8 positions
-    assert set(answer["metrics"]) == {"exact_match", "f1", "bm25 recall@4", "no_answer_acc"}
+    assert set(answer["metrics"]) == {"exact_match", "f1", "bm25 recall@4", "no_answer_acc", "refused answerable",
+                                      "refused unanswerable"}  # fmt: skip
     assert results["rgb_noise"]["n"] == 3 and set(results["rgb_noise"]["metrics"]) == {"acc@noise0", "acc@noise2"}
     for r in results.values():
         assert all(0.0 <= m["value"] <= 1.0 and m["ci95"][0] - 1e-12 <= m["value"] <= m["ci95"][1]

@@ -42,8 +42,10 @@ class EvalConfig(Section):
     chat_template: bool = False
     # RAG tasks (squad_retrieval, squad_answer, rgb_counterfactual, rgb_noise, rgb_negative; docs/evaluation.md):
     # an embedding checkpoint adds dense and hybrid retrieval to bm25; rag_k passages go into each prompt;
-    # rgb_noise scores one positive among each number of irrelevant passages in rag_noise.
+    # rgb_noise scores one positive among each number of irrelevant passages in rag_noise. squad_answer refuses as
+    # lmforge.rag.answer does below rag_threshold coverage (None: its default; 0: never, the model answers all).
     rag_embedder: str | None = None
     rag_k: int = Field(4, gt=0)
     rag_noise: list[NonNegativeInt] = Field(default_factory=lambda: [0, 2, 4], min_length=1)
     rag_max_new_tokens: int = Field(32, gt=0)
+    rag_threshold: float | None = Field(None, ge=0.0, le=1.0)

@@ -3,9 +3,11 @@
 - `squad_retrieval`: the paragraphs of a SQuAD 2.0 file are indexed (lmforge.rag's in-memory index, one document
   per paragraph); each answerable question searches them, and recall@1/5/10 and MRR@10 of its own paragraph are
   reported for bm25, and for dense and hybrid when `eval.rag_embedder` names an embedding checkpoint.
-- `squad_answer`: the model answers each question from its top `eval.rag_k` paragraphs: exact match and F1
-  (SQuAD's normalisation, the best over the gold answers) on the answerable questions, and on the unanswerable
-  ones the share of answers saying the documents do not hold it.
+- `squad_answer`: the model answers each question from its top `eval.rag_k` paragraphs, unless lmforge.rag's
+  refusal rule (the question's coverage by them below `eval.rag_threshold`) answers "not in the documents"
+  first, as `lmforge rag ask` would: exact match and F1 (SQuAD's normalisation, the best over the gold answers)
+  on the answerable questions, the share of answers saying the documents do not hold it on the unanswerable ones,
+  and how often each kind was refused.
 - `rgb_counterfactual`: RGB's counterfactual passages (`positive_wrong`, which state the `fakeanswer`): the
   shares of answers repeating the fake answer, giving the true one, and flagging the conflict.
 - `rgb_noise`: a positive passage among k irrelevant ones (`negative`), accuracy for each k of `eval.rag_noise`,
@@ -306,10 +308,13 @@ def squad_index(squad: Squad, cfg: EvalConfig) -> Any:
     return build_memory_index(squad.paragraphs, embedder=cfg.rag_embedder)
 
 
-def ranked_paragraphs(index: Any, query: str, k: int, mode: str) -> list[str]:
-    """The ids of the first k distinct paragraphs the index returns for `query`."""
-    ids = list(dict.fromkeys(hit.chunk.file for hit in index.search(query, k=3 * k, mode=mode)))
-    return ids[:k]
+def paragraph_hits(index: Any, query: str, k: int, mode: str) -> list[Any]:
+    """The best hit of each of the first k distinct paragraphs the index returns for `query` (a paragraph longer
+    than one chunk would otherwise fill several places)."""
+    best: dict[str, Any] = {}
+    for hit in index.search(query, k=3 * k, mode=mode):
+        best.setdefault(hit.chunk.file, hit)
+    return list(best.values())[:k]
 
 
 def squad_retrieval(squad: Squad, cfg: EvalConfig, index: Any = None) -> dict[str, Any]:
@@ -319,33 +324,44 @@ def squad_retrieval(squad: Squad, cfg: EvalConfig, index: Any = None) -> dict[st
     questions = squad.answerable[: cfg.limit]
     metrics: dict[str, dict[str, Any]] = {}
     for mode in retrieval_modes(cfg):
-        ranks = [rank_of(q.paragraph, ranked_paragraphs(index, q.question, max(RETRIEVAL_KS), mode)) for q in questions]
+        ranked = ([h.chunk.file for h in paragraph_hits(index, q.question, max(RETRIEVAL_KS), mode)] for q in questions)
+        ranks = [rank_of(q.paragraph, ids) for q, ids in zip(questions, ranked)]
         metrics.update(retrieval_metrics(ranks, label=f"{mode} "))
     return {"metrics": metrics, "n": len(questions), "paragraphs": len(squad.paragraphs)}
 
 
 def squad_answer(lm: LanguageModel, squad: Squad, cfg: EvalConfig, index: Any = None) -> dict[str, Any]:
-    """The model's answers from the top `eval.rag_k` paragraphs (hybrid retrieval with an embedder, else bm25) to
-    the first `eval.limit` questions of each kind: exact match and F1 on the answerable ones, the share of "not in
-    the documents" answers on the unanswerable ones."""
+    """Answers to the first `eval.limit` questions of each kind from their top `eval.rag_k` paragraphs (hybrid
+    retrieval with an embedder, else bm25), refused as lmforge.rag.answer refuses (the question's coverage by the
+    retrieved paragraphs below `eval.rag_threshold`: the model is not run). Exact match and F1 on the answerable
+    questions, the share of "not in the documents" answers on the unanswerable ones, and the refusal rates."""
+    from lmforge.rag.answer import NOT_FOUND, THRESHOLD, coverage
+
     index = index if index is not None else squad_index(squad, cfg)
     mode = retrieval_modes(cfg)[-1]
+    threshold = THRESHOLD if cfg.rag_threshold is None else cfg.rag_threshold
     text = dict(squad.paragraphs)
     answerable, unanswerable = squad.answerable[: cfg.limit], squad.unanswerable[: cfg.limit]
     questions = answerable + unanswerable
-    retrieved = [ranked_paragraphs(index, q.question, cfg.rag_k, mode) for q in questions]
-    prompts = [rag_prompt(q.question, [text[p] for p in ids]) for q, ids in zip(questions, retrieved)]
-    answers, truncated = generate_answers(lm, prompts, cfg, "squad_answer")
-    scored = list(zip(answerable, answers))
+    hits = [paragraph_hits(index, q.question, cfg.rag_k, mode) for q in questions]
+    refused = [coverage(q.question, h) < threshold for q, h in zip(questions, hits)]
+    asked = [i for i, r in enumerate(refused) if not r]
+    prompts = [rag_prompt(questions[i].question, [text[h.chunk.file] for h in hits[i]]) for i in asked]
+    generated, truncated = generate_answers(lm, prompts, cfg, "squad_answer") if prompts else ([], 0)
+    answers = [NOT_FOUND] * len(questions)
+    for i, generated_answer in zip(asked, generated):
+        answers[i] = generated_answer
     n, m = len(answerable), len(unanswerable)
-    found = sum(q.paragraph in ids for q, ids in zip(answerable, retrieved))
-    metrics = {"exact_match": proportion(sum(exact_match(a, q.answers) for q, a in scored), n),
-               "f1": proportion(sum(f1_score(a, q.answers) for q, a in scored), n),
+    found = sum(q.paragraph in {h.chunk.file for h in h_} for q, h_ in zip(answerable, hits))
+    metrics = {"exact_match": proportion(sum(exact_match(a, q.answers) for q, a in zip(answerable, answers)), n),
+               "f1": proportion(sum(f1_score(a, q.answers) for q, a in zip(answerable, answers)), n),
+               "no_answer_acc": proportion(sum(map(says_missing, answers[n:])), m),
                f"{mode} recall@{cfg.rag_k}": proportion(found, n),
-               "no_answer_acc": proportion(sum(map(says_missing, answers[n:])), m)}  # fmt: skip
+               "refused answerable": proportion(sum(refused[:n]), n),
+               "refused unanswerable": proportion(sum(refused[n:]), m)}  # fmt: skip
     return {"metrics": metrics, "n": n + m, "answerable": n, "unanswerable": m, "retrieval": mode,
-            "truncated": truncated, "samples": _samples([q.question for q in questions], answers,
-                                                        [list(q.answers) for q in questions])}  # fmt: skip
+            "threshold": threshold, "truncated": truncated,
+            "samples": _samples([q.question for q in questions], answers, [list(q.answers) for q in questions])}
 
 
 def run_rag_task(lm: LanguageModel, name: str, path: Path,
