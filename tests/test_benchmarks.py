@@ -61,6 +61,8 @@ CASES: dict[str, tuple[str | None, set[str]]] = {
     "pii_accuracy.py": ("pii", {f"{kind}_{m}" for kind in ("email", "phone", "credit_card", "ip_address", "us_ssn",
                                                            "iban", "dolma_email") for m in ("p", "r")}
                         | {"mb_per_s"}),  # fmt: skip
+    "rag_index.py": (None, {"files", "chunks", "bm25_files_per_s", "bm25_chunks_per_s", "unchanged_s", "edit_s",
+                            "edit_rechunked", "dense_chunks_per_s", "bm25_search_ms", "hybrid_search_ms"}),
     "recipe_efficiency.py": (None, {"gpt2_final", "modern_final", "modern_time_ratio", "default_final",
                                     "default_time_ratio", "budget_s", "depth"}),  # fmt: skip
     "reward_sandbox.py": ("code/mbpp.jsonl", {"samples"} | {f"{r}_{m}" for r in ("mbpp_tests", "doctests")
