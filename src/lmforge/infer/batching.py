@@ -99,7 +99,7 @@ class _Request:
                  room: int, vocab: int, device: torch.device) -> None:  # fmt: skip
         self.handle, self.prompt, self.params = handle, prompt, params
         self.max_tokens = min(params.max_tokens, room)
-        self.stops = frozenset(params.stop_token_ids) | frozenset(tokenizer.stop_ids)
+        self.stops = frozenset(params.stop_token_ids) | frozenset([] if params.ignore_eos else tokenizer.stop_ids)
         self.text = StopText(tokenizer, params.stop)
         self.tokenizer = tokenizer
         self.generated = 0

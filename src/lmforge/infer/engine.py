@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lmforge.infer.sampling import keep_top_k, keep_top_p
 from lmforge.model.kv_cache import KVCache
 from lmforge.model.transformer import Transformer
 
@@ -55,16 +56,10 @@ def sample_next(
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already reach top_p; the first token always stays.
-        drop_sorted = probs.cumsum(dim=-1) - probs >= top_p
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
+    if top_k is not None:
+        logits = keep_top_k(logits, top_k)
+    if top_p is not None:
+        logits = keep_top_p(logits, top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 

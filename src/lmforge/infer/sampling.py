@@ -39,6 +39,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+    ignore_eos: bool = False  # go on past the tokenizer's stop ids (stop_token_ids still stop): for benchmarks
 
     def validate(self) -> None:
         checks = [
