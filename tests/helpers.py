@@ -50,9 +50,9 @@ def make_chain(model, chain: dict[int, int]):
 INSTRUCT_DATA = "/work/shared/data/instruct/alpaca_data_first200.json"
 
 
-def tiny_chat_model(directory: Path) -> Path:
+def tiny_chat_model(directory: Path, **model_args) -> Path:
     """A tiny untied 2-block model with a tokenizer (vocabulary 512, chat tokens reserved) trained on the instruction
-    data itself, saved as a checkpoint in directory/ckpt."""
+    data itself, saved as a checkpoint in directory/ckpt; `model_args` override its ModelArgs."""
     import json
 
     import torch
@@ -65,8 +65,8 @@ def tiny_chat_model(directory: Path) -> Path:
     texts = [" ".join(r[k] for k in ("instruction", "input", "output")) for r in records]
     tok = train_tokenizer(iter(texts), vocab_size=512)
     tok.save(directory / "tok.json")
-    args = ModelArgs(vocab_size=tok.vocab_size, n_layers=2, d_model=64, n_heads=4, n_kv_heads=4, head_dim=16,
-                     mlp_hidden=128, max_seq_len=128)  # fmt: skip
+    args = ModelArgs(**{"vocab_size": tok.vocab_size, "n_layers": 2, "d_model": 64, "n_heads": 4, "n_kv_heads": 4,
+                        "head_dim": 16, "mlp_hidden": 128, "max_seq_len": 128} | model_args)  # fmt: skip
     torch.manual_seed(0)
     return save_model(directory / "ckpt", Transformer(args), args, directory / "tok.json")
 

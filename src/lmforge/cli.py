@@ -15,6 +15,7 @@ from lmforge import registry, verbs
 from lmforge.label.cli import label_app
 from lmforge.rag.cli import rag_app
 from lmforge.recipe import RecipeError, load_recipe
+from lmforge.serve.cli import serve
 
 VERBOSE_FLAGS = ("-v", "--verbose")
 
@@ -154,6 +155,7 @@ add_stage_verbs()
 
 app.add_typer(label_app, name="label")  # `lmforge label ...`: the labelling app's commands
 app.add_typer(rag_app, name="rag")  # `lmforge rag index|ask`: answers from documents (lmforge.rag)
+app.command("serve")(serve)  # `lmforge serve CKPT`: the OpenAI-compatible server (lmforge.serve)
 
 
 @app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True},

@@ -86,11 +86,13 @@ class Server:
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "lmforge.cli", "label", "serve", str(self.db), "--port", str(self.port)]
+
     def start(self, timeout: float = 30.0) -> Server:
         """Start the server and wait until GET /health answers {"status": "ok"}."""
-        command = [sys.executable, "-m", "lmforge.cli", "label", "serve", str(self.db), "--port", str(self.port)]
         with open(self.log, "a") as log:
-            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
