@@ -71,13 +71,14 @@ def test_slot_cache_rows_at_their_own_positions_match_full_forwards(arch: str):
     assert cache.lens[3] == 12 and torch.equal(cache.k[0][3, :, :12], cache.k[0][1, :, :12])
 
 
-def test_greedy_equals_generate_alone_one_and_eight_joining_midway(tok: Tokenizer):
+@pytest.mark.parametrize("prefix_cache", [False, True])
+def test_greedy_equals_generate_alone_one_and_eight_joining_midway(tok: Tokenizer, prefix_cache: bool):
     m = make_model(tok.vocab_size)
     ps = prompts(8, tok.vocab_size)
     stops = set(tok.stop_ids)
     alone = [generate(m, [p], 12, temperature=0, stop_ids=stops)[0] for p in ps]
     greedy = SamplingParams(max_tokens=12, temperature=0)
-    engine = BatchEngine(m, tok, max_batch=8)
+    engine = BatchEngine(m, tok, max_batch=8, prefix_cache=prefix_cache)
     assert tokens_of(run(engine, [engine.submit(ps[0], greedy)])[0], stops) == alone[0]
     first = [engine.submit(p, greedy) for p in ps[:3]]
     for _ in range(4):  # three requests are mid-way when five more join
@@ -87,6 +88,29 @@ def test_greedy_equals_generate_alone_one_and_eight_joining_midway(tok: Tokenize
     events = run(engine, first + later)
     assert [tokens_of(ev, stops) for ev in events] == alone
     assert engine.stats["running"] == 0 and engine.stats["requests_finished"] == 9
+    # With the cache, ps[0]'s second run reuses all but its last token (3 of 4); every other prompt shares token 0.
+    assert engine.stats["prefix_tokens_reused"] == (3 + 7 if prefix_cache else 0)
+
+
+def test_prefix_cache_skips_a_known_start_and_keeps_the_output(tok: Tokenizer):
+    m = make_model(tok.vocab_size)
+    stops = set(tok.stop_ids)
+    greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    engine = BatchEngine(m, tok, max_batch=2)
+    first = prompts(1, tok.vocab_size)[0] + [40, 41, 42, 43]
+    reply = [e.token_id for e in run(engine, [engine.submit(first, greedy)])[0][:-1]]
+    # A chat's next turn: the conversation so far (prompt and all but the last reply token were fed) plus more.
+    turn = first + reply + [50, 51]
+    done = run(engine, [engine.submit(turn, greedy)])[0]
+    assert engine.stats["prefix_tokens_reused"] == len(first) + len(reply) - 1
+    assert tokens_of(done, stops) == generate(m, [turn], 6, temperature=0)[0]
+    # A prompt equal to a stored sequence still runs its last token; one sharing nothing reuses nothing.
+    before = engine.stats["prefix_tokens_reused"]
+    run(engine, [engine.submit(first, greedy)])
+    assert engine.stats["prefix_tokens_reused"] - before == len(first) - 1
+    run(engine, [engine.submit([5, 6, 7], greedy)])
+    assert engine.stats["prefix_tokens_reused"] - before == len(first) - 1
+    assert engine.prefix is not None and engine.prefix.tokens <= engine.prefix.max_tokens
 
 
 def test_a_seed_gives_the_same_sample_whatever_shares_the_batch(tok: Tokenizer):

@@ -5,7 +5,8 @@ slot is free, running each one's prompt (prefill) into its own rows of the KV ca
 forward for every request that was already running, all rows at once, each row at its own position (see
 `lmforge.model.kv_cache.SlotKVCache`). Each request then samples its next token with its own parameters and
 generator (`lmforge.infer.sampling`), so a seeded request gives the same tokens whatever shares its batch, and
-greedy output equals `lmforge.infer.engine.generate` on the same prompt.
+greedy output equals `lmforge.infer.engine.generate` on the same prompt. With `prefix_cache` (the default), a prompt
+that starts like a sequence that already left the engine prefills only the rest (`lmforge.infer.prefix_cache`).
 
 Events: every sampled token gives one `TokenEvent` (its text delta, UTF-8 safe and never part of a stop string;
 the token that ends a request, a stop token included, gives one too, with the text held back until then), then one
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lmforge.infer.prefix_cache import PrefixCache
 from lmforge.infer.sampling import SamplingParams, StopText, pick, sampling_logits
 from lmforge.model.kv_cache import SlotKVCache
 
@@ -103,6 +105,7 @@ class _Request:
         self.text = StopText(tokenizer, params.stop)
         self.tokenizer = tokenizer
         self.generated = 0
+        self.tokens: list[int] = []  # every sampled id
         self.released: list[str] = []
         self.generator: torch.Generator | None = None
         if params.seed is not None:
@@ -122,6 +125,7 @@ class _Request:
         x = sampling_logits(logits, p, seen=self.seen, counts=self.counts)
         token = pick(x, p, self.generator)
         self.generated += 1
+        self.tokens.append(token)
         stopped = token in self.stops
         delta = ""
         if not stopped:
@@ -164,7 +168,8 @@ class BatchEngine:
     """Continuous batching over one model: `submit` requests from any thread, a background thread decodes them.
 
     `max_batch` requests run at once (one KV cache slot each); more wait in order. `max_seq_len` (default and at
-    most the model's context) bounds prompt plus completion: a longer prompt is refused, a completion is cut there.
+    most the model's context) bounds prompt plus completion: a longer prompt is refused, a completion is cut there
+    ("length"). A failed step ends its running requests with "error" (logged) and the engine goes on.
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch: int = 32,
@@ -181,6 +186,8 @@ class BatchEngine:
         self.max_seq_len = min(max_seq_len or limit, limit)
         self.max_batch = max_batch
         self.cache = SlotKVCache.for_model(model, max_batch, self.max_seq_len)
+        # Room for four full contexts of finished sequences (see lmforge.infer.prefix_cache).
+        self.prefix = PrefixCache(4 * self.max_seq_len) if prefix_cache else None
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []  # _running[i] lives in cache slot i
         self._cv = threading.Condition()
@@ -188,7 +195,8 @@ class BatchEngine:
         self._stopping = False
         self._drain = True
         self._ids = itertools.count(1)
-        self._counts = {"requests_finished": 0, "prompt_tokens": 0, "tokens_generated": 0, "steps": 0}
+        self._counts = {"requests_finished": 0, "prompt_tokens": 0, "prefix_tokens_reused": 0, "tokens_generated": 0,
+                        "steps": 0}  # fmt: skip
 
     # -- the public side, called from any thread
 
@@ -284,11 +292,15 @@ class BatchEngine:
             logits = self.model(tokens, cache=self.cache.use(list(range(len(running)))))[:, -1]
             self._sample(running, logits)
         for req in new:
-            self.cache.clear(len(self._running))
+            slot = len(self._running)
             self._running.append(req)
-            ids = torch.tensor([req.prompt], dtype=torch.long, device=self.device)
-            logits = self.model(ids, cache=self.cache.use([len(self._running) - 1]))[:, -1]
+            reused = self.prefix.load(req.prompt, self.cache, slot) if self.prefix is not None else 0
+            if self.prefix is None:
+                self.cache.clear(slot)
+            ids = torch.tensor([req.prompt[reused:]], dtype=torch.long, device=self.device)
+            logits = self.model(ids, cache=self.cache.use([slot]))[:, -1]
             self._counts["prompt_tokens"] += len(req.prompt)
+            self._counts["prefix_tokens_reused"] += reused
             self._sample([req], logits)
         self._counts["steps"] += 1
 
@@ -302,6 +314,8 @@ class BatchEngine:
     def _leave(self, req: _Request, reason: str | None) -> None:
         """Free req's slot (finishing it with `reason` unless it finished itself); the last slot moves into it."""
         i = self._running.index(req)
+        if self.prefix is not None:  # the slot holds the prompt and every sampled token fed back so far
+            self.prefix.store((req.prompt + req.tokens)[: self.cache.lens[i]], self.cache, i)
         last = self._running.pop()
         if last is not req:
             self._running[i] = last
