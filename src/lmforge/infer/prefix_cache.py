@@ -46,7 +46,8 @@ class PrefixCache:
         key = tuple(tokens)
         for old in [e for e in self.entries if len(e) <= n and key[: len(e)] == e]:
             self._drop(old)
-        self.entries[key] = [(k[slot, :, :n].clone(), v[slot, :, :n].clone()) for k, v in zip(cache.k, cache.v, strict=True)]
+        layers = zip(cache.k, cache.v, strict=True)
+        self.entries[key] = [(k[slot, :, :n].clone(), v[slot, :, :n].clone()) for k, v in layers]
         self.tokens += n
         while self.tokens > self.max_tokens:
             self._drop(next(iter(self.entries)))
