@@ -86,7 +86,7 @@ def main() -> None:
     rows = [("cold, BM25", cold_s, cold), ("unchanged", warm_s, warm), ("one file edited", edit_s, edit),
             ("cold, BM25 + embedder", dense_s, dense)]  # fmt: skip
     print(f"corpus: {len(files)} files, {mb:.2f} MB, {cold.chunks} chunks")
-    print(f"| build | s | files/s | chunks/s | kept | re-chunked |\n|---|---|---|---|---|---|")
+    print("| build | s | files/s | chunks/s | kept | re-chunked |\n|---|---|---|---|---|---|")
     for name, s, st in rows:
         print(f"| {name} | {s:.3f} | {st.files / s:.0f} | {st.new_chunks / s:.0f} | {st.kept} | "
               f"{st.added + st.changed} |")

@@ -78,7 +78,8 @@ def test_markdown_sections_follow_headings_and_keep_fences_whole(tmp_path):
 
 def test_html_keeps_headings_and_source_lines_and_drops_scripts(tmp_path):
     html = ("<html><head><style>p {color: red}</style></head>\n<body>\n<h1>Install</h1>\n<p>Run the\n"
-            "installer &amp; wait.</p>\n<script>var secret = 1;</script>\n<h2>Use</h2>\n<p>Call it.</p>\n</body></html>")
+            "installer &amp; wait.</p>\n<script>var secret = 1;</script>\n<h2>Use</h2>\n<p>Call it.</p>\n"
+            "</body></html>")
     (tmp_path / "p.html").write_text(html, encoding="utf-8")
     doc, _ = _read(tmp_path / "p.html")
     chunks = chunk_document(doc)

@@ -93,3 +93,48 @@ def test_changed_settings_rebuild_everything(tmp_path):
     build_index(src, tmp_path / "idx")
     stats = build_index(src, tmp_path / "idx", chunk_tokens=50, overlap=10)
     assert (stats.kept, stats.added) == (0, 3)
+
+
+def test_an_empty_folder_gives_an_empty_index_that_finds_nothing(tmp_path):
+    (tmp_path / "empty").mkdir()
+    stats = build_index(tmp_path / "empty", tmp_path / "idx")
+    assert (stats.files, stats.chunks) == (0, 0)
+    assert Index.open(tmp_path / "idx").search("anything", k=3, mode="bm25") == []
+
+
+def test_a_failed_build_leaves_the_previous_index_whole(tmp_path):
+    import pytest
+
+    src = _folder(tmp_path)
+    out = tmp_path / "idx"
+    build_index(src, out)
+    before = {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    (src / "d.txt").write_text("Delta is a river mouth.\n", encoding="utf-8")
+
+    def broken(texts):
+        raise RuntimeError("embedder crashed")
+
+    with pytest.raises(RuntimeError, match="embedder crashed"):
+        build_index(src, out, embedder=broken)
+    assert {p.name: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_a_checkpoint_embedder_is_recorded_and_reloaded_for_dense_search(tmp_path):
+    from lmforge.embed import embed_texts
+    from lmforge.infer.loading import load_for_generation
+    from tests.helpers import tiny_chat_model
+
+    ckpt = tiny_chat_model(tmp_path / "m")
+    src = _folder(tmp_path)
+    build_index(src, tmp_path / "idx", embedder=ckpt)
+    manifest = json.loads((tmp_path / "idx" / MANIFEST).read_text())
+    assert manifest["embedder"] == str(ckpt.resolve())
+    index = Index.open(tmp_path / "idx")
+    hits = index.search("yellow bananas", k=4, mode="dense")
+    model, tok = load_for_generation(ckpt, "cpu")
+    texts = [h.chunk.search_text for h in hits]
+    cosines = embed_texts(model, tok, texts, max_len=128) @ embed_texts(model, tok, ["yellow bananas"], max_len=128)[0]
+    np.testing.assert_allclose([h.score for h in hits], cosines, rtol=1e-4, atol=1e-5)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    assert len(hits) == 3  # every chunk, ranked by cosine

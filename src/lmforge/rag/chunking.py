@@ -68,7 +68,9 @@ def _windows(block: Block, chunk_tokens: int, overlap: int) -> Iterator[Block]:
         while end + 1 < len(lines) and size + words(lines[end + 1]) <= chunk_tokens:
             end += 1
             size += words(lines[end])
-        first, last = (block.start_line + start, block.start_line + end) if exact else (block.start_line, block.end_line)
+        first, last = block.start_line, block.end_line
+        if exact:
+            first, last = block.start_line + start, block.start_line + end
         yield Block("\n".join(lines[start : end + 1]), first, last, block.heading, block.page)
         if end + 1 >= len(lines):
             return

@@ -164,8 +164,10 @@ class _HtmlText(HTMLParser):
     def handle_starttag(self, tag: str, attrs: list) -> None:
         if tag in self.HIDDEN:
             self._hidden += 1
-        elif tag in self.BLOCKS or tag == "br":
-            self._flush() if tag != "br" else self._text.append("\n")
+        elif tag == "br":
+            self._text.append("\n")
+        elif tag in self.BLOCKS:
+            self._flush()
 
     def handle_endtag(self, tag: str) -> None:
         if tag in self.HIDDEN:

@@ -62,7 +62,8 @@ class Index:
     """Chunks with their BM25 index and (optionally) embeddings; `search` retrieves (lmforge.rag.retrieve)."""
 
     def __init__(self, chunks: Sequence[Chunk], bm25: bm25s.BM25 | None, embeddings: np.ndarray | None = None,
-                 embed: Embed | None = None, embedder: str | None = None, path: Path | None = None) -> None:  # fmt: skip
+                 embed: Embed | None = None, embedder: str | None = None,
+                 path: Path | None = None) -> None:  # fmt: skip
         self.chunks = list(chunks)
         self.bm25 = bm25
         self.embeddings = embeddings

@@ -56,10 +56,12 @@ def build_bm25(texts: Sequence[str]) -> bm25s.BM25:
     return index
 
 
-def bm25_ranking(index: bm25s.BM25, n_docs: int, query: str, n: int) -> list[tuple[int, float]]:
+def bm25_ranking(index: bm25s.BM25 | None, n_docs: int, query: str, n: int) -> list[tuple[int, float]]:
     """The top `n` (document, BM25 score) of `query`, best first; documents scoring 0 (no query term) left out."""
+    if n_docs == 0:
+        return []
     known = [t for t in terms(query) if t in index.vocab_dict]
-    if not known or n_docs == 0:
+    if not known:
         return []
     docs, scores = index.retrieve([known], k=min(n, n_docs), show_progress=False, n_threads=1)
     return [(int(d), float(s)) for d, s in zip(docs[0], scores[0]) if s > 0]
