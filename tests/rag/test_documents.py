@@ -84,7 +84,7 @@ def test_html_keeps_headings_and_source_lines_and_drops_scripts(tmp_path):
     doc, _ = _read(tmp_path / "p.html")
     chunks = chunk_document(doc)
     assert [(c.heading, c.start_line, c.end_line, c.text) for c in chunks] == [
-        ("Install", 3, 5, "Install\nRun the\ninstaller & wait."), ("Use", 7, 8, "Use\nCall it.")]
+        ("Install", 3, 5, "Install\nRun the\ninstaller & wait."), ("Install > Use", 7, 8, "Use\nCall it.")]
     assert not any("secret" in c.text or "color" in c.text for c in chunks)
 
 

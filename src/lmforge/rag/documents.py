@@ -6,7 +6,8 @@ lines it spans (1-based, inclusive), the heading it sits under, and for PDFs its
 - `.txt`, `.rst`: paragraphs (runs of non-blank lines);
 - `.md`, `.markdown`: ATX headings (`# Title`) start sections; fenced code blocks stay whole; paragraphs;
 - `.html`, `.htm`: the text of block elements (headings, paragraphs, list items, cells, `pre`), with the source
-  lines the element spans; `script`, `style` and `template` are left out (stdlib `html.parser`);
+  lines the element spans, headed by the heading path; `script`, `style` and `template` are left out (stdlib
+  `html.parser`);
 - `.pdf`: each page's text layer (lmforge.data.pdf, PDFium), in paragraphs; lines count within the page;
 - code (`lmforge.data.files.CODE_SUFFIXES`): Python by top-level `def`/`class` (with decorators, via `ast`), the
   statements between them as blocks of their own; other languages by blank-line-separated stretches, headed by
@@ -137,7 +138,8 @@ def code_blocks(lines: list[str]) -> list[Block]:
 
 
 class _HtmlText(HTMLParser):
-    """The text of block elements with the source lines they span; headings head what follows them."""
+    """The text of block elements with the source lines they span; a heading heads what follows it, with the
+    headings above it (`Install > Linux`)."""
 
     BLOCKS = frozenset({"p", "li", "pre", "td", "th", "dt", "dd", "blockquote", "h1", "h2", "h3", "h4", "h5", "h6",
                         "div", "section", "article", "caption", "figcaption", "title"})  # fmt: skip
@@ -147,6 +149,7 @@ class _HtmlText(HTMLParser):
         super().__init__(convert_charrefs=True)
         self.blocks: list[Block] = []
         self.heading: str | None = None
+        self._path: list[tuple[int, str]] = []  # (level, title) of the headings above, as markdown_blocks keeps
         self._text: list[str] = []
         self._start = 1
         self._hidden = 0
@@ -156,7 +159,9 @@ class _HtmlText(HTMLParser):
         text = "\n".join(line.strip() for line in text.splitlines() if line.strip())
         if text:
             if tag in ("h1", "h2", "h3", "h4", "h5", "h6"):
-                self.heading = " ".join(text.split())
+                level = int(tag[1])
+                self._path = [(lv, t) for lv, t in self._path if lv < level] + [(level, " ".join(text.split()))]
+                self.heading = " > ".join(t for _, t in self._path)
             self.blocks.append(Block(text, self._start, max(self.getpos()[0], self._start), self.heading))
         self._text = []
         self._start = self.getpos()[0]
