@@ -289,9 +289,11 @@ def test_rag_citations_are_links_that_open_the_cited_chunk(scripted, browser):
     citations = [{"n": 1, "file": "notes/paris.md", "start_line": 3, "end_line": 5, "supported": True,
                   "text": "Paris is the capital and largest city of France."},
                  {"n": 2, "file": "notes/rome.txt", "start_line": 7, "end_line": 7, "supported": False,
-                  "text": "Rome is the capital of Italy. <b>not bold</b>"}]  # fmt: skip
+                  "text": "Rome is the capital of Italy. <b>not bold</b>"},
+                 {"n": 5, "file": None, "start_line": None, "end_line": None, "supported": False, "valid": False,
+                  "text": None}]  # fmt: skip
     chunks = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Paris is the capital [1]"}}]},
-              {"choices": [{"index": 0, "delta": {"content": " of France [2] and [9]."}, "finish_reason": "stop"}],
+              {"choices": [{"index": 0, "delta": {"content": " of France [2] [5] and [9]."}, "finish_reason": "stop"}],
                "citations": citations}]  # fmt: skip
     browser.execute_script("""
         const realFetch = window.fetch, sse = arguments[0];
@@ -305,12 +307,15 @@ def test_rag_citations_are_links_that_open_the_cited_chunk(scripted, browser):
     wait_for(lambda: idle(browser) and browser.find_elements("css selector", ".sources li"), "the cited reply")
     assert browser.execute_script("return window.__sent.rag") is True
     reply = browser.find_elements("css selector", "#messages .msg.assistant")[-1]
-    assert reply.find_element("css selector", ".content").text == "Paris is the capital [1] of France [2] and [9]."
-    inline = reply.find_elements("css selector", ".content a.cite")  # [9] cites nothing: it stays text
-    assert [(a.text, a.get_attribute("title"), a.get_attribute("class")) for a in inline] == [
-        ("[1]", "notes/paris.md:3-5", "cite"), ("[2]", "notes/rome.txt:7", "cite unsupported")]
+    assert reply.find_element("css selector", ".content").text == "Paris is the capital [1] of France [2] [5] and [9]."
+    # [5] names no source the model was given: flagged, not a link; [9] is not among the citations: plain text
+    inline = reply.find_elements("css selector", ".content .cite")
+    assert [(a.tag_name, a.text, a.get_attribute("class")) for a in inline] == [
+        ("a", "[1]", "cite"), ("a", "[2]", "cite unsupported"), ("span", "[5]", "cite invalid")]
+    assert [a.get_attribute("title") for a in inline[:2]] == ["notes/paris.md:3-5", "notes/rome.txt:7"]
+    assert [li.text for li in reply.find_elements("css selector", ".sources li")] == [
+        "[1] notes/paris.md:3-5", "[2] notes/rome.txt:7", "[5] no such source"]
     sources = reply.find_elements("css selector", ".sources a.cite")
-    assert [a.text for a in sources] == ["[1] notes/paris.md:3-5", "[2] notes/rome.txt:7"]
     assert not by_id(browser, "source").is_displayed()
     inline[1].click()
     wait_for(lambda: by_id(browser, "source").is_displayed(), "the source panel")

@@ -88,8 +88,20 @@
   // ---- rendering -------------------------------------------------------------------------------------------
 
   function citationLabel(c) {
+    if (typeof c.page === "number") {
+      return c.file + " p. " + c.page;
+    }
     var lines = c.start_line === c.end_line ? c.start_line : c.start_line + "-" + c.end_line;
     return c.file + ":" + lines;
+  }
+
+  // a marker whose number names no retrieved source (the server's "valid": false): flagged, not a link
+  function invalidCite(n, text) {
+    var span = document.createElement("span");
+    span.className = "cite invalid";
+    span.title = "[" + n + "] names no source given to the model";
+    span.textContent = text;
+    return span;
   }
 
   function showSource(c) {
@@ -113,6 +125,10 @@
     return a;
   }
 
+  function citeNode(c, text) {
+    return c.file ? citeLink(c, text) : invalidCite(c.n, text);
+  }
+
   function citationsOf(message) {
     var byN = {};
     (message.citations || []).forEach(function (c) { byN[c.n] = c; });
@@ -133,7 +149,7 @@
     } else {
       var byN = citationsOf(message);
       body.appendChild(window.lmforgeMarkdown.render(message.content, {
-        citation: function (n) { return byN[n] ? citeLink(byN[n], "[" + n + "]") : null; }
+        citation: function (n) { return byN[n] ? citeNode(byN[n], "[" + n + "]") : null; }
       }));
     }
     box.appendChild(body);
@@ -142,7 +158,8 @@
       sources.className = "sources";
       message.citations.forEach(function (c) {
         var item = document.createElement("li");
-        item.appendChild(citeLink(c, "[" + c.n + "] " + citationLabel(c)));
+        item.appendChild(c.file ? citeLink(c, "[" + c.n + "] " + citationLabel(c))
+          : invalidCite(c.n, "[" + c.n + "] no such source"));
         sources.appendChild(item);
       });
       box.appendChild(sources);
