@@ -27,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmforge.finetune.data import Message
@@ -34,7 +35,8 @@ from lmforge.finetune.template import prompt_ids as chat_prompt_ids
 from lmforge.infer.batching import BatchEngine
 from lmforge.serve.errors import ApiError, schema_error
 from lmforge.serve.metrics import Metrics
-from lmforge.serve.responses import Choice, Flight, Logprobs, Slots, Stream
+from lmforge.serve.rag import Grounded, ground
+from lmforge.serve.responses import Choice, Flight, Logprobs, Slots, Stream, told
 from lmforge.serve.schemas import ChatRequest, CompletionRequest, EmbeddingRequest, Unsupported, _Sampling
 from lmforge.tokenizer import Tokenizer
 
@@ -94,7 +96,8 @@ def create_app(engine: BatchEngine, tokenizer: Tokenizer, *, model_name: str, ap
                rag: Any = None) -> FastAPI:  # fmt: skip
     """The app over a (not yet started) `engine`: its lifespan starts the engine and, at shutdown, lets it finish the
     requests it holds. `api_keys`: when any, every /v1 route and /metrics need `Authorization: Bearer KEY`.
-    `embedder` answers /v1/embeddings (404 without one); `rag` is reserved for `--docs` (chat's `"rag": true`)."""
+    `embedder` answers /v1/embeddings (404 without one); `rag`, an opened `lmforge.rag.index.Index`, answers chat
+    requests with `"rag": true` (rag.py)."""
     if max_concurrency < 1 or max_body_bytes < 1:
         raise ValueError(f"max_concurrency={max_concurrency} and max_body_bytes={max_body_bytes} must be >= 1")
     keys = [k.encode() for k in api_keys]
@@ -189,15 +192,21 @@ def create_app(engine: BatchEngine, tokenizer: Tokenizer, *, model_name: str, ap
         except RuntimeError as e:  # the engine is stopping
             raise ApiError(503, str(e), code="shutting_down") from None
 
-    async def respond(req: _Sampling, handle: Any, prompt_tokens: int, started: float, chat: bool) -> Any:
-        """The response of a submitted request; the concurrency slot is released when it has been sent."""
-        flight = Flight(handle, prompt_tokens, started, metrics, state)
+    async def respond(req: _Sampling, handle: Any, prompt_tokens: int, started: float, chat: bool,
+                      grounded: Grounded | None = None) -> Any:  # fmt: skip
+        """The response of a submitted request (`handle`; None for a RAG refusal, the model not run); the
+        concurrency slot is released when it has been sent."""
         out = Choice(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()), model_name,
-                      Logprobs(tokenizer, chat), chat)  # fmt: skip
+                     Logprobs(tokenizer, chat), chat, grounded.cite if grounded else None)  # fmt: skip
+        if handle is None:
+            events, close = told(grounded.refusal), state.release
+        else:
+            flight = Flight(handle, prompt_tokens, started, metrics, state)
+            events, close = flight.events(), flight.close
         if req.stream:
-            return Stream(out.stream(flight.events(), req.include_usage), flight.close,
-                           media_type="text/event-stream", headers={"Cache-Control": "no-cache"})  # fmt: skip
-        return await out.whole(flight)
+            return Stream(out.stream(events, req.include_usage), close, media_type="text/event-stream",
+                          headers={"Cache-Control": "no-cache"})  # fmt: skip
+        return await out.whole(events, close)
 
     @app.get("/health")
     async def health() -> dict:
@@ -236,25 +245,37 @@ def create_app(engine: BatchEngine, tokenizer: Tokenizer, *, model_name: str, ap
     async def chat_completions(request: Request) -> Any:
         started = time.perf_counter()
         req: ChatRequest = await body(request, ChatRequest)
-        if req.rag and rag is None:
-            raise ApiError(400, "rag needs a document index: start the server with --docs INDEX", param="rag",
-                           code="unsupported_value")  # fmt: skip
-        ids = chat_prompt_ids(tokenizer, [Message(m.role, m.content) for m in req.messages])
+        conversation = [Message(m.role, m.content) for m in req.messages]
+        grounded = await ground_in_docs(req, conversation) if req.rag else None
+        if grounded is not None:
+            conversation = grounded.conversation
         acquire()
         try:  # a chat reply may use all the context its prompt leaves
-            handle = submit(req, ids, tokenizer.stop_ids, context)
+            ids = chat_prompt_ids(tokenizer, conversation)
+            handle = None if grounded and grounded.refusal else submit(req, ids, tokenizer.stop_ids, context)
         except BaseException:
             state.release()
             raise
-        return await respond(req, handle, len(ids), started, chat=True)
+        return await respond(req, handle, len(ids), started, True, grounded)
+
+    async def ground_in_docs(req: ChatRequest, conversation: list[Message]) -> Grounded:
+        if rag is None:
+            raise ApiError(400, "rag needs a document index: start the server with --docs INDEX", param="rag",
+                           code="unsupported_value")  # fmt: skip
+        if conversation[-1].role != "user":
+            raise ApiError(400, "with rag, the last message must be the user's question", param="messages",
+                           code="invalid_value")  # fmt: skip
+        budget = context - min(req.wanted_tokens() or context, context // 2)
+        try:
+            return await run_in_threadpool(ground, rag, tokenizer, conversation, budget)
+        except ValueError as e:  # not even the best source fits with the question
+            raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> dict:
         req: EmbeddingRequest = await body(request, EmbeddingRequest)
         if embedder is None:
             raise ApiError(404, "this server was started without embeddings", code="not_found")
-        from starlette.concurrency import run_in_threadpool
-
         acquire()
         try:
             vectors, tokens = await run_in_threadpool(embedder, req.input)

@@ -40,6 +40,8 @@ def serve(
                                               "model's)."),
     max_concurrency: int = typer.Option(64, min=1, help="Open generation and embedding requests; more get 429."),
     max_body_bytes: int = typer.Option(1_000_000, min=1, help="Largest request body; larger ones get 413."),
+    docs: Optional[Path] = typer.Option(None, "--docs", help="An index (lmforge rag index): chat requests with "
+                                        "\"rag\": true are answered from it, with checked citations."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Serve a model over OpenAI's API (completions, chat, embeddings; streaming) with a web chat page at /.
@@ -52,16 +54,18 @@ def serve(
 
     from lmforge.infer.batching import BatchEngine
     from lmforge.infer.loading import load_for_generation
+    from lmforge.rag.index import Index
     from lmforge.serve.app import DrainingServer, checkpoint_embedder, create_app
 
     try:
+        index = Index.open(docs) if docs is not None else None
         model, tok = load_for_generation(checkpoint, device)
         engine = BatchEngine(model, tok, max_batch=max_batch, max_seq_len=max_seq_len)
     except (FileNotFoundError, ValueError) as e:
         verbs.fail(str(e), 2)
     app = create_app(engine, tok, model_name=model_name or str(checkpoint), api_keys=keys,
                      max_concurrency=max_concurrency, max_body_bytes=max_body_bytes,
-                     embedder=checkpoint_embedder(model, tok, engine.max_seq_len))  # fmt: skip
+                     embedder=checkpoint_embedder(model, tok, engine.max_seq_len), rag=index)  # fmt: skip
     server = DrainingServer(uvicorn.Config(app, host=host, port=port, log_level="info"))
     # uvicorn re-raises the stop signal against the handler it found at start: this one, so a requested stop
     # ends with status 0 rather than the signal's default (death).

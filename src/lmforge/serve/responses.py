@@ -87,29 +87,35 @@ class Flight:
 
 
 class Choice:
-    """The response bodies of one request: the whole response, or the SSE chunks of a stream."""
+    """The response bodies of one request: the whole response, or the SSE chunks of a stream. `cite`, for a RAG
+    chat (rag.py): the reply's text -> its citations, sent in the body or with the stream's finish reason."""
 
-    def __init__(self, rid: str, created: int, model: str, logprobs: Logprobs, chat: bool) -> None:
-        self.rid, self.created, self.model, self.lp, self.chat = rid, created, model, logprobs, chat
+    def __init__(self, rid: str, created: int, model: str, logprobs: Logprobs, chat: bool,
+                 cite: Callable[[str], list[dict]] | None = None) -> None:  # fmt: skip
+        self.rid, self.created, self.model, self.lp, self.chat, self.cite = rid, created, model, logprobs, chat, cite
 
-    async def whole(self, flight: Flight) -> dict:
+    async def whole(self, events: AsyncIterator, close: Callable[[], None]) -> dict:
+        """The whole response from the request's `events`; `close` runs however they end."""
         tokens: list[TokenEvent] = []
         try:
-            async for ev in flight.events():
+            async for ev in events:
                 if isinstance(ev, TokenEvent):
                     tokens.append(ev)
                 else:
                     fin = ev
         finally:
-            flight.close()
+            close()
         choice: dict[str, Any] = {"index": 0, "logprobs": self.lp.of(tokens), "finish_reason": fin.finish_reason}
         if self.chat:
             choice["message"] = {"role": "assistant", "content": fin.text}
         else:
             choice["text"] = fin.text
-        return {"id": self.rid, "object": "chat.completion" if self.chat else "text_completion",
+        body = {"id": self.rid, "object": "chat.completion" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": [choice],
                 "usage": usage(fin.prompt_tokens, fin.completion_tokens)}  # fmt: skip
+        if self.cite is not None:
+            body["citations"] = self.cite(fin.text)
+        return body
 
     def chunk(self, text: str, reason: str | None = None, logprobs: dict | None = None) -> dict:
         if self.chat:
@@ -125,12 +131,18 @@ class Choice:
         async for ev in events:
             if isinstance(ev, Finished):
                 last = self.chunk("", ev.finish_reason)
-                yield sse.event(last)
+                yield sse.event(last | ({"citations": self.cite(ev.text)} if self.cite is not None else {}))
                 if include_usage:
                     yield sse.event(sse.usage_chunk(last, usage(ev.prompt_tokens, ev.completion_tokens)))
             elif ev.text or ev.logprob is not None:
                 yield sse.event(self.chunk(ev.text, None, self.lp.of([ev])))
         yield sse.DONE
+
+
+async def told(text: str) -> AsyncIterator[TokenEvent | Finished]:
+    """The events of a reply the model did not write (a RAG refusal): its text, then "stop" after no tokens."""
+    yield TokenEvent(-1, text)
+    yield Finished("stop", 0, 0, text)
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
