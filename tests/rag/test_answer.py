@@ -72,3 +72,23 @@ def test_a_tiny_model_answers_through_its_chat_template(tmp_path):
     expected = tok.decode(generate(model, [ids], 12, temperature=0.0, stop_ids=tok.stop_ids)[0]).strip()
     assert result.text == expected  # greedy, through the chat template, with the numbered sources
     assert result.citations == check_citations(expected, result.hits)
+
+
+def test_a_source_too_long_for_the_context_is_cut_to_its_first_lines(tmp_path):
+    from dataclasses import replace
+
+    from lmforge.infer.chat import user_prompt_ids
+    from lmforge.model.io import load_checkpoint_tokenizer
+    from lmforge.rag.answer import fit_hits
+    from tests.helpers import tiny_chat_model
+
+    tok = load_checkpoint_tokenizer(tiny_chat_model(tmp_path))
+    text = "\n".join(f"line {i} about the warranty terms" for i in range(1, 7))
+    hits = build_memory_index([("w.txt", text), ("x.txt", "warranty again")]).search("warranty terms", k=2)
+    two = replace(hits[0], chunk=replace(hits[0].chunk, text="\n".join(text.splitlines()[:2]), end_line=2))
+    budget = len(user_prompt_ids(tok, sources_message("warranty terms", [two])))
+    assert fit_hits(tok, "warranty terms", hits, budget) == [two]  # the first two lines, end_line 2
+    full = len(user_prompt_ids(tok, sources_message("warranty terms", hits)))
+    assert fit_hits(tok, "warranty terms", hits, full) == hits
+    with pytest.raises(ValueError, match="does not fit"):
+        fit_hits(tok, "warranty terms", hits, 10)

@@ -2,7 +2,8 @@
 
 The prompt is one user message through the model's chat template: `INSTRUCTION`, the sources numbered from 1
 (`[n] file:lines` then the chunk's text), then the question. Sources are dropped from the end until the prompt
-leaves room for the answer in the model's context.
+leaves room for the answer in the model's context; when not even the best one fits (a short context), it is cut
+to its first lines that do.
 
 Refusal: before the model is called, the question's *coverage* is measured: the share of its distinct content
 words (BM25's terms: lower case, stop words removed) found in the best-covering retrieved chunk (its heading and
@@ -22,9 +23,10 @@ number's meaning.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lmforge.rag.chunking import Chunk
@@ -36,6 +38,7 @@ INSTRUCTION = ("Answer the question using only the numbered sources below. After
 NOT_FOUND = "The documents do not contain the answer to this question."
 THRESHOLD = 0.3
 SUPPORT = 0.5
+log = logging.getLogger(__name__)
 _MARKER = re.compile(r"\[(\d+(?:\s*,\s*\d+)*)\]")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 _LEADING_MARKERS = re.compile(r"^((?:\[\d+(?:\s*,\s*\d+)*\]\s*)+)(.*)$", re.S)
@@ -87,15 +90,36 @@ def sources_message(question: str, hits: Sequence[Hit]) -> str:
 
 
 def fit_hits(tokenizer: Any, question: str, hits: Sequence[Hit], budget: int) -> list[Hit]:
-    """The first hits whose message (rendered through the chat template) fits in `budget` tokens; ValueError when
-    not even the first one does."""
+    """The first hits whose message (rendered through the chat template) fits in `budget` tokens. When not even the
+    first one fits (a model with a short context), its chunk is cut to its first lines that do (logged; its
+    end_line follows); ValueError when not one line fits."""
     from lmforge.infer.chat import user_prompt_ids
 
+    def fits(some: Sequence[Hit]) -> bool:
+        return len(user_prompt_ids(tokenizer, sources_message(question, some))) <= budget
+
     for n in range(len(hits), 0, -1):
-        if len(user_prompt_ids(tokenizer, sources_message(question, hits[:n]))) <= budget:
+        if fits(hits[:n]):
             return list(hits[:n])
-    raise ValueError(f"the question with its best source does not fit in {budget} prompt tokens: ask a shorter "
-                     "question, or index with a smaller chunk_tokens")  # fmt: skip
+    best = hits[0]
+    lines = best.chunk.text.split("\n")
+    lo, hi = 0, len(lines) - 1  # the most lines that fit lie in [lo, hi]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits([_cut(best, lines, mid)]) else (lo, mid - 1)
+    if lo == 0:
+        raise ValueError(f"the question with one line of its best source does not fit in {budget} prompt tokens: "
+                         "ask a shorter question, or use a model with a longer context")  # fmt: skip
+    log.info("%s: cut to its first %d of %d lines to fit the model's context", best.chunk.where, lo, len(lines))
+    return [_cut(best, lines, lo)]
+
+
+def _cut(hit: Hit, lines: list[str], n: int) -> Hit:
+    """`hit` with its chunk cut to its first n lines (end_line moved when the text is the file's lines)."""
+    c = hit.chunk
+    exact = c.end_line - c.start_line + 1 == len(lines)
+    chunk = replace(c, text="\n".join(lines[:n]), end_line=c.start_line + n - 1 if exact else c.end_line)
+    return replace(hit, chunk=chunk)
 
 
 def sentences(text: str) -> list[str]:

@@ -24,6 +24,8 @@ from bm25s.stopwords import STOPWORDS_EN_PLUS
 from lmforge.rag.chunking import Chunk
 
 log = logging.getLogger(__name__)
+# bm25s sets its logger to DEBUG when imported, which would print its progress notes under every verb; warnings stay.
+logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 RRF_K = 60
 CANDIDATES = 50
