@@ -24,6 +24,7 @@ from lmforge.finetune.data import Message
 from lmforge.finetune.template import prompt_ids
 from lmforge.infer.batching import BatchEngine, Finished, SamplingParams, TokenEvent
 from lmforge.infer.loading import load_for_generation
+from lmforge.rag.index import build_memory_index
 from lmforge.serve.app import create_app
 from lmforge.tokenizer import Tokenizer
 
@@ -326,6 +327,28 @@ def test_rag_citations_are_links_that_open_the_cited_chunk(scripted, browser):
     assert by_id(browser, "source-text").text == citations[0]["text"] and by_id(browser, "source-note").text == ""
     by_id(browser, "source-close").click()
     assert not by_id(browser, "source").is_displayed()
+
+
+def test_use_documents_answers_with_the_servers_checked_citations(tok, browser):
+    """End to end with `--docs`: the server retrieves from an index, the scripted reply cites [1] and [2], and the
+    page links each to the chunk the server says it cites, flagging the one the chunk does not support."""
+    docs = [("paris.md", "Paris is the capital of France.\nThe Seine river flows through Paris."),
+            ("lyon.md", "Lyon is a city in France.\nThe Rhone river flows through Lyon.")]
+    engine = ScriptedEngine(max_seq_len=1024)
+    engine.reply = "The Seine river flows through Paris [1]. Bananas are purple [2]."
+    with LiveApp(create_app(engine, tok, model_name=MODEL, rag=build_memory_index(docs))) as url:
+        open_page(browser, url)
+        by_id(browser, "rag").click()
+        send(browser, "Which river flows through Paris?")
+        wait_for(lambda: idle(browser) and browser.find_elements("css selector", ".sources li"), "the cited reply")
+        cited = [(a.text, a.get_attribute("class")) for a in browser.find_elements("css selector", ".content a.cite")]
+        sources = [li.text for li in browser.find_elements("css selector", ".sources li")]
+        browser.find_element("css selector", ".content a.cite").click()
+        panel = wait_for(lambda: by_id(browser, "source").is_displayed() and by_id(browser, "source-text").text,
+                         "the source panel")  # fmt: skip
+    assert "Which river flows through Paris?" in tok.decode(engine.requests[-1][0])  # inside the sources message
+    assert cited == [("[1]", "cite"), ("[2]", "cite unsupported")]
+    assert sources == ["[1] paris.md:1-2", "[2] lyon.md:1-2"] and panel == docs[0][1]
 
 
 def test_the_page_shows_the_tiny_models_greedy_reply(checkpoint, tok, browser):
