@@ -246,6 +246,22 @@ def test_conversation_and_settings_survive_a_reload(scripted, tok, browser):
     assert messages(browser) == []
 
 
+def test_a_refused_request_shows_the_servers_error_and_stays_out_of_the_history(scripted, tok, browser):
+    engine, url = scripted
+    engine.reply = "Fine."
+    open_page(browser, url)
+    set_field(browser, "top_p", "5")
+    n_requests = len(engine.requests)
+    send(browser, "First try.")
+    wait_for(lambda: idle(browser) and browser.find_elements("css selector", ".msg.failed"), "the refusal")
+    note = browser.find_element("css selector", ".msg.failed .note.error").text
+    assert note.startswith("HTTP 400: ") and "top_p" in note and len(engine.requests) == n_requests
+    set_field(browser, "top_p", "1")
+    send(browser, "Second try.")
+    wait_for(lambda: idle(browser) and last_reply(browser) == "Fine.", "the reply")
+    assert engine.requests[-1][0] == prompt_ids(tok, [Message("user", "First try."), Message("user", "Second try.")])
+
+
 def test_a_hostile_reply_is_text_and_markdown_becomes_elements(scripted, browser, tmp_path):
     from selenium.common.exceptions import NoAlertPresentException
 

@@ -63,7 +63,8 @@
 
   function requestBody() {
     var system = $("system").value.trim();
-    var history = state.messages.filter(function (m) { return m !== running.message; });
+    // a reply that failed (an error, no text from the model) is shown but is not part of the conversation
+    var history = state.messages.filter(function (m) { return m !== running.message && !m.error; });
     var body = {
       model: model,
       messages: (system ? [{role: "system", content: system}] : []).concat(history.map(function (m) {
