@@ -367,6 +367,22 @@ def test_use_documents_answers_with_the_servers_checked_citations(tok, browser):
     assert sources == ["[1] paris.md:1-2", "[2] lyon.md:1-2"] and panel == docs[0][1]
 
 
+def test_an_api_key_typed_on_the_page_unlocks_the_server(tok, browser):
+    engine = ScriptedEngine()
+    engine.reply = "Unlocked."
+    with LiveApp(create_app(engine, tok, model_name=MODEL, api_keys=["s3cret-key"])) as url:
+        browser.get(url + "/")  # the page itself needs no key; the API does
+        wait_for(lambda: "HTTP 401" in by_id(browser, "status").text, "the API's refusal on the status line")
+        set_field(browser, "api-key", "s3cret-key")
+        wait_for(lambda: by_id(browser, "model").text == MODEL, "the model's name, with the key")
+        assert by_id(browser, "status").text == ""
+        send(browser, "Hello?")
+        wait_for(lambda: idle(browser) and last_reply(browser) == "Unlocked.", "the reply")
+        browser.refresh()  # the key is kept for the tab, not in localStorage with the conversation
+        wait_for(lambda: by_id(browser, "model").text == MODEL, "the model's name after a reload")
+        assert "s3cret-key" not in browser.execute_script("return localStorage.getItem('lmforge-chat')")
+
+
 def test_the_page_shows_the_tiny_models_greedy_reply(checkpoint, tok, browser):
     """The real engine behind the page: the reply kept for the conversation is the model's greedy completion."""
     model, _ = load_for_generation(checkpoint, device="cpu")

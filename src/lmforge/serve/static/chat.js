@@ -305,6 +305,7 @@
       var models = (await response.json()).data || [];
       model = models.length ? models[0].id : null;
       $("model").textContent = model || "";
+      setStatus(model ? "" : "the server lists no model", !model);
     } catch (e) {
       setStatus("the server does not answer: " + e.message, true);
     }
