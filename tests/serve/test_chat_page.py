@@ -1,28 +1,28 @@
 """The web chat page at `/` in a real browser: Debian's headless Chromium, driven by Selenium, against the server's
-app (create_app) run by uvicorn on a loopback port. The engine behind it is scripted (the engine contract's
-submit(), replying with a text the test chooses, piece by piece, at a pace it sets), so the page's behaviour can be
-checked exactly: a reply streams in, the stop button cancels the request on the server, the conversation and the
-settings survive a reload, the system prompt and sampling settings reach the engine, and a hostile reply renders
-as text while its Markdown becomes elements. One test runs the real tiny model: the page shows its greedy reply.
+app (create_app) run by uvicorn on a loopback port. The engine behind it is mostly scripted (scripted_engine.py:
+the engine contract's submit(), replying with a text the test chooses, at a pace it sets), so the page's behaviour
+can be checked exactly: a reply streams in, the stop button cancels the request on the server, the conversation
+and the settings survive a reload, the system prompt and sampling settings reach the engine, a refusal is shown,
+an API key unlocks a keyed server, "use documents" shows the server's citations as links to the cited chunks, and
+a hostile reply renders as text while its Markdown becomes elements. One test runs the real tiny model: the page
+keeps its greedy reply.
 
 A screenshot goes to the test's tmp dir; with LMFORGE_DOCS_SCREENSHOT=1 also to docs/img/chat.png. Without
 chromium and chromedriver the tests skip, except under CI (see helpers.chromium_driver)."""
 
-import asyncio
 import json
 import os
 import shutil
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from helpers import chromium_driver, tiny_chat_model, wait_for
+from scripted_engine import LiveApp, ScriptedEngine
 
 from lmforge.finetune.data import Message
 from lmforge.finetune.template import prompt_ids
-from lmforge.infer.batching import BatchEngine, Finished, SamplingParams, TokenEvent
+from lmforge.infer.batching import BatchEngine, SamplingParams
 from lmforge.infer.loading import load_for_generation
 from lmforge.rag.index import build_memory_index
 from lmforge.serve.app import create_app
@@ -35,86 +35,6 @@ HOSTILE = ('<script>window.__xss = 1; alert(1)</script> <img src=x onerror="wind
 MARKDOWN = ("Here is **bold**, *italic* and `inline code`; see [the docs](https://example.org/docs).\n\n"
             "- first item\n- second item\n\n"
             "```python\ndef add(a, b):\n    return a + b  # <b>not bold</b>\n```\n")  # fmt: skip
-
-
-class ScriptedHandle:
-    """A request of the scripted engine: yields `pieces` as TokenEvents, `delay` seconds apart, then Finished; a
-    cancel() ends it with finish_reason "cancelled" at the next piece."""
-
-    def __init__(self, rid: int, n_prompt: int, pieces: list[str], delay: float) -> None:
-        self.id, self.n_prompt, self.pieces, self.delay = rid, n_prompt, pieces, delay
-        self.cancelled = threading.Event()
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-
-    def _finished(self, reason: str, n: int) -> Finished:
-        return Finished(reason, self.n_prompt, n, "".join(self.pieces[:n]))
-
-    def __iter__(self):
-        for n, piece in enumerate(self.pieces):
-            time.sleep(self.delay)
-            if self.cancelled.is_set():
-                yield self._finished("cancelled", n)
-                return
-            yield TokenEvent(n, piece)
-        yield self._finished("stop", len(self.pieces))
-
-    async def aiter(self):
-        for n, piece in enumerate(self.pieces):
-            await asyncio.sleep(self.delay)
-            if self.cancelled.is_set():
-                yield self._finished("cancelled", n)
-                return
-            yield TokenEvent(n, piece)
-        yield self._finished("stop", len(self.pieces))
-
-
-class ScriptedEngine:
-    """The engine contract with a reply the test sets: `reply` in pieces of 3 characters, `delay` s apart. Keeps
-    every request's prompt ids and SamplingParams, and its handle."""
-
-    def __init__(self, max_seq_len: int = 128) -> None:
-        self.max_seq_len = max_seq_len
-        self.reply, self.delay = "Hello from the engine.", 0.0
-        self.requests: list[tuple[list[int], SamplingParams]] = []
-        self.handles: list[ScriptedHandle] = []
-
-    def start(self) -> None:
-        pass
-
-    def stop(self, drain: bool = True) -> None:
-        pass
-
-    @property
-    def stats(self) -> dict:
-        return {"running": 0, "waiting": 0, "tokens_generated": 0}
-
-    def submit(self, ids: list[int], params: SamplingParams) -> ScriptedHandle:
-        self.requests.append((list(ids), params))
-        pieces = [self.reply[i:i + 3] for i in range(0, len(self.reply), 3)]
-        self.handles.append(ScriptedHandle(len(self.handles), len(ids), pieces, self.delay))
-        return self.handles[-1]
-
-
-class LiveApp:
-    """An ASGI app served by uvicorn in a thread on a free loopback port."""
-
-    def __init__(self, app) -> None:
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        wait_for(lambda: self.server.started, "uvicorn to start", timeout=20)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
 
 
 @pytest.fixture(scope="module")
