@@ -64,6 +64,10 @@ def test_rgb_loader_skips_a_bad_record(tmp_path):
     path.write_text("\n".join([json.dumps(ok), json.dumps({**ok, "answer": [[]]}), json.dumps({**ok, "negative": 3})]))
     records, skipped = R.load_rgb(path)
     assert len(records) == 1 and skipped.count == 2 and "'negative' must be a list of strings" in skipped.examples[1]
+    with pytest.raises(T.TaskError, match="rgb_negative: no record has a negative passage"):
+        R.rgb_negative(None, records, EvalConfig())
+    with pytest.raises(T.TaskError, match="no record has a positive passage and 4 negatives; lower eval.rag_noise"):
+        R.rgb_noise(None, records, EvalConfig())
 
 
 @pytest.mark.parametrize("prediction, golds, em, f1", [

@@ -289,6 +289,8 @@ def rgb_noise(lm: LanguageModel, records: list[RGBRecord], cfg: EvalConfig) -> d
 def rgb_negative(lm: LanguageModel, records: list[RGBRecord], cfg: EvalConfig) -> dict[str, Any]:
     """Only irrelevant passages: the share of answers saying the information is missing."""
     usable = [r for r in records if r.negative]
+    if not usable:
+        raise TaskError("rgb_negative: no record has a negative passage")
     answers, truncated = generate_answers(lm, [rag_prompt(r.query, r.negative[: cfg.rag_k]) for r in usable], cfg,
                                           "rgb_negative")  # fmt: skip
     return {"metrics": {"rejection_rate": proportion(sum(map(says_missing, answers)), len(usable))},
