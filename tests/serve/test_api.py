@@ -114,6 +114,17 @@ def test_chat_logprobs_of_a_greedy_reply_are_the_top_ones(client):
         assert entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob >= entry.top_logprobs[2].logprob
 
 
+def test_ignore_eos_generates_exactly_max_tokens(client, local):
+    model, tok = local
+    ids = [tok.doc_start_id, *tok.encode("The capital of France")]
+    natural = generate(model, [ids], 60, temperature=0, stop_ids=tok.stop_ids)[0]
+    r = client.completions.create(model=MODEL, prompt="The capital of France", max_tokens=60, temperature=0,
+                                  extra_body={"ignore_eos": True})  # fmt: skip
+    assert r.usage.completion_tokens == 60 and r.choices[0].finish_reason == "length"
+    plain = client.completions.create(model=MODEL, prompt="The capital of France", max_tokens=60, temperature=0)
+    assert plain.usage.completion_tokens == len(natural)
+
+
 def test_seeded_sampling_repeats(client):
     kwargs = dict(model=MODEL, prompt="Colours:", max_tokens=20, temperature=1.0, top_p=0.9, seed=7)
     assert client.completions.create(**kwargs).choices[0].text == client.completions.create(**kwargs).choices[0].text

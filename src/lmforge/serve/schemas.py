@@ -42,6 +42,7 @@ class _Sampling(BaseModel):
     top_k: int | None = Field(None, ge=1)  # extension
     min_p: float | None = Field(None, ge=0.0, le=1.0)  # extension
     repetition_penalty: float = Field(1.0, gt=0.0)  # extension
+    ignore_eos: bool = False  # extension (vLLM's): generate max_tokens whatever the model says; load tests use it
 
     @field_validator("stop")
     @classmethod
@@ -73,7 +74,7 @@ class _Sampling(BaseModel):
             top_p=None if self.top_p == 1.0 else self.top_p, min_p=self.min_p,
             repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty, stop=list(self.stop), stop_token_ids=list(stop_token_ids),
-            seed=self.seed, logprobs=logprobs, top_logprobs=top,
+            seed=self.seed, logprobs=logprobs, top_logprobs=top, ignore_eos=self.ignore_eos,
         )  # fmt: skip
 
 
