@@ -14,7 +14,8 @@ temporary directory, which transformers loads (fp32, eval mode, SDPA attention).
 
 Every method generates exactly `--new` tokens per prompt (stop tokens off: the engine's `ignore_eos`, `generate`
 without eos, transformers with `min_new_tokens`), so tokens/s counts the same work: new tokens / wall time, prompt
-prefill included. Each measurement is the best of `--repeats`. The last line sums it up: decode_ratio_c1 (engine
+prefill included. Each measurement is the best of `--repeats` rounds, each round running the three methods in
+turn. The last line sums it up: decode_ratio_c1 (engine
 over transformers at concurrency 1) and throughput_ratio_c8 (the engine at 8 over sequential transformers).
 """
 
@@ -46,13 +47,16 @@ def make_prompts(tok, n: int, length: int) -> list[list[int]]:
     return [([tok.doc_start_id] + tok.encode(f.read_text(encoding="utf-8")))[:length] for f in files]
 
 
-def best(fn, repeats: int) -> float:
-    times = []
+def best_interleaved(fns: list, repeats: int) -> list[float]:
+    """The fastest wall time of each function over `repeats` rounds that run them in turn (a busy moment of a
+    shared machine then slows one round of every method, not all rounds of one)."""
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        for fn, t in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+    return [min(t) for t in times]
 
 
 def engine_run(engine, prompts, new: int, concurrent: bool) -> None:
@@ -79,7 +83,7 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, default=ROOT / "runs/stdlib-code/pretrain/final")
     ap.add_argument("--new", type=int, default=96)
     ap.add_argument("--prompt-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared 2-core machine)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -96,13 +100,13 @@ def main() -> None:
     try:
         for label, n_prompts, conc in (("1", ones, False), ("8", prompts, True)):
             n_tokens = len(n_prompts) * args.new
-            t_engine = best(lambda: engine_run(engine, n_prompts, args.new, conc), args.repeats)
             if conc:
-                t_gen = best(lambda: generate(model, n_prompts, args.new, temperature=0), args.repeats)
+                gen = lambda: generate(model, n_prompts, args.new, temperature=0)  # noqa: E731
             else:
-                t_gen = best(lambda: [generate(model, [p], args.new, temperature=0) for p in n_prompts], args.repeats)
-            t_hf = best(lambda: hf_run(hf, n_prompts, args.new), args.repeats)
-            rows.append((label, n_tokens / t_engine, n_tokens / t_gen, n_tokens / t_hf))
+                gen = lambda: [generate(model, [p], args.new, temperature=0) for p in n_prompts]  # noqa: E731
+            times = best_interleaved([lambda: engine_run(engine, n_prompts, args.new, conc), gen,
+                                      lambda: hf_run(hf, n_prompts, args.new)], args.repeats)  # fmt: skip
+            rows.append((label, *(n_tokens / t for t in times)))
     finally:
         engine.stop()
     print("| concurrency | engine tok/s | generate tok/s | transformers (sequential) tok/s | engine / transformers |")

@@ -119,11 +119,19 @@ class _Request:
             self.counts = torch.zeros(vocab, device=device)
         self.last = -1  # the token to feed next step
 
-    def step(self, logits: torch.Tensor) -> Finished | None:
-        """Sample one token from this request's logits [V], emit its event; the Finished when it ends here."""
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no penalty and no logprobs: the token is the argmax of the model's logits."""
         p = self.params
-        x = sampling_logits(logits, p, seen=self.seen, counts=self.counts)
-        token = pick(x, p, self.generator)
+        return p.temperature == 0 and not p.penalised and not p.logprobs
+
+    def step(self, logits: torch.Tensor, token: int | None = None) -> Finished | None:
+        """Sample one token from this request's logits [V] (or take `token`, a plain greedy request's argmax) and
+        emit its event; the Finished when the request ends here."""
+        x = logits
+        if token is None:
+            x = sampling_logits(logits, self.params, seen=self.seen, counts=self.counts)
+            token = pick(x, self.params, self.generator)
         self.generated += 1
         self.tokens.append(token)
         stopped = token in self.stops
@@ -305,8 +313,11 @@ class BatchEngine:
         self._counts["steps"] += 1
 
     def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> None:
-        for req, row in zip(reqs, logits, strict=True):
-            done = req.step(row)
+        # Plain greedy rows share one argmax: one wait for the result per step instead of one per row.
+        plain = [i for i, r in enumerate(reqs) if r.plain_greedy]
+        picks = dict(zip(plain, logits[plain].argmax(dim=-1).tolist(), strict=True)) if plain else {}
+        for i, (req, row) in enumerate(zip(reqs, logits, strict=True)):
+            done = req.step(row, picks.get(i))
             self._counts["tokens_generated"] += 1
             if done is not None:
                 self._leave(req, None)

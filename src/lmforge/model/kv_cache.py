@@ -84,10 +84,7 @@ class SlotKVCache:
         self.max_len = max_len
         self.device = self.k[0].device
         self.lens = [0] * slots
-        self._slots: list[int] = []
-        self._rows: slice | torch.Tensor = slice(0, 0)
-        self._starts = torch.zeros(0, dtype=torch.long)
-        self._mask: torch.Tensor | None = None
+        self.use([])
 
     @classmethod
     def for_model(cls, model: nn.Module, slots: int, max_len: int | None = None) -> SlotKVCache:
@@ -104,49 +101,64 @@ class SlotKVCache:
             self._rows = slice(rows[0], rows[0] + len(rows))
         else:
             self._rows = torch.tensor(rows, dtype=torch.long, device=self.device)
-        self._starts = torch.tensor([self.lens[r] for r in rows], dtype=torch.long, device=self.device)
-        self._mask = None
+        self._row_index = torch.tensor(rows, dtype=torch.long, device=self.device)[:, None]
+        self._sync()
         return self
+
+    def _sync(self) -> None:
+        """Refresh the rows' starts; the per-forward tensors (positions, mask) are rebuilt on first use."""
+        starts = [self.lens[r] for r in self._slots]
+        self._pos = max(starts, default=0)
+        # Every row at one position in contiguous slots: plain slices and SDPA's fast paths serve (as in KVCache).
+        self._aligned = isinstance(self._rows, slice) and min(starts, default=0) == self._pos
+        self._starts = torch.tensor(starts, dtype=torch.long, device=self.device)
+        self._memo: dict[tuple[str, int], torch.Tensor] = {}
 
     @property
     def pos(self) -> int:
         """The furthest filled position among the rows in use (the model checks it against its context)."""
-        return max((self.lens[r] for r in self._slots), default=0)
+        return self._pos
 
     def positions(self, n: int) -> torch.Tensor:
         """The positions [B, n] of the next n tokens of each row."""
-        return self._starts[:, None] + torch.arange(n, device=self.device)
+        if ("pos", n) not in self._memo:
+            self._memo["pos", n] = self._starts[:, None] + torch.arange(n, device=self.device)
+        return self._memo["pos", n]
 
-    def attn_mask(self, n: int) -> torch.Tensor:
-        """[B, 1, n, pos + n] bool: query i of row b sees key j when j <= lens[b] + i (its own filled slots)."""
-        if self._mask is None:
-            keys = torch.arange(self.pos + n, device=self.device)
-            self._mask = (keys[None, None, :] <= self.positions(n)[:, :, None])[:, None]
-        return self._mask
+    def attn_mask(self, n: int) -> tuple[torch.Tensor | None, bool]:
+        """SDPA's (attn_mask, is_causal) for the next n tokens: query i of row b sees key j when j <= lens[b] + i
+        (its own filled slots). The mask is [B, 1, n, pos + n] bool; rows aligned at one position need none."""
+        if self._aligned and self._pos == 0:
+            return None, True
+        if self._aligned and n == 1:
+            return None, False
+        if ("mask", n) not in self._memo:
+            keys = torch.arange(self._pos + n, device=self.device)
+            self._memo["mask", n] = (keys[None, None, :] <= self.positions(n)[:, :, None])[:, None]
+        return self._memo["mask", n], False
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v [B, H, n, D] at each row's own positions; return each row's keys/values [B, H, pos + n, D]."""
         n = k.shape[2]
-        end = self.pos + n
+        end = self._pos + n
         if end > self.max_len:
             raise ValueError(f"KV cache of {self.max_len} positions cannot hold {end}")
-        ck, cv = self.k[layer][self._rows], self.v[layer][self._rows]  # views when the rows are contiguous
-        b = torch.arange(k.shape[0], device=self.device)[:, None]
-        pos = self.positions(n)
-        if isinstance(self._rows, slice):
-            ck[b, :, pos] = k.transpose(1, 2)
-            cv[b, :, pos] = v.transpose(1, 2)
+        if self._aligned:
+            self.k[layer][self._rows, :, self._pos : end] = k
+            self.v[layer][self._rows, :, self._pos : end] = v
         else:
-            self.k[layer][self._rows[:, None], :, pos] = k.transpose(1, 2)
-            self.v[layer][self._rows[:, None], :, pos] = v.transpose(1, 2)
-            ck, cv = self.k[layer][self._rows], self.v[layer][self._rows]
-        return ck[:, :, :end].to(k.dtype), cv[:, :, :end].to(v.dtype)
+            pos = self.positions(n)
+            self.k[layer][self._row_index, :, pos] = k.transpose(1, 2)
+            self.v[layer][self._row_index, :, pos] = v.transpose(1, 2)
+        # Contiguous rows are read as views; others are gathered (a copy).
+        ck, cv = self.k[layer][self._rows, :, :end], self.v[layer][self._rows, :, :end]
+        return ck.to(k.dtype), cv.to(v.dtype)
 
     def advance(self, n: int) -> None:
         """Called by the model once every layer has written its n new positions."""
         for r in self._slots:
             self.lens[r] += n
-        self._mask = None
+        self._sync()
 
     def move(self, src: int, dst: int) -> None:
         """Copy slot src's filled positions into slot dst (which then holds that sequence); src is left as is."""

@@ -242,7 +242,7 @@ class Attention(nn.Module):
 
         if cache is not None and cache.per_row:
             k, v = cache.update(self.layer_idx, k, v)
-            mask, causal = cache.attn_mask(T), False
+            mask, causal = cache.attn_mask(T)
         elif cache is not None:
             start = cache.pos
             k, v = cache.update(self.layer_idx, k, v)
