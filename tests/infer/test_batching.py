@@ -40,7 +40,7 @@ def prompts(n: int, vocab: int) -> list[list[int]]:
 
 def run(engine: BatchEngine, handles) -> list[list]:
     """Step an unstarted engine until every handle has finished; each handle's events."""
-    while any(not h._events.queue or not isinstance(h._events.queue[-1], Finished) for h in handles):
+    while not all(h.finished.is_set() for h in handles):
         engine._step()
     return [list(h) for h in handles]
 
@@ -247,8 +247,13 @@ def test_threaded_engine_streams_and_async_iterates(tok: Tokenizer):
         async def collect(h):
             return [ev async for ev in h.aiter()]
 
-        first = asyncio.run(collect(handles[0]))
-        rest = [list(h) for h in handles[1:]]
+        async def both():  # two readers on one event loop, one of them joining after events are out
+            first = asyncio.create_task(collect(handles[0]))
+            await asyncio.sleep(0.05)
+            return await first, await collect(handles[1])
+
+        first, second = asyncio.run(both())
+        rest = [second, *(list(h) for h in handles[2:])]
     finally:
         engine.stop()
     stops = set(tok.stop_ids)

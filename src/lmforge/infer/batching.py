@@ -71,11 +71,25 @@ class RequestHandle:
     def __init__(self, request_id: int) -> None:
         self.id = request_id
         self._events: queue.Queue[Event] = queue.Queue()
+        self._lock = threading.Lock()
+        self._async: tuple[asyncio.AbstractEventLoop, asyncio.Queue[Event]] | None = None
         self.cancelled = threading.Event()
+        self.finished = threading.Event()  # set once the Finished event is out
 
     def cancel(self) -> None:
         """Ask the engine to end this request; it finishes with "cancelled" at the next step and frees its slot."""
         self.cancelled.set()
+
+    def _put(self, ev: Event) -> None:
+        """Hand an event to the reader: its event loop's queue once `aiter` has started, else the blocking queue."""
+        with self._lock:
+            if self._async is not None:
+                loop, aq = self._async
+                loop.call_soon_threadsafe(aq.put_nowait, ev)
+            else:
+                self._events.put(ev)
+        if isinstance(ev, Finished):
+            self.finished.set()
 
     def __iter__(self) -> Iterator[Event]:
         while True:
@@ -85,10 +99,15 @@ class RequestHandle:
                 return
 
     async def aiter(self) -> AsyncIterator[Event]:
-        """The events without blocking the event loop (each wait runs in the default executor)."""
-        loop = asyncio.get_running_loop()
+        """The events, delivered to the running event loop by the engine's thread (nothing blocks the loop and no
+        thread waits for a reader that went away). Use either this or plain iteration, once."""
+        aq: asyncio.Queue[Event] = asyncio.Queue()
+        with self._lock:
+            while not self._events.empty():
+                aq.put_nowait(self._events.get_nowait())
+            self._async = (asyncio.get_running_loop(), aq)
         while True:
-            ev = await loop.run_in_executor(None, self._events.get)
+            ev = await aq.get()
             yield ev
             if isinstance(ev, Finished):
                 return
@@ -164,11 +183,11 @@ class _Request:
 
     def _emit(self, ev: TokenEvent) -> None:
         self.released.append(ev.text)
-        self.handle._events.put(ev)
+        self.handle._put(ev)
 
     def finish(self, reason: str) -> Finished:
         done = Finished(reason, len(self.prompt), self.generated, "".join(self.released))
-        self.handle._events.put(done)
+        self.handle._put(done)
         return done
 
 
@@ -249,7 +268,7 @@ class BatchEngine:
         """Run one request to its end (in this thread when the engine is not started) and return its Finished."""
         handle = self.submit(prompt_ids, params)
         if self._thread is None:
-            while handle._events.empty() or not isinstance(handle._events.queue[-1], Finished):
+            while not handle.finished.is_set():
                 self._step()
         *_, done = iter(handle)
         assert isinstance(done, Finished)
