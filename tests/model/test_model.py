@@ -238,3 +238,17 @@ def test_write_model_files_into_staging_dir(tmp_path: Path):
         write_model_files(m, m.args, stage, None)
         assert not (tmp_path / "x").exists()
     assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["model.json", "model.safetensors"]
+
+
+def test_last_only_gives_the_last_positions_logits():
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(vocab_size=50, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, head_dim=8,
+                              mlp_hidden=64, max_seq_len=16, logit_softcap=5.0)).eval()  # fmt: skip
+    x = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        last = m(x, last_only=True)
+        hidden = m(x, last_only=True, return_hidden=True)
+        full, full_hidden = m(x), m(x, return_hidden=True)
+    assert last.shape == (2, 1, 50) and hidden.shape == (2, 1, 32)
+    torch.testing.assert_close(last[:, 0], full[:, -1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(hidden[:, 0], full_hidden[:, -1], rtol=0, atol=1e-6)

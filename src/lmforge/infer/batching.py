@@ -325,7 +325,7 @@ class BatchEngine:
             if self.prefix is None:
                 self.cache.clear(slot)
             ids = torch.tensor([req.prompt[reused:]], dtype=torch.long, device=self.device)
-            logits = self.model(ids, cache=self.cache.use([slot]))[:, -1]
+            logits = self.model(ids, cache=self.cache.use([slot]), last_only=True)[:, -1]
             self._counts["prompt_tokens"] += len(req.prompt)
             self._counts["prefix_tokens_reused"] += reused
             self._sample([req], logits)

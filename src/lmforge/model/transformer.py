@@ -366,6 +366,7 @@ class Transformer(nn.Module):
         prefix_len: torch.Tensor | None = None,
         doc_ids: torch.Tensor | None = None,
         return_hidden: bool = False,
+        last_only: bool = False,
     ) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] (fp32 when logit_softcap is set), or with return_hidden the
         final normed hidden states [B, T, d_model].
@@ -373,7 +374,7 @@ class Transformer(nn.Module):
         attn: "causal" | "bidirectional" | "prefix" (key j visible to query i if j < prefix_len[b] or j <= i;
         prefix_len a LongTensor [B]). doc_ids [B, T]: a token attends only within its own document, on top of the
         attention kind. Positions are the absolute row positions (not restarted per document). With a cache (causal
-        attention only), the tokens continue at position cache.pos.
+        attention only), the tokens continue at position cache.pos. last_only: the last position only ([B, 1, ...]).
         """
         T = input_ids.shape[1]
         start = cache.pos if cache is not None else 0
@@ -393,6 +394,8 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, cache=cache, mask=mask, causal=causal)
         if cache is not None:
             cache.advance(T)
+        if last_only:  # a prefill needs the last position's logits only: the output layer runs on that row alone
+            x = x[:, -1:]
         return self.model.norm(x) if return_hidden else self.head(x)
 
     # The forward's parts, which a pipeline stage (lmforge.train.pipelining) runs for its share of the model.
