@@ -65,6 +65,9 @@ CASES: dict[str, tuple[str | None, set[str]]] = {
                             "edit_rechunked", "dense_chunks_per_s", "bm25_search_ms", "hybrid_search_ms"}),
     "recipe_efficiency.py": (None, {"gpt2_final", "modern_final", "modern_time_ratio", "default_final",
                                     "default_time_ratio", "budget_s", "depth"}),  # fmt: skip
+    "serve_load.py": ("instruct/alpaca_data_sample2000.json", {"decode_ratio_c1", "throughput_ratio_c32", "tok_s_c1",
+                      "tok_s_c32", "transformers_tok_s", "ttft_p99_ms_c32", "lost", "healthy_after_disconnect",
+                      "rss_mb_max"}),  # fmt: skip
     "reward_sandbox.py": ("code/mbpp.jsonl", {"samples"} | {f"{r}_{m}" for r in ("mbpp_tests", "doctests")
                                                             for m in ("batched_per_s", "unbatched_per_s", "speedup")}),
     "train_throughput.py": (None, {"tokens_per_s", "mfu", "peak_gflops", "params"}),

@@ -123,6 +123,18 @@ def test_ignore_eos_generates_exactly_max_tokens(client, local):
     assert r.usage.completion_tokens == 60 and r.choices[0].finish_reason == "length"
     plain = client.completions.create(model=MODEL, prompt="The capital of France", max_tokens=60, temperature=0)
     assert plain.usage.completion_tokens == len(natural)
+    # A chat reply goes past its end of turn too (the template's stop ids are dropped as well).
+    chat = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=60, temperature=0,
+                                          extra_body={"ignore_eos": True})  # fmt: skip
+    assert chat.usage.completion_tokens == 60
+
+
+def test_ignore_eos_drops_the_templates_stop_ids_too():
+    from lmforge.serve.schemas import ChatRequest
+
+    req = ChatRequest(model=MODEL, messages=MESSAGES, ignore_eos=True)
+    assert req.sampling_params(10, [5, 6]).stop_token_ids == [] and req.sampling_params(10, [5, 6]).ignore_eos
+    assert ChatRequest(model=MODEL, messages=MESSAGES).sampling_params(10, [5, 6]).stop_token_ids == [5, 6]
 
 
 def test_seeded_sampling_repeats(client):

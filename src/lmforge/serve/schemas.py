@@ -73,7 +73,8 @@ class _Sampling(BaseModel):
             max_tokens=max_tokens, temperature=self.temperature, top_k=self.top_k,
             top_p=None if self.top_p == 1.0 else self.top_p, min_p=self.min_p,
             repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, stop=list(self.stop), stop_token_ids=list(stop_token_ids),
+            frequency_penalty=self.frequency_penalty, stop=list(self.stop),
+            stop_token_ids=[] if self.ignore_eos else list(stop_token_ids),
             seed=self.seed, logprobs=logprobs, top_logprobs=top, ignore_eos=self.ignore_eos,
         )  # fmt: skip
 
