@@ -27,7 +27,6 @@ import json
 import os
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -233,7 +232,7 @@ def run(checkpoint: Path, new: int, per_slot: int, levels: tuple[int, ...], base
     finally:
         code = server.stop()
     base = transformers_tok_s(checkpoint, all_prompts, baseline_n, new)
-    print(f"| concurrency | requests | lost | tok/s | x transformers | TTFT p50 / p99 ms | ITL p50 / p99 ms |")
+    print("| concurrency | requests | lost | tok/s | x transformers | TTFT p50 / p99 ms | ITL p50 / p99 ms |")
     print("|---|---|---|---|---|---|---|")
     for c, r in rows:
         print(f"| {c} | {r['requests']} | {r['lost']} | {r['tok_s']:,.0f} | {r['tok_s'] / base:.2f} | "
