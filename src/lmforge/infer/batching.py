@@ -334,7 +334,8 @@ class BatchEngine:
     def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> None:
         # Plain greedy rows share one argmax: one wait for the result per step instead of one per row.
         plain = [i for i, r in enumerate(reqs) if r.plain_greedy]
-        picks = dict(zip(plain, logits[plain].argmax(dim=-1).tolist(), strict=True)) if plain else {}
+        rows = logits if len(plain) == len(reqs) else logits[plain]
+        picks = dict(zip(plain, rows.argmax(dim=-1).tolist(), strict=True)) if plain else {}
         for i, (req, row) in enumerate(zip(reqs, logits, strict=True)):
             done = req.step(row, picks.get(i))
             self._counts["tokens_generated"] += 1

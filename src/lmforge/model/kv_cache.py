@@ -98,10 +98,9 @@ class SlotKVCache:
         """Make `rows` (slot per batch row) the slots the next forward reads and writes; returns the cache."""
         self._slots = list(rows)
         if rows and rows == list(range(rows[0], rows[0] + len(rows))):
-            self._rows = slice(rows[0], rows[0] + len(rows))
+            self._rows: slice | torch.Tensor = slice(rows[0], rows[0] + len(rows))
         else:
             self._rows = torch.tensor(rows, dtype=torch.long, device=self.device)
-        self._row_index = torch.tensor(rows, dtype=torch.long, device=self.device)[:, None]
         self._sync()
         return self
 
@@ -109,10 +108,15 @@ class SlotKVCache:
         """Refresh the rows' starts; the per-forward tensors (positions, mask) are rebuilt on first use."""
         starts = [self.lens[r] for r in self._slots]
         self._pos = max(starts, default=0)
-        # Every row at one position in contiguous slots: plain slices and SDPA's fast paths serve (as in KVCache).
         self._aligned = isinstance(self._rows, slice) and min(starts, default=0) == self._pos
-        self._starts = torch.tensor(starts, dtype=torch.long, device=self.device)
+        self._starts = starts
         self._memo: dict[tuple[str, int], torch.Tensor] = {}
+
+    @property
+    def aligned(self) -> bool:
+        """Every row in use at the same position in contiguous slots: the model then treats the cache like a
+        `KVCache` at `pos` (one position range for the batch, SDPA's fast paths), and writes are plain slices."""
+        return self._aligned
 
     @property
     def pos(self) -> int:
@@ -122,7 +126,8 @@ class SlotKVCache:
     def positions(self, n: int) -> torch.Tensor:
         """The positions [B, n] of the next n tokens of each row."""
         if ("pos", n) not in self._memo:
-            self._memo["pos", n] = self._starts[:, None] + torch.arange(n, device=self.device)
+            starts = torch.tensor(self._starts, dtype=torch.long, device=self.device)
+            self._memo["pos", n] = starts[:, None] + torch.arange(n, device=self.device)
         return self._memo["pos", n]
 
     def attn_mask(self, n: int) -> tuple[torch.Tensor | None, bool]:
@@ -147,9 +152,11 @@ class SlotKVCache:
             self.k[layer][self._rows, :, self._pos : end] = k
             self.v[layer][self._rows, :, self._pos : end] = v
         else:
-            pos = self.positions(n)
-            self.k[layer][self._row_index, :, pos] = k.transpose(1, 2)
-            self.v[layer][self._row_index, :, pos] = v.transpose(1, 2)
+            if ("rows", 0) not in self._memo:
+                self._memo["rows", 0] = torch.tensor(self._slots, dtype=torch.long, device=self.device)[:, None]
+            pos, rows = self.positions(n), self._memo["rows", 0]
+            self.k[layer][rows, :, pos] = k.transpose(1, 2)
+            self.v[layer][rows, :, pos] = v.transpose(1, 2)
         # Contiguous rows are read as views; others are gathered (a copy).
         ck, cv = self.k[layer][self._rows, :, :end], self.v[layer][self._rows, :, :end]
         return ck.to(k.dtype), cv.to(v.dtype)

@@ -383,7 +383,7 @@ class Transformer(nn.Module):
         if cache is not None and (attn != "causal" or prefix_len is not None or doc_ids is not None):
             raise ValueError("a KV cache supports plain causal attention only (no attn kind, prefix_len or doc_ids)")
         mask, causal = attention_mask(attn, T, prefix_len=prefix_len, doc_ids=doc_ids, device=input_ids.device)
-        if cache is not None and cache.per_row:  # a SlotKVCache: each row continues at its own position
+        if cache is not None and cache.per_row and not cache.aligned:  # each row continues at its own position
             positions = cache.positions(T)
             x = self.embed(input_ids, positions=positions)
             cos, sin = self.rope_at(positions, start + T)
