@@ -263,3 +263,20 @@ def test_threaded_engine_streams_and_async_iterates(tok: Tokenizer):
                for ev in [first, *rest])  # fmt: skip
     with pytest.raises(RuntimeError, match="stopping"):
         engine.submit(ps[0], greedy)
+
+
+def test_stop_without_drain_ends_every_request(tok: Tokenizer):
+    m = make_model(tok.vocab_size)
+    long = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    idle = BatchEngine(m, tok)
+    h = idle.submit([0, 5], long)
+    idle.stop(drain=False)  # never started: the queued request is cancelled, not left hanging
+    assert list(h)[-1] == Finished("cancelled", 2, 0, "")
+    engine = BatchEngine(m, tok, max_batch=1)
+    engine.start()
+    handles = [engine.submit([0, 5 + i], long) for i in range(3)]
+    engine.stop(drain=False)
+    ends = [list(h)[-1] for h in handles]
+    assert all(isinstance(e, Finished) for e in ends)
+    assert ends[-1].finish_reason == "cancelled"  # still waiting behind the one slot
+    assert engine.stats["running"] == 0 and engine.stats["waiting"] == 0

@@ -241,6 +241,8 @@ class BatchEngine:
             self._cv.notify_all()
         if self._thread is not None:
             self._thread.join()
+        else:  # never started: nothing will run what is queued
+            self._cancel_all()
 
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> RequestHandle:
         """Queue a request; ValueError for invalid params, an empty prompt, unknown ids or a prompt too long."""
@@ -295,11 +297,15 @@ class BatchEngine:
                 log.exception("batch engine step failed; ending the %d running requests", len(self._running))
                 for req in list(self._running):
                     self._leave(req, "error")
+        self._cancel_all()
+
+    def _cancel_all(self) -> None:
+        """End every running and waiting request with "cancelled" (the engine stops without draining)."""
         with self._cv:
             left, self._waiting = [*self._running, *self._waiting], deque()
+        self._running = []
         for req in left:
             req.finish("cancelled")
-        self._running = []
 
     @torch.inference_mode()
     def _step(self) -> None:
