@@ -280,3 +280,23 @@ def test_stop_without_drain_ends_every_request(tok: Tokenizer):
     assert all(isinstance(e, Finished) for e in ends)
     assert ends[-1].finish_reason == "cancelled"  # still waiting behind the one slot
     assert engine.stats["running"] == 0 and engine.stats["waiting"] == 0
+
+
+def test_a_reader_whose_event_loop_closed_leaves_the_others_unharmed(tok: Tokenizer):
+    m = make_model(tok.vocab_size)
+    long = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    engine = BatchEngine(m, tok, max_batch=2)
+    engine.start()
+    try:
+        gone, other = engine.submit([0, 5], long), engine.submit([0, 6], long)
+
+        async def first_event(h):
+            async for ev in h.aiter():
+                return ev
+
+        assert isinstance(asyncio.run(first_event(gone)), TokenEvent)  # its loop closes while it still generates
+        assert list(other)[-1].finish_reason == "length"
+        assert gone.finished.wait(10)
+    finally:
+        engine.stop()
+    assert engine.stats["requests_finished"] == 2 and engine.stats["running"] == 0

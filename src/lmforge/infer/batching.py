@@ -85,7 +85,10 @@ class RequestHandle:
         with self._lock:
             if self._async is not None:
                 loop, aq = self._async
-                loop.call_soon_threadsafe(aq.put_nowait, ev)
+                try:
+                    loop.call_soon_threadsafe(aq.put_nowait, ev)
+                except RuntimeError:  # the reader's event loop is closed: nobody reads these events any more
+                    pass
             else:
                 self._events.put(ev)
         if isinstance(ev, Finished):
