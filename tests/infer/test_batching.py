@@ -300,3 +300,23 @@ def test_a_reader_whose_event_loop_closed_leaves_the_others_unharmed(tok: Tokeni
     finally:
         engine.stop()
     assert engine.stats["requests_finished"] == 2 and engine.stats["running"] == 0
+
+
+def test_penalties_track_the_prompt_and_the_output(tok: Tokenizer):
+    m = make_model(tok.vocab_size)
+    p = prompts(1, tok.vocab_size)[0]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, repetition_penalty=3.0,
+                            presence_penalty=0.5, frequency_penalty=1.5, logprobs=True)  # fmt: skip
+    engine = BatchEngine(m, tok)
+    events = [e for e in run(engine, [engine.submit(p, params)])[0] if isinstance(e, TokenEvent)]
+    ids = [e.token_id for e in events]
+    with torch.no_grad():
+        logits = m(torch.tensor([p + ids]))[0, len(p) - 1 :].float()
+    for i, e in enumerate(events):  # the penalties of step i see the prompt and the i tokens before it
+        x = logits[i].clone()
+        seen = sorted(set(p) | set(ids[:i]))
+        x[seen] = torch.where(x[seen] > 0, x[seen] / 3.0, x[seen] * 3.0)
+        for t in set(ids[:i]):
+            x[t] -= 1.5 * ids[:i].count(t) + 0.5
+        assert e.token_id == int(x.argmax())
+        assert e.logprob == pytest.approx(float(torch.log_softmax(x, -1)[e.token_id]), abs=1e-4)
