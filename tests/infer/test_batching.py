@@ -320,3 +320,15 @@ def test_penalties_track_the_prompt_and_the_output(tok: Tokenizer):
             x[t] -= 1.5 * ids[:i].count(t) + 0.5
         assert e.token_id == int(x.argmax())
         assert e.logprob == pytest.approx(float(torch.log_softmax(x, -1)[e.token_id]), abs=1e-4)
+
+
+def test_slot_cache_rows_at_different_positions_under_bf16_autocast():
+    m = make_model(97)
+    cache = SlotKVCache.for_model(m, slots=2, max_len=16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        m(torch.tensor([[1, 2, 3]]), cache=cache.use([0]))
+        m(torch.tensor([[4]]), cache=cache.use([1]))
+        out = m(torch.tensor([[5], [6]]), cache=cache.use([0, 1]))  # rows at 3 and 1: the scattered writes
+        full = m(torch.tensor([[1, 2, 3, 5]]))
+    assert cache.lens == [4, 2] and cache.k[0].dtype == torch.float32
+    torch.testing.assert_close(out[0, 0].float(), full[0, -1].float(), rtol=0, atol=0.1)

@@ -155,8 +155,9 @@ class SlotKVCache:
             if ("rows", 0) not in self._memo:
                 self._memo["rows", 0] = torch.tensor(self._slots, dtype=torch.long, device=self.device)[:, None]
             pos, rows = self.positions(n), self._memo["rows", 0]
-            self.k[layer][rows, :, pos] = k.transpose(1, 2)
-            self.v[layer][rows, :, pos] = v.transpose(1, 2)
+            # index_put needs the cache's dtype (under autocast k/v arrive in a lower one; slices cast by themselves).
+            self.k[layer][rows, :, pos] = k.transpose(1, 2).to(self.k[layer].dtype)
+            self.v[layer][rows, :, pos] = v.transpose(1, 2).to(self.v[layer].dtype)
         # Contiguous rows are read as views; others are gathered (a copy).
         ck, cv = self.k[layer][self._rows, :, :end], self.v[layer][self._rows, :, :end]
         return ck.to(k.dtype), cv.to(v.dtype)
