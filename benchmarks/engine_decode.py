@@ -37,9 +37,10 @@ def load(checkpoint: Path):
     from lmforge.infer.loading import load_for_generation
 
     model, tok = load_for_generation(checkpoint, device="cpu")
-    out = Path(tempfile.mkdtemp(prefix="engine_decode_")) / "hf"
-    export_hf(checkpoint, out)
-    return model, tok, load_causal_lm(out, torch.device("cpu"))
+    with tempfile.TemporaryDirectory(prefix="engine_decode_") as tmp:
+        export_hf(checkpoint, Path(tmp) / "hf")
+        hf = load_causal_lm(Path(tmp) / "hf", torch.device("cpu"))
+    return model, tok, hf
 
 
 def make_prompts(tok, n: int, length: int) -> list[list[int]]:
@@ -78,6 +79,21 @@ def hf_run(hf, prompts, new: int) -> None:
             assert out.shape[1] == len(p) + new
 
 
+def smoke_checkpoint(directory: Path) -> Path:
+    """--smoke: a tiny random model with a tokenizer trained on a few standard-library files."""
+    from lmforge.model.io import save_model
+    from lmforge.model.transformer import ModelArgs, Transformer
+    from lmforge.tokenizer import train_tokenizer
+
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:20]
+    tok = train_tokenizer(iter(f.read_text(encoding="utf-8") for f in files), vocab_size=512)
+    tok.save(directory / "tokenizer.json")
+    args = ModelArgs(vocab_size=tok.vocab_size, n_layers=1, d_model=32, n_heads=2, n_kv_heads=2, head_dim=16,
+                     mlp_hidden=64, max_seq_len=128)  # fmt: skip
+    torch.manual_seed(0)
+    return save_model(directory / "model", Transformer(args), args, directory / "tokenizer.json")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", type=Path, default=ROOT / "runs/stdlib-code/pretrain/final")
@@ -85,9 +101,18 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared 2-core machine)")
+    ap.add_argument("--smoke", action="store_true", help="a few seconds on a tiny random model: does it run?")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.smoke:
+        with tempfile.TemporaryDirectory() as tmp:
+            args.checkpoint, args.new, args.repeats = smoke_checkpoint(Path(tmp)), 8, 1
+            measure(args)
+        return
+    measure(args)
 
+
+def measure(args: argparse.Namespace) -> None:
     from lmforge.infer.batching import BatchEngine
     from lmforge.infer.engine import generate
 

@@ -16,7 +16,8 @@ content chunk) and inter-token latency (p50, p99: between consecutive content ch
 memory after the level. Then one client disconnects mid-stream and the server must stay healthy and release the
 request. The baseline, measured after the server stopped (so the two never share the cores): transformers'
 `generate(do_sample=False, min_new_tokens=max_new_tokens=--new)` on the model exported by lmforge.hf.export_hf,
-one prompt after another, on the same prompts. The last line: decode_ratio_c1 (server tok/s at concurrency 1 over
+one prompt after another, on the same prompts, with 1 and with 2 torch threads; the faster is the baseline (the
+server runs with torch's default, 2 on this machine). The last line: decode_ratio_c1 (server tok/s at concurrency 1 over
 transformers) and throughput_ratio_c32 (server tok/s at 32 over transformers).
 """
 
@@ -52,11 +53,12 @@ def free_port() -> int:
 class Server:
     """`lmforge serve` in a subprocess on loopback; SIGTERM on exit."""
 
-    def __init__(self, checkpoint: Path, max_batch: int) -> None:
+    def __init__(self, checkpoint: Path, max_batch: int, threads: int | None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "lmforge.cli", "serve", str(checkpoint), "--port", str(self.port),
-               "--model-name", MODEL, "--max-batch", str(max_batch), "--device", "cpu"]  # fmt: skip
+               "--model-name", MODEL, "--max-batch", str(max_batch), "--device", "cpu",
+               *(["--threads", str(threads)] if threads else [])]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -179,25 +181,32 @@ def disconnect_check(server: Server, messages: list[dict], new: int) -> bool:
     return False
 
 
-def transformers_tok_s(checkpoint: Path, all_prompts: list[list[dict]], n: int, new: int) -> float:
-    """Sequential greedy transformers generation of exactly `new` tokens on the first n prompts."""
+def transformers_tok_s(checkpoint: Path, all_prompts: list[list[dict]], n: int, new: int) -> dict[int, float]:
+    """Sequential greedy transformers generation of exactly `new` tokens on the first n prompts, with 1 and with 2
+    torch threads (on 2 cores the tiny models here often run faster on one: the baseline is the faster)."""
     from lmforge.finetune.data import Message
     from lmforge.finetune.template import prompt_ids
     from lmforge.hf import export_hf, load_causal_lm
     from lmforge.model.io import load_checkpoint_tokenizer
 
     tok = load_checkpoint_tokenizer(checkpoint)
+    rates = {}
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(checkpoint, Path(tmp) / "hf")
         hf = load_causal_lm(Path(tmp) / "hf", torch.device("cpu"))
         ids = [prompt_ids(tok, [Message(**m) for m in msgs]) for msgs in all_prompts[:n]]
+        before = torch.get_num_threads()
         with torch.inference_mode():
-            hf.generate(torch.tensor([ids[0]]), max_new_tokens=4, do_sample=False)  # warm-up
-            start = time.perf_counter()
-            for p in ids:
-                out = hf.generate(torch.tensor([p]), max_new_tokens=new, min_new_tokens=new, do_sample=False)
-                assert out.shape[1] == len(p) + new
-            return n * new / (time.perf_counter() - start)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                hf.generate(torch.tensor([ids[0]]), max_new_tokens=4, do_sample=False)  # warm-up
+                start = time.perf_counter()
+                for p in ids:
+                    out = hf.generate(torch.tensor([p]), max_new_tokens=new, min_new_tokens=new, do_sample=False)
+                    assert out.shape[1] == len(p) + new
+                rates[threads] = n * new / (time.perf_counter() - start)
+        torch.set_num_threads(before)
+    return rates
 
 
 def smoke_checkpoint(directory: Path) -> Path:
@@ -215,13 +224,14 @@ def smoke_checkpoint(directory: Path) -> Path:
     return save_model(directory / "model", Transformer(args), args, directory / "tokenizer.json")
 
 
-def run(checkpoint: Path, new: int, per_slot: int, levels: tuple[int, ...], baseline_n: int) -> None:
+def run(checkpoint: Path, new: int, per_slot: int, levels: tuple[int, ...], baseline_n: int,
+        threads: int | None = None) -> None:  # fmt: skip
     from lmforge.model.io import load_checkpoint_tokenizer, read_model_args
 
     tok = load_checkpoint_tokenizer(checkpoint)
     context = read_model_args(checkpoint).max_seq_len
     all_prompts = prompts(tok, 64, context - new - 1)
-    server = Server(checkpoint, max_batch=max(levels))
+    server = Server(checkpoint, max_batch=max(levels), threads=threads)
     rows, rss = [], []
     try:
         rss.append(server.rss_mb())
@@ -231,14 +241,17 @@ def run(checkpoint: Path, new: int, per_slot: int, levels: tuple[int, ...], base
         healthy = disconnect_check(server, all_prompts[0], new)
     finally:
         code = server.stop()
-    base = transformers_tok_s(checkpoint, all_prompts, baseline_n, new)
+    rates = transformers_tok_s(checkpoint, all_prompts, baseline_n, new)
+    base = max(rates.values())
     print("| concurrency | requests | lost | tok/s | x transformers | TTFT p50 / p99 ms | ITL p50 / p99 ms |")
     print("|---|---|---|---|---|---|---|")
     for c, r in rows:
         print(f"| {c} | {r['requests']} | {r['lost']} | {r['tok_s']:,.0f} | {r['tok_s'] / base:.2f} | "
               f"{1e3 * r['ttft_p50']:.0f} / {1e3 * r['ttft_p99']:.0f} | {1e3 * r['itl_p50']:.1f} / "
               f"{1e3 * r['itl_p99']:.1f} |")  # fmt: skip
-    print(f"| transformers, sequential | {baseline_n} | - | {base:,.0f} | 1.00 | - | - |")
+    for threads, rate in rates.items():
+        print(f"| transformers, sequential, {threads} thread(s) | {baseline_n} | - | {rate:,.0f} | "
+              f"{rate / base:.2f} | - | - |")  # fmt: skip
     lost = sum(r["lost"] for _, r in rows)
     for _, r in rows:
         if r["errors"]:
@@ -259,6 +272,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64, help="tokens per reply (exactly: ignore_eos)")
     ap.add_argument("--requests-per-slot", type=int, default=2, help="requests per client thread at each level")
     ap.add_argument("--baseline-prompts", type=int, default=8, help="prompts transformers generates for")
+    ap.add_argument("--server-threads", type=int, help="lmforge serve --threads (default: torch's)")
     ap.add_argument("--smoke", action="store_true", help="a few seconds on a tiny random model: does it run?")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -266,7 +280,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             run(smoke_checkpoint(Path(tmp)), 8, 1, (1, 8, 32), 2)
         return
-    run(args.checkpoint, args.new, args.requests_per_slot, (1, 8, 32), args.baseline_prompts)
+    run(args.checkpoint, args.new, args.requests_per_slot, (1, 8, 32), args.baseline_prompts, args.server_threads)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ CASES: dict[str, tuple[str | None, set[str]]] = {
                                          "ddp_vs_single", "ddp_max_loss_diff"}),  # fmt: skip
     "dpo_hh_rlhf.py": ("preference/hh-rlhf_helpful-base_test.jsonl.gz", {"train_pairs", "heldout_pairs", "steps",
                        "heldout_margin", "heldout_accuracy", "chosen_reward_falling", "win_rate", "win_ci95"}),
+    "engine_decode.py": (None, {"decode_ratio_c1", "generate_ratio_c1", "throughput_ratio_c8", "engine_c1_tok_s",
+                                "engine_c8_tok_s"}),  # fmt: skip
     "eval_throughput.py": ("eval/mc/arc_easy.jsonl", {"examples", "requests", "lmforge_examples_per_s",
                                                       "lmforge_examples_per_s_tuned", "max_logprob_diff"}
                            | _HFLM_KEYS),  # fmt: skip

@@ -43,6 +43,9 @@ def serve(
     docs: Optional[Path] = typer.Option(None, "--docs", help="An index (lmforge rag index): chat requests with "
                                         "\"rag\": true are answered from it, with checked citations."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads of the model's forward "
+                                          "(default: torch's). Small models on few cores often decode faster on "
+                                          "one: measure with benchmarks/serve_load.py."),
 ) -> None:
     """Serve a model over OpenAI's API (completions, chat, embeddings; streaming) with a web chat page at /.
     SIGTERM or Ctrl-C stops accepting requests, finishes those in flight, and exits 0."""
@@ -50,6 +53,7 @@ def serve(
     if not _is_loopback(host) and not keys:
         verbs.fail(f"--host {host} lets other machines reach the server, so it needs an API key: pass --api-key KEY "
                    f"or set {KEYS_ENV}, or bind to 127.0.0.1", 2)  # fmt: skip
+    import torch
     import uvicorn
 
     from lmforge.infer.batching import BatchEngine
@@ -57,6 +61,8 @@ def serve(
     from lmforge.rag.index import Index
     from lmforge.serve.app import DrainingServer, checkpoint_embedder, create_app
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         index = Index.open(docs) if docs is not None else None
         model, tok = load_for_generation(checkpoint, device)
