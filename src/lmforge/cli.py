@@ -242,7 +242,8 @@ def chat(
                                        "the same text."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     docs: Optional[Path] = typer.Option(None, "--docs", help="An index (lmforge rag index): each message is sent "
-                                        "with the chunks retrieved for it, numbered for [n] citations."),
+                                        "with the chunks retrieved for it, numbered for [n] citations; after each "
+                                        "reply its sources (file:lines) and its citations, checked, are listed."),
     k: int = typer.Option(4, "--k", min=1, help="With --docs: chunks retrieved per message."),
 ) -> None:
     """Chat with a model in the terminal through its chat template: replies stream as they are generated and the
@@ -257,11 +258,12 @@ def chat(
         session = load_chat(checkpoint, device=device, system=system, max_new_tokens=max_tokens,
                             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)  # fmt: skip
         if docs is not None:
-            from lmforge.rag.answer import docs_augmenter
+            from lmforge.rag.answer import DocsAugmenter
             from lmforge.rag.index import Index
 
             budget = session.model.args.max_seq_len - session.max_new_tokens
-            session.augment = docs_augmenter(Index.open(docs), session.tokenizer, budget, k)
+            augmenter = DocsAugmenter(Index.open(docs), session.tokenizer, budget, k)
+            session.augment, session.annotate = augmenter, augmenter.notes
     except (FileNotFoundError, ValueError) as e:  # e.g. no such checkpoint, an unknown device
         verbs.fail(str(e), 2)
     run_chat(session)

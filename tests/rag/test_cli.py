@@ -83,17 +83,26 @@ def test_chat_with_docs_shows_the_model_the_sources_and_keeps_the_message_as_typ
     from lmforge.finetune.template import prompt_ids
     from lmforge.infer.chat import load_chat
     from lmforge.rag import build_index, Index
-    from lmforge.rag.answer import docs_augmenter
+    from lmforge.rag.answer import DocsAugmenter
 
     build_index(_docs(tmp_path), tmp_path / "idx")
     index = Index.open(tmp_path / "idx")
     session = load_chat(tiny, device="cpu", max_new_tokens=8, temperature=0.0)
-    session.augment = docs_augmenter(index, session.tokenizer, 400, k=2)
+    augmenter = DocsAugmenter(index, session.tokenizer, 400, k=2)
+    session.augment = augmenter
     reply = session.send("brake cable tension")
     "".join(reply)
     shown = sources_message("brake cable tension", index.search("brake cable tension", k=2))
     assert reply.prompt_ids == prompt_ids(session.tokenizer, [Message("user", shown)])
     assert session.history[0] == Message("user", "brake cable tension")
+    # After the reply: its sources by number and file:lines, then each [n] it cited, checked against its chunk.
+    assert [hit.chunk.where for hit in augmenter.hits] == ["manual.md:3-5"]  # only the brakes section matches
+    assert augmenter.notes("Adjust the brake cable tension [1]. Pump it [3].") == [
+        "sources: [1] manual.md:3-5", "[1] manual.md:3-5 supported (support 1.00)",
+        "[3] invalid: no source 3 was given"]
+    assert augmenter("zzzz qqqq") == "zzzz qqqq"  # nothing retrieved: the message as typed
+    assert augmenter.notes("x") == ["(no source was retrieved for this message)"]
     chat = CliRunner().invoke(app, ["chat", str(tiny), "--docs", str(tmp_path / "idx"), "--temperature", "0",
                                     "-n", "6", "--device", "cpu"], input="brake cable\n/exit\n")  # fmt: skip
     assert chat.exit_code == 0, chat.output
+    assert "  sources: [1] manual.md:3-5" in chat.output

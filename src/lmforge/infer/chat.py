@@ -141,6 +141,8 @@ class ChatSession:
         # What the model is shown for a user message (`lmforge chat --docs`: the message with retrieved sources);
         # only this turn's prompt carries it, the history keeps the message as typed.
         self.augment = augment
+        # Lines the terminal chat prints after a finished reply (`--docs`: its sources and checked citations).
+        self.annotate: Callable[[str], list[str]] | None = None
 
     @property
     def system(self) -> str | None:
@@ -256,6 +258,9 @@ def run_chat(
             reply.close()
             write(" [interrupted]")
         write("\n")
+        if session.annotate is not None:
+            for note in session.annotate(reply.text):
+                write(f"  {note}\n")
 
 
 def _command(session: ChatSession, line: str, write: Callable[[str], None]) -> bool:

@@ -172,12 +172,35 @@ def answer(index: Any, model: Any, tokenizer: Any, question: str, *, k: int = 4,
     return Answer(text, check_citations(text, hits), False, hits)
 
 
-def docs_augmenter(index: Any, tokenizer: Any, budget: int, k: int = 4, mode: str = "hybrid") -> Any:
-    """For `lmforge chat --docs`: a function turning a user message into the sources message for it (as many of
-    the `k` hits as fit in `budget` prompt tokens), or the message unchanged when nothing is retrieved."""
+def citation_lines(citations: Sequence[Citation]) -> list[str]:
+    """One line per citation: `[n] file:lines supported (support 0.83)`, or why it is not."""
+    lines = []
+    for c in citations:
+        if not c.valid:
+            lines.append(f"[{c.n}] invalid: no source {c.n} was given")
+        else:
+            verdict = "supported" if c.supported else "unsupported"
+            lines.append(f"[{c.n}] {c.chunk.where} {verdict} (support {c.support:.2f})")
+    return lines
 
-    def augment(text: str) -> str:
-        hits = index.search(text, k=k, mode=mode)
-        return sources_message(text, fit_hits(tokenizer, text, hits, budget)) if hits else text
 
-    return augment
+class DocsAugmenter:
+    """For `lmforge chat --docs`: called with a user message, it returns the sources message for it (as many of the
+    `k` hits as fit in `budget` prompt tokens), or the message unchanged when nothing is retrieved; `notes(reply)`
+    then lists the sources that message gave and the reply's citations of them, checked."""
+
+    def __init__(self, index: Any, tokenizer: Any, budget: int, k: int = 4, mode: str = "hybrid") -> None:
+        self.index, self.tokenizer, self.budget, self.k, self.mode = index, tokenizer, budget, k, mode
+        self.hits: list[Hit] = []  # the sources the last message was sent with
+
+    def __call__(self, text: str) -> str:
+        hits = self.index.search(text, k=self.k, mode=self.mode)
+        self.hits = fit_hits(self.tokenizer, text, hits, self.budget) if hits else []
+        return sources_message(text, self.hits) if self.hits else text
+
+    def notes(self, reply: str) -> list[str]:
+        """The lines shown after a reply: its sources by number and file:lines, then each [n] it cited, checked."""
+        if not self.hits:
+            return ["(no source was retrieved for this message)"]
+        where = ", ".join(f"[{i}] {hit.chunk.where}" for i, hit in enumerate(self.hits, 1))
+        return [f"sources: {where}", *citation_lines(check_citations(reply, self.hits))]

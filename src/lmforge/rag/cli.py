@@ -40,18 +40,6 @@ def index_cmd(
         typer.echo("skipped: " + ", ".join(f"{reason}: {n}" for reason, n in stats.skipped.items()))
 
 
-def citation_lines(citations: list) -> list[str]:
-    """One line per citation: `[n] file:lines supported (support 0.83)`, or why it is not."""
-    lines = []
-    for c in citations:
-        if not c.valid:
-            lines.append(f"[{c.n}] invalid: no source {c.n} was given")
-        else:
-            verdict = "supported" if c.supported else "unsupported"
-            lines.append(f"[{c.n}] {c.chunk.where} {verdict} (support {c.support:.2f})")
-    return lines
-
-
 @rag_app.command("ask")
 def ask_cmd(
     index: Path = typer.Argument(..., help="An index folder (lmforge rag index)."),
@@ -68,6 +56,7 @@ def ask_cmd(
     """Answer a question from the index's documents; then list each citation with its file:lines and whether the
     cited chunk supports the sentence citing it."""
     from lmforge.infer.loading import load_for_generation
+    from lmforge.rag.answer import citation_lines
     from lmforge.rag.answer import THRESHOLD, answer
     from lmforge.rag.index import Index
 
