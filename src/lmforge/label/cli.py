@@ -4,7 +4,6 @@ so `lmforge --help` stays fast."""
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import signal
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import List, Optional
 import typer
 
 from lmforge import verbs
+from lmforge.hosts import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -158,15 +158,6 @@ def project_generate(db: Path = DB_ARG, name: str = typer.Argument(..., help="Th
     _create(db, name, items, k, attention, seed)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 @label_app.command()
 def serve(db: Path = DB_ARG, host: str = typer.Option("127.0.0.1", help="Address to bind; anything but loopback "
                                                       "lets other machines reach the app."),
@@ -178,7 +169,7 @@ def serve(db: Path = DB_ARG, host: str = typer.Option("127.0.0.1", help="Address
 
     from lmforge.label.app import create_app
 
-    if not _is_loopback(host):
+    if not is_loopback(host):
         log.warning("binding to %s: the app is reachable from other machines over plain HTTP; put a TLS proxy in "
                     "front and use --secure-cookie", host)
     _store(db)  # a missing or newer database is a usage error before the server starts

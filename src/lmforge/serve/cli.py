@@ -14,7 +14,7 @@ from typing import List, Optional
 import typer
 
 from lmforge import verbs
-from lmforge.label.cli import _is_loopback
+from lmforge.hosts import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def serve(
     """Serve a model over OpenAI's API (completions, chat, embeddings; streaming) with a web chat page at /.
     SIGTERM or Ctrl-C stops accepting requests, finishes those in flight, and exits 0."""
     keys = api_keys(api_key or [], os.environ.get(KEYS_ENV))
-    if not _is_loopback(host) and not keys:
+    if not is_loopback(host) and not keys:
         verbs.fail(f"--host {host} lets other machines reach the server, so it needs an API key: pass --api-key KEY "
                    f"or set {KEYS_ENV}, or bind to 127.0.0.1", 2)  # fmt: skip
     import torch
