@@ -6,39 +6,48 @@ builds one; the engine, chat and the scorers only create and pass it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11; lmforge supports 3.10
 
-class KVCache:
+
+class _LayerBuffers:
+    """What both caches hold: per-layer key and value tensors [rows, n_kv_heads, max_len, head_dim], zeroed."""
+
+    def __init__(self, n_layers: int, rows: int, n_kv_heads: int, max_len: int, head_dim: int, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
+        shape = (rows, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
+        self.max_len = max_len
+
+    @classmethod
+    def _for_model(cls, model: nn.Module, rows: int, max_len: int | None) -> Self:
+        """A cache of `rows` in the model's parameter dtype and device, by default as long as its context."""
+        a = model.args
+        length = max_len if max_len is not None else a.max_seq_len
+        p = next(model.parameters())
+        return cls(a.n_layers, rows, a.n_kv_heads, length, a.head_dim, device=p.device, dtype=p.dtype)
+
+
+class KVCache(_LayerBuffers):
     """Per-layer key/value tensors [B, n_kv_heads, max_len, head_dim]; `pos` counts the positions filled."""
 
     per_row = False  # every row at the same position (see SlotKVCache for one position per row)
 
-    def __init__(
-        self,
-        n_layers: int,
-        batch_size: int,
-        n_kv_heads: int,
-        max_len: int,
-        head_dim: int,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.max_len = max_len
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, max_len: int, head_dim: int, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
+        super().__init__(n_layers, batch_size, n_kv_heads, max_len, head_dim, device=device, dtype=dtype)
         self.pos = 0
 
     @classmethod
     def for_model(cls, model: nn.Module, batch_size: int, max_len: int | None = None) -> KVCache:
         """A cache in the model's parameter dtype and device, by default as long as its context."""
-        a = model.args
-        length = max_len if max_len is not None else a.max_seq_len
-        p = next(model.parameters())
-        return cls(a.n_layers, batch_size, a.n_kv_heads, length, a.head_dim, device=p.device, dtype=p.dtype)
+        return cls._for_model(model, batch_size, max_len)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's k/v [B, H, T, D] at `pos` and return all keys/values so far for that layer."""
@@ -55,7 +64,7 @@ class KVCache:
         self.pos += n
 
 
-class SlotKVCache:
+class SlotKVCache(_LayerBuffers):
     """Per-layer key/value tensors [slots, n_kv_heads, max_len, head_dim] with one filled length per slot.
 
     Each slot holds one sequence, at positions 0..lens[slot]-1. Before a forward the caller names the slots its
@@ -67,21 +76,9 @@ class SlotKVCache:
 
     per_row = True
 
-    def __init__(
-        self,
-        n_layers: int,
-        slots: int,
-        n_kv_heads: int,
-        max_len: int,
-        head_dim: int,
-        *,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        shape = (slots, n_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layers)]
-        self.max_len = max_len
+    def __init__(self, n_layers: int, slots: int, n_kv_heads: int, max_len: int, head_dim: int, *,
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:  # fmt: skip
+        super().__init__(n_layers, slots, n_kv_heads, max_len, head_dim, device=device, dtype=dtype)
         self.device = self.k[0].device
         self.lens = [0] * slots
         self.use([])
@@ -89,10 +86,7 @@ class SlotKVCache:
     @classmethod
     def for_model(cls, model: nn.Module, slots: int, max_len: int | None = None) -> SlotKVCache:
         """A cache in the model's parameter dtype and device, by default as long as its context."""
-        a = model.args
-        length = max_len if max_len is not None else a.max_seq_len
-        p = next(model.parameters())
-        return cls(a.n_layers, slots, a.n_kv_heads, length, a.head_dim, device=p.device, dtype=p.dtype)
+        return cls._for_model(model, slots, max_len)
 
     def use(self, rows: list[int]) -> SlotKVCache:
         """Make `rows` (slot per batch row) the slots the next forward reads and writes; returns the cache."""
