@@ -31,6 +31,7 @@ import torch
 
 from lmforge.infer.prefix_cache import PrefixCache
 from lmforge.infer.sampling import SamplingParams, StopText, pick, sampling_logits
+from lmforge.infer.static_decode import StaticDecoder, unsupported
 from lmforge.model.kv_cache import SlotKVCache
 
 if TYPE_CHECKING:
@@ -200,11 +201,13 @@ class BatchEngine:
     `max_batch` requests run at once (one KV cache slot each); more wait in order. `max_seq_len` (default and at
     most the model's context) bounds prompt plus completion: a longer prompt is refused, a completion is cut there
     ("length"). A failed step ends its running requests with "error" (logged) and the engine goes on.
+    `compile` runs the decode step as compiled graphs of fixed shapes (`lmforge.infer.static_decode`), compiled
+    by `start` (or on first use); a model or machine that cannot compile keeps the eager step, with a warning.
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch: int = 32,
                  max_seq_len: int | None = None, prefix_cache: bool = True,
-                 device: torch.device | str | None = None) -> None:  # fmt: skip
+                 device: torch.device | str | None = None, compile: bool = False) -> None:  # fmt: skip
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be >= 1")
         if device is not None:
@@ -218,6 +221,13 @@ class BatchEngine:
         self.cache = SlotKVCache.for_model(model, max_batch, self.max_seq_len)
         # Room for four full contexts of finished sequences (see lmforge.infer.prefix_cache).
         self.prefix = PrefixCache(4 * self.max_seq_len) if prefix_cache else None
+        self.decoder: StaticDecoder | None = None
+        if compile:
+            reason = unsupported(model)
+            if reason is None:
+                self.decoder = StaticDecoder(model, self.cache, max_batch)
+            else:
+                log.warning("decoding eagerly, not compiled: %s", reason)
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []  # _running[i] lives in cache slot i
         self._cv = threading.Condition()
@@ -234,6 +244,8 @@ class BatchEngine:
         """Start the background loop (once)."""
         if self._thread is not None:
             raise RuntimeError("the engine is already started")
+        if self.decoder is not None and not self._running:
+            self._warmup()
         self._thread = threading.Thread(target=self._loop, name="lmforge-batch-engine", daemon=True)
         self._thread.start()
 
@@ -285,6 +297,14 @@ class BatchEngine:
         return {"running": len(self._running), "waiting": len(self._waiting), "slots": self.max_batch,
                 **self._counts}  # fmt: skip
 
+    def _warmup(self) -> None:
+        assert self.decoder is not None
+        try:
+            self.decoder.warmup()
+        except Exception as e:  # no C++ compiler, an operator inductor cannot lower...: serve eagerly instead
+            log.warning("compiling the decode step failed, decoding eagerly: %s", e)
+            self.decoder = None
+
     # -- the loop, in the engine's thread
 
     def _loop(self) -> None:
@@ -323,7 +343,13 @@ class BatchEngine:
             free = self.max_batch - len(self._running)
             new = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
         running = list(self._running)
-        if running:
+        if running and self.decoder is not None:
+            n = len(running)
+            logits = self.decoder([r.last for r in running], self.cache.lens[:n])
+            for i in range(n):
+                self.cache.lens[i] += 1
+            self._sample(running, logits)
+        elif running:
             tokens = torch.tensor([[r.last] for r in running], dtype=torch.long, device=self.device)
             logits = self.model(tokens, cache=self.cache.use(list(range(len(running)))))[:, -1]
             self._sample(running, logits)

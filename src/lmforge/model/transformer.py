@@ -231,15 +231,7 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Without a cache, (mask, causal) come from `attention_mask`; cos/sin are None for learned positions."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
-        if cos is not None and sin is not None:
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-
+        q, k, v = self.project(x, cos, sin)
         if cache is not None and cache.per_row:
             k, v = cache.update(self.layer_idx, k, v)
             mask, causal = cache.attn_mask(T)
@@ -260,6 +252,27 @@ class Attention(nn.Module):
         if self.prefix_kv is not None:
             k, v, mask = self._prepend_prefix(k, v, mask, causal)
             causal = False
+        return self.attend(q, k, v, mask, causal)
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor | None,
+                sin: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """x [B, T, d_model] -> q [B, n_heads, T, D], k and v [B, n_kv_heads, T, D]: projected, q/k normed (qk_norm)
+        and rotated (cos/sin broadcastable to [.., T, D]; None for learned positions)."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        if cos is not None and sin is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               causal: bool) -> torch.Tensor:  # fmt: skip
+        """SDPA of q [B, n_heads, T, D] over k/v [B, n_kv_heads, S, D], then the output projection: [B, T, d]."""
+        B, _, T, _ = q.shape
         gqa = self.n_kv_heads != self.n_heads
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
