@@ -53,12 +53,12 @@ def free_port() -> int:
 class Server:
     """`lmforge serve` in a subprocess on loopback; SIGTERM on exit."""
 
-    def __init__(self, checkpoint: Path, max_batch: int, threads: int | None) -> None:
+    def __init__(self, checkpoint: Path, max_batch: int, threads: int | None, compile: bool = False) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "lmforge.cli", "serve", str(checkpoint), "--port", str(self.port),
                "--model-name", MODEL, "--max-batch", str(max_batch), "--device", "cpu",
-               *(["--threads", str(threads)] if threads else [])]  # fmt: skip
+               *(["--threads", str(threads)] if threads else []), *(["--compile"] if compile else [])]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -97,12 +97,12 @@ def prompts(tok, n: int, max_prompt: int) -> list[list[dict]]:
     return out
 
 
-def one_request(url: str, messages: list[dict], new: int) -> dict:
+def one_request(http: httpx.Client, url: str, messages: list[dict], new: int) -> dict:
     """Stream one chat completion; the send time, each content chunk's arrival, and the usage chunk."""
     body = {"model": MODEL, "messages": messages, "max_tokens": new, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     sent, arrivals, usage, done = time.perf_counter(), [], None, False
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300) as r:
+    with http.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if not line.startswith("data: "):
@@ -125,14 +125,14 @@ def level(url: str, all_prompts: list[list[dict]], concurrency: int, count: int,
     queue = list(range(count))
     lock = threading.Lock()
 
-    def client() -> None:
+    def client(http: httpx.Client) -> None:
         while True:
             with lock:
                 if not queue:
                     return
                 i = queue.pop(0)
             try:
-                r = one_request(url, all_prompts[i % len(all_prompts)], new)
+                r = one_request(http, url, all_prompts[i % len(all_prompts)], new)
             except Exception as e:  # a failed request is lost, and counted
                 with lock:
                     errors.append(repr(e))
@@ -140,13 +140,18 @@ def level(url: str, all_prompts: list[list[dict]], concurrency: int, count: int,
             with lock:
                 results.append(r)
 
+    # Each client keeps its connection open between requests, as an SDK client does; making the clients (an SSL
+    # context each) is not part of the measured time.
+    clients = [httpx.Client(timeout=300) for _ in range(concurrency)]
     start = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    threads = [threading.Thread(target=client, args=(http,)) for http in clients]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    for http in clients:
+        http.close()
     complete = [r for r in results if r["done"] and r["usage"] and r["usage"]["completion_tokens"] == new]
     ttft = [r["arrivals"][0] - r["sent"] for r in complete if r["arrivals"]]
     itl = [b - a for r in complete for a, b in zip(r["arrivals"], r["arrivals"][1:])]
@@ -225,13 +230,13 @@ def smoke_checkpoint(directory: Path) -> Path:
 
 
 def run(checkpoint: Path, new: int, per_slot: int, levels: tuple[int, ...], baseline_n: int,
-        threads: int | None = None) -> None:  # fmt: skip
+        threads: int | None = None, compile: bool = False) -> None:  # fmt: skip
     from lmforge.model.io import load_checkpoint_tokenizer, read_model_args
 
     tok = load_checkpoint_tokenizer(checkpoint)
     context = read_model_args(checkpoint).max_seq_len
     all_prompts = prompts(tok, 64, context - new - 1)
-    server = Server(checkpoint, max_batch=max(levels), threads=threads)
+    server = Server(checkpoint, max_batch=max(levels), threads=threads, compile=compile)
     rows, rss = [], []
     try:
         rss.append(server.rss_mb())
@@ -273,6 +278,7 @@ def main() -> None:
     ap.add_argument("--requests-per-slot", type=int, default=2, help="requests per client thread at each level")
     ap.add_argument("--baseline-prompts", type=int, default=8, help="prompts transformers generates for")
     ap.add_argument("--server-threads", type=int, help="lmforge serve --threads (default: torch's)")
+    ap.add_argument("--compile", action="store_true", help="lmforge serve --compile")
     ap.add_argument("--smoke", action="store_true", help="a few seconds on a tiny random model: does it run?")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -280,7 +286,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             run(smoke_checkpoint(Path(tmp)), 8, 1, (1, 8, 32), 2)
         return
-    run(args.checkpoint, args.new, args.requests_per_slot, (1, 8, 32), args.baseline_prompts, args.server_threads)
+    run(args.checkpoint, args.new, args.requests_per_slot, (1, 8, 32), args.baseline_prompts, args.server_threads,
+        args.compile)
 
 
 if __name__ == "__main__":
