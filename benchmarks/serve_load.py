@@ -53,12 +53,14 @@ def free_port() -> int:
 class Server:
     """`lmforge serve` in a subprocess on loopback; SIGTERM on exit."""
 
-    def __init__(self, checkpoint: Path, max_batch: int, threads: int | None, compile: bool = False) -> None:
+    def __init__(self, checkpoint: Path, max_batch: int, threads: int | None, compile: bool = False,
+                 draft: int = 0) -> None:  # fmt: skip
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "lmforge.cli", "serve", str(checkpoint), "--port", str(self.port),
                "--model-name", MODEL, "--max-batch", str(max_batch), "--device", "cpu",
-               *(["--threads", str(threads)] if threads else []), *(["--compile"] if compile else [])]  # fmt: skip
+               *(["--threads", str(threads)] if threads else []), *(["--compile"] if compile else []),
+               "--draft", str(draft)]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -230,13 +232,13 @@ def smoke_checkpoint(directory: Path) -> Path:
 
 
 def run(checkpoint: Path, new: int, per_slot: int, levels: tuple[int, ...], baseline_n: int,
-        threads: int | None = None, compile: bool = False) -> None:  # fmt: skip
+        threads: int | None = None, compile: bool = False, draft: int = 0) -> None:  # fmt: skip
     from lmforge.model.io import load_checkpoint_tokenizer, read_model_args
 
     tok = load_checkpoint_tokenizer(checkpoint)
     context = read_model_args(checkpoint).max_seq_len
     all_prompts = prompts(tok, 64, context - new - 1)
-    server = Server(checkpoint, max_batch=max(levels), threads=threads, compile=compile)
+    server = Server(checkpoint, max_batch=max(levels), threads=threads, compile=compile, draft=draft)
     rows, rss = [], []
     try:
         rss.append(server.rss_mb())
@@ -279,6 +281,7 @@ def main() -> None:
     ap.add_argument("--baseline-prompts", type=int, default=8, help="prompts transformers generates for")
     ap.add_argument("--server-threads", type=int, help="lmforge serve --threads (default: torch's)")
     ap.add_argument("--compile", action="store_true", help="lmforge serve --compile")
+    ap.add_argument("--draft", type=int, default=0, help="lmforge serve --draft (n-gram speculative decoding)")
     ap.add_argument("--smoke", action="store_true", help="a few seconds on a tiny random model: does it run?")
     args = ap.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -287,7 +290,7 @@ def main() -> None:
             run(smoke_checkpoint(Path(tmp)), 8, 1, (1, 8, 32), 2)
         return
     run(args.checkpoint, args.new, args.requests_per_slot, (1, 8, 32), args.baseline_prompts, args.server_threads,
-        args.compile)
+        args.compile, args.draft)
 
 
 if __name__ == "__main__":

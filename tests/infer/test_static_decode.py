@@ -39,19 +39,22 @@ def test_rows_at_their_own_positions_match_full_forwards(arch: str):
     m.rope(0, 32)
     with torch.no_grad():
         full = [m(s[None])[0] for s in seqs]
-        for slot, s in enumerate(seqs):  # prefill each row alone, all but its last 2 tokens
-            m(s[None, :-2], cache=cache.use([slot]))
+        for slot, s in enumerate(seqs):  # prefill each row alone, all but its last 3 tokens
+            m(s[None, :-3], cache=cache.use([slot]))
         filled = [k.clone() for k in cache.k]
-        for back in (2, 1):  # two fixed-shape steps of the three rows and one padding row (slot 3, free)
-            tokens = torch.tensor([int(s[-back]) for s in seqs] + [0])
-            positions = torch.tensor([len(s) - back for s in seqs] + [0])
-            out = decode_step(m, tokens, positions, cache.k, cache.v)
-            assert out.shape == (4, 97)
+        # One token per row, then two (as when drafts are verified), with a padding row in free slot 3.
+        for back, width in ((3, 1), (2, 2)):
+            tokens = torch.stack([s[len(s) - back : len(s) - back + width] for s in seqs] + [torch.zeros(width)])
+            positions = torch.stack([torch.arange(len(s) - back, len(s) - back + width) for s in seqs]
+                                    + [torch.arange(width)])  # fmt: skip
+            out = decode_step(m, tokens.long(), positions, cache.k, cache.v)
+            assert out.shape == (4, width, 97)
             for row, s in enumerate(seqs):
-                torch.testing.assert_close(out[row], full[row][len(s) - back].float(), rtol=0, atol=1e-5)
-    for layer, before in enumerate(filled):  # each row wrote exactly its two positions, the pad row slot 3 only
+                want = full[row][len(s) - back : len(s) - back + width].float()
+                torch.testing.assert_close(out[row], want, rtol=0, atol=1e-5)
+    for layer, before in enumerate(filled):  # each row wrote exactly its three positions, the pad row slot 3 only
         for slot, s in enumerate(seqs):
-            torch.testing.assert_close(cache.k[layer][slot, :, : len(s) - 2], before[slot, :, : len(s) - 2])
+            torch.testing.assert_close(cache.k[layer][slot, :, : len(s) - 3], before[slot, :, : len(s) - 3])
             assert torch.equal(cache.k[layer][slot, :, len(s) :], before[slot, :, len(s) :])
 
 
@@ -77,11 +80,13 @@ def tok() -> Tokenizer:
 
 
 def test_compiled_engine_gives_the_eager_engines_tokens(tok: Tokenizer):
-    """Inductor compiles the two buckets of max_batch=2; three requests (so rows join, leave and pad) decode
-    greedily to the same tokens as the eager engine, and one more request runs alone in bucket 1."""
+    """Inductor compiles the two buckets of max_batch=2 and the verification of 3 drafted tokens; three requests
+    (so rows join, leave and pad) decode greedily to the same tokens as the eager engine, then one more runs alone,
+    with drafts from its repetitive prompt."""
     m = make_model(tok.vocab_size, max_seq_len=48)
     g = torch.Generator().manual_seed(3)
-    ps = [[0, *torch.randint(5, tok.vocab_size, (n,), generator=g).tolist()] for n in (3, 7, 5, 9)]
+    ps = [[0, *torch.randint(5, tok.vocab_size, (n,), generator=g).tolist()] for n in (3, 7, 5)]
+    ps.append([0, *[40, 41, 42] * 5])
     greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 
     def tokens(engine: BatchEngine) -> list[list[int]]:
@@ -92,9 +97,10 @@ def test_compiled_engine_gives_the_eager_engines_tokens(tok: Tokenizer):
         engine.stop()
         return out
 
-    compiled = BatchEngine(m, tok, max_batch=2, compile=True)
+    compiled = BatchEngine(m, tok, max_batch=2, compile=True, draft=3)
     assert isinstance(compiled.decoder, StaticDecoder) and compiled.decoder.sizes == [1, 2]
     got = tokens(compiled)
     assert compiled.decoder is not None, "compilation failed and the engine fell back to eager"
+    assert compiled.stats["draft_tokens"] > 0
     assert got == tokens(BatchEngine(m, tok, max_batch=2))
     assert all(len(t) == 10 for t in got)

@@ -32,7 +32,8 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve_log") / "server.log"
-    with ServeProcess(checkpoint, log, "--api-key", KEY, "--max-concurrency", "2") as s:
+    # With drafts, so every greedy test below also checks that speculative decoding leaves the output as it was.
+    with ServeProcess(checkpoint, log, "--api-key", KEY, "--max-concurrency", "2", "--draft", "4") as s:
         yield s
 
 
@@ -216,6 +217,8 @@ def test_metrics_count_requests_and_tokens(server, client):
     assert metric(text, "lmforge_requests_total", 'route="/v1/completions",status="200"') == before + 1
     assert metric(text, "lmforge_completion_tokens_total") == out_before + r.usage.completion_tokens
     assert metric(text, "lmforge_time_to_first_token_seconds_count") >= 1
+    drafted, accepted = metric(text, "lmforge_draft_tokens_total"), metric(text, "lmforge_draft_tokens_accepted_total")
+    assert drafted > 0 and 0 <= accepted <= drafted  # the greedy tests before this one drafted
     assert "# TYPE lmforge_inter_token_seconds histogram" in text
 
 

@@ -17,20 +17,18 @@ it), "length" at max_tokens or the end of the context, "cancelled" after `Reques
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import logging
-import queue
 import threading
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from lmforge.infer.prefix_cache import PrefixCache
-from lmforge.infer.sampling import SamplingParams, StopText, pick, sampling_logits
+from lmforge.infer.requests import Finished, RequestHandle, TokenEvent, _Request
+from lmforge.infer.sampling import SamplingParams
+from lmforge.infer.speculative import NgramIndex, accepted
 from lmforge.infer.static_decode import StaticDecoder, unsupported
 from lmforge.model.kv_cache import SlotKVCache
 
@@ -43,158 +41,6 @@ log = logging.getLogger(__name__)
 __all__ = ["BatchEngine", "Finished", "RequestHandle", "SamplingParams", "TokenEvent"]
 
 
-@dataclass
-class TokenEvent:
-    """One generated token: its id, the text it releases, and (when asked) its logprob and the top alternatives."""
-
-    token_id: int
-    text: str
-    logprob: float | None = None
-    top_logprobs: list[tuple[str, float]] | None = None
-
-
-@dataclass
-class Finished:
-    """The last event of a request; `text` is the whole completion (the events' deltas joined)."""
-
-    finish_reason: str  # "stop" | "length" | "cancelled"
-    prompt_tokens: int
-    completion_tokens: int
-    text: str
-
-
-Event = TokenEvent | Finished
-
-
-class RequestHandle:
-    """A submitted request: iterate it (blocking) or `async for ev in handle.aiter()` for its events."""
-
-    def __init__(self, request_id: int) -> None:
-        self.id = request_id
-        self._events: queue.Queue[Event] = queue.Queue()
-        self._lock = threading.Lock()
-        self._async: tuple[asyncio.AbstractEventLoop, asyncio.Queue[Event]] | None = None
-        self.cancelled = threading.Event()
-        self.finished = threading.Event()  # set once the Finished event is out
-
-    def cancel(self) -> None:
-        """Ask the engine to end this request; it finishes with "cancelled" at the next step and frees its slot."""
-        self.cancelled.set()
-
-    def _put(self, ev: Event) -> None:
-        """Hand an event to the reader: its event loop's queue once `aiter` has started, else the blocking queue."""
-        with self._lock:
-            if self._async is not None:
-                loop, aq = self._async
-                try:
-                    loop.call_soon_threadsafe(aq.put_nowait, ev)
-                except RuntimeError:  # the reader's event loop is closed: nobody reads these events any more
-                    pass
-            else:
-                self._events.put(ev)
-        if isinstance(ev, Finished):
-            self.finished.set()
-
-    def __iter__(self) -> Iterator[Event]:
-        while True:
-            ev = self._events.get()
-            yield ev
-            if isinstance(ev, Finished):
-                return
-
-    async def aiter(self) -> AsyncIterator[Event]:
-        """The events, delivered to the running event loop by the engine's thread (nothing blocks the loop and no
-        thread waits for a reader that went away). Use either this or plain iteration, once."""
-        aq: asyncio.Queue[Event] = asyncio.Queue()
-        with self._lock:
-            while not self._events.empty():
-                aq.put_nowait(self._events.get_nowait())
-            self._async = (asyncio.get_running_loop(), aq)
-        while True:
-            ev = await aq.get()
-            yield ev
-            if isinstance(ev, Finished):
-                return
-
-
-class _Request:
-    """The engine's state of one request."""
-
-    def __init__(self, handle: RequestHandle, prompt: list[int], params: SamplingParams, tokenizer: Tokenizer,
-                 room: int, vocab: int, device: torch.device) -> None:  # fmt: skip
-        self.handle, self.prompt, self.params = handle, prompt, params
-        self.max_tokens = min(params.max_tokens, room)
-        self.stops = frozenset(params.stop_token_ids) | frozenset([] if params.ignore_eos else tokenizer.stop_ids)
-        self.text = StopText(tokenizer, params.stop)
-        self.tokenizer = tokenizer
-        self.generated = 0
-        self.tokens: list[int] = []  # every sampled id
-        self.released: list[str] = []
-        self.generator: torch.Generator | None = None
-        if params.seed is not None:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(params.seed)
-        self.seen = self.counts = None
-        if params.repetition_penalty != 1.0:
-            self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
-            self.seen[torch.tensor(prompt, device=device)] = True
-        if params.presence_penalty or params.frequency_penalty:
-            self.counts = torch.zeros(vocab, device=device)
-        self.last = -1  # the token to feed next step
-
-    @property
-    def plain_greedy(self) -> bool:
-        """Greedy with no penalty and no logprobs: the token is the argmax of the model's logits."""
-        p = self.params
-        return p.temperature == 0 and not p.penalised and not p.logprobs
-
-    def step(self, logits: torch.Tensor, token: int | None = None) -> Finished | None:
-        """Sample one token from this request's logits [V] (or take `token`, a plain greedy request's argmax) and
-        emit its event; the Finished when the request ends here."""
-        x = logits
-        if token is None:
-            x = sampling_logits(logits, self.params, seen=self.seen, counts=self.counts)
-            token = pick(x, self.params, self.generator)
-        self.generated += 1
-        self.tokens.append(token)
-        stopped = token in self.stops
-        delta = ""
-        if not stopped:
-            delta, stopped = self.text.push(token)
-            if self.seen is not None:
-                self.seen[token] = True
-            if self.counts is not None:
-                self.counts[token] += 1
-        done = stopped or self.generated >= self.max_tokens
-        if done:
-            delta += self.text.flush()
-        self._emit(TokenEvent(token, delta, *self._logprobs(x, token)))
-        self.last = token
-        if done:
-            return self.finish("stop" if stopped else "length")
-        return None
-
-    def _logprobs(self, x: torch.Tensor, token: int) -> tuple[float | None, list[tuple[str, float]] | None]:
-        if not self.params.logprobs:
-            return None, None
-        lp = torch.log_softmax(x, dim=-1)
-        top = None
-        if self.params.top_logprobs:
-            values, ids = torch.topk(lp, self.params.top_logprobs)
-            top = [(self.tokenizer.decode([i], skip_special_tokens=False), v)
-                   for i, v in zip(ids.tolist(), values.tolist(), strict=True)]  # fmt: skip
-        return float(lp[token]), top
-
-    def _emit(self, ev: TokenEvent) -> None:
-        self.released.append(ev.text)
-        self.handle._put(ev)
-
-    def finish(self, reason: str) -> Finished:
-        done = Finished(reason, len(self.prompt), self.generated, "".join(self.released))
-        self.handle._put(done)
-        return done
-
-
 class BatchEngine:
     """Continuous batching over one model: `submit` requests from any thread, a background thread decodes them.
 
@@ -203,13 +49,20 @@ class BatchEngine:
     ("length"). A failed step ends its running requests with "error" (logged) and the engine goes on.
     `compile` runs the decode step as compiled graphs of fixed shapes (`lmforge.infer.static_decode`), compiled
     by `start` (or on first use); a model or machine that cannot compile keeps the eager step, with a warning.
+    `draft` > 0: while one plain greedy request decodes alone, each step also verifies up to `draft` tokens guessed
+    from its own text (`lmforge.infer.speculative`); its output is unchanged, its speed depends on how the text
+    repeats. Under concurrency the batch already shares each step's weight reads, so no drafts are made.
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_batch: int = 32,
                  max_seq_len: int | None = None, prefix_cache: bool = True,
-                 device: torch.device | str | None = None, compile: bool = False) -> None:  # fmt: skip
+                 device: torch.device | str | None = None, compile: bool = False,
+                 draft: int = 0) -> None:  # fmt: skip
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be >= 1")
+        if draft < 0:
+            raise ValueError(f"draft={draft} must be >= 0 (0: no speculative decoding)")
+        self.draft = draft
         if device is not None:
             model.to(device)
         self.model = model.eval()
@@ -225,7 +78,7 @@ class BatchEngine:
         if compile:
             reason = unsupported(model)
             if reason is None:
-                self.decoder = StaticDecoder(model, self.cache, max_batch)
+                self.decoder = StaticDecoder(model, self.cache, max_batch, draft)
             else:
                 log.warning("decoding eagerly, not compiled: %s", reason)
         self._waiting: deque[_Request] = deque()
@@ -236,7 +89,7 @@ class BatchEngine:
         self._drain = True
         self._ids = itertools.count(1)
         self._counts = {"requests_finished": 0, "prompt_tokens": 0, "prefix_tokens_reused": 0, "tokens_generated": 0,
-                        "steps": 0}  # fmt: skip
+                        "steps": 0, "draft_tokens": 0, "draft_tokens_accepted": 0}  # fmt: skip
 
     # -- the public side, called from any thread
 
@@ -274,6 +127,8 @@ class BatchEngine:
                              "tokens, leaving no room for a completion: shorten the prompt")  # fmt: skip
         handle = RequestHandle(next(self._ids))
         req = _Request(handle, prompt, params, self.tokenizer, self.max_seq_len - len(prompt), vocab, self.device)
+        if self.draft and req.plain_greedy:
+            req.ngrams = NgramIndex(prompt)
         with self._cv:
             if self._stopping:
                 raise RuntimeError("the engine is stopping and takes no new requests")
@@ -343,7 +198,9 @@ class BatchEngine:
             free = self.max_batch - len(self._running)
             new = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
         running = list(self._running)
-        if running and self.decoder is not None:
+        if len(running) == 1 and running[0].ngrams is not None and self._speculate(running[0]):
+            pass
+        elif running and self.decoder is not None:
             n = len(running)
             logits = self.decoder([r.last for r in running], self.cache.lens[:n])
             for i in range(n):
@@ -365,6 +222,31 @@ class BatchEngine:
             self._counts["prefix_tokens_reused"] += reused
             self._sample([req], logits)
         self._counts["steps"] += 1
+
+    def _speculate(self, req: _Request) -> bool:
+        """One step of the request in slot 0 with drafted tokens verified; False (nothing done) without a draft."""
+        assert req.ngrams is not None
+        # Never draft past the request's last token: the fed positions then stay below the cache's last one.
+        draft = req.ngrams.draft(min(self.draft, req.max_tokens - req.generated - 1))
+        if not draft:
+            return False
+        start, fed = self.cache.lens[0], [req.last, *draft]
+        if self.decoder is not None:
+            logits = self.decoder.verify(fed, start)
+        else:
+            ids = torch.tensor([fed], dtype=torch.long, device=self.device)
+            logits = self.model(ids, cache=self.cache.use([0]))[0]
+        greedy = logits.argmax(dim=-1).tolist()
+        n = accepted(draft, greedy)
+        self.cache.lens[0] = start + 1 + n  # the rejected drafts' keys and values are left to be overwritten
+        self._counts["draft_tokens"] += len(draft)
+        self._counts["draft_tokens_accepted"] += n
+        for j in range(n + 1):
+            self._counts["tokens_generated"] += 1
+            if req.step(logits[j], greedy[j]) is not None:
+                self._leave(req, None)
+                break
+        return True
 
     def _sample(self, reqs: list[_Request], logits: torch.Tensor) -> None:
         # Plain greedy rows share one argmax: one wait for the result per step instead of one per row.

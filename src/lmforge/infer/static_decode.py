@@ -34,23 +34,24 @@ __all__ = ["StaticDecoder", "buckets", "decode_step", "unsupported"]
 
 def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tensor, keys: list[torch.Tensor],
                 values: list[torch.Tensor]) -> torch.Tensor:  # fmt: skip
-    """One token for each of B rows: tokens [B] at positions [B] -> logits [B, vocab]. Row b's key/value go to
-    keys[layer][b, :, positions[b]] (each [slots >= B, n_kv_heads, L, head_dim]) and it attends over positions
-    0..positions[b] of its slot. The rotary tables must already cover L (`Transformer.rope(0, L)`)."""
+    """T tokens for each of B rows: tokens [B, T] at positions [B, T] -> logits [B, T, vocab]. Their keys/values go
+    to keys[layer][b, :, positions[b]] (each [slots >= B, n_kv_heads, L, head_dim]) and each token attends over
+    positions 0..its own of its row's slot. The rotary tables must already cover L (`Transformer.rope(0, L)`)."""
     B, L = tokens.shape[0], keys[0].shape[2]
-    pos = positions[:, None]  # [B, 1]
-    x = model.embed(tokens[:, None], positions=pos)  # [B, 1, d]
-    cos, sin = (None, None) if not model.rotary else (model.rope_cos[pos][:, None], model.rope_sin[pos][:, None])
-    mask = (torch.arange(L, device=tokens.device)[None, :] <= pos)[:, None, None]  # [B, 1, 1, L]
-    rows = torch.arange(B, device=tokens.device)
+    x = model.embed(tokens, positions=positions)  # [B, T, d]
+    cos = sin = None
+    if model.rotary:
+        cos, sin = model.rope_cos[positions][:, None], model.rope_sin[positions][:, None]  # [B, 1, T, head_dim]
+    mask = (torch.arange(L, device=tokens.device)[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, L]
+    rows = torch.arange(B, device=tokens.device)[:, None]
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
         q, k, v = attn.project(layer.input_layernorm(x), cos, sin)
-        keys[i][rows, :, positions] = k[:, :, 0].to(keys[i].dtype)
-        values[i][rows, :, positions] = v[:, :, 0].to(values[i].dtype)
+        keys[i][rows, :, positions] = k.transpose(1, 2).to(keys[i].dtype)
+        values[i][rows, :, positions] = v.transpose(1, 2).to(values[i].dtype)
         x = x + attn.attend(q, keys[i][:B].to(q.dtype), values[i][:B].to(q.dtype), mask, False)
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return model.head(x)[:, 0]
+    return model.head(x)
 
 
 def unsupported(model: Transformer) -> str | None:
@@ -70,17 +71,18 @@ def buckets(max_batch: int) -> list[int]:
 
 
 class StaticDecoder:
-    """The compiled `decode_step` over one `SlotKVCache`, padding each batch to its bucket."""
+    """The compiled `decode_step` over one `SlotKVCache`: one token per running row, the batch padded to its bucket,
+    and (with `draft` > 0) the verification of up to `draft` drafted tokens of the request in slot 0."""
 
-    def __init__(self, model: Transformer, cache: SlotKVCache, max_batch: int) -> None:
-        self.model, self.cache = model, cache
+    def __init__(self, model: Transformer, cache: SlotKVCache, max_batch: int, draft: int = 0) -> None:
+        self.model, self.cache, self.draft = model, cache, draft
         self.sizes = buckets(max_batch)
         if model.rotary:
             model.rope(0, cache.max_len)  # tables for every position, built now and not inside the graph
-        # One graph per bucket: raise dynamo's per-function limit so none of them falls back to eager.
+        # One graph per bucket, and one for verification: raise dynamo's per-function limit so none falls back.
         config = torch._dynamo.config
         name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-        setattr(config, name, max(getattr(config, name), len(self.sizes) + 4))
+        setattr(config, name, max(getattr(config, name), len(self.sizes) + 5))
         self._fn = torch.compile(decode_step, dynamic=False, fullgraph=True)
         self.device = cache.device
 
@@ -91,16 +93,28 @@ class StaticDecoder:
         """Logits [n, vocab] of the n running rows (slots 0..n-1), each fed its token at its position."""
         n = len(tokens)
         pad = self.bucket(n) - n
-        t = torch.tensor(tokens + [0] * pad, dtype=torch.long, device=self.device)
-        p = torch.tensor(positions + [0] * pad, dtype=torch.long, device=self.device)
-        return self._fn(self.model, t, p, self.cache.k, self.cache.v)[:n]
+        t = torch.tensor(tokens + [0] * pad, dtype=torch.long, device=self.device)[:, None]
+        p = torch.tensor(positions + [0] * pad, dtype=torch.long, device=self.device)[:, None]
+        return self._fn(self.model, t, p, self.cache.k, self.cache.v)[:n, 0]
+
+    def verify(self, tokens: list[int], start: int) -> torch.Tensor:
+        """Logits [len(tokens), vocab] of slot 0 fed `tokens` (its next token and at most `draft` drafted ones) at
+        positions start, start + 1, ...; padded to draft + 1 tokens whose writes land past the real ones (the last
+        position at most, which no real token of this call fills: start + len(tokens) < the cache's length)."""
+        n, width, last = len(tokens), self.draft + 1, self.cache.max_len - 1
+        t = torch.tensor([tokens + [0] * (width - n)], dtype=torch.long, device=self.device)
+        p = torch.tensor([[min(start + j, last) for j in range(width)]], dtype=torch.long, device=self.device)
+        return self._fn(self.model, t, p, self.cache.k, self.cache.v)[0, :n]
 
     @torch.inference_mode()
     def warmup(self) -> float:
-        """Compile every bucket now (on free slots: call before any request runs); the seconds it took."""
+        """Compile every graph now (on free slots: call before any request runs); the seconds it took."""
         start = time.perf_counter()
         for b in self.sizes:
             self([0] * b, [0] * b)
+        if self.draft:
+            self.verify([0], 0)
         seconds = time.perf_counter() - start
-        log.info("compiled the decode step for batch sizes %s in %.1f s", self.sizes, seconds)
+        log.info("compiled the decode step for batch sizes %s%s in %.1f s", self.sizes,
+                 f" and the verification of {self.draft} drafted tokens" if self.draft else "", seconds)  # fmt: skip
         return seconds

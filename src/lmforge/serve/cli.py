@@ -49,6 +49,9 @@ def serve(
     compile: bool = typer.Option(False, "--compile", help="Compile the decode step (torch.compile, one graph per "
                                  "batch-size bucket, compiled before the server answers: seconds per bucket). "
                                  "Faster decoding for small models; needs a C++ compiler on the CPU."),
+    draft: int = typer.Option(0, "--draft", min=0, help="N-gram speculative decoding: while one greedy request "
+                              "decodes alone, verify up to N tokens guessed from its own text in each step (the "
+                              "output is unchanged; text that repeats itself decodes faster). 0: off."),
 ) -> None:
     """Serve a model over OpenAI's API (completions, chat, embeddings; streaming) with a web chat page at /.
     SIGTERM or Ctrl-C stops accepting requests, finishes those in flight, and exits 0."""
@@ -69,7 +72,8 @@ def serve(
     try:
         index = Index.open(docs) if docs is not None else None
         model, tok = load_for_generation(checkpoint, device)
-        engine = BatchEngine(model, tok, max_batch=max_batch, max_seq_len=max_seq_len, compile=compile)
+        engine = BatchEngine(model, tok, max_batch=max_batch, max_seq_len=max_seq_len, compile=compile,
+                             draft=draft)
     except (FileNotFoundError, ValueError) as e:
         verbs.fail(str(e), 2)
     app = create_app(engine, tok, model_name=model_name or str(checkpoint), api_keys=keys,

@@ -56,8 +56,9 @@ class Metrics:
         self.prompt_tokens += prompt_tokens
         self.completion_tokens += completion_tokens
 
-    def render(self, running: int, waiting: int, in_flight: int) -> str:
-        """The exposition text; the gauges are read by the caller (the engine's queues, the server's requests)."""
+    def render(self, running: int, waiting: int, in_flight: int, drafted: int = 0, accepted: int = 0) -> str:
+        """The exposition text; the gauges and the engine's draft counters are read by the caller (the engine's
+        queues and stats, the server's requests)."""
         lines = ["# HELP lmforge_requests_total HTTP requests answered, by route and status.",
                  "# TYPE lmforge_requests_total counter"]
         lines += [f'lmforge_requests_total{{route="{r}",status="{s}"}} {n}'
@@ -71,6 +72,8 @@ class Metrics:
             ("lmforge_running_requests", running, "gauge", "Requests in the engine's running batch."),
             ("lmforge_waiting_requests", waiting, "gauge", "Requests waiting for a slot in the batch."),
             ("lmforge_http_requests_in_flight", in_flight, "gauge", "Generation and embedding requests open now."),
+            ("lmforge_draft_tokens_total", drafted, "counter", "Tokens drafted for speculative decoding (--draft)."),
+            ("lmforge_draft_tokens_accepted_total", accepted, "counter", "Drafted tokens the model confirmed."),
         ):
             lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {value}"]
         for name, hist, text in (("lmforge_time_to_first_token_seconds", self.ttft, "From request to first token."),
