@@ -22,6 +22,9 @@ class ScriptedHandle:
     def cancel(self) -> None:
         self.cancelled.set()
 
+    def ready(self) -> bool:
+        return False  # each piece is its own chunk, so a test sees the reply arrive piece by piece
+
     def _finished(self, reason: str, n: int) -> Finished:
         return Finished(reason, self.n_prompt, n, "".join(self.pieces[:n]))
 

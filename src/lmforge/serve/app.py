@@ -204,12 +204,12 @@ def create_app(engine: BatchEngine, tokenizer: Tokenizer, *, model_name: str, ap
         out = Choice(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()), model_name,
                      Logprobs(tokenizer, chat), chat, grounded.cite if grounded else None)  # fmt: skip
         if handle is None:
-            events, close = told(grounded.refusal), state.release
+            events, close, ready = told(grounded.refusal), state.release, lambda: False
         else:
             flight = Flight(handle, prompt_tokens, started, metrics, state)
-            events, close = flight.events(), flight.close
+            events, close, ready = flight.events(), flight.close, flight.ready
         if req.stream:
-            return Stream(out.stream(events, req.include_usage), close, media_type="text/event-stream",
+            return Stream(out.stream(events, req.include_usage, ready), close, media_type="text/event-stream",
                           headers={"Cache-Control": "no-cache"})  # fmt: skip
         return await out.whole(events, close)
 
@@ -221,8 +221,9 @@ def create_app(engine: BatchEngine, tokenizer: Tokenizer, *, model_name: str, ap
     async def metrics_text(request: Request) -> Response:
         authorize(request)
         stats = engine.stats
-        return PlainTextResponse(metrics.render(stats.get("running", 0), stats.get("waiting", 0), state.in_flight),
-                                 media_type="text/plain; version=0.0.4")  # fmt: skip
+        text = metrics.render(stats.get("running", 0), stats.get("waiting", 0), state.in_flight,
+                              stats.get("draft_tokens", 0), stats.get("draft_tokens_accepted", 0))  # fmt: skip
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:

@@ -74,6 +74,10 @@ class Flight:
                 last = now
             yield ev
 
+    def ready(self) -> bool:
+        """Whether the request's next event is already waiting."""
+        return self.handle.ready()
+
     def close(self) -> None:
         """Free the slot (once); a request that has not finished (its client left, the server failed) is cancelled,
         so the engine does not keep generating for nobody."""
@@ -123,19 +127,30 @@ class Choice:
             return sse.chat_chunk(self.rid, self.created, self.model, delta, reason, logprobs)
         return sse.text_chunk(self.rid, self.created, self.model, text, reason, logprobs)
 
-    async def stream(self, events: AsyncIterator, include_usage: bool) -> AsyncIterator[bytes]:
+    async def stream(self, events: AsyncIterator, include_usage: bool,
+                     ready: Callable[[], bool] = lambda: False) -> AsyncIterator[bytes]:  # fmt: skip
         """A first chunk with the role (chat), one per token that releases text, one with the finish reason, the
-        usage chunk when asked, then [DONE]."""
+        usage chunk when asked, then [DONE]. Tokens whose successors are already waiting (`ready`: the engine
+        made several in one step, or the client reads slower than the model writes) go out as one chunk of their
+        joined text; tokens with logprobs always go one per chunk."""
         if self.chat:
             yield sse.event(sse.chat_chunk(self.rid, self.created, self.model, {"role": "assistant", "content": ""}))
+        held = ""
         async for ev in events:
             if isinstance(ev, Finished):
+                if held:
+                    yield sse.event(self.chunk(held))
                 last = self.chunk("", ev.finish_reason)
                 yield sse.event(last | ({"citations": self.cite(ev.text)} if self.cite is not None else {}))
                 if include_usage:
                     yield sse.event(sse.usage_chunk(last, usage(ev.prompt_tokens, ev.completion_tokens)))
-            elif ev.text or ev.logprob is not None:
+            elif ev.logprob is not None:
                 yield sse.event(self.chunk(ev.text, None, self.lp.of([ev])))
+            elif ready():
+                held += ev.text
+            elif held or ev.text:
+                yield sse.event(self.chunk(held + ev.text))
+                held = ""
         yield sse.DONE
 
 
