@@ -1,6 +1,7 @@
 """Decode speed of the continuous-batching engine against `generate` alone and transformers' generate.
 
     nice -n 10 python benchmarks/engine_decode.py [--checkpoint runs/stdlib-code/pretrain/final] [--new 96]
+        [--compile] [--draft K]
 
 The checkpoint (by default the default run's pre-trained model) is exported with lmforge.hf.export_hf to a
 temporary directory, which transformers loads (fp32, eval mode, SDPA attention). Prompts are the first
@@ -101,6 +102,8 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared 2-core machine)")
+    ap.add_argument("--compile", action="store_true", help="BatchEngine(compile=True): the compiled decode step")
+    ap.add_argument("--draft", type=int, default=0, help="BatchEngine(draft=K): n-gram speculative decoding")
     ap.add_argument("--smoke", action="store_true", help="a few seconds on a tiny random model: does it run?")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -119,8 +122,8 @@ def measure(args: argparse.Namespace) -> None:
     model, tok, hf = load(args.checkpoint)
     prompts = make_prompts(tok, 8, args.prompt_tokens)
     ones = prompts[:4]
-    engine = BatchEngine(model, tok, max_batch=8)
-    engine.start()
+    engine = BatchEngine(model, tok, max_batch=8, compile=args.compile, draft=args.draft)
+    engine.start()  # with --compile, compiles every graph first
     rows = []
     try:
         for label, n_prompts, conc in (("1", ones, False), ("8", prompts, True)):
@@ -140,7 +143,7 @@ def measure(args: argparse.Namespace) -> None:
         print(f"| {label} | {e:,.0f} | {g:,.0f} | {h:,.0f} | {e / h:.2f}x |")
     (_, e1, g1, h1), (_, e8, g8, h8) = rows
     print(f"decode_ratio_c1={e1 / h1:.2f} generate_ratio_c1={g1 / h1:.2f} throughput_ratio_c8={e8 / h8:.2f} "
-          f"engine_c1_tok_s={e1:.0f} engine_c8_tok_s={e8:.0f}")  # fmt: skip
+          f"engine_c1_tok_s={e1:.0f} engine_c8_tok_s={e8:.0f} compile={int(args.compile)} draft={args.draft}")  # fmt: skip
 
 
 if __name__ == "__main__":

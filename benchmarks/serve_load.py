@@ -1,6 +1,7 @@
 """Load test of `lmforge serve` over loopback against sequential transformers generation on the same weights.
 
-    python benchmarks/serve_load.py [--checkpoint runs/stdlib-code/sft/final] [--new 64]
+    python benchmarks/serve_load.py [--checkpoint runs/stdlib-code/sft/final] [--new 64] [--server-threads 1]
+        [--compile] [--draft K]
     python benchmarks/serve_load.py --smoke          # seconds: a tiny random model, a few requests
 
 The server runs in its own process on 127.0.0.1 (a free port), started as a user starts it (`lmforge serve CKPT`).
@@ -8,17 +9,19 @@ Clients stream chat completions (`stream_options.include_usage`) with prompts of
 instructions (and inputs) of the shared Alpaca sample, in file order, through the model's chat template, cut to
 leave room for the reply. Every request is greedy and asks for exactly `--new` tokens (`ignore_eos`), so every
 method does the same work. At each concurrency (1, 8, 32) a bounded number of requests (`--requests-per-slot` per
-client, at least 4) go out through that many client threads; every request must end with its usage chunk and
+client, at least 16) go out through that many client threads; every request must end with its usage chunk and
 `[DONE]`, or it counts as lost.
 
 Per concurrency: throughput (completion tokens / wall time), time to first token (p50, p99: request sent -> first
-content chunk) and inter-token latency (p50, p99: between consecutive content chunks), and the server's resident
-memory after the level. Then one client disconnects mid-stream and the server must stay healthy and release the
-request. The baseline, measured after the server stopped (so the two never share the cores): transformers'
-`generate(do_sample=False, min_new_tokens=max_new_tokens=--new)` on the model exported by lmforge.hf.export_hf,
-one prompt after another, on the same prompts, with 1 and with 2 torch threads; the faster is the baseline (the
-server runs with torch's default, 2 on this machine). The last line: decode_ratio_c1 (server tok/s at concurrency 1 over
-transformers) and throughput_ratio_c32 (server tok/s at 32 over transformers).
+content chunk) and inter-token latency (p50, p99: between consecutive content chunks; the server sends tokens that
+are ready together as one chunk), and the server's resident memory after the level. Each client thread keeps one
+connection open, as an SDK client does. Then one client disconnects mid-stream and the server must stay healthy and
+release the request. The baseline, never measured beside the server (so the two never share the cores):
+transformers' `generate(do_sample=False, min_new_tokens=max_new_tokens=--new)` on the model exported by
+lmforge.hf.export_hf, one prompt after another, on the same prompts, with 1 and with 2 torch threads, once before
+the server starts and once after it stopped; the fastest is the baseline. The server runs as `--server-threads`,
+`--compile` and `--draft` say. The last line: decode_ratio_c1 (server tok/s at concurrency 1 over transformers)
+and throughput_ratio_c32 (server tok/s at 32 over transformers).
 """
 
 from __future__ import annotations
@@ -188,7 +191,8 @@ def disconnect_check(server: Server, messages: list[dict], new: int) -> bool:
     return False
 
 
-def transformers_tok_s(checkpoint: Path, all_prompts: list[list[dict]], n: int, new: int) -> dict[int, float]:
+def transformers_tok_s(checkpoint: Path, all_prompts: list[list[dict]], n: int, new: int,
+                       rounds: int = 2) -> dict[int, float]:  # fmt: skip
     """Sequential greedy transformers generation of exactly `new` tokens on the first n prompts, with 1 and with 2
     torch threads (on 2 cores the tiny models here often run faster on one: the baseline is the faster)."""
     from lmforge.finetune.data import Message
@@ -204,14 +208,15 @@ def transformers_tok_s(checkpoint: Path, all_prompts: list[list[dict]], n: int, 
         ids = [prompt_ids(tok, [Message(**m) for m in msgs]) for msgs in all_prompts[:n]]
         before = torch.get_num_threads()
         with torch.inference_mode():
-            for threads in (1, 2):
-                torch.set_num_threads(threads)
-                hf.generate(torch.tensor([ids[0]]), max_new_tokens=4, do_sample=False)  # warm-up
-                start = time.perf_counter()
-                for p in ids:
-                    out = hf.generate(torch.tensor([p]), max_new_tokens=new, min_new_tokens=new, do_sample=False)
-                    assert out.shape[1] == len(p) + new
-                rates[threads] = n * new / (time.perf_counter() - start)
+            for _ in range(rounds):  # the fastest round counts
+                for threads in (1, 2):
+                    torch.set_num_threads(threads)
+                    hf.generate(torch.tensor([ids[0]]), max_new_tokens=4, do_sample=False)  # warm-up
+                    start = time.perf_counter()
+                    for p in ids:
+                        out = hf.generate(torch.tensor([p]), max_new_tokens=new, min_new_tokens=new, do_sample=False)
+                        assert out.shape[1] == len(p) + new
+                    rates[threads] = max(rates.get(threads, 0.0), n * new / (time.perf_counter() - start))
         torch.set_num_threads(before)
     return rates
 
@@ -238,17 +243,21 @@ def run(checkpoint: Path, new: int, per_slot: int, levels: tuple[int, ...], base
     tok = load_checkpoint_tokenizer(checkpoint)
     context = read_model_args(checkpoint).max_seq_len
     all_prompts = prompts(tok, 64, context - new - 1)
+    # The baseline runs before and after the server (never beside it), and its fastest figure counts: the machine's
+    # speed drifts by a fifth over a minute here, and a slow moment must not flatter the server.
+    before = transformers_tok_s(checkpoint, all_prompts, baseline_n, new, rounds=1)
     server = Server(checkpoint, max_batch=max(levels), threads=threads, compile=compile, draft=draft)
     rows, rss = [], []
     try:
         rss.append(server.rss_mb())
         for c in levels:
-            rows.append((c, level(server.url, all_prompts, c, max(4, per_slot * c), new)))
+            rows.append((c, level(server.url, all_prompts, c, max(16, per_slot * c), new)))
             rss.append(server.rss_mb())
         healthy = disconnect_check(server, all_prompts[0], new)
     finally:
         code = server.stop()
-    rates = transformers_tok_s(checkpoint, all_prompts, baseline_n, new)
+    after = transformers_tok_s(checkpoint, all_prompts, baseline_n, new, rounds=1)
+    rates = {n: max(before[n], after[n]) for n in before}
     base = max(rates.values())
     print("| concurrency | requests | lost | tok/s | x transformers | TTFT p50 / p99 ms | ITL p50 / p99 ms |")
     print("|---|---|---|---|---|---|---|")
@@ -256,8 +265,8 @@ def run(checkpoint: Path, new: int, per_slot: int, levels: tuple[int, ...], base
         print(f"| {c} | {r['requests']} | {r['lost']} | {r['tok_s']:,.0f} | {r['tok_s'] / base:.2f} | "
               f"{1e3 * r['ttft_p50']:.0f} / {1e3 * r['ttft_p99']:.0f} | {1e3 * r['itl_p50']:.1f} / "
               f"{1e3 * r['itl_p99']:.1f} |")  # fmt: skip
-    for threads, rate in rates.items():
-        print(f"| transformers, sequential, {threads} thread(s) | {baseline_n} | - | {rate:,.0f} | "
+    for n_threads, rate in rates.items():
+        print(f"| transformers, sequential, {n_threads} thread(s) | {baseline_n} | - | {rate:,.0f} | "
               f"{rate / base:.2f} | - | - |")  # fmt: skip
     lost = sum(r["lost"] for _, r in rows)
     for _, r in rows:
@@ -270,7 +279,7 @@ def run(checkpoint: Path, new: int, per_slot: int, levels: tuple[int, ...], base
     print(f"decode_ratio_c1={by[1]['tok_s'] / base:.2f} throughput_ratio_c{top}={by[top]['tok_s'] / base:.2f} "
           f"tok_s_c1={by[1]['tok_s']:.0f} tok_s_c{top}={by[top]['tok_s']:.0f} transformers_tok_s={base:.0f} "
           f"ttft_p99_ms_c{top}={1e3 * by[top]['ttft_p99']:.0f} lost={lost} healthy_after_disconnect={int(healthy)} "
-          f"rss_mb_max={max(rss):.0f}")  # fmt: skip
+          f"rss_mb_max={max(rss):.0f} server_threads={threads or 0} compile={int(compile)} draft={draft}")  # fmt: skip
 
 
 def main() -> None:
