@@ -3,7 +3,9 @@ official `openai` client, its answers checked against lmforge's own generate, ch
 
 from __future__ import annotations
 
+import json
 import signal
+import socket
 from collections.abc import Iterator
 
 import httpx
@@ -190,6 +192,22 @@ def test_a_client_leaving_mid_stream_cancels_its_request(server, client):
     wait_for_metric(server.url, "lmforge_running_requests", 0)
     assert metric(text, "lmforge_http_requests_in_flight") == 0
     assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    assert client.completions.create(model=MODEL, prompt="Still", max_tokens=3, temperature=0).usage.completion_tokens
+
+
+def test_a_client_leaving_before_a_whole_response_cancels_its_request(server, client):
+    before = metric(httpx.get(f"{server.url}/metrics", headers=AUTH).text, "lmforge_generations_total",
+                    'reason="cancelled"')  # fmt: skip
+    body = json.dumps({"model": MODEL, "messages": ENDLESS, "max_tokens": 900, "temperature": 0}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(head + body)
+        wait_for_metric(server.url, "lmforge_running_requests", 1)
+    # The socket is closed before any byte of the response: the request must end as "cancelled", not run on.
+    wait_for_metric(server.url, "lmforge_generations_total", before + 1, labels='reason="cancelled"')
+    text = wait_for_metric(server.url, "lmforge_running_requests", 0)
+    assert metric(text, "lmforge_http_requests_in_flight") == 0
     assert client.completions.create(model=MODEL, prompt="Still", max_tokens=3, temperature=0).usage.completion_tokens
 
 

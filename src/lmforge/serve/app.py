@@ -197,10 +197,11 @@ def create_app(engine: BatchEngine, tokenizer: Tokenizer, *, model_name: str, ap
         except RuntimeError as e:  # the engine is stopping
             raise ApiError(503, str(e), code="shutting_down") from None
 
-    async def respond(req: _Sampling, handle: Any, prompt_tokens: int, started: float, chat: bool,
-                      grounded: Grounded | None = None) -> Any:  # fmt: skip
+    async def respond(request: Request, req: _Sampling, handle: Any, prompt_tokens: int, started: float,
+                      chat: bool, grounded: Grounded | None = None) -> Any:  # fmt: skip
         """The response of a submitted request (`handle`; None for a RAG refusal, the model not run); the
-        concurrency slot is released when it has been sent."""
+        concurrency slot is released when it has been sent. A client that leaves before a whole (non-streamed)
+        response is ready cancels its request, as a stream's does."""
         out = Choice(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", int(time.time()), model_name,
                      Logprobs(tokenizer, chat), chat, grounded.cite if grounded else None)  # fmt: skip
         if handle is None:
@@ -211,7 +212,18 @@ def create_app(engine: BatchEngine, tokenizer: Tokenizer, *, model_name: str, ap
         if req.stream:
             return Stream(out.stream(events, req.include_usage, ready), close, media_type="text/event-stream",
                           headers={"Cache-Control": "no-cache"})  # fmt: skip
-        return await out.whole(events, close)
+        watcher = asyncio.create_task(cancel_on_disconnect(request, handle)) if handle is not None else None
+        try:
+            return await out.whole(events, close)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+
+    async def cancel_on_disconnect(request: Request, handle: Any) -> None:
+        """Wait for the client to leave (the body is read: the next message is the disconnect), then cancel."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        handle.cancel()
 
     @app.get("/health")
     async def health() -> dict:
@@ -245,7 +257,7 @@ def create_app(engine: BatchEngine, tokenizer: Tokenizer, *, model_name: str, ap
         except BaseException:
             state.release()
             raise
-        return await respond(req, handle, len(ids), started, chat=False)
+        return await respond(request, req, handle, len(ids), started, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
@@ -262,7 +274,7 @@ def create_app(engine: BatchEngine, tokenizer: Tokenizer, *, model_name: str, ap
         except BaseException:
             state.release()
             raise
-        return await respond(req, handle, len(ids), started, True, grounded)
+        return await respond(request, req, handle, len(ids), started, True, grounded)
 
     async def ground_in_docs(req: ChatRequest, conversation: list[Message]) -> Grounded:
         if rag is None:
