@@ -8,7 +8,8 @@ temporary directory, which transformers loads (fp32, eval mode, SDPA attention).
 `--prompt-tokens` tokens of standard-library source files. All greedy, one process, `--threads` torch threads.
 
 - concurrency 1: the prompts one after another: `BatchEngine` (started, submit and read each request's events),
-  `lmforge.infer.engine.generate` on one prompt, transformers' `model.generate(do_sample=False)` on one prompt;
+  `lmforge.infer.engine.generate` on one prompt, transformers' `model.generate(do_sample=False)` on one prompt,
+  and the engine stepped in the caller's thread (not started: no hand-off of tokens between threads);
 - concurrency 8: the 8 prompts submitted at once to the engine; `generate` given the 8 prompts in one call (it
   batches equal lengths, so the prompts are cut to one length there); transformers sequentially (the issue's
   baseline: sequential transformers generation on the same weights).
@@ -116,7 +117,7 @@ def main() -> None:
 
 
 def measure(args: argparse.Namespace) -> None:
-    from lmforge.infer.batching import BatchEngine
+    from lmforge.infer.batching import BatchEngine, SamplingParams
     from lmforge.infer.engine import generate
 
     model, tok, hf = load(args.checkpoint)
@@ -124,6 +125,10 @@ def measure(args: argparse.Namespace) -> None:
     ones = prompts[:4]
     engine = BatchEngine(model, tok, max_batch=8, compile=args.compile, draft=args.draft)
     engine.start()  # with --compile, compiles every graph first
+    # The same engine stepped in the caller's thread (never started): what handing each token to another thread
+    # costs at one request.
+    inline = BatchEngine(model, tok, max_batch=8, compile=args.compile, draft=args.draft)
+    params = SamplingParams(max_tokens=args.new, temperature=0, ignore_eos=True)
     rows = []
     try:
         for label, n_prompts, conc in (("1", ones, False), ("8", prompts, True)):
@@ -132,18 +137,23 @@ def measure(args: argparse.Namespace) -> None:
                 gen = lambda: generate(model, n_prompts, args.new, temperature=0)  # noqa: E731
             else:
                 gen = lambda: [generate(model, [p], args.new, temperature=0) for p in n_prompts]  # noqa: E731
-            times = best_interleaved([lambda: engine_run(engine, n_prompts, args.new, conc), gen,
-                                      lambda: hf_run(hf, n_prompts, args.new)], args.repeats)  # fmt: skip
+            fns = [lambda: engine_run(engine, n_prompts, args.new, conc), gen, lambda: hf_run(hf, n_prompts, args.new)]
+            if not conc:
+                fns.append(lambda: [inline.generate(p, params) for p in n_prompts])
+            times = best_interleaved(fns, args.repeats)
             rows.append((label, *(n_tokens / t for t in times)))
     finally:
         engine.stop()
     print("| concurrency | engine tok/s | generate tok/s | transformers (sequential) tok/s | engine / transformers |")
     print("|---|---|---|---|---|")
-    for label, e, g, h in rows:
+    for label, e, g, h, *_ in rows:
         print(f"| {label} | {e:,.0f} | {g:,.0f} | {h:,.0f} | {e / h:.2f}x |")
-    (_, e1, g1, h1), (_, e8, g8, h8) = rows
-    print(f"decode_ratio_c1={e1 / h1:.2f} generate_ratio_c1={g1 / h1:.2f} throughput_ratio_c8={e8 / h8:.2f} "
-          f"engine_c1_tok_s={e1:.0f} engine_c8_tok_s={e8:.0f} compile={int(args.compile)} draft={args.draft}")  # fmt: skip
+    (_, e1, g1, h1, i1), (_, e8, g8, h8) = rows
+    print(f"At concurrency 1 the engine stepped in the caller's thread: {i1:,.0f} tok/s ({i1 / h1:.2f}x transformers)")
+    print(f"decode_ratio_c1={e1 / h1:.2f} inline_ratio_c1={i1 / h1:.2f} generate_ratio_c1={g1 / h1:.2f} "
+          f"throughput_ratio_c8={e8 / h8:.2f} "
+          f"engine_c1_tok_s={e1:.0f} engine_c8_tok_s={e8:.0f} compile={int(args.compile)} "
+          f"draft={args.draft}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -191,6 +191,16 @@ def disconnect_check(server: Server, messages: list[dict], new: int) -> bool:
     return False
 
 
+def draft_counts(url: str) -> tuple[float, float]:
+    """The server's drafted and accepted tokens so far (`--draft`), from /metrics."""
+    values = {}
+    for line in httpx.get(f"{url}/metrics", timeout=5).text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("lmforge_draft_tokens_total", "lmforge_draft_tokens_accepted_total"):
+            values[name] = float(value)
+    return values.get("lmforge_draft_tokens_total", 0.0), values.get("lmforge_draft_tokens_accepted_total", 0.0)
+
+
 def transformers_tok_s(checkpoint: Path, all_prompts: list[list[dict]], n: int, new: int,
                        rounds: int = 2) -> dict[int, float]:  # fmt: skip
     """Sequential greedy transformers generation of exactly `new` tokens on the first n prompts, with 1 and with 2
@@ -253,6 +263,7 @@ def run(checkpoint: Path, new: int, per_slot: int, levels: tuple[int, ...], base
         for c in levels:
             rows.append((c, level(server.url, all_prompts, c, max(16, per_slot * c), new)))
             rss.append(server.rss_mb())
+        drafted, accepted = draft_counts(server.url)  # before the disconnect check adds its own
         healthy = disconnect_check(server, all_prompts[0], new)
     finally:
         code = server.stop()
@@ -272,6 +283,8 @@ def run(checkpoint: Path, new: int, per_slot: int, levels: tuple[int, ...], base
     for _, r in rows:
         if r["errors"]:
             print(f"errors: {r['errors']}")
+    if draft:
+        print(f"drafted tokens: {drafted:.0f}, accepted: {accepted:.0f} ({accepted / max(drafted, 1):.0%})")
     print(f"server RSS MB after each level: {', '.join(f'{x:.0f}' for x in rss)}; disconnect left it healthy: "
           f"{healthy}; SIGTERM exit code {code}")  # fmt: skip
     by = dict(rows)
@@ -279,7 +292,8 @@ def run(checkpoint: Path, new: int, per_slot: int, levels: tuple[int, ...], base
     print(f"decode_ratio_c1={by[1]['tok_s'] / base:.2f} throughput_ratio_c{top}={by[top]['tok_s'] / base:.2f} "
           f"tok_s_c1={by[1]['tok_s']:.0f} tok_s_c{top}={by[top]['tok_s']:.0f} transformers_tok_s={base:.0f} "
           f"ttft_p99_ms_c{top}={1e3 * by[top]['ttft_p99']:.0f} lost={lost} healthy_after_disconnect={int(healthy)} "
-          f"rss_mb_max={max(rss):.0f} server_threads={threads or 0} compile={int(compile)} draft={draft}")  # fmt: skip
+          f"rss_mb_max={max(rss):.0f} server_threads={threads or 0} compile={int(compile)} draft={draft} "
+          f"draft_accepted={accepted / max(drafted, 1):.2f}")  # fmt: skip
 
 
 def main() -> None:
