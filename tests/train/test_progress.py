@@ -24,6 +24,21 @@ from helpers import json_package_run
 from test_train_loop import FaultyLoss, config, records, run, tiny_model
 
 
+@pytest.fixture(autouse=True)
+def sigint_heard():
+    """A shell without job control starts background jobs with SIGINT ignored, and Ctrl-C handling rightly stays
+    off where SIGINT is ignored; these tests send SIGINT, so they run with Python's own handler (and so do the
+    processes they start, which inherit an ignored signal but not a handler)."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class FakeTime:
     """Stands in for the `time` module in the loop: the clock moves only when a test says so."""
 
