@@ -198,18 +198,8 @@ class BatchEngine:
             free = self.max_batch - len(self._running)
             new = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
         running = list(self._running)
-        if len(running) == 1 and running[0].ngrams is not None and self._speculate(running[0]):
-            pass
-        elif running and self.decoder is not None:
-            n = len(running)
-            logits = self.decoder([r.last for r in running], self.cache.lens[:n])
-            for i in range(n):
-                self.cache.lens[i] += 1
-            self._sample(running, logits)
-        elif running:
-            tokens = torch.tensor([[r.last] for r in running], dtype=torch.long, device=self.device)
-            logits = self.model(tokens, cache=self.cache.use(list(range(len(running)))))[:, -1]
-            self._sample(running, logits)
+        if running and not (len(running) == 1 and running[0].ngrams is not None and self._speculate(running[0])):
+            self._decode(running)
         for req in new:
             slot = len(self._running)
             self._running.append(req)
@@ -222,6 +212,18 @@ class BatchEngine:
             self._counts["prefix_tokens_reused"] += reused
             self._sample([req], logits)
         self._counts["steps"] += 1
+
+    def _decode(self, running: list[_Request]) -> None:
+        """One token for each running request (slots 0..n-1), by the compiled step or the model's own forward."""
+        n = len(running)
+        if self.decoder is not None:
+            logits = self.decoder([r.last for r in running], self.cache.lens[:n])
+            for i in range(n):
+                self.cache.lens[i] += 1
+        else:
+            tokens = torch.tensor([[r.last] for r in running], dtype=torch.long, device=self.device)
+            logits = self.model(tokens, cache=self.cache.use(list(range(n))))[:, -1]
+        self._sample(running, logits)
 
     def _speculate(self, req: _Request) -> bool:
         """One step of the request in slot 0 with drafted tokens verified; False (nothing done) without a draft."""

@@ -110,7 +110,6 @@ class _Request:
         self.stops = frozenset(params.stop_token_ids) | frozenset([] if params.ignore_eos else tokenizer.stop_ids)
         self.text = StopText(tokenizer, params.stop)
         self.tokenizer = tokenizer
-        self.generated = 0
         self.tokens: list[int] = []  # every sampled id
         self.released: list[str] = []
         self.generator: torch.Generator | None = None
@@ -127,6 +126,10 @@ class _Request:
         self.ngrams: NgramIndex | None = None  # set by an engine that drafts (plain greedy requests only)
 
     @property
+    def generated(self) -> int:
+        return len(self.tokens)
+
+    @property
     def plain_greedy(self) -> bool:
         """Greedy with no penalty and no logprobs: the token is the argmax of the model's logits."""
         p = self.params
@@ -139,7 +142,6 @@ class _Request:
         if token is None:
             x = sampling_logits(logits, self.params, seen=self.seen, counts=self.counts)
             token = pick(x, self.params, self.generator)
-        self.generated += 1
         self.tokens.append(token)
         if self.ngrams is not None:
             self.ngrams.extend([token])

@@ -39,9 +39,7 @@ def decode_step(model: Transformer, tokens: torch.Tensor, positions: torch.Tenso
     positions 0..its own of its row's slot. The rotary tables must already cover L (`Transformer.rope(0, L)`)."""
     B, L = tokens.shape[0], keys[0].shape[2]
     x = model.embed(tokens, positions=positions)  # [B, T, d]
-    cos = sin = None
-    if model.rotary:
-        cos, sin = model.rope_cos[positions][:, None], model.rope_sin[positions][:, None]  # [B, 1, T, head_dim]
+    cos, sin = model.rope_at(positions, L)  # [B, 1, T, head_dim]; (None, None) for learned positions
     mask = (torch.arange(L, device=tokens.device)[None, None, :] <= positions[:, :, None])[:, None]  # [B, 1, T, L]
     rows = torch.arange(B, device=tokens.device)[:, None]
     for i, layer in enumerate(model.model.layers):

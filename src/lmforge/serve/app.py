@@ -18,7 +18,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -109,9 +108,6 @@ def create_app(engine: BatchEngine, tokenizer: Tokenizer, *, model_name: str, ap
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # Each open request waits for its next event in a thread of the loop's default executor (the engine's
-        # handle.aiter); one thread per allowed request, so queued requests cannot starve the running ones.
-        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_concurrency + 4, "lmforge-events"))
         engine.start()
         yield
         state.draining = True
