@@ -4,7 +4,6 @@ for tests that need a live server whose replies they control (test_chat_page.py)
 
 import asyncio
 import threading
-import time
 
 from helpers import wait_for
 
@@ -27,15 +26,6 @@ class ScriptedHandle:
 
     def _finished(self, reason: str, n: int) -> Finished:
         return Finished(reason, self.n_prompt, n, "".join(self.pieces[:n]))
-
-    def __iter__(self):
-        for n, piece in enumerate(self.pieces):
-            time.sleep(self.delay)
-            if self.cancelled.is_set():
-                yield self._finished("cancelled", n)
-                return
-            yield TokenEvent(n, piece)
-        yield self._finished("stop", len(self.pieces))
 
     async def aiter(self):
         for n, piece in enumerate(self.pieces):

@@ -319,3 +319,53 @@ def test_the_page_shows_the_tiny_models_greedy_reply(checkpoint, tok, browser):
                                    SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=tok.stop_ids))
     assert expected.completion_tokens > 0 and [m["role"] for m in kept] == ["user", "assistant"]
     assert kept[1]["content"] == expected.text and kept[1]["usage"]["completion_tokens"] == expected.completion_tokens
+
+
+def test_a_stream_cut_off_before_done_is_an_error_and_an_empty_stopped_reply_stays_out_of_the_history(scripted,
+                                                                                                     browser):
+    """The server always ends a stream with `data: [DONE]`: a body that ends without it is a cut-off reply, shown
+    as failed with what arrived, not as done. A reply stopped before its first token (content "") is not sent back
+    as an assistant turn. The streams are played by a stand-in for fetch, so this checks the page alone."""
+    _, url = scripted
+    open_page(browser, url)
+    chunk = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Half a rep"}}]}
+    browser.execute_script("""
+        const sse = arguments[0];
+        window.__sent = [];
+        window.__mode = 'cut';
+        window.fetch = ((realFetch) => (url, init) => {
+          if (url !== '/v1/chat/completions') return realFetch(url, init);
+          window.__sent.push(JSON.parse(init.body));
+          if (window.__mode === 'cut') {
+            return Promise.resolve(new Response(sse, {headers: {'Content-Type': 'text/event-stream'}}));
+          }
+          if (window.__mode === 'silent') {  // no token until the page aborts the request
+            const body = new ReadableStream({start(c) {
+              init.signal.addEventListener('abort', () => c.error(new DOMException('aborted', 'AbortError')));
+            }});
+            return Promise.resolve(new Response(body, {headers: {'Content-Type': 'text/event-stream'}}));
+          }
+          return Promise.resolve(new Response('data: [DONE]\\n\\n', {headers: {'Content-Type': 'text/event-stream'}}));
+        })(window.fetch);""", f"data: {json.dumps(chunk)}\n\n")
+    send(browser, "Cut me off.")
+    wait_for(lambda: idle(browser) and browser.find_elements("css selector", ".msg.failed"), "the cut-off reply")
+    failed = browser.find_element("css selector", ".msg.failed")
+    assert "assistant" in failed.get_attribute("class").split()
+    assert failed.find_element("css selector", ".content").text == "Half a rep"
+    assert failed.find_element("css selector", ".note.error").text == "the stream ended before it was complete"
+    kept = browser.execute_script("return JSON.parse(localStorage.getItem('lmforge-chat')).messages")
+    assert kept[1]["error"] == "the stream ended before it was complete" and not kept[1].get("done")
+    # a reply stopped before any token
+    browser.execute_script("window.__mode = 'silent'")
+    send(browser, "Say nothing.")
+    wait_for(lambda: not idle(browser), "the request to start")
+    by_id(browser, "stop").click()
+    wait_for(lambda: idle(browser), "the page to stop", timeout=3)
+    assert [n.text for n in browser.find_elements("css selector", "#messages .msg.assistant .note")] == [
+        "the stream ended before it was complete", "stopped"]
+    browser.execute_script("window.__mode = 'done'")
+    send(browser, "Third try.")
+    wait_for(lambda: idle(browser) and browser.execute_script("return window.__sent.length") == 3, "the third request")
+    sent = browser.execute_script("return window.__sent[2].messages")
+    assert sent == [{"role": "user", "content": "Cut me off."}, {"role": "user", "content": "Say nothing."},
+                    {"role": "user", "content": "Third try."}]

@@ -63,8 +63,11 @@
 
   function requestBody() {
     var system = $("system").value.trim();
-    // a reply that failed (an error, no text from the model) is shown but is not part of the conversation
-    var history = state.messages.filter(function (m) { return m !== running.message && !m.error; });
+    // a reply that failed (an error, no text from the model) or has no text (stopped before its first token) is
+    // shown but is not part of the conversation
+    var history = state.messages.filter(function (m) {
+      return m !== running.message && !m.error && !(m.role === "assistant" && !m.content);
+    });
     var body = {
       model: model,
       messages: (system ? [{role: "system", content: system}] : []).concat(history.map(function (m) {
@@ -226,6 +229,7 @@
     return false;
   }
 
+  // Reads the stream's events into message; true when it ended with [DONE], false when the body ended before it.
   async function readStream(response, message) {
     var reader = response.body.getReader();
     var decoder = new TextDecoder();
@@ -233,7 +237,7 @@
     for (;;) {
       var part = await reader.read();
       if (part.done) {
-        return;
+        return false;
       }
       buffer = (buffer + decoder.decode(part.value, {stream: true})).replace(/\r\n/g, "\n");
       var end;
@@ -241,7 +245,7 @@
         var event = buffer.slice(0, end);
         buffer = buffer.slice(end + 2);
         if (onEvent(event, message)) {
-          return;
+          return true;
         }
       }
     }
@@ -276,8 +280,11 @@
       if (!response.ok) {
         message.error = "HTTP " + response.status + ": " + await errorText(response);
       } else {
-        await readStream(response, message);
-        message.done = true;
+        if (await readStream(response, message)) {
+          message.done = true;
+        } else {  // the server always ends with [DONE]: without it the reply was cut off
+          message.error = "the stream ended before it was complete";
+        }
       }
     } catch (e) {
       if (e.name === "AbortError") {
