@@ -123,7 +123,6 @@ class ChatSession:
         top_k: int | None = 50,
         top_p: float | None = None,
         seed: int | None = None,
-        augment: Callable[[str], str] | None = None,
     ) -> None:
         check_sampling(temperature, top_k, top_p)
         if not 0 < max_new_tokens < model.args.max_seq_len:
@@ -140,7 +139,7 @@ class ChatSession:
         self._reply: Reply | None = None
         # What the model is shown for a user message (`lmforge chat --docs`: the message with retrieved sources);
         # only this turn's prompt carries it, the history keeps the message as typed.
-        self.augment = augment
+        self.augment: Callable[[str], str] | None = None
         # Lines the terminal chat prints after a finished reply (`--docs`: its sources and checked citations).
         self.annotate: Callable[[str], list[str]] | None = None
 

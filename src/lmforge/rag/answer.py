@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -152,19 +152,41 @@ def check_citations(text: str, hits: Sequence[Hit], support: float = SUPPORT) ->
     return out
 
 
-def answer(index: Any, model: Any, tokenizer: Any, question: str, *, k: int = 4, threshold: float = THRESHOLD,
+def prompt_budget(context: int, max_new_tokens: int) -> int:
+    """The prompt tokens a `context`-token model leaves when the answer may take `max_new_tokens`; the prompt keeps
+    at least half the context."""
+    return context - min(max_new_tokens, context // 2)
+
+
+def retrieve_sources(index: Any, tokenizer: Any, question: str, *, k: int, mode: str, threshold: float | None,
+                     budget: int | Callable[[], int]) -> tuple[list[Hit], bool]:  # fmt: skip
+    """Search `index` for the `k` best chunks for `question` in `mode`, and whether to refuse: with `threshold` set,
+    refused when nothing is retrieved or the hits' coverage of the question is below it (the hits come back as
+    retrieved); else the first hits whose sources message fits in `budget` prompt tokens (`fit_hits`; its
+    ValueError when not one line fits), [] when nothing is retrieved. `threshold` None: never refused. A callable
+    `budget` is called only when the hits are fitted, so a refusal need not touch the model."""
+    hits = index.search(question, k=k, mode=mode)
+    if threshold is not None and (not hits or coverage(question, hits) < threshold):
+        return hits, True
+    if not hits:
+        return [], False
+    return fit_hits(tokenizer, question, hits, budget() if callable(budget) else budget), False
+
+
+def answer(index: Any, model: Any, tokenizer: Any, question: str, *, k: int = 4, threshold: float | None = None,
            max_new_tokens: int = 128, mode: str = "hybrid", temperature: float = 0.0,
            seed: int | None = None) -> Answer:  # fmt: skip
-    """Retrieve `k` chunks for `question` from `index`, refuse below `threshold` coverage, else generate an answer
-    citing them (greedy by default) and check its citations (see the module docstring)."""
+    """Retrieve `k` chunks for `question` from `index`, refuse below `threshold` coverage (None: `THRESHOLD`), else
+    generate an answer citing them (greedy by default) and check its citations (see the module docstring)."""
     from lmforge.infer.chat import user_prompt_ids
     from lmforge.infer.engine import cap_new_tokens, generate
 
-    hits = index.search(question, k=k, mode=mode)
-    if coverage(question, hits) < threshold:
+    hits, refused = retrieve_sources(index, tokenizer, question, k=k, mode=mode,
+                                     threshold=THRESHOLD if threshold is None else threshold,
+                                     budget=lambda: prompt_budget(model.args.max_seq_len, max_new_tokens))  # fmt: skip
+    if refused:  # the model is not run, nor looked at
         return Answer(NOT_FOUND, [], True, hits)
     context = model.args.max_seq_len
-    hits = fit_hits(tokenizer, question, hits, context - min(max_new_tokens, context // 2))
     ids = user_prompt_ids(tokenizer, sources_message(question, hits))
     new = cap_new_tokens(max_new_tokens, context, len(ids))
     out = generate(model, [ids], new, temperature=temperature, stop_ids=tokenizer.stop_ids, seed=seed)[0]
@@ -194,8 +216,8 @@ class DocsAugmenter:
         self.hits: list[Hit] = []  # the sources the last message was sent with
 
     def __call__(self, text: str) -> str:
-        hits = self.index.search(text, k=self.k, mode=self.mode)
-        self.hits = fit_hits(self.tokenizer, text, hits, self.budget) if hits else []
+        self.hits, _ = retrieve_sources(self.index, self.tokenizer, text, k=self.k, mode=self.mode, threshold=None,
+                                        budget=self.budget)  # never refused: the message goes as typed, unsourced
         return sources_message(text, self.hits) if self.hits else text
 
     def notes(self, reply: str) -> list[str]:

@@ -48,7 +48,7 @@ def ask_cmd(
     k: int = typer.Option(4, "--k", min=1, help="Chunks retrieved and shown to the model."),
     mode: str = typer.Option("hybrid", help="hybrid, bm25 or dense."),
     threshold: Optional[float] = typer.Option(None, help="Refuse below this coverage of the question by the best "
-                                              "chunk (default 0.3; docs/rag.md)."),
+                                              "chunk (default 0.3; docs/rag.md)."),  # 0.3: rag.answer.THRESHOLD
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", min=1, help="At most this many answer tokens."),
     as_json: bool = typer.Option(False, "--json", help="Print the answer and citations as one JSON object."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
@@ -56,15 +56,13 @@ def ask_cmd(
     """Answer a question from the index's documents; then list each citation with its file:lines and whether the
     cited chunk supports the sentence citing it."""
     from lmforge.infer.loading import load_for_generation
-    from lmforge.rag.answer import citation_lines
-    from lmforge.rag.answer import THRESHOLD, answer
+    from lmforge.rag.answer import answer, citation_lines
     from lmforge.rag.index import Index
 
     try:
         idx = Index.open(index)
         lm, tok = load_for_generation(model, device)
-        result = answer(idx, lm, tok, question, k=k, mode=mode, max_new_tokens=max_tokens,
-                        threshold=THRESHOLD if threshold is None else threshold)  # fmt: skip
+        result = answer(idx, lm, tok, question, k=k, mode=mode, max_new_tokens=max_tokens, threshold=threshold)
     except (FileNotFoundError, ValueError) as e:
         verbs.fail(str(e), 2)
     if as_json:

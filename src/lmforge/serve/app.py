@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmforge.finetune.data import Message
 from lmforge.finetune.template import prompt_ids as chat_prompt_ids
 from lmforge.infer.batching import BatchEngine
+from lmforge.rag.answer import prompt_budget
 from lmforge.serve.errors import ApiError, schema_error
 from lmforge.serve.metrics import Metrics
 from lmforge.serve.rag import Grounded, ground
@@ -279,7 +280,7 @@ def create_app(engine: BatchEngine, tokenizer: Tokenizer, *, model_name: str, ap
         if conversation[-1].role != "user":
             raise ApiError(400, "with rag, the last message must be the user's question", param="messages",
                            code="invalid_value")  # fmt: skip
-        budget = context - min(req.wanted_tokens() or context, context // 2)
+        budget = prompt_budget(context, req.wanted_tokens() or context)
         try:
             return await run_in_threadpool(ground, rag, tokenizer, conversation, budget)
         except ValueError as e:  # not even the best source fits with the question

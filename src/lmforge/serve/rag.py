@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmforge.finetune.data import Message
-from lmforge.rag.answer import NOT_FOUND, THRESHOLD, check_citations, coverage, fit_hits, sources_message
+from lmforge.rag.answer import NOT_FOUND, THRESHOLD, check_citations, retrieve_sources, sources_message
 from lmforge.tokenizer import Tokenizer
 
 K = 4  # chunks retrieved per question, as `lmforge rag ask` and `lmforge chat --docs`
@@ -35,10 +35,9 @@ def ground(index: Any, tokenizer: Tokenizer, conversation: list[Message], budget
     """Retrieve for the last (user) message and build the grounded conversation; `budget` prompt tokens at most.
     Blocking (BM25, perhaps the embedder's forward): run it off the event loop."""
     question = conversation[-1].content
-    hits = index.search(question, k=K)
-    if coverage(question, hits) < THRESHOLD:
+    hits, refused = retrieve_sources(index, tokenizer, question, k=K, mode="hybrid", threshold=THRESHOLD, budget=budget)
+    if refused:
         return Grounded(conversation, lambda text: [], NOT_FOUND)  # a refusal cites nothing
-    hits = fit_hits(tokenizer, question, hits, budget)
 
     def cite(text: str) -> list[dict[str, Any]]:
         return [c.to_dict() | {"text": c.chunk.text if c.chunk else None} for c in check_citations(text, hits)]
